@@ -1,0 +1,62 @@
+# supermachine: `make demo` runs a busybox container in a microVM from a fresh checkout;
+# `make test` runs every test. Both install missing Debian packages and build what they need.
+
+SHELL := /bin/sh
+ASSETS := build/share/supermachine
+BIN := build/bin
+CARGO ?= cargo
+
+.PHONY: all deps test-deps guest kernel agent build demo test unit-test vm-test integration-test lint bench install clean
+
+all: build guest
+
+deps:
+	scripts/install-deps.sh build
+
+test-deps:
+	scripts/install-deps.sh test
+
+kernel: deps
+	scripts/build-kernel.sh default $(ASSETS)
+
+agent:
+	scripts/build-agent.sh $(ASSETS)
+
+guest: kernel agent
+
+build:
+	$(CARGO) build --locked --release --bin supermachine
+	mkdir -p $(BIN)
+	cp target/release/supermachine $(BIN)/supermachine.tmp && mv $(BIN)/supermachine.tmp $(BIN)/supermachine
+
+demo: deps guest build
+	scripts/demo.sh $(BIN)/supermachine
+
+# Everything CI runs.
+test: test-deps guest lint unit-test vm-test integration-test
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+unit-test:
+	$(CARGO) test --locked --workspace --lib --bins
+
+# Rust tests that boot real VMs (tests/ of the workspace root).
+vm-test: guest
+	SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test '*' -- --test-threads=2
+
+integration-test: guest build
+	@for t in integration/*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) "$$t" $(CURDIR)/$(BIN)/supermachine || exit 1; done
+
+bench: deps guest build
+	scripts/bench.sh $(CURDIR)/$(BIN)/supermachine
+
+install: build guest
+	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine
+	install -D -m 0644 $(ASSETS)/vmlinux /usr/local/share/supermachine/vmlinux
+	install -D -m 0755 $(ASSETS)/supermachine-agent /usr/local/share/supermachine/supermachine-agent
+
+clean:
+	rm -rf build
+	$(CARGO) clean

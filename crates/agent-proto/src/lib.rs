@@ -1,0 +1,513 @@
+//! The protocol between the host (monitor or shim) and the guest agent.
+//!
+//! One byte stream (a virtio-console port or a vsock connection; a Unix socket on the host)
+//! carries everything: control messages and the stdio of every process, in frames
+//!
+//! ```text
+//! u32 little-endian length of the rest | u8 kind | body
+//! ```
+//!
+//! Kind [`KIND_MESSAGE`]: a [`HostMessage`] or [`AgentMessage`] as JSON. Kind [`KIND_DATA`]:
+//! stdio bytes, `u32 LE process | u8 stream | bytes`; an empty payload closes that stream.
+//!
+//! The host speaks first after every connect (`Hello`), and the agent answers with its
+//! version: a connection never survives a snapshot, so the agent treats every `Hello` as a new
+//! session and the host never assumes an earlier one.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change; `Hello` carries it both ways.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Frame kind: a JSON message.
+pub const KIND_MESSAGE: u8 = 1;
+/// Frame kind: stdio bytes of one process stream.
+pub const KIND_DATA: u8 = 2;
+
+/// Largest frame either side accepts; a larger length prefix means the stream is corrupt.
+pub const MAX_FRAME_LEN: usize = 4 << 20;
+
+/// Largest stdio chunk put in one data frame.
+pub const MAX_DATA_CHUNK: usize = 64 << 10;
+
+/// Identifies a process for the life of one container; chosen by the host.
+pub type ProcessId = u32;
+
+/// The container's first process (`create`/`start`); execs get other ids.
+pub const INIT_PROCESS: ProcessId = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("channel I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    FrameTooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("undecodable message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("channel closed")]
+    Closed,
+}
+
+/// A stdio stream of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Stream {
+    Stdin = 0,
+    Stdout = 1,
+    Stderr = 2,
+}
+
+impl Stream {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Stream::Stdin),
+            1 => Some(Stream::Stdout),
+            2 => Some(Stream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Host → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostMessage {
+    /// Echoed in the matching [`AgentMessage::Response`].
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Starts a session; the agent answers `Reply::Hello`.
+    Hello {
+        version: u32,
+    },
+    /// Sets the guest's realtime clock (a restored VM wakes up in the past).
+    SetClock {
+        unix_secs: i64,
+        nanos: u32,
+    },
+    /// Mixes host entropy into the guest RNG (restored VMs must not share RNG state).
+    AddEntropy {
+        bytes: Vec<u8>,
+    },
+    /// Mounts the container's root and mounts and sets its hostname; once per VM.
+    SetupContainer(ContainerSetup),
+    /// Prepares a process; it runs at `StartProcess`, or at once when `start` is set.
+    CreateProcess {
+        process: ProcessId,
+        spec: ProcessSpec,
+        start: bool,
+    },
+    StartProcess {
+        process: ProcessId,
+    },
+    /// Signals a process (or, with `all`, every container process).
+    Signal {
+        process: ProcessId,
+        signal: i32,
+        all: bool,
+    },
+    ResizeTerminal {
+        process: ProcessId,
+        rows: u16,
+        cols: u16,
+    },
+    /// Closes a process's stdin (EOF), as `close_io` does.
+    CloseStdin {
+        process: ProcessId,
+    },
+    ListProcesses,
+    /// Syncs filesystems and powers the guest off.
+    Shutdown,
+}
+
+/// Agent → host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// Sent once after boot, before any request: the guest is up and the agent listens.
+    Ready(AgentInfo),
+    Response {
+        id: u64,
+        result: Result<Reply, String>,
+    },
+    /// A process ended; its stdout and stderr were closed (drained) before this is sent.
+    Exited {
+        process: ProcessId,
+        status: ExitStatus,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Hello(AgentInfo),
+    Created { pid: i32 },
+    Processes(Vec<ProcessInfo>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: u32,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// Guest monotonic time since boot, for boot-phase timings.
+    pub uptime_ms: u64,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell reports: the exit code, or 128 + the signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Exited(code) => code,
+            ExitStatus::Signaled(signal) => 128 + signal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    /// One of the states of `/proc/PID/stat` (R, S, D, Z, T, …).
+    pub state: char,
+    /// Guest CPU time (user + system) in clock ticks.
+    pub cpu_ticks: u64,
+    /// The command line, NUL separators turned into spaces; the command name if it is empty.
+    pub command: String,
+}
+
+/// What the agent mounts before any process runs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ContainerSetup {
+    pub hostname: Option<String>,
+    pub rootfs: RootfsSpec,
+    /// In config.json order; each destination is relative to the container root.
+    pub mounts: Vec<MountSpec>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// The guest block device holding the image (`/dev/vda`).
+    pub device: String,
+    pub fstype: String,
+    /// The container sees a read-only root (`root.readonly`); otherwise an overlay over the
+    /// image with a tmpfs upper layer takes its writes.
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub destination: String,
+    pub kind: MountKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// A filesystem the guest kernel makes itself (proc, sysfs, tmpfs, devpts, mqueue, …).
+    Filesystem {
+        fstype: String,
+        source: String,
+        options: Vec<String>,
+    },
+    /// A small host file bind (`/etc/hosts`, `/etc/resolv.conf`, …), copied in.
+    File {
+        contents: Vec<u8>,
+        mode: u32,
+        readonly: bool,
+    },
+    /// A host directory bind that cannot be shared into this guest: an empty directory, so
+    /// the destination exists (what is left out is logged on the host).
+    EmptyDirectory { readonly: bool },
+}
+
+/// An OCI process, resolved to what the guest needs (numeric ids, parsed rlimits).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
+    pub terminal: bool,
+    /// (rows, cols) of the terminal at start.
+    pub console_size: Option<(u16, u16)>,
+    pub rlimits: Vec<Rlimit>,
+    pub no_new_privileges: bool,
+    pub capabilities: Option<Capabilities>,
+    pub oom_score_adj: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// The OCI name (`RLIMIT_NOFILE`).
+    pub kind: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Capability sets by name (`CAP_CHOWN`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub bounding: Vec<String>,
+    pub effective: Vec<String>,
+    pub inheritable: Vec<String>,
+    pub permitted: Vec<String>,
+    pub ambient: Vec<String>,
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame<M> {
+    Message(M),
+    /// Stdio bytes; empty `bytes` means the stream is closed.
+    Data {
+        process: ProcessId,
+        stream: Stream,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Appends one message frame to `out`.
+pub fn encode_message<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    let body = serde_json::to_vec(message)?;
+    if body.len() + 1 > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge(body.len() + 1));
+    }
+    out.extend_from_slice(&frame_len(body.len() + 1));
+    out.push(KIND_MESSAGE);
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Appends data frames carrying `bytes` (split in chunks; an empty slice encodes an EOF).
+pub fn encode_data(process: ProcessId, stream: Stream, bytes: &[u8], out: &mut Vec<u8>) {
+    let mut push = |chunk: &[u8]| {
+        out.extend_from_slice(&frame_len(1 + 4 + 1 + chunk.len()));
+        out.push(KIND_DATA);
+        out.extend_from_slice(&process.to_le_bytes());
+        out.push(stream as u8);
+        out.extend_from_slice(chunk);
+    };
+    if bytes.is_empty() {
+        push(bytes);
+    }
+    for chunk in bytes.chunks(MAX_DATA_CHUNK) {
+        push(chunk);
+    }
+}
+
+fn frame_len(len: usize) -> [u8; 4] {
+    // Callers bound `len` by MAX_FRAME_LEN, far below u32::MAX.
+    (len as u32).to_le_bytes()
+}
+
+fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, ProtoError> {
+    let (&kind, rest) = body
+        .split_first()
+        .ok_or(ProtoError::Malformed("empty frame"))?;
+    match kind {
+        KIND_MESSAGE => Ok(Frame::Message(serde_json::from_slice(rest)?)),
+        KIND_DATA => {
+            if rest.len() < 5 {
+                return Err(ProtoError::Malformed("short data header"));
+            }
+            let mut id = [0u8; 4];
+            id.copy_from_slice(&rest[..4]);
+            let stream = Stream::from_u8(rest[4]).ok_or(ProtoError::Malformed("bad stream"))?;
+            Ok(Frame::Data {
+                process: u32::from_le_bytes(id),
+                stream,
+                bytes: rest[5..].to_vec(),
+            })
+        }
+        _ => Err(ProtoError::Malformed("unknown frame kind")),
+    }
+}
+
+/// Incremental decoder for non-blocking readers: push what arrived, pop whole frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Drops a partial frame, e.g. when the peer went away mid-frame.
+    pub fn reset(&mut self) {
+        self.buf.clear();
+    }
+
+    pub fn next_frame<M: DeserializeOwned>(&mut self) -> Result<Option<Frame<M>>, ProtoError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(ProtoError::FrameTooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = decode_body(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        frame.map(Some)
+    }
+}
+
+/// Reads one frame from a blocking reader; `Closed` at a clean end of stream.
+pub fn read_frame<M: DeserializeOwned, R: Read>(reader: &mut R) -> Result<Frame<M>, ProtoError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    decode_body(&body)
+}
+
+/// Writes one message frame to a blocking writer.
+pub fn write_message<M: Serialize, W: Write>(
+    writer: &mut W,
+    message: &M,
+) -> Result<(), ProtoError> {
+    let mut out = Vec::new();
+    encode_message(message, &mut out)?;
+    writer.write_all(&out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(bytes: &[u8]) -> Vec<Frame<HostMessage>> {
+        let mut decoder = FrameDecoder::new();
+        let mut frames = Vec::new();
+        // Feed one byte at a time: frames must come out whole whatever the read boundaries.
+        for b in bytes {
+            decoder.push(std::slice::from_ref(b));
+            while let Some(frame) = decoder.next_frame().expect("valid frame") {
+                frames.push(frame);
+            }
+        }
+        frames
+    }
+
+    #[test]
+    fn frames_survive_arbitrary_read_boundaries() {
+        let hello = HostMessage {
+            id: 7,
+            request: Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        };
+        let mut out = Vec::new();
+        encode_message(&hello, &mut out).expect("encode");
+        encode_data(3, Stream::Stdin, b"abc", &mut out);
+        encode_data(3, Stream::Stdin, b"", &mut out);
+        let frames = roundtrip(&out);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Message(hello),
+                Frame::Data {
+                    process: 3,
+                    stream: Stream::Stdin,
+                    bytes: b"abc".to_vec()
+                },
+                Frame::Data {
+                    process: 3,
+                    stream: Stream::Stdin,
+                    bytes: vec![]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn large_data_is_split_into_bounded_chunks() {
+        let data = vec![0x5a; MAX_DATA_CHUNK * 2 + 10];
+        let mut out = Vec::new();
+        encode_data(1, Stream::Stdout, &data, &mut out);
+        let mut reader = &out[..];
+        let mut total = 0;
+        let mut frames = 0;
+        loop {
+            match read_frame::<AgentMessage, _>(&mut reader) {
+                Ok(Frame::Data { bytes, .. }) => {
+                    assert!(bytes.len() <= MAX_DATA_CHUNK);
+                    total += bytes.len();
+                    frames += 1;
+                }
+                Ok(other) => panic!("unexpected frame {other:?}"),
+                Err(ProtoError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((total, frames), (data.len(), 3));
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_rejected_not_allocated() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decoder.next_frame::<HostMessage>(),
+            Err(ProtoError::FrameTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_frame_kind_is_malformed() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&[1, 0, 0, 0, 9]);
+        assert!(matches!(
+            decoder.next_frame::<HostMessage>(),
+            Err(ProtoError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn exit_status_code_follows_shell_convention() {
+        assert_eq!(ExitStatus::Exited(3).code(), 3);
+        assert_eq!(ExitStatus::Signaled(9).code(), 137);
+    }
+}

@@ -1,0 +1,160 @@
+//! Linux capabilities by OCI name, applied to a process being started (in the forked child).
+
+use agent_proto::Capabilities;
+
+const NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The highest capability this guest kernel knows (`/proc/sys/kernel/cap_last_cap`).
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(NAMES.len() as u32 - 1)
+}
+
+/// A capability set as a bit mask; unknown names are ignored, as runc does with a warning.
+fn mask(names: &[String]) -> u64 {
+    names
+        .iter()
+        .filter_map(|n| NAMES.iter().position(|known| known.eq_ignore_ascii_case(n)))
+        .fold(0u64, |m, bit| m | (1 << bit))
+}
+
+/// The bounding-set part, done before the uid change (it needs CAP_SETPCAP).
+pub fn drop_bounding(caps: &Capabilities) -> Result<(), &'static str> {
+    let keep = mask(&caps.bounding);
+    for cap in 0..=last_cap() {
+        if keep & (1 << cap) == 0 {
+            // SAFETY: prctl with integer arguments only.
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if rc != 0 && nix::errno::Errno::last() != nix::errno::Errno::EINVAL {
+                return Err("prctl(PR_CAPBSET_DROP)");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The effective/permitted/inheritable and ambient sets, done after the uid change (which
+/// keeps permitted capabilities because of PR_SET_KEEPCAPS).
+pub fn apply_sets(caps: &Capabilities) -> Result<(), &'static str> {
+    let (effective, permitted, inheritable) = (
+        mask(&caps.effective),
+        mask(&caps.permitted),
+        mask(&caps.inheritable),
+    );
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    for (i, word) in data.iter_mut().enumerate() {
+        let shift = 32 * i;
+        *word = CapData {
+            effective: (effective >> shift) as u32,
+            permitted: (permitted >> shift) as u32,
+            inheritable: (inheritable >> shift) as u32,
+        };
+    }
+    // SAFETY: header and data are valid, correctly laid out for capset(2) version 3 (two
+    // data words), and live across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err("capset");
+    }
+    let ambient = mask(&caps.ambient);
+    for cap in 0..=last_cap() {
+        if ambient & (1 << cap) != 0 {
+            // SAFETY: prctl with integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                )
+            };
+            if rc != 0 {
+                return Err("prctl(PR_CAP_AMBIENT_RAISE)");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_maps_names_to_kernel_bit_numbers() {
+        let names = ["CAP_CHOWN", "cap_kill", "CAP_SYS_ADMIN", "CAP_BOGUS"].map(String::from);
+        assert_eq!(mask(&names), 1 | (1 << 5) | (1 << 21));
+        assert_eq!(NAMES[40], "CAP_CHECKPOINT_RESTORE");
+    }
+}

@@ -1,0 +1,595 @@
+//! The agent's one loop: host requests, process stdio and exits, all through `poll`.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use agent_proto::{
+    encode_data, encode_message, AgentInfo, AgentMessage, ExitStatus, Frame, FrameDecoder,
+    HostMessage, ProcessId, Reply, Request, Stream, INIT_PROCESS, PROTOCOL_VERSION,
+};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::channel::Channel;
+use crate::cmdline::Cmdline;
+use crate::{agent_debug, agent_log, procfs, setup, spawn};
+
+/// How long an exited process's output may stay open (held by its own background children)
+/// before the agent reports the exit anyway.
+const OUTPUT_DRAIN_GRACE: Duration = Duration::from_millis(200);
+
+/// How often to look for a host again while none is connected.
+const RECONNECT_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug)]
+pub struct AgentError(pub String);
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug)]
+struct Process {
+    pid: Pid,
+    stdin: Option<OwnedFd>,
+    stdin_pending: Vec<u8>,
+    stdin_eof: bool,
+    /// stdout/stderr pipes, or the pty master as stdout.
+    outputs: Vec<(Stream, OwnedFd)>,
+    pty: bool,
+    start: Option<OwnedFd>,
+    exit: Option<(ExitStatus, Instant)>,
+}
+
+enum Readiness {
+    Channel,
+    Signals,
+    Output(ProcessId, usize),
+    Stdin(ProcessId),
+}
+
+#[derive(Debug)]
+pub struct Server {
+    channel: Channel,
+    connected: bool,
+    decoder: FrameDecoder,
+    signals: SignalFd,
+    processes: BTreeMap<ProcessId, Process>,
+    container_ready: bool,
+    shutdown: bool,
+    started: Instant,
+}
+
+impl Server {
+    pub fn new(channel: Channel, _cmdline: Cmdline) -> Result<Self, AgentError> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        mask.thread_block()
+            .map_err(|e| AgentError(format!("block SIGCHLD: {e}")))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| AgentError(format!("signalfd: {e}")))?;
+        agent_debug!("host channel on {}", channel.path().display());
+        Ok(Server {
+            channel,
+            connected: true,
+            decoder: FrameDecoder::new(),
+            signals,
+            processes: BTreeMap::new(),
+            container_ready: false,
+            shutdown: false,
+            started: Instant::now(),
+        })
+    }
+
+    fn info(&self) -> AgentInfo {
+        let kernel_release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        AgentInfo {
+            version: PROTOCOL_VERSION,
+            kernel_release,
+            uptime_ms: uptime_ms(),
+        }
+    }
+
+    pub fn run(&mut self) -> Result<(), AgentError> {
+        // Blocks until a host connects: then the guest is ready for it.
+        self.send(&AgentMessage::Ready(self.info()))?;
+        agent_debug!("ready after {:?} in the agent", self.started.elapsed());
+        while !self.shutdown {
+            self.turn()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, message: &AgentMessage) -> Result<(), AgentError> {
+        let mut out = Vec::new();
+        encode_message(message, &mut out).map_err(|e| AgentError(format!("encode: {e}")))?;
+        self.write(&out)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
+        self.channel
+            .write_all(bytes)
+            .map_err(|e| AgentError(format!("channel write: {e}")))
+    }
+
+    /// One poll round.
+    fn turn(&mut self) -> Result<(), AgentError> {
+        let mut fds: Vec<PollFd> = Vec::new();
+        let mut what: Vec<Readiness> = Vec::new();
+        // SAFETY (for the borrows below): every fd polled is owned by `self` and stays open
+        // until `fds` is dropped at the end of this block, before anything is closed.
+        let channel_fd = borrow(&self.channel);
+        if self.connected {
+            fds.push(PollFd::new(channel_fd, PollFlags::POLLIN));
+            what.push(Readiness::Channel);
+        }
+        fds.push(PollFd::new(borrow(&self.signals), PollFlags::POLLIN));
+        what.push(Readiness::Signals);
+        let mut deadline: Option<Instant> = None;
+        for (&id, process) in &self.processes {
+            for (index, (_, fd)) in process.outputs.iter().enumerate() {
+                fds.push(PollFd::new(borrow(fd), PollFlags::POLLIN));
+                what.push(Readiness::Output(id, index));
+            }
+            if let (Some(fd), false) = (&process.stdin, process.stdin_pending.is_empty()) {
+                fds.push(PollFd::new(borrow(fd), PollFlags::POLLOUT));
+                what.push(Readiness::Stdin(id));
+            } else if let (true, false, Some((_, fd))) = (
+                process.pty,
+                process.stdin_pending.is_empty(),
+                process.outputs.first(),
+            ) {
+                fds.push(PollFd::new(borrow(fd), PollFlags::POLLOUT));
+                what.push(Readiness::Stdin(id));
+            }
+            if let Some((_, at)) = process.exit {
+                let d = at + OUTPUT_DRAIN_GRACE;
+                deadline = Some(deadline.map_or(d, |x| x.min(d)));
+            }
+        }
+        let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if !self.connected {
+            timeout = Some(timeout.map_or(RECONNECT_POLL, |t| t.min(RECONNECT_POLL)));
+        }
+        let timeout = match timeout {
+            None => PollTimeout::NONE,
+            Some(t) => PollTimeout::try_from(t.as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(PollTimeout::MAX),
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(AgentError(format!("poll: {e}"))),
+        }
+        let ready: Vec<(usize, PollFlags)> = fds
+            .iter()
+            .enumerate()
+            .filter_map(|(i, fd)| fd.revents().filter(|r| !r.is_empty()).map(|r| (i, r)))
+            .collect();
+        drop(fds);
+
+        if !self.connected && self.host_reconnected() {
+            self.connected = true;
+        }
+        for (index, revents) in ready {
+            match what[index] {
+                Readiness::Channel => self.on_channel(revents)?,
+                Readiness::Signals => self.reap(),
+                Readiness::Output(id, slot) => self.on_output(id, slot)?,
+                Readiness::Stdin(id) => self.flush_stdin(id),
+            }
+        }
+        self.report_exits()
+    }
+
+    /// With no host, `poll` on the port reports HUP (with IN: a read returns 0 at once); a
+    /// host is back when HUP is gone.
+    fn host_reconnected(&self) -> bool {
+        let mut fds = [PollFd::new(borrow(&self.channel), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok()
+            && fds[0]
+                .revents()
+                .is_some_and(|r| !r.contains(PollFlags::POLLHUP))
+    }
+
+    fn on_channel(&mut self, revents: PollFlags) -> Result<(), AgentError> {
+        let mut buf = vec![0u8; 256 << 10];
+        let n = if revents.contains(PollFlags::POLLIN) {
+            match self.channel.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+                Err(e) => return Err(AgentError(format!("channel read: {e}"))),
+            }
+        } else {
+            0
+        };
+        if n == 0 {
+            // The host went away (it was killed, or this VM was restored from a snapshot).
+            agent_debug!("host disconnected");
+            self.connected = false;
+            self.decoder.reset();
+            return Ok(());
+        }
+        self.decoder.push(&buf[..n]);
+        loop {
+            let frame = match self.decoder.next_frame::<HostMessage>() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    // A corrupt stream cannot be resynchronised; wait for the host to reconnect.
+                    agent_log!("dropping corrupt input from the host: {e}");
+                    self.decoder.reset();
+                    break;
+                }
+            };
+            match frame {
+                Frame::Message(message) => {
+                    let result = self.handle(message.request).map_err(|e| e.0);
+                    self.send(&AgentMessage::Response {
+                        id: message.id,
+                        result,
+                    })?;
+                }
+                Frame::Data {
+                    process,
+                    stream: Stream::Stdin,
+                    bytes,
+                } => self.on_stdin(process, bytes),
+                Frame::Data { .. } => agent_log!("ignoring output-stream data from the host"),
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, request: Request) -> Result<Reply, AgentError> {
+        match request {
+            Request::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(AgentError(format!(
+                        "host protocol {version}, agent protocol {PROTOCOL_VERSION}"
+                    )));
+                }
+                Ok(Reply::Hello(self.info()))
+            }
+            Request::SetClock { unix_secs, nanos } => {
+                let ts = nix::sys::time::TimeSpec::new(unix_secs, nanos as i64);
+                nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+                    .map_err(|e| AgentError(format!("clock_settime: {e}")))?;
+                Ok(Reply::Ok)
+            }
+            Request::AddEntropy { bytes } => {
+                add_entropy(&bytes)?;
+                Ok(Reply::Ok)
+            }
+            Request::SetupContainer(config) => {
+                if self.container_ready {
+                    return Err(AgentError("the container is already set up".into()));
+                }
+                setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                self.container_ready = true;
+                Ok(Reply::Ok)
+            }
+            Request::CreateProcess {
+                process,
+                spec,
+                start,
+            } => {
+                if !self.container_ready {
+                    return Err(AgentError("the container is not set up".into()));
+                }
+                if self.processes.contains_key(&process) {
+                    return Err(AgentError(format!("process {process} already exists")));
+                }
+                let spawned = spawn::spawn(&spec, !start).map_err(AgentError)?;
+                let pid = spawned.pid;
+                self.processes.insert(process, into_process(spawned));
+                Ok(Reply::Created { pid: pid.as_raw() })
+            }
+            Request::StartProcess { process } => {
+                let p = self.process(process)?;
+                let start = p.start.take().ok_or_else(|| {
+                    AgentError(format!("process {process} has already been started"))
+                })?;
+                nix::unistd::write(&start, &[1])
+                    .map_err(|e| AgentError(format!("start process {process}: {e}")))?;
+                Ok(Reply::Ok)
+            }
+            Request::Signal {
+                process,
+                signal,
+                all,
+            } => {
+                let signal = Signal::try_from(signal)
+                    .map_err(|_| AgentError(format!("invalid signal {signal}")))?;
+                if all {
+                    // From PID 1, pid -1 means every process but the agent itself.
+                    match kill(Pid::from_raw(-1), signal) {
+                        Ok(()) | Err(Errno::ESRCH) => return Ok(Reply::Ok),
+                        Err(e) => return Err(AgentError(format!("kill -1: {e}"))),
+                    }
+                }
+                let p = self.process(process)?;
+                if p.exit.is_some() {
+                    return Err(AgentError("process already finished".into()));
+                }
+                kill(p.pid, signal).map_err(|e| AgentError(format!("kill {}: {e}", p.pid)))?;
+                Ok(Reply::Ok)
+            }
+            Request::ResizeTerminal {
+                process,
+                rows,
+                cols,
+            } => {
+                let p = self.process(process)?;
+                let Some((_, master)) = p.outputs.first().filter(|_| p.pty) else {
+                    return Err(AgentError(format!("process {process} has no terminal")));
+                };
+                let size = libc::winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads a winsize struct that outlives the call.
+                if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+                    return Err(AgentError(format!(
+                        "resize terminal: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                Ok(Reply::Ok)
+            }
+            Request::CloseStdin { process } => {
+                self.on_stdin(process, Vec::new());
+                Ok(Reply::Ok)
+            }
+            Request::ListProcesses => Ok(Reply::Processes(procfs::list_processes())),
+            Request::Shutdown => {
+                self.shutdown = true;
+                Ok(Reply::Ok)
+            }
+        }
+    }
+
+    fn process(&mut self, id: ProcessId) -> Result<&mut Process, AgentError> {
+        self.processes
+            .get_mut(&id)
+            .ok_or_else(|| AgentError(format!("no process {id}")))
+    }
+
+    fn on_stdin(&mut self, id: ProcessId, bytes: Vec<u8>) {
+        let Some(p) = self.processes.get_mut(&id) else {
+            return;
+        };
+        if bytes.is_empty() {
+            p.stdin_eof = true;
+        } else {
+            p.stdin_pending.extend_from_slice(&bytes);
+        }
+        self.flush_stdin(id);
+    }
+
+    /// Writes what the pipe takes now; the rest waits for POLLOUT.
+    fn flush_stdin(&mut self, id: ProcessId) {
+        let Some(p) = self.processes.get_mut(&id) else {
+            return;
+        };
+        let fd: Option<BorrowedFd<'_>> = if p.pty {
+            p.outputs.first().map(|(_, fd)| fd.as_fd())
+        } else {
+            p.stdin.as_ref().map(|fd| fd.as_fd())
+        };
+        let mut broken = false;
+        if let Some(fd) = fd {
+            while !p.stdin_pending.is_empty() {
+                match nix::unistd::write(fd, &p.stdin_pending) {
+                    Ok(n) => {
+                        p.stdin_pending.drain(..n);
+                    }
+                    Err(Errno::EAGAIN) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(_) => {
+                        // The reader is gone (EPIPE): nobody will read the rest.
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+        } else {
+            p.stdin_pending.clear();
+        }
+        if broken {
+            p.stdin_pending.clear();
+        }
+        if (p.stdin_eof && p.stdin_pending.is_empty()) || broken {
+            // A terminal has no separate stdin to close: its EOF is the line discipline's.
+            p.stdin = None;
+        }
+    }
+
+    fn on_output(&mut self, id: ProcessId, slot: usize) -> Result<(), AgentError> {
+        let mut buf = vec![0u8; agent_proto::MAX_DATA_CHUNK];
+        let mut out = Vec::new();
+        let Some(p) = self.processes.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some((stream, fd)) = p.outputs.get(slot) else {
+            return Ok(());
+        };
+        let stream = *stream;
+        let mut closed = false;
+        // Bounded, so that one chatty process cannot starve the loop.
+        for _ in 0..16 {
+            match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => encode_data(id, stream, &buf[..n], &mut out),
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                // EIO: the last holder of a pty slave closed it.
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            p.outputs.remove(slot);
+            encode_data(id, stream, &[], &mut out);
+        }
+        self.write(&out)
+    }
+
+    /// Reaps every exited child; the container's processes get their status recorded.
+    fn reap(&mut self) {
+        while let Ok(Some(_)) = self.signals.read_signal() {}
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) => status,
+            };
+            let (pid, exit) = match status {
+                WaitStatus::Exited(pid, code) => (pid, ExitStatus::Exited(code)),
+                WaitStatus::Signaled(pid, signal, _) => (pid, ExitStatus::Signaled(signal as i32)),
+                _ => continue,
+            };
+            let Some((&id, p)) = self.processes.iter_mut().find(|(_, p)| p.pid == pid) else {
+                continue;
+            };
+            agent_debug!("process {id} (pid {pid}) ended: {exit:?}");
+            p.exit = Some((exit, Instant::now()));
+            p.start = None;
+            if id == INIT_PROCESS {
+                // The container ends with its first process, as a pid namespace would.
+                let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Sends `Exited` for processes whose output is drained (or whose grace ran out).
+    fn report_exits(&mut self) -> Result<(), AgentError> {
+        let now = Instant::now();
+        let done: Vec<ProcessId> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| match p.exit {
+                Some((_, at)) => p.outputs.is_empty() || now >= at + OUTPUT_DRAIN_GRACE,
+                None => false,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            let Some(p) = self.processes.remove(&id) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            for (stream, _) in &p.outputs {
+                encode_data(id, *stream, &[], &mut out);
+            }
+            if let Some((status, _)) = p.exit {
+                encode_message(
+                    &AgentMessage::Exited {
+                        process: id,
+                        status,
+                    },
+                    &mut out,
+                )
+                .map_err(|e| AgentError(format!("encode: {e}")))?;
+            }
+            self.write(&out)?;
+        }
+        Ok(())
+    }
+}
+
+fn into_process(spawned: spawn::Spawned) -> Process {
+    let mut outputs = Vec::new();
+    let pty = spawned.pty_master.is_some();
+    for (stream, fd) in [
+        (Stream::Stdout, spawned.pty_master),
+        (Stream::Stdout, spawned.stdout),
+        (Stream::Stderr, spawned.stderr),
+    ] {
+        if let Some(fd) = fd {
+            set_nonblocking(&fd);
+            outputs.push((stream, fd));
+        }
+    }
+    if let Some(fd) = &spawned.stdin {
+        set_nonblocking(fd);
+    }
+    Process {
+        pid: spawned.pid,
+        stdin: spawned.stdin,
+        stdin_pending: Vec::new(),
+        stdin_eof: false,
+        outputs,
+        pty,
+        start: spawned.start,
+        exit: None,
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).unwrap_or(0);
+    let _ = fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    );
+}
+
+/// Borrows an fd for one poll round; see the SAFETY note in `Server::turn`.
+fn borrow<T: AsFd>(owner: &T) -> BorrowedFd<'static> {
+    let raw = owner.as_fd().as_raw_fd();
+    // SAFETY: callers drop the borrowed fd before `owner` can be closed (within one turn).
+    unsafe { BorrowedFd::borrow_raw(raw) }
+}
+
+fn uptime_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME);
+    ts.map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// Credits host entropy to the guest pool and forces a CRNG reseed, so that VMs restored
+/// from one snapshot diverge at once.
+fn add_entropy(bytes: &[u8]) -> Result<(), AgentError> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| AgentError(format!("open /dev/urandom: {e}")))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info: Vec<u8> = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: `info` is a complete rand_pool_info of `bytes.len()` payload bytes that lives
+    // across the call; the kernel only reads it.
+    if unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(AgentError(format!(
+            "RNDADDENTROPY: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(AgentError(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}

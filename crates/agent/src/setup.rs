@@ -1,0 +1,487 @@
+//! The container root: the image disk read-only under an overlay whose upper layer is tmpfs,
+//! the OCI mounts inside it, and the switch into it.
+//!
+//! The agent starts in the initramfs, which cannot be `pivot_root`ed away from; like
+//! `switch_root`, it moves the new root onto `/` and chroots into it. Everything the agent
+//! does afterwards (process spawns, `/proc` scans) sees the container's filesystem.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use agent_proto::{ContainerSetup, MountKind, MountSpec};
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use crate::{agent_debug, agent_log};
+
+const IMAGE_DIR: &str = "/sm/image";
+const RW_DIR: &str = "/sm/rw";
+const ROOT_DIR: &str = "/sm/root";
+
+#[derive(Debug)]
+pub struct SetupError(pub String);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> SetupError {
+    move |e| SetupError(format!("{what}: {e}"))
+}
+
+/// Mounts everything and enters the container root; after this `/` is the container's.
+pub fn setup_container(setup: &ContainerSetup) -> Result<(), SetupError> {
+    for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
+        fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
+    }
+    let rootfs = &setup.rootfs;
+    mount(
+        Some(rootfs.device.as_str()),
+        IMAGE_DIR,
+        Some(rootfs.fstype.as_str()),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(err(format!(
+        "mount {} ({}) on {IMAGE_DIR}",
+        rootfs.device, rootfs.fstype
+    )))?;
+    mount(
+        Some("tmpfs"),
+        RW_DIR,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(err("mount tmpfs for the writable layer"))?;
+    for dir in ["upper", "work"] {
+        fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
+    }
+    let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
+    mount(
+        Some("overlay"),
+        ROOT_DIR,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(err("mount the root overlay"))?;
+
+    let root = Path::new(ROOT_DIR);
+    let mut dev_done = false;
+    for m in &setup.mounts {
+        mount_one(root, m)?;
+        dev_done |= m.destination == "/dev";
+    }
+    if !dev_done {
+        let dev = resolve_in_root(root, "/dev");
+        mkdir_p(&dev)?;
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID,
+            Some("mode=755"),
+        )
+        .map_err(err("mount /dev"))?;
+        populate_dev(&dev)?;
+    }
+    ensure_devpts(root)?;
+    for path in &setup.masked_paths {
+        mask_path(root, path)?;
+    }
+    for path in &setup.readonly_paths {
+        readonly_path(root, path)?;
+    }
+    for (key, value) in &setup.sysctls {
+        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
+        fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
+    }
+    if let Some(hostname) = &setup.hostname {
+        nix::unistd::sethostname(hostname).map_err(err(format!("sethostname {hostname}")))?;
+    }
+    if rootfs.readonly {
+        mount(
+            None::<&str>,
+            ROOT_DIR,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(err("remount the root read-only"))?;
+    }
+    enter_root(root)
+}
+
+fn enter_root(root: &Path) -> Result<(), SetupError> {
+    std::env::set_current_dir(root).map_err(err("chdir to the container root"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(err("move the container root onto /"))?;
+    nix::unistd::chroot(".").map_err(err("chroot into the container root"))?;
+    std::env::set_current_dir("/").map_err(err("chdir /"))?;
+    Ok(())
+}
+
+fn mount_one(root: &Path, m: &MountSpec) -> Result<(), SetupError> {
+    let target = resolve_in_root(root, &m.destination);
+    agent_debug!("mount {} -> {}", m.destination, target.display());
+    match &m.kind {
+        MountKind::Filesystem {
+            fstype,
+            source,
+            options,
+        } => {
+            mkdir_p(&target)?;
+            let (flags, data) = parse_options(options);
+            let fstype = if fstype == "cgroup" {
+                "cgroup2"
+            } else {
+                fstype.as_str()
+            };
+            let data = if fstype == "cgroup2" {
+                String::new()
+            } else {
+                data
+            };
+            let result = mount(
+                Some(source.as_str()),
+                &target,
+                Some(fstype),
+                flags - MsFlags::MS_RDONLY,
+                (!data.is_empty()).then_some(data.as_str()),
+            );
+            match result {
+                Ok(()) => {}
+                // A guest kernel without some cgroup or mqueue support still runs the container.
+                Err(e) if matches!(fstype, "cgroup2" | "mqueue") => {
+                    agent_log!("skipping {fstype} mount on {}: {e}", m.destination);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(SetupError(format!(
+                        "mount {fstype} on {}: {e}",
+                        m.destination
+                    )))
+                }
+            }
+            if m.destination == "/dev" && fstype == "tmpfs" {
+                populate_dev(&target)?;
+            }
+            if flags.contains(MsFlags::MS_RDONLY) {
+                remount_readonly(&target, flags)?;
+            }
+        }
+        MountKind::File {
+            contents,
+            mode,
+            readonly,
+        } => {
+            if let Some(parent) = target.parent() {
+                mkdir_p(parent)?;
+            }
+            if fs::symlink_metadata(&target)
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+            {
+                return Err(SetupError(format!(
+                    "{} is a directory in the image",
+                    m.destination
+                )));
+            }
+            fs::write(&target, contents).map_err(err(format!("write {}", m.destination)))?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(*mode & 0o7777))
+                .map_err(err(format!("chmod {}", m.destination)))?;
+            if *readonly {
+                mount(
+                    Some(&target),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(err(format!("bind {}", m.destination)))?;
+                remount_readonly(&target, MsFlags::MS_BIND)?;
+            }
+        }
+        MountKind::EmptyDirectory { readonly } => {
+            mkdir_p(&target)?;
+            if *readonly {
+                mount(
+                    Some(&target),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(err(format!("bind {}", m.destination)))?;
+                remount_readonly(&target, MsFlags::MS_BIND)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remount_readonly(target: &Path, flags: MsFlags) -> Result<(), SetupError> {
+    let keep = flags & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | keep,
+        None::<&str>,
+    )
+    .map_err(err(format!("remount {} read-only", target.display())))
+}
+
+/// Splits mount(8)-style options into flags and the data string for the filesystem.
+pub fn parse_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        let (set, clear) = match option.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            // Propagation and bind flags mean nothing for a filesystem made in the guest.
+            "bind" | "rbind" | "private" | "rprivate" | "shared" | "rshared" | "slave"
+            | "rslave" | "unbindable" | "runbindable" | "defaults" => continue,
+            other => {
+                data.push(other.to_string());
+                continue;
+            }
+        };
+        flags = (flags | set) - clear;
+    }
+    (flags, data.join(","))
+}
+
+fn mkdir_p(path: &Path) -> Result<(), SetupError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(err(format!("mkdir {}", path.display())))
+}
+
+/// The device nodes and links a container expects in a fresh `/dev`, as runc makes them.
+fn populate_dev(dev: &Path) -> Result<(), SetupError> {
+    let nodes = [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
+    for (name, major, minor) in nodes {
+        let path = dev.join(name);
+        match mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(SetupError(format!("mknod /dev/{name}: {e}"))),
+        }
+        // mknod honours the umask; the nodes must be world-usable.
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o666));
+    }
+    let links = [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ];
+    for (name, target) in links {
+        match symlink(target, dev.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(SetupError(format!("symlink /dev/{name}: {e}"))),
+        }
+    }
+    for dir in ["pts", "shm"] {
+        mkdir_p(&dev.join(dir))?;
+    }
+    Ok(())
+}
+
+/// Terminals need a devpts instance in the container; add one when config.json has none.
+fn ensure_devpts(root: &Path) -> Result<(), SetupError> {
+    let pts = resolve_in_root(root, "/dev/pts");
+    if pts.join("ptmx").exists() {
+        return Ok(());
+    }
+    mkdir_p(&pts)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(err("mount /dev/pts"))
+}
+
+fn mask_path(root: &Path, path: &str) -> Result<(), SetupError> {
+    let target = resolve_in_root(root, path);
+    let Ok(meta) = fs::symlink_metadata(&target) else {
+        return Ok(());
+    };
+    let result = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        let null = resolve_in_root(root, "/dev/null");
+        mount(
+            Some(&null),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    result.map_err(err(format!("mask {path}")))
+}
+
+fn readonly_path(root: &Path, path: &str) -> Result<(), SetupError> {
+    let target = resolve_in_root(root, path);
+    if fs::symlink_metadata(&target).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(&target),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err(format!("bind {path}")))?;
+    remount_readonly(
+        &target,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+    )
+}
+
+/// Resolves `path` inside `root` as the container would see it: symlinks are followed with
+/// `root` as `/`, and `..` never climbs above it. Missing components are kept as they are.
+pub fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut pending: VecDeque<OsString> = components(Path::new(path));
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == OsStr::new("..") {
+            resolved.pop();
+            continue;
+        }
+        let candidate: PathBuf = root.join(resolved.iter().collect::<PathBuf>()).join(&name);
+        let is_link = fs::symlink_metadata(&candidate)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        if is_link && links < MAX_LINKS {
+            links += 1;
+            if let Ok(target) = fs::read_link(&candidate) {
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for part in components(&target).into_iter().rev() {
+                    pending.push_front(part);
+                }
+                continue;
+            }
+        }
+        resolved.push(name);
+    }
+    root.join(resolved.iter().collect::<PathBuf>())
+}
+
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let opts: Vec<String> = [
+            "nosuid",
+            "strictatime",
+            "mode=755",
+            "size=65536k",
+            "ro",
+            "rbind",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (flags, data) = parse_options(&opts);
+        assert_eq!(
+            flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME | MsFlags::MS_RDONLY
+        );
+        assert_eq!(data, "mode=755,size=65536k");
+    }
+
+    #[test]
+    fn later_option_overrides_earlier() {
+        let (flags, _) = parse_options(&["ro".to_string(), "rw".to_string()]);
+        assert!(!flags.contains(MsFlags::MS_RDONLY));
+    }
+
+    #[test]
+    fn resolution_follows_symlinks_without_leaving_the_root() {
+        let dir = std::env::temp_dir().join(format!("sm-resolve-{}", std::process::id()));
+        let root = dir.join("root");
+        fs::create_dir_all(root.join("run/systemd")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("../run/systemd/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        symlink("/../../../etc", root.join("escape")).unwrap();
+
+        assert_eq!(
+            resolve_in_root(&root, "/etc/resolv.conf"),
+            root.join("run/systemd/resolv.conf")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/escape/hosts"),
+            root.join("etc/hosts")
+        );
+        assert_eq!(resolve_in_root(&root, "/../../x/./y"), root.join("x/y"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

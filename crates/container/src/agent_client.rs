@@ -1,0 +1,298 @@
+//! The host side of the agent channel.
+//!
+//! One reader thread decodes everything the agent sends: responses go to the waiting
+//! request, stdio and exits go to the [`ProcessEvents`] registered for that process.
+//! Requests may come from any thread.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use agent_proto::{
+    encode_data, encode_message, read_frame, AgentInfo, AgentMessage, ExitStatus, Frame,
+    FrameDecoder, HostMessage, ProcessId, ProtoError, Reply, Request, Stream, PROTOCOL_VERSION,
+};
+
+use crate::ContainerError;
+
+/// Where a process's output and exit go.
+pub trait ProcessEvents: Send {
+    /// Output bytes; an empty slice means the stream closed.
+    fn output(&mut self, stream: Stream, bytes: &[u8]);
+    fn exited(&mut self, status: ExitStatus);
+}
+
+type Pending = HashMap<u64, mpsc::Sender<Result<Reply, String>>>;
+type OnClose = Box<dyn FnOnce() + Send>;
+
+struct Inner {
+    writer: Mutex<UnixStream>,
+    pending: Mutex<Pending>,
+    sinks: Mutex<HashMap<ProcessId, Box<dyn ProcessEvents>>>,
+    /// Exits that arrived for processes nobody registered (yet).
+    unclaimed_exits: Mutex<HashMap<ProcessId, ExitStatus>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    on_close: Mutex<Option<OnClose>>,
+}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking holder cannot leave these maps half-updated in a way that matters more
+    // than losing the connection; keep going with the data.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits for the agent's `Ready` on a freshly booted VM. `alive` is polled between reads so
+/// that a VM that dies during boot fails fast instead of at the timeout.
+pub fn wait_ready(
+    stream: &mut UnixStream,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<AgentInfo, ContainerError> {
+    let deadline = Instant::now() + timeout;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| ContainerError::Agent(e.to_string()))?;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                let why = alive()
+                    .err()
+                    .unwrap_or_else(|| "the agent channel closed".into());
+                return Err(ContainerError::Agent(format!(
+                    "VM ended before the agent was ready: {why}"
+                )));
+            }
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(ContainerError::Agent(format!("agent channel: {e}"))),
+        }
+        while let Some(frame) = decoder
+            .next_frame::<AgentMessage>()
+            .map_err(|e| ContainerError::Agent(e.to_string()))?
+        {
+            if let Frame::Message(AgentMessage::Ready(info)) = frame {
+                stream
+                    .set_read_timeout(None)
+                    .map_err(|e| ContainerError::Agent(e.to_string()))?;
+                return Ok(info);
+            }
+        }
+        if let Err(why) = alive() {
+            return Err(ContainerError::Agent(format!(
+                "VM ended before the agent was ready: {why}"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(ContainerError::Agent(format!(
+                "the agent did not answer within {}s",
+                timeout.as_secs()
+            )));
+        }
+    }
+}
+
+impl AgentClient {
+    /// Starts the reader thread on a connected channel and says hello.
+    pub fn start(stream: UnixStream) -> Result<(Self, AgentInfo), ContainerError> {
+        let reader = stream
+            .try_clone()
+            .map_err(|e| ContainerError::Agent(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(stream),
+            pending: Mutex::new(HashMap::new()),
+            sinks: Mutex::new(HashMap::new()),
+            unclaimed_exits: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            on_close: Mutex::new(None),
+        });
+        let thread_inner = Arc::clone(&inner);
+        std::thread::Builder::new()
+            .name("agent-reader".into())
+            .spawn(move || read_loop(thread_inner, reader))
+            .map_err(|e| ContainerError::Agent(format!("spawn reader: {e}")))?;
+        let client = AgentClient { inner };
+        let info = match client.request(
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            Duration::from_secs(10),
+        )? {
+            Reply::Hello(info) => info,
+            other => {
+                return Err(ContainerError::Agent(format!(
+                    "unexpected hello reply {other:?}"
+                )))
+            }
+        };
+        Ok((client, info))
+    }
+
+    /// Runs `f` once when the channel closes (the VM died or was stopped).
+    pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
+        if self.is_closed() {
+            f();
+            return;
+        }
+        *lock(&self.inner.on_close) = Some(Box::new(f));
+        // The reader may have closed in between; it takes the callback only if it saw it.
+        if self.is_closed() {
+            if let Some(f) = lock(&self.inner.on_close).take() {
+                f();
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn request(&self, request: Request, timeout: Duration) -> Result<Reply, ContainerError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.inner.pending).insert(id, tx);
+        let name = request_name(&request);
+        let mut bytes = Vec::new();
+        encode_message(&HostMessage { id, request }, &mut bytes)
+            .map_err(|e| ContainerError::Agent(e.to_string()))?;
+        if let Err(e) = self.write(&bytes) {
+            lock(&self.inner.pending).remove(&id);
+            return Err(e);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(message)) => Err(ContainerError::Agent(message)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.inner.pending).remove(&id);
+                Err(ContainerError::Agent(format!(
+                    "no answer to {name} within {timeout:?}"
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ContainerError::Agent(format!(
+                "connection lost during {name}"
+            ))),
+        }
+    }
+
+    fn write(&self, bytes: &[u8]) -> Result<(), ContainerError> {
+        if self.is_closed() {
+            return Err(ContainerError::Agent("connection closed".into()));
+        }
+        lock(&self.inner.writer)
+            .write_all(bytes)
+            .map_err(|e| ContainerError::Agent(format!("channel write: {e}")))
+    }
+
+    /// Sends stdin bytes to a process; an empty slice closes its stdin.
+    pub fn send_stdin(&self, process: ProcessId, bytes: &[u8]) -> Result<(), ContainerError> {
+        let mut out = Vec::new();
+        encode_data(process, Stream::Stdin, bytes, &mut out);
+        self.write(&out)
+    }
+
+    /// Routes a process's output and exit to `events`. Register before creating the process;
+    /// an exit that already arrived is delivered at once.
+    pub fn register(&self, process: ProcessId, mut events: Box<dyn ProcessEvents>) {
+        if let Some(status) = lock(&self.inner.unclaimed_exits).remove(&process) {
+            events.exited(status);
+            return;
+        }
+        lock(&self.inner.sinks).insert(process, events);
+    }
+
+    pub fn unregister(&self, process: ProcessId) {
+        lock(&self.inner.sinks).remove(&process);
+    }
+
+    /// Closes the channel; the reader thread ends and pending requests fail.
+    pub fn shutdown(&self) {
+        let _ = lock(&self.inner.writer).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello { .. } => "hello",
+        Request::SetClock { .. } => "set_clock",
+        Request::AddEntropy { .. } => "add_entropy",
+        Request::SetupContainer(_) => "setup_container",
+        Request::CreateProcess { .. } => "create_process",
+        Request::StartProcess { .. } => "start_process",
+        Request::Signal { .. } => "signal",
+        Request::ResizeTerminal { .. } => "resize_terminal",
+        Request::CloseStdin { .. } => "close_stdin",
+        Request::ListProcesses => "list_processes",
+        Request::Shutdown => "shutdown",
+    }
+}
+
+fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
+    loop {
+        let frame = match read_frame::<AgentMessage, _>(&mut reader) {
+            Ok(frame) => frame,
+            Err(ProtoError::Closed) => break,
+            Err(e) => {
+                log::warn!("agent channel: {e}");
+                break;
+            }
+        };
+        match frame {
+            Frame::Message(AgentMessage::Response { id, result }) => {
+                if let Some(tx) = lock(&inner.pending).remove(&id) {
+                    let _ = tx.send(result);
+                }
+            }
+            Frame::Message(AgentMessage::Exited { process, status }) => {
+                let sink = lock(&inner.sinks).remove(&process);
+                match sink {
+                    Some(mut sink) => sink.exited(status),
+                    None => {
+                        lock(&inner.unclaimed_exits).insert(process, status);
+                    }
+                }
+            }
+            Frame::Message(AgentMessage::Ready(_)) => {}
+            Frame::Data {
+                process,
+                stream,
+                bytes,
+            } => {
+                if let Some(sink) = lock(&inner.sinks).get_mut(&process) {
+                    sink.output(stream, &bytes);
+                }
+            }
+        }
+    }
+    inner.closed.store(true, Ordering::SeqCst);
+    lock(&inner.pending).clear();
+    if let Some(f) = lock(&inner.on_close).take() {
+        f();
+    }
+}

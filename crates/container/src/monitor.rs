@@ -1,0 +1,624 @@
+//! The monitor: the one host process per container that runc's contract asks for.
+//!
+//! `create` starts it and puts its pid in `--pid-file`. It boots the VM, sets the container
+//! up through the agent, holds the container's stdio (or the pty it sent to
+//! `--console-socket`), serves the control socket, forwards the signals it receives to the
+//! container's process, and exits with that process's status (128+N when killed by signal
+//! N; 255 when the VM itself died). QEMU is its child and dies with it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_proto::{
+    encode_data, encode_message, read_frame, ExitStatus, Frame, ProcessId, Reply, Request, Stream,
+    INIT_PROCESS,
+};
+use engine::{EngineChoice, Vm};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
+
+use crate::agent_client::{self, AgentClient, ProcessEvents};
+use crate::console::{self, HostConsole};
+use crate::control::{self, ControlReply, ControlRequest};
+use crate::plan::Plan;
+use crate::relay::{self, FdOutput};
+use crate::state::{ContainerDir, StateStore, Status};
+use crate::{proc, ContainerError, Paths};
+
+/// Exit status of a monitor whose VM died under the container.
+pub const VM_DIED_STATUS: i32 = 255;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `create` passes to the monitor it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MonitorArgs {
+    pub state_root: PathBuf,
+    pub id: String,
+    pub console_socket: Option<PathBuf>,
+    pub engine: String,
+}
+
+/// The monitor's answer to `create`, one JSON line on the sync pipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMessage {
+    Created { engine: String },
+    Failed { error: String },
+}
+
+/// Signals forwarded to the container's process (all catchable ones but SIGCHLD and
+/// SIGPIPE); SIGWINCH resizes its terminal instead.
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::all();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+        Signal::SIGKILL,
+        Signal::SIGSTOP,
+        Signal::SIGSEGV,
+        Signal::SIGBUS,
+        Signal::SIGILL,
+        Signal::SIGFPE,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGTSTP,
+    ] {
+        set.remove(s);
+    }
+    set
+}
+
+enum Event {
+    InitExited(ExitStatus),
+    AgentGone,
+    Stop,
+}
+
+/// Runs a monitor to its end and returns its exit status. `sync` is the pipe to `create`.
+pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
+    let signals = forwarded_signals();
+    // Before any thread exists, so that every thread inherits the mask and only the
+    // forwarding thread receives these signals.
+    if let Err(e) = signals.thread_block() {
+        log::warn!("block signals: {e}");
+    }
+    let _ = nix::unistd::setsid();
+    let mut sync = sync.map(File::from);
+    let store = StateStore::new(&args.state_root);
+    let dir = match store.open(&args.id) {
+        Ok(dir) => dir,
+        Err(e) => {
+            report(
+                &mut sync,
+                SyncMessage::Failed {
+                    error: e.to_string(),
+                },
+            );
+            return 1;
+        }
+    };
+    match Monitor::start(&args, &dir) {
+        Ok(monitor) => {
+            report(
+                &mut sync,
+                SyncMessage::Created {
+                    engine: monitor.engine_name.clone(),
+                },
+            );
+            drop(sync);
+            monitor.serve(signals)
+        }
+        Err(e) => {
+            log::debug!("monitor for {} failed: {e}", args.id);
+            report(
+                &mut sync,
+                SyncMessage::Failed {
+                    error: e.to_string(),
+                },
+            );
+            1
+        }
+    }
+}
+
+fn report(sync: &mut Option<File>, message: SyncMessage) {
+    if let Some(file) = sync {
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        let _ = file.write_all(&line);
+    }
+}
+
+/// Reads the monitor's answer; `None` if it exited without one.
+pub fn read_sync(mut pipe: File) -> Option<SyncMessage> {
+    let mut text = String::new();
+    let _ = pipe.read_to_string(&mut text);
+    serde_json::from_str(text.lines().next()?).ok()
+}
+
+struct Monitor {
+    dir: ContainerDir,
+    vm: Arc<Mutex<Box<dyn Vm>>>,
+    agent: AgentClient,
+    console: Option<HostConsole>,
+    events: mpsc::Receiver<Event>,
+    events_tx: mpsc::Sender<Event>,
+    listener: UnixListener,
+    engine_name: String,
+    next_exec: Arc<Mutex<ProcessId>>,
+}
+
+impl Monitor {
+    fn start(args: &MonitorArgs, dir: &ContainerDir) -> Result<Self, ContainerError> {
+        let started = Instant::now();
+        let plan: Plan = serde_json::from_slice(
+            &std::fs::read(dir.file("plan.json"))
+                .map_err(ContainerError::io(dir.file("plan.json")))?,
+        )
+        .map_err(|e| ContainerError::Monitor(format!("plan.json: {e}")))?;
+        let console = match &args.console_socket {
+            Some(socket) => Some(HostConsole::create_and_send(
+                socket,
+                plan.init.console_size,
+            )?),
+            None => None,
+        };
+        let paths = Paths::new(Some(args.state_root.clone()));
+        let choice: EngineChoice = args.engine.parse()?;
+        let selection = engine::select(choice, &paths.probe_dir())?;
+        log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
+        let mut vm = selection.engine.boot(&plan.vm_spec(dir.path.clone()))?;
+        let booted = Instant::now();
+        let result = Self::connect(&mut vm, &plan);
+        let (agent, guest_pid) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                let console = vm.console_tail(15);
+                let _ = vm.stop();
+                return Err(ContainerError::Boot {
+                    message: e.to_string(),
+                    console,
+                });
+            }
+        };
+        log::debug!(
+            "VM up: vmm start {:?}, agent ready {:?}, container set up {:?}",
+            booted - started,
+            started.elapsed(),
+            started.elapsed()
+        );
+        let (events_tx, events) = mpsc::channel();
+        let init_exit = events_tx.clone();
+        let (out, err) = match &console {
+            Some(c) => (c.slave.as_raw_fd(), c.slave.as_raw_fd()),
+            None => (1, 2),
+        };
+        agent.register(
+            INIT_PROCESS,
+            Box::new(FdOutput::new(out, err, move |status| {
+                let _ = init_exit.send(Event::InitExited(status));
+            })),
+        );
+        let gone = events_tx.clone();
+        agent.on_close(move || {
+            let _ = gone.send(Event::AgentGone);
+        });
+        let input = match &console {
+            Some(c) => c.slave.try_clone().map(File::from).ok(),
+            // SAFETY: fd 0 is this process's stdin, which it hands over to the relay for good.
+            None => Some(unsafe { File::from_raw_fd(0) }),
+        };
+        if let Some(input) = input {
+            let stdin_agent = agent.clone();
+            relay::pump_input(input, console.is_some(), move |bytes| {
+                stdin_agent.send_stdin(INIT_PROCESS, bytes).is_ok()
+            });
+        }
+        let listener = control::bind_unix(&dir.file(control::SOCKET_NAME))
+            .map_err(ContainerError::io(dir.file(control::SOCKET_NAME)))?;
+        let engine_name = selection.engine.name();
+        let pid = std::process::id() as i32;
+        dir.update(|s| {
+            s.status = Status::Created;
+            s.pid = Some(pid);
+            s.pid_start_time = proc::start_time(pid);
+            s.engine = engine_name.clone();
+            s.guest_pid = Some(guest_pid);
+        })?;
+        Ok(Monitor {
+            dir: dir.clone(),
+            vm: Arc::new(Mutex::new(vm)),
+            agent,
+            console,
+            events,
+            events_tx,
+            listener,
+            engine_name,
+            next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
+        })
+    }
+
+    /// Waits for the agent, gives the guest its identity, mounts the container and prepares
+    /// its first process. Returns the client and the process's guest pid.
+    fn connect(vm: &mut Box<dyn Vm>, plan: &Plan) -> Result<(AgentClient, i32), ContainerError> {
+        let mut channel = vm
+            .take_channel()
+            .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))?;
+        let info =
+            agent_client::wait_ready(&mut channel, plan.boot_timeout, || match vm.exited() {
+                Some(why) => Err(why),
+                None => Ok(()),
+            })?;
+        log::debug!(
+            "agent ready at guest uptime {} ms, kernel {}",
+            info.uptime_ms,
+            info.kernel_release
+        );
+        let (agent, _) = AgentClient::start(channel)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        agent.request(
+            Request::SetClock {
+                unix_secs: now.as_secs() as i64,
+                nanos: now.subsec_nanos(),
+            },
+            REQUEST_TIMEOUT,
+        )?;
+        let mut entropy = vec![0u8; 64];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(ContainerError::io("/dev/urandom"))?;
+        agent.request(Request::AddEntropy { bytes: entropy }, REQUEST_TIMEOUT)?;
+        agent.request(Request::SetupContainer(plan.setup.clone()), REQUEST_TIMEOUT)?;
+        let reply = agent.request(
+            Request::CreateProcess {
+                process: INIT_PROCESS,
+                spec: plan.init.clone(),
+                start: false,
+            },
+            REQUEST_TIMEOUT,
+        )?;
+        match reply {
+            Reply::Created { pid } => Ok((agent, pid)),
+            other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn serve(self, signals: SigSet) -> i32 {
+        self.spawn_signal_forwarder(signals);
+        self.spawn_control_server();
+        let code = match self.events.recv() {
+            Ok(Event::InitExited(status)) => status.code(),
+            Ok(Event::Stop) => 128 + libc::SIGKILL,
+            Ok(Event::AgentGone) | Err(_) => {
+                let mut vm = lock(&self.vm);
+                let why = vm
+                    .exited()
+                    .unwrap_or_else(|| "the agent connection closed".into());
+                log::warn!(
+                    "container {}: VM died ({why}); last console lines:\n{}",
+                    self.dir.id,
+                    vm.console_tail(15)
+                );
+                VM_DIED_STATUS
+            }
+        };
+        self.agent.shutdown();
+        if let Err(e) = lock(&self.vm).stop() {
+            log::warn!("stopping the VM: {e}");
+        }
+        let _ = std::fs::remove_file(self.dir.file(control::SOCKET_NAME));
+        if let Err(e) = self.dir.update(|s| {
+            s.status = Status::Stopped;
+            s.exit_status = Some(code);
+        }) {
+            log::debug!("record exit: {e}");
+        }
+        code
+    }
+
+    fn spawn_signal_forwarder(&self, signals: SigSet) {
+        let agent = self.agent.clone();
+        let console_fd = self.console.as_ref().map(|c| c.slave.as_raw_fd());
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let Ok(signal) = signals.wait() else { continue };
+                let result = if signal == Signal::SIGWINCH {
+                    match console_fd.and_then(console::window_size) {
+                        Some((rows, cols)) => agent
+                            .request(
+                                Request::ResizeTerminal {
+                                    process: INIT_PROCESS,
+                                    rows,
+                                    cols,
+                                },
+                                REQUEST_TIMEOUT,
+                            )
+                            .map(|_| ()),
+                        None => Ok(()),
+                    }
+                } else {
+                    agent
+                        .request(
+                            Request::Signal {
+                                process: INIT_PROCESS,
+                                signal: signal as i32,
+                                all: false,
+                            },
+                            REQUEST_TIMEOUT,
+                        )
+                        .map(|_| ())
+                };
+                if let Err(e) = result {
+                    log::debug!("forwarding {signal}: {e}");
+                }
+            });
+    }
+
+    fn spawn_control_server(&self) {
+        let Ok(listener) = self.listener.try_clone() else {
+            log::warn!("control socket unavailable");
+            return;
+        };
+        let context = ControlContext {
+            dir: self.dir.clone(),
+            vm: Arc::clone(&self.vm),
+            agent: self.agent.clone(),
+            events: self.events_tx.clone(),
+            next_exec: Arc::clone(&self.next_exec),
+        };
+        let _ = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let context = context.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || context.handle(stream));
+                }
+            });
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone)]
+struct ControlContext {
+    dir: ContainerDir,
+    vm: Arc<Mutex<Box<dyn Vm>>>,
+    agent: AgentClient,
+    events: mpsc::Sender<Event>,
+    next_exec: Arc<Mutex<ProcessId>>,
+}
+
+impl ControlContext {
+    fn handle(&self, mut stream: UnixStream) {
+        let request = match read_frame::<ControlRequest, _>(&mut stream) {
+            Ok(Frame::Message(request)) => request,
+            _ => return,
+        };
+        if let ControlRequest::Exec { spec } = request {
+            self.exec_session(stream, spec);
+            return;
+        }
+        let reply = match self.apply(request) {
+            Ok(reply) => reply,
+            Err(e) => ControlReply::Error(e.to_string()),
+        };
+        let _ = agent_proto::write_message(&mut stream, &reply);
+    }
+
+    fn apply(&self, request: ControlRequest) -> Result<ControlReply, ContainerError> {
+        match request {
+            ControlRequest::Start => {
+                let state = self.dir.load()?;
+                match state.status {
+                    Status::Created => {}
+                    Status::Running | Status::Paused => {
+                        return Err(ContainerError::InvalidState(
+                            "cannot start an already running container".into(),
+                        ))
+                    }
+                    _ => {
+                        return Err(ContainerError::InvalidState(
+                            "cannot start a container that has stopped".into(),
+                        ))
+                    }
+                }
+                self.agent.request(
+                    Request::StartProcess {
+                        process: INIT_PROCESS,
+                    },
+                    REQUEST_TIMEOUT,
+                )?;
+                self.dir.update(|s| {
+                    if s.status == Status::Created {
+                        s.status = Status::Running;
+                    }
+                })?;
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Signal { signal, all } => {
+                self.agent.request(
+                    Request::Signal {
+                        process: INIT_PROCESS,
+                        signal,
+                        all,
+                    },
+                    REQUEST_TIMEOUT,
+                )?;
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Pause => {
+                lock(&self.vm).pause()?;
+                self.dir.update(|s| s.status = Status::Paused)?;
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Resume => {
+                lock(&self.vm).resume()?;
+                self.dir.update(|s| s.status = Status::Running)?;
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Processes => match self
+                .agent
+                .request(Request::ListProcesses, REQUEST_TIMEOUT)?
+            {
+                Reply::Processes(list) => Ok(ControlReply::Processes(list)),
+                other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
+            },
+            ControlRequest::Stop => {
+                let _ = self.events.send(Event::Stop);
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Exec { .. }
+            | ControlRequest::Resize { .. }
+            | ControlRequest::CloseStdin => Err(ContainerError::Monitor(
+                "request only valid in an exec session".into(),
+            )),
+        }
+    }
+
+    /// Runs one exec'd process for the connection's lifetime.
+    fn exec_session(&self, stream: UnixStream, spec: agent_proto::ProcessSpec) {
+        let process = {
+            let mut next = lock(&self.next_exec);
+            let id = *next;
+            *next += 1;
+            id
+        };
+        let Ok(writer) = stream.try_clone() else {
+            return;
+        };
+        let writer = Arc::new(Mutex::new(writer));
+        self.agent.register(
+            process,
+            Box::new(SessionOutput {
+                writer: Arc::clone(&writer),
+            }),
+        );
+        let created = self.agent.request(
+            Request::CreateProcess {
+                process,
+                spec,
+                start: true,
+            },
+            REQUEST_TIMEOUT,
+        );
+        let reply = match created {
+            Ok(Reply::Created { pid }) => ControlReply::ExecStarted { pid },
+            Ok(other) => ControlReply::Error(format!("unexpected reply {other:?}")),
+            Err(e) => ControlReply::Error(e.to_string()),
+        };
+        let failed = matches!(reply, ControlReply::Error(_));
+        if failed {
+            self.agent.unregister(process);
+        }
+        if agent_proto::write_message(&mut *lock(&writer), &reply).is_err() || failed {
+            return;
+        }
+        let mut reader = stream;
+        loop {
+            match read_frame::<ControlRequest, _>(&mut reader) {
+                Ok(Frame::Data { bytes, .. }) => {
+                    if self.agent.send_stdin(process, &bytes).is_err() {
+                        break;
+                    }
+                }
+                Ok(Frame::Message(ControlRequest::Resize { rows, cols })) => {
+                    let _ = self.agent.request(
+                        Request::ResizeTerminal {
+                            process,
+                            rows,
+                            cols,
+                        },
+                        REQUEST_TIMEOUT,
+                    );
+                }
+                Ok(Frame::Message(ControlRequest::CloseStdin)) => {
+                    let _ = self.agent.send_stdin(process, &[]);
+                }
+                Ok(Frame::Message(ControlRequest::Signal { signal, .. })) => {
+                    let _ = self.agent.request(
+                        Request::Signal {
+                            process,
+                            signal,
+                            all: false,
+                        },
+                        REQUEST_TIMEOUT,
+                    );
+                }
+                Ok(Frame::Message(_)) => {}
+                // The relay went away; the process keeps running, its output is dropped.
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// An exec'd process's output and exit, framed onto its session connection.
+struct SessionOutput {
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl ProcessEvents for SessionOutput {
+    fn output(&mut self, stream: Stream, bytes: &[u8]) {
+        let mut out = Vec::new();
+        encode_data(0, stream, bytes, &mut out);
+        let _ = lock(&self.writer).write_all(&out);
+    }
+
+    fn exited(&mut self, status: ExitStatus) {
+        let mut out = Vec::new();
+        if encode_message(
+            &ControlReply::Exited {
+                code: status.code(),
+            },
+            &mut out,
+        )
+        .is_ok()
+        {
+            let mut writer = lock(&self.writer);
+            let _ = writer.write_all(&out);
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// Spawning a monitor: `exe` runs [`run`] (the hidden `monitor` verb of the CLI) with the
+/// sync pipe at `SUPERMACHINE_SYNC_FD`.
+pub fn sync_fd_env() -> &'static str {
+    "SUPERMACHINE_SYNC_FD"
+}
+
+/// Takes the sync pipe from the environment, if this process was started with one.
+pub fn take_sync_fd() -> Option<OwnedFd> {
+    let fd: RawFd = std::env::var(sync_fd_env()).ok()?.parse().ok()?;
+    std::env::remove_var(sync_fd_env());
+    // Only accept an fd that is open, and keep it from the VMM and other children: the
+    // caller waits for EOF on this pipe.
+    // SAFETY: F_GETFD/F_SETFD only read and set the fd's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+    {
+        return None;
+    }
+    // SAFETY: `create` passed this fd to us for our exclusive use.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// True when `path` is the state dir of a container whose monitor answers.
+pub fn monitor_answers(dir: &Path) -> bool {
+    control::connect(dir).is_ok()
+}

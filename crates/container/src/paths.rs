@@ -1,0 +1,118 @@
+//! Where things live: the state root (`--root`), the cache, and the guest assets.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ContainerError;
+
+pub const DEFAULT_STATE_ROOT: &str = "/run/supermachine";
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/supermachine/cache";
+
+/// The VM defaults shipped in `config/vm-defaults.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VmDefaults {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub min_memory_mib: u32,
+    pub max_memory_mib: u32,
+    pub boot_timeout_secs: u64,
+}
+
+impl VmDefaults {
+    pub fn load() -> Self {
+        const SHIPPED: &str = include_str!("../../../config/vm-defaults.json");
+        #[allow(clippy::expect_used)] // A compile-time constant, checked by a unit test.
+        let defaults: VmDefaults = serde_json::from_str(SHIPPED).expect("valid vm-defaults.json");
+        defaults
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub state_root: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(state_root: Option<PathBuf>) -> Self {
+        let cache_dir = std::env::var_os("SUPERMACHINE_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+        Paths {
+            state_root: state_root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT)),
+            cache_dir,
+        }
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.cache_dir.join("images")
+    }
+
+    pub fn probe_dir(&self) -> PathBuf {
+        self.cache_dir.join("probe")
+    }
+}
+
+/// The guest kernel and agent this runtime boots.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub agent: PathBuf,
+}
+
+impl Assets {
+    /// Candidate directories, in order: `SUPERMACHINE_ASSETS_DIR`, `<exe>/../share/supermachine`,
+    /// `/usr/local/share/supermachine`, `/usr/share/supermachine`.
+    pub fn search_path() -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        if let Some(dir) = std::env::var_os("SUPERMACHINE_ASSETS_DIR") {
+            dirs.push(PathBuf::from(dir));
+        }
+        if let Some(bin_dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            dirs.push(bin_dir.join("../share/supermachine"));
+        }
+        dirs.push(PathBuf::from("/usr/local/share/supermachine"));
+        dirs.push(PathBuf::from("/usr/share/supermachine"));
+        dirs
+    }
+
+    pub fn locate() -> Result<Self, ContainerError> {
+        let dirs = Self::search_path();
+        for dir in &dirs {
+            let kernel = dir.join("vmlinux");
+            let agent = dir.join("supermachine-agent");
+            if kernel.exists() && agent.exists() {
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                return Ok(Assets {
+                    kernel: dir.join("vmlinux"),
+                    agent: dir.join("supermachine-agent"),
+                    dir,
+                });
+            }
+        }
+        let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(ContainerError::Assets(format!(
+            "guest kernel and agent not found (looked for vmlinux and supermachine-agent in {}); \
+             build them with `make guest` in the supermachine source tree, or set \
+             SUPERMACHINE_ASSETS_DIR",
+            looked.join(", ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_vm_defaults_parse_and_are_sane() {
+        let d = VmDefaults::load();
+        assert!(d.vcpus >= 1);
+        assert!(d.min_memory_mib <= d.memory_mib && d.memory_mib <= d.max_memory_mib);
+    }
+}

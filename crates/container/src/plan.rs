@@ -1,0 +1,106 @@
+//! The plan of one container's VM, made by `create` (where errors reach the caller at once)
+//! and carried out by the monitor: the disk image, the VM shape, what the agent mounts and
+//! runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_proto::{ContainerSetup, ProcessSpec, RootfsSpec};
+use engine::{DiskSpec, VmSpec};
+use image::{DiskImages, ImageKey, Initramfs};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::Bundle;
+use crate::paths::{Assets, Paths, VmDefaults};
+use crate::{translate, ContainerError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs_image: PathBuf,
+    pub image_key: String,
+    pub image_key_source: String,
+    pub kernel_args: Vec<String>,
+    pub setup: ContainerSetup,
+    pub init: ProcessSpec,
+    pub boot_timeout: Duration,
+    /// Things of config.json the VM cannot honour, logged by `create`.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn prepare(
+        bundle: &Bundle,
+        paths: &Paths,
+        guest_debug: bool,
+    ) -> Result<Self, ContainerError> {
+        let assets = Assets::locate()?;
+        let initramfs = Initramfs::ensure(&assets.agent, &paths.cache_dir)?;
+        let key = ImageKey::for_rootfs(&bundle.rootfs, &bundle.annotations())?;
+        let images = DiskImages::new(paths.images_dir());
+        let (rootfs_image, built) = images.get_or_build(&key, &bundle.rootfs)?;
+        log::debug!(
+            "image key {key} (from {}); disk {} {}",
+            key.source(),
+            rootfs_image.display(),
+            if built { "built" } else { "reused" }
+        );
+        let defaults = VmDefaults::load();
+        let (vcpus, memory_mib) = translate::vm_shape(&bundle.spec, &defaults);
+        let rootfs = RootfsSpec {
+            device: VmSpec::guest_disk(0),
+            fstype: "ext4".into(),
+            readonly: bundle.root_readonly(),
+        };
+        let (setup, notes) = translate::container_setup(&bundle.spec, rootfs)?;
+        let process = bundle
+            .spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| ContainerError::Bundle {
+                path: bundle.dir.clone(),
+                reason: "config.json has no process".into(),
+            })?;
+        let init = translate::process_spec(process);
+        let mut kernel_args = Vec::new();
+        if guest_debug {
+            kernel_args.push("supermachine.debug=1".to_string());
+        }
+        let boot_timeout = std::env::var("SUPERMACHINE_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(defaults.boot_timeout_secs);
+        Ok(Plan {
+            vcpus,
+            memory_mib,
+            kernel: assets.kernel,
+            initramfs: initramfs.path,
+            rootfs_image,
+            image_key: key.to_string(),
+            image_key_source: key.source().to_string(),
+            kernel_args,
+            setup,
+            init,
+            boot_timeout: Duration::from_secs(boot_timeout),
+            notes,
+        })
+    }
+
+    pub fn vm_spec(&self, work_dir: PathBuf) -> VmSpec {
+        VmSpec {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            kernel_args: self.kernel_args.clone(),
+            disks: vec![DiskSpec {
+                path: self.rootfs_image.clone(),
+                read_only: true,
+            }],
+            work_dir,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! config.json → what the VM and the agent need: the VM shape, the mounts the agent makes,
+//! the processes it runs.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use agent_proto::{
+    Capabilities, ContainerSetup, MountKind, MountSpec, ProcessSpec, Rlimit, RootfsSpec,
+};
+use oci_spec::runtime::{Process, Spec};
+
+use crate::paths::VmDefaults;
+use crate::ContainerError;
+
+/// Host files bound into the container are copied into the guest; this bounds the copy.
+const MAX_FILE_BIND: u64 = 1 << 20;
+
+/// Filesystems the guest kernel makes itself.
+const GUEST_FILESYSTEMS: [&str; 8] = [
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "ramfs",
+];
+
+/// vCPUs and memory for the VM, from `linux.resources` (cpu quota or cpuset, memory limit),
+/// else the defaults.
+pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let from_quota = cpu.and_then(|c| match (c.quota(), c.period()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
+        _ => None,
+    });
+    let from_cpuset = cpu.and_then(|c| c.cpus().as_deref()).and_then(count_cpuset);
+    let vcpus = from_quota
+        .or(from_cpuset)
+        .unwrap_or(defaults.vcpus)
+        .clamp(1, host_cpus.max(1));
+    let memory = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20).min(u32::MAX as u64) as u32)
+        .map(|m| m.clamp(defaults.min_memory_mib, defaults.max_memory_mib))
+        .unwrap_or(defaults.memory_mib);
+    (vcpus, memory)
+}
+
+/// Counts a cpuset list like `0-3,7`.
+fn count_cpuset(list: &str) -> Option<u32> {
+    let mut count = 0;
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        count += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().ok()?.checked_sub(a.parse::<u32>().ok()?)? + 1,
+            None => {
+                part.parse::<u32>().ok()?;
+                1
+            }
+        };
+    }
+    (count > 0).then_some(count)
+}
+
+fn cap_names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
+    let mut names: Vec<String> = set
+        .iter()
+        .flatten()
+        .filter_map(|c| serde_json::to_value(c).ok()?.as_str().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+/// An OCI process as the agent runs it.
+pub fn process_spec(process: &Process) -> ProcessSpec {
+    let user = process.user();
+    ProcessSpec {
+        args: process.args().clone().unwrap_or_default(),
+        env: process.env().clone().unwrap_or_default(),
+        cwd: process.cwd().to_string_lossy().into_owned(),
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        umask: user.umask(),
+        terminal: process.terminal().unwrap_or(false),
+        console_size: process
+            .console_size()
+            .map(|b| {
+                (
+                    b.height().min(u16::MAX as u64) as u16,
+                    b.width().min(u16::MAX as u64) as u16,
+                )
+            })
+            .filter(|&(h, w)| h > 0 && w > 0),
+        rlimits: process
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| Rlimit {
+                kind: format!(
+                    "RLIMIT_{}",
+                    r.typ().to_string().trim_start_matches("RLIMIT_")
+                ),
+                soft: r.soft(),
+                hard: r.hard(),
+            })
+            .collect(),
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        capabilities: process.capabilities().as_ref().map(|c| Capabilities {
+            bounding: cap_names(c.bounding()),
+            effective: cap_names(c.effective()),
+            inheritable: cap_names(c.inheritable()),
+            permitted: cap_names(c.permitted()),
+            ambient: cap_names(c.ambient()),
+        }),
+        oom_score_adj: process.oom_score_adj(),
+    }
+}
+
+/// What the agent mounts, and the notes about what could not be brought into the VM.
+pub fn container_setup(
+    spec: &Spec,
+    rootfs: RootfsSpec,
+) -> Result<(ContainerSetup, Vec<String>), ContainerError> {
+    let mut notes = Vec::new();
+    let mut mounts = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let destination = m.destination().to_string_lossy().into_owned();
+        let options: Vec<String> = m.options().clone().unwrap_or_default();
+        let fstype = m.typ().clone().unwrap_or_default();
+        let source = m
+            .source()
+            .as_ref()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let is_bind = fstype == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        let readonly = options.iter().any(|o| o == "ro");
+        let kind = if !is_bind && GUEST_FILESYSTEMS.contains(&fstype.as_str()) {
+            MountKind::Filesystem {
+                fstype,
+                source,
+                options,
+            }
+        } else if is_bind && destination == "/dev/shm" {
+            // docker binds a host tmpfs for /dev/shm; the guest makes its own.
+            MountKind::Filesystem {
+                fstype: "tmpfs".into(),
+                source: "shm".into(),
+                options: vec![
+                    "nosuid".into(),
+                    "nodev".into(),
+                    "noexec".into(),
+                    "mode=1777".into(),
+                ],
+            }
+        } else if is_bind {
+            bind_mount_kind(Path::new(&source), &destination, readonly, &mut notes)?
+        } else {
+            notes.push(format!(
+                "mount of type {fstype:?} on {destination} is not supported in the VM; skipped"
+            ));
+            continue;
+        };
+        mounts.push(MountSpec { destination, kind });
+    }
+    let linux = spec.linux().as_ref();
+    let setup = ContainerSetup {
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        rootfs,
+        mounts,
+        masked_paths: linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_default(),
+        readonly_paths: linux
+            .and_then(|l| l.readonly_paths().clone())
+            .unwrap_or_default(),
+        sysctls: linux
+            .and_then(|l| l.sysctl().clone())
+            .map(|m| m.into_iter().collect::<BTreeMap<_, _>>())
+            .unwrap_or_default(),
+    };
+    Ok((setup, notes))
+}
+
+fn bind_mount_kind(
+    source: &Path,
+    destination: &str,
+    readonly: bool,
+    notes: &mut Vec<String>,
+) -> Result<MountKind, ContainerError> {
+    let meta = std::fs::metadata(source).map_err(|e| ContainerError::Bundle {
+        path: source.to_path_buf(),
+        reason: format!("bind mount source for {destination}: {e}"),
+    })?;
+    if meta.is_file() {
+        if meta.len() > MAX_FILE_BIND {
+            return Err(ContainerError::Bundle {
+                path: source.to_path_buf(),
+                reason: format!(
+                    "file bind mount on {destination} is {} bytes; files are copied into the VM and the limit is {MAX_FILE_BIND}",
+                    meta.len()
+                ),
+            });
+        }
+        let contents = std::fs::read(source).map_err(ContainerError::io(source))?;
+        return Ok(MountKind::File {
+            contents,
+            mode: meta.permissions().mode(),
+            readonly,
+        });
+    }
+    if meta.is_dir() {
+        notes.push(format!(
+            "directory bind mount {} on {destination} is not shared into the VM (no shared \
+             filesystem yet); the container sees an empty directory",
+            source.display()
+        ));
+        return Ok(MountKind::EmptyDirectory { readonly });
+    }
+    notes.push(format!(
+        "bind mount of special file {} on {destination} skipped",
+        source.display()
+    ));
+    Ok(MountKind::EmptyDirectory { readonly })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn defaults() -> VmDefaults {
+        VmDefaults {
+            vcpus: 1,
+            memory_mib: 256,
+            min_memory_mib: 128,
+            max_memory_mib: 4096,
+            boot_timeout_secs: 1,
+        }
+    }
+
+    #[test]
+    fn shape_follows_memory_limit_and_cpu_quota() {
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
+        );
+        let (vcpus, memory) = vm_shape(&s, &defaults());
+        assert_eq!(memory, 512);
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(vcpus, 2.min(host));
+    }
+
+    #[test]
+    fn shape_clamps_tiny_limits_and_defaults_without_resources() {
+        let s =
+            spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":6291456}}}}"#);
+        assert_eq!(vm_shape(&s, &defaults()), (1, 128));
+        let s = spec(r#"{"ociVersion":"1.0.2"}"#);
+        assert_eq!(vm_shape(&s, &defaults()), (1, 256));
+    }
+
+    #[test]
+    fn cpuset_lists_are_counted() {
+        assert_eq!(count_cpuset("0-3,7"), Some(5));
+        assert_eq!(count_cpuset("2"), Some(1));
+        assert_eq!(count_cpuset("3-1"), None);
+        assert_eq!(count_cpuset(""), None);
+    }
+
+    #[test]
+    fn process_translation_keeps_user_rlimits_and_capabilities() {
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"terminal":true,"consoleSize":{"height":24,"width":80},
+            "user":{"uid":1000,"gid":100,"additionalGids":[5,6],"umask":18},
+            "args":["sh"],"env":["A=1"],"cwd":"/tmp","noNewPrivileges":true,
+            "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":512}],
+            "capabilities":{"bounding":["CAP_KILL","CAP_CHOWN"],"effective":["CAP_KILL"]}}}"#,
+        );
+        let p = process_spec(s.process().as_ref().unwrap());
+        assert_eq!(
+            (p.uid, p.gid, p.additional_gids.clone(), p.umask),
+            (1000, 100, vec![5, 6], Some(18))
+        );
+        assert_eq!(p.console_size, Some((24, 80)));
+        assert_eq!(
+            p.rlimits,
+            vec![Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 512,
+                hard: 1024
+            }]
+        );
+        let caps = p.capabilities.unwrap();
+        assert_eq!(
+            caps.bounding,
+            vec!["CAP_CHOWN".to_string(), "CAP_KILL".to_string()]
+        );
+        assert_eq!(caps.effective, vec!["CAP_KILL".to_string()]);
+        assert!(p.no_new_privileges && p.terminal);
+    }
+
+    #[test]
+    fn file_binds_are_copied_and_directory_binds_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let json = format!(
+            r#"{{"ociVersion":"1.0.2","hostname":"h1","mounts":[
+                {{"destination":"/proc","type":"proc","source":"proc"}},
+                {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["rbind","ro"]}},
+                {{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}},
+                {{"destination":"/dev/shm","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
+            hosts.display(),
+            dir.path().display(),
+            dir.path().display()
+        );
+        let (setup, notes) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
+        assert_eq!(setup.hostname.as_deref(), Some("h1"));
+        assert!(
+            matches!(&setup.mounts[0].kind, MountKind::Filesystem { fstype, .. } if fstype == "proc")
+        );
+        assert!(matches!(&setup.mounts[1].kind,
+            MountKind::File { contents, readonly: true, .. } if contents == b"127.0.0.1 localhost\n"));
+        assert!(matches!(
+            setup.mounts[2].kind,
+            MountKind::EmptyDirectory { readonly: false }
+        ));
+        assert!(
+            matches!(&setup.mounts[3].kind, MountKind::Filesystem { fstype, .. } if fstype == "tmpfs")
+        );
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("/data"));
+    }
+
+    #[test]
+    fn missing_bind_source_is_an_error() {
+        let json = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/x","type":"bind","source":"/no/such/file","options":["rbind"]}]}"#;
+        let err = container_setup(&spec(json), RootfsSpec::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bind mount source for /x"), "{err}");
+    }
+}

@@ -1,0 +1,162 @@
+//! The microVM engine boundary.
+//!
+//! An [`Engine`] boots a VM from a [`VmSpec`] (kernel, agent initramfs, disks, shape) and
+//! hands back a running [`Vm`] with the agent channel connected. Everything above this crate
+//! (the monitor, the shim) is engine-neutral. Implementations: [`qemu`] (`qemu-system-* -M
+//! microvm`, accel kvm or tcg, chosen by a probe).
+
+pub mod probe;
+pub mod qemu;
+mod qmp;
+
+use std::fmt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "{binary} not found: install it (Debian package qemu-system-x86) or set SUPERMACHINE_QEMU"
+    )]
+    QemuMissing { binary: String },
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during start-up: {log}")]
+    VmmExited { log: String },
+    #[error("VMM control: {0}")]
+    Control(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("engine {0} is not available on this host: {1}")]
+    Unavailable(String, String),
+    #[error("unknown engine {0:?} (expected auto, qemu or builtin)")]
+    UnknownEngine(String),
+}
+
+/// A disk attached as virtio-blk; the guest sees them as /dev/vda, /dev/vdb, … in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything an engine needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Appended to the engine's own kernel arguments.
+    pub kernel_args: Vec<String>,
+    pub disks: Vec<DiskSpec>,
+    /// Where the VM keeps its console log and other per-VM files; it outlives the VM.
+    pub work_dir: PathBuf,
+}
+
+impl VmSpec {
+    /// The guest device name of disk `index`.
+    pub fn guest_disk(index: usize) -> String {
+        format!("/dev/vd{}", (b'a' + index as u8) as char)
+    }
+}
+
+/// A booted VM.
+pub trait Vm: Send + fmt::Debug {
+    /// The host process that runs the VM, when it is not this one.
+    fn vmm_pid(&self) -> Option<u32>;
+    /// The host end of the agent channel; taken once.
+    fn take_channel(&mut self) -> Option<UnixStream>;
+    /// Stops the vCPUs.
+    fn pause(&mut self) -> Result<(), EngineError>;
+    fn resume(&mut self) -> Result<(), EngineError>;
+    /// Ends the VM and releases what it holds. Safe to call more than once.
+    fn stop(&mut self) -> Result<(), EngineError>;
+    /// Why the VM ended on its own, if it has.
+    fn exited(&mut self) -> Option<String>;
+    /// The last `lines` lines of the guest console, to explain a failure.
+    fn console_tail(&self, lines: usize) -> String;
+}
+
+pub trait Engine: Send + Sync + fmt::Debug {
+    /// `qemu-tcg`, `qemu-kvm`, `builtin-kvm`, …
+    fn name(&self) -> String;
+    fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+}
+
+/// What the user asked for (`--engine`, `SUPERMACHINE_ENGINE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    #[default]
+    Auto,
+    Qemu,
+    Builtin,
+}
+
+impl FromStr for EngineChoice {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "auto" => Ok(EngineChoice::Auto),
+            "qemu" => Ok(EngineChoice::Qemu),
+            "builtin" => Ok(EngineChoice::Builtin),
+            other => Err(EngineError::UnknownEngine(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineChoice::Auto => "auto",
+            EngineChoice::Qemu => "qemu",
+            EngineChoice::Builtin => "builtin",
+        })
+    }
+}
+
+/// The engine picked for this host, and why.
+#[derive(Debug)]
+pub struct Selection {
+    pub engine: Box<dyn Engine>,
+    pub reason: String,
+}
+
+/// Picks an engine. `probe_dir` holds the cached accelerator verdict (one probe per boot).
+pub fn select(choice: EngineChoice, probe_dir: &Path) -> Result<Selection, EngineError> {
+    match choice {
+        EngineChoice::Builtin => Err(EngineError::Unavailable(
+            "builtin".into(),
+            "this build has no builtin VMM yet; use --engine qemu".into(),
+        )),
+        EngineChoice::Qemu | EngineChoice::Auto => {
+            let binary = qemu::binary();
+            let verdict = probe::accel_verdict(&binary, probe_dir)?;
+            let reason = match choice {
+                EngineChoice::Auto => format!(
+                    "auto: qemu is the only engine in this build; accel {}: {}",
+                    verdict.accel, verdict.reason
+                ),
+                _ => format!(
+                    "requested qemu; accel {}: {}",
+                    verdict.accel, verdict.reason
+                ),
+            };
+            Ok(Selection {
+                engine: Box::new(qemu::QemuEngine::new(binary, verdict)),
+                reason,
+            })
+        }
+    }
+}
+
+/// How long to wait for a VMM to answer its control socket after start.
+pub(crate) const VMM_START_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,289 @@
+//! Which accelerator QEMU should use here, measured rather than assumed.
+//!
+//! `/dev/kvm` existing is not enough: on a host that is itself a guest without nested
+//! virtualisation (a PVM host), KVM runs guest kernel code through its instruction emulator,
+//! ~100× slower than TCG. So the probe runs the same tiny guest, a real-mode firmware that
+//! counts down a million-iteration loop between two serial bytes, under kvm and under tcg,
+//! and picks kvm only when it runs that loop faster. The verdict is cached per host boot.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::EngineError;
+
+/// Longest a probe guest may take before its accelerator is judged too slow.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccelVerdict {
+    pub accel: Accel,
+    /// The `-cpu` model that goes with it.
+    pub cpu: String,
+    pub reason: String,
+}
+
+/// The firmware: print 'S', loop 2^20 times, print 'E', halt.
+fn probe_firmware() -> Vec<u8> {
+    let mut rom = vec![0xf4u8; 64 << 10]; // hlt everywhere else
+    #[rustfmt::skip]
+    let code: [u8; 23] = [
+        0xba, 0xf8, 0x03,                   // mov dx, 0x3f8 (COM1)
+        0xb0, b'S',                         // mov al, 'S'
+        0xee,                               // out dx, al
+        0x66, 0xb9, 0x00, 0x00, 0x10, 0x00, // mov ecx, 0x100000
+        0x66, 0x49,                         // dec ecx
+        0x75, 0xfc,                         // jnz dec
+        0xb0, b'E',                         // mov al, 'E'
+        0xee,                               // out dx, al
+        0xfa,                               // cli
+        0xf4,                               // hlt
+        0xeb, 0xfd,                         // jmp hlt
+    ];
+    rom[..code.len()].copy_from_slice(&code);
+    // The reset vector (top of the ROM): jmp far F000:0000, the ROM's base below 1 MiB.
+    rom[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+    rom
+}
+
+/// Runs the firmware under one accelerator; the loop's duration, or why it did not run.
+fn time_loop(qemu: &str, firmware: &Path, accel: Accel, cpu: &str) -> Result<Duration, String> {
+    let mut child = Command::new(qemu)
+        .args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,rtc=off,pit=off,pic=off",
+        ])
+        .args(["-accel", &accel.to_string(), "-cpu", cpu, "-m", "16"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-bios")
+        .arg(firmware)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {qemu}: {e}"))?;
+    let result = read_markers(&mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map_err(|e| {
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        match stderr.lines().find(|l| !l.trim().is_empty()) {
+            Some(line) => format!("{e}: {}", line.trim()),
+            None => e,
+        }
+    })
+}
+
+fn read_markers(child: &mut Child) -> Result<Duration, String> {
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = stdout.read(&mut byte) {
+            if tx.send((byte[0], Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let mut start = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((b'S', at)) => start = Some(at),
+            Ok((b'E', at)) => {
+                return start
+                    .map(|s| at - s)
+                    .ok_or_else(|| "no start marker".to_string())
+            }
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(match start {
+                    Some(_) => format!("loop not done after {PROBE_TIMEOUT:?}"),
+                    None => "the probe guest did not start".to_string(),
+                })
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("QEMU exited".to_string())
+            }
+        }
+    }
+}
+
+fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
+    let firmware = dir.join(format!(".probe-{}.rom", std::process::id()));
+    fs::write(&firmware, probe_firmware()).map_err(|source| EngineError::Io {
+        path: firmware.clone(),
+        source,
+    })?;
+    let tcg = time_loop(qemu, &firmware, Accel::Tcg, "max");
+    let kvm_available = Path::new("/dev/kvm").exists();
+    let mut kvm = Err("/dev/kvm is absent".to_string());
+    if kvm_available {
+        // Some hosts refuse to let QEMU set IA32_ARCH_CAPABILITIES; try without it second.
+        for cpu in ["host", "host,-arch-capabilities"] {
+            kvm = time_loop(qemu, &firmware, Accel::Kvm, cpu).map(|t| (t, cpu));
+            if kvm.is_ok() {
+                break;
+            }
+        }
+    }
+    let _ = fs::remove_file(&firmware);
+    let tcg = match tcg {
+        Ok(t) => t,
+        Err(e) if e.starts_with("cannot run") => {
+            return Err(EngineError::QemuMissing {
+                binary: qemu.to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(EngineError::Unavailable(
+                "qemu".into(),
+                format!("tcg probe: {e}"),
+            ))
+        }
+    };
+    Ok(match kvm {
+        Ok((k, cpu)) if k < tcg => AccelVerdict {
+            accel: Accel::Kvm,
+            cpu: cpu.to_string(),
+            reason: format!("probe loop {k:.1?} under kvm, {tcg:.1?} under tcg"),
+        },
+        Ok((k, _)) => AccelVerdict {
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            reason: format!(
+                "kvm emulates guest kernel code here (nested or PVM host): probe loop {k:.1?} \
+                 under kvm, {tcg:.1?} under tcg"
+            ),
+        },
+        Err(e) => AccelVerdict {
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            reason: format!("kvm unusable ({e}); probe loop {tcg:.1?} under tcg"),
+        },
+    })
+}
+
+/// The cached verdict for this boot of this host and this QEMU, measuring it if needed.
+/// `SUPERMACHINE_QEMU_ACCEL=kvm|tcg` overrides the probe.
+pub fn accel_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
+    match std::env::var("SUPERMACHINE_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => {
+            return Ok(AccelVerdict {
+                accel: Accel::Kvm,
+                cpu: "host".into(),
+                reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
+            })
+        }
+        Ok("tcg") => {
+            return Ok(AccelVerdict {
+                accel: Accel::Tcg,
+                cpu: "max".into(),
+                reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
+            })
+        }
+        _ => {}
+    }
+    let cache = cache_file(qemu, dir);
+    if let Some(verdict) = fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        return Ok(verdict);
+    }
+    fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let verdict = measure(qemu, dir)?;
+    log::debug!("accelerator probe: {} ({})", verdict.accel, verdict.reason);
+    let partial = cache.with_extension(format!("partial-{}", std::process::id()));
+    if let Ok(bytes) = serde_json::to_vec_pretty(&verdict) {
+        if fs::write(&partial, bytes).is_ok() {
+            let _ = fs::rename(&partial, &cache);
+        }
+    }
+    Ok(verdict)
+}
+
+/// Keyed by the boot id (a reboot may change the hypervisor) and the QEMU binary.
+fn cache_file(qemu: &str, dir: &Path) -> PathBuf {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let qemu_path = which(qemu).unwrap_or_else(|| PathBuf::from(qemu));
+    let stamp = fs::metadata(&qemu_path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}|{}|{stamp}", boot_id.trim(), qemu_path.display()).bytes() {
+        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    dir.join(format!("accel-{hash:016x}.json"))
+}
+
+pub(crate) fn which(binary: &str) -> Option<PathBuf> {
+    if binary.contains('/') {
+        return Some(PathBuf::from(binary));
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(binary))
+            .find(|p| p.is_file())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firmware_has_reset_vector_and_serial_markers() {
+        let rom = probe_firmware();
+        assert_eq!(rom.len(), 65536);
+        assert_eq!(&rom[0xfff0..0xfff5], &[0xea, 0, 0, 0, 0xf0]);
+        assert_eq!(rom.iter().filter(|&&b| b == b'S').count(), 1);
+        assert_eq!(rom.iter().filter(|&&b| b == b'E').count(), 1);
+    }
+
+    #[test]
+    fn env_override_skips_the_probe() {
+        // Not run in parallel with anything else reading this variable in this crate.
+        std::env::set_var("SUPERMACHINE_QEMU_ACCEL", "tcg");
+        let v = accel_verdict("/nonexistent/qemu", Path::new("/nonexistent")).unwrap();
+        std::env::remove_var("SUPERMACHINE_QEMU_ACCEL");
+        assert_eq!(v.accel, Accel::Tcg);
+    }
+}

@@ -1,0 +1,37 @@
+#!/bin/sh
+# Installs the Debian packages supermachine needs to build and to run, if any is missing.
+# Usage: scripts/install-deps.sh [build|test]
+set -eu
+
+need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl-dev busybox-static"
+case "${1:-build}" in
+  test) need="$need containerd runc docker.io iproute2 iptables" ;;
+esac
+
+missing=""
+for pkg in $need; do
+  status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+  case "$status" in
+    *"install ok installed"*) ;;
+    *) missing="$missing $pkg" ;;
+  esac
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: missing Debian packages:$missing (run as root, or install them)" >&2
+  exit 1
+fi
+echo "install-deps: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+# dpkg must not start daemons (containerd, docker) here: the tests start their own.
+policy=/usr/sbin/policy-rc.d
+created_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
+fi
+apt-get update -q >/dev/null || apt-get update
+# shellcheck disable=SC2086
+apt-get install -y -q --no-install-recommends $missing >/dev/null
+[ -n "$created_policy" ] && rm -f "$policy"
+exit 0

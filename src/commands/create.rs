@@ -1,0 +1,165 @@
+//! `create`: validate the bundle, plan the VM, start the monitor, wait until the container's
+//! process is ready to start, write `--pid-file`.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use container::bundle::Bundle;
+use container::monitor::{self, SyncMessage};
+use container::plan::Plan;
+use container::state::{rfc3339_now, write_atomic, ContainerDir, ContainerState, Status};
+use liboci_cli::Create;
+use nix::fcntl::OFlag;
+
+use super::Context;
+
+pub fn run(args: Create, context: &Context) -> Result<i32> {
+    let bundle = Bundle::load(&args.bundle)?;
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    if terminal && args.console_socket.is_none() {
+        bail!("cannot allocate tty if supermachine will detach without setting console socket");
+    }
+    let created = create_container(
+        &args.container_id,
+        bundle,
+        args.console_socket.as_deref(),
+        args.pid_file.as_deref(),
+        context,
+    )?;
+    // The monitor outlives this process; its parent becomes our caller's subreaper.
+    drop(created.monitor);
+    Ok(0)
+}
+
+/// A container whose monitor answered `Created`.
+#[derive(Debug)]
+pub struct Created {
+    pub dir: ContainerDir,
+    pub monitor: Child,
+}
+
+pub fn create_container(
+    id: &str,
+    bundle: Bundle,
+    console_socket: Option<&Path>,
+    pid_file: Option<&Path>,
+    context: &Context,
+) -> Result<Created> {
+    let dir = context.store.create(id)?;
+    match create_in(&dir, bundle, console_socket, pid_file, context) {
+        Ok(monitor) => Ok(Created { dir, monitor }),
+        Err(e) => {
+            let _ = dir.remove();
+            Err(e)
+        }
+    }
+}
+
+fn create_in(
+    dir: &ContainerDir,
+    bundle: Bundle,
+    console_socket: Option<&Path>,
+    pid_file: Option<&Path>,
+    context: &Context,
+) -> Result<Child> {
+    let plan = Plan::prepare(&bundle, &context.paths, context.log.debug)?;
+    for note in &plan.notes {
+        log::warn!("container {}: {note}", dir.id);
+    }
+    let state = ContainerState {
+        id: dir.id.clone(),
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        status: Status::Creating,
+        pid: None,
+        pid_start_time: None,
+        created: rfc3339_now(),
+        annotations: bundle.annotations(),
+        engine: context.engine.clone(),
+        exit_status: None,
+        guest_pid: None,
+    };
+    write_atomic(&dir.file("plan.json"), &serde_json::to_vec(&plan)?)?;
+    let lock = dir.lock()?;
+    dir.save(&state, &lock)?;
+    drop(lock);
+
+    let (sync_read, sync_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe")?;
+    let console_socket = console_socket.map(absolute).transpose()?;
+    let mut command = Command::new(std::env::current_exe().context("locate own executable")?);
+    command.arg("--root").arg(context.store.root());
+    if let Some(log) = &context.log.file {
+        command.arg("--log").arg(absolute(log)?);
+    }
+    if context.log.format == crate::logging::Format::Json {
+        command.args(["--log-format", "json"]);
+    }
+    if context.log.debug {
+        command.arg("--debug");
+    }
+    command.args(["--engine", &context.engine, "monitor", "--id", &dir.id]);
+    if let Some(socket) = &console_socket {
+        command.arg("--console-socket").arg(socket);
+    }
+    let sync_fd = sync_write.as_raw_fd();
+    command.env(monitor::sync_fd_env(), sync_fd.to_string());
+    // SAFETY: between fork and exec only fcntl runs, on an fd that exists in the child.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(sync_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("start the monitor process")?;
+    drop(sync_write);
+    let answer = monitor::read_sync(File::from(sync_read));
+    match answer {
+        Some(SyncMessage::Created { engine }) => {
+            log::debug!(
+                "container {} created on {engine}, monitor pid {}",
+                dir.id,
+                child.id()
+            );
+        }
+        Some(SyncMessage::Failed { error }) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(anyhow!(error));
+        }
+        None => {
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            bail!("the monitor process exited before the container was created ({status})");
+        }
+    }
+    if let Some(path) = pid_file {
+        let path = absolute(path)?;
+        if let Err(e) = write_atomic(&path, child.id().to_string().as_bytes()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    }
+    Ok(child)
+}
+
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()
+            .context("current directory")?
+            .join(path))
+    }
+}

@@ -1,0 +1,46 @@
+//! `delete [--force] ID`: end the VM (if any) and remove everything the container left.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use container::control::{self, ControlRequest};
+use container::state::ContainerDir;
+use container::{proc, ContainerState, Status};
+use liboci_cli::Delete;
+
+use super::Context;
+
+pub fn run(args: Delete, context: &Context) -> Result<i32> {
+    let (dir, state) = context.open(&args.container_id)?;
+    let status = state.current_status();
+    if matches!(status, Status::Running | Status::Paused) && !args.force {
+        bail!(
+            "cannot delete container {} that is not stopped: {status}",
+            args.container_id
+        );
+    }
+    destroy(&dir, &state)?;
+    Ok(0)
+}
+
+/// Stops the monitor (and with it the VM) if it still runs, then removes the state.
+pub fn destroy(dir: &ContainerDir, state: &ContainerState) -> Result<()> {
+    if let Some(pid) = state
+        .pid
+        .filter(|&pid| proc::is_alive(pid, state.pid_start_time))
+    {
+        if let Err(e) = control::call(&dir.path, ControlRequest::Stop, Duration::from_secs(5)) {
+            log::debug!("asking monitor {pid} to stop: {e}");
+        }
+        if !proc::wait_gone(pid, state.pid_start_time, Duration::from_secs(10)) {
+            // Its VM dies with it (PR_SET_PDEATHSIG).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            proc::wait_gone(pid, state.pid_start_time, Duration::from_secs(5));
+        }
+    }
+    dir.remove()?;
+    Ok(())
+}

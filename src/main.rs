@@ -1,0 +1,118 @@
+//! `supermachine`: a runc-compatible OCI runtime that runs each container in its own microVM.
+//!
+//! This binary is the runc front door: it parses runc's command line (liboci-cli) and maps
+//! each verb onto the `container` library, one file per verb under `commands/`.
+
+mod commands;
+mod logging;
+mod terminal;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
+
+use crate::logging::LogConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "supermachine",
+    about = "An OCI runtime that runs every container in its own microVM",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+
+    /// The VM engine: auto, qemu or builtin (also SUPERMACHINE_ENGINE)
+    #[arg(long, env = "SUPERMACHINE_ENGINE", default_value = "auto")]
+    engine: String,
+
+    /// Accepted for runc compatibility; checkpointing is not supported
+    #[arg(long, hide = true)]
+    criu: Option<String>,
+
+    /// Accepted for runc compatibility
+    #[arg(long, hide = true)]
+    rootless: Option<String>,
+
+    /// Print the version
+    #[arg(short = 'v', long)]
+    version: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Standard(Box<StandardCmd>),
+    #[command(flatten)]
+    Common(Box<CommonCmd>),
+    /// The container's host process (started by create; not for direct use)
+    #[command(hide = true)]
+    Monitor(MonitorArgs),
+    /// The host process of a detached exec (started by exec; not for direct use)
+    #[command(hide = true, name = "exec-relay")]
+    ExecRelay(ExecRelayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecRelayArgs {
+    #[arg(long)]
+    id: String,
+    /// The process, as the agent runs it (JSON)
+    #[arg(long)]
+    spec: PathBuf,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.version {
+        commands::version::print();
+        return ExitCode::SUCCESS;
+    }
+    let log = match LogConfig::new(
+        cli.global.log.clone(),
+        cli.global.log_format.as_deref(),
+        cli.global.debug,
+    ) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("supermachine: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(command) = cli.command else {
+        eprintln!("supermachine: no command given; see --help");
+        return ExitCode::FAILURE;
+    };
+    let context = commands::Context::new(&cli.global, cli.engine.clone(), log.clone());
+    let in_container_stdio = matches!(command, Command::Monitor(_) | Command::ExecRelay(_));
+    let fallback = match &command {
+        Command::Monitor(args) if cli.global.debug => {
+            Some(context.store.root().join(&args.id).join("monitor.log"))
+        }
+        _ => None,
+    };
+    log.install(in_container_stdio, fallback.as_deref());
+    match commands::dispatch(command, &context) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            log.fatal(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
