@@ -50,7 +50,7 @@ integration-test: guest build
 	@for t in integration/*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) "$$t" $(CURDIR)/$(BIN)/supermachine || exit 1; done
 
 bench: deps guest build
-	scripts/bench.sh $(CURDIR)/$(BIN)/supermachine
+	scripts/bench.py $(CURDIR)/$(BIN)/supermachine
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
+use liboci_cli::GlobalOpts;
 
 use crate::logging::LogConfig;
 
@@ -45,18 +45,57 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// runc's verbs. liboci-cli parses each one's arguments, except `kill`, whose signal runc
+/// makes optional (SIGTERM).
 #[derive(Subcommand, Debug)]
 enum Command {
-    #[command(flatten)]
-    Standard(Box<StandardCmd>),
-    #[command(flatten)]
-    Common(Box<CommonCmd>),
+    /// Create a container
+    Create(liboci_cli::Create),
+    /// Start a created container
+    Start(liboci_cli::Start),
+    /// Show the state of a container
+    State(liboci_cli::State),
+    /// Send a signal to the container's process (default SIGTERM)
+    Kill(KillArgs),
+    /// Delete a container and everything it holds
+    Delete(liboci_cli::Delete),
+    /// Create and start a container
+    Run(Box<liboci_cli::Run>),
+    /// Run a process in a running container
+    Exec(Box<liboci_cli::Exec>),
+    /// List containers
+    List(liboci_cli::List),
+    /// Show the processes of a container
+    Ps(liboci_cli::Ps),
+    /// Pause a container's VM
+    Pause(liboci_cli::Pause),
+    /// Resume a paused container's VM
+    Resume(liboci_cli::Resume),
+    /// Update a container's resource limits
+    Update(Box<liboci_cli::Update>),
+    /// Show what this runtime supports and which engine it picks here
+    Features(liboci_cli::Features),
+    /// Write a starter config.json
+    Spec(liboci_cli::Spec),
     /// The container's host process (started by create; not for direct use)
     #[command(hide = true)]
     Monitor(MonitorArgs),
     /// The host process of a detached exec (started by exec; not for direct use)
     #[command(hide = true, name = "exec-relay")]
     ExecRelay(ExecRelayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Container identifier
+    #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub container_id: String,
+    /// Signal name or number (KILL, SIGTERM, 9)
+    #[arg(default_value = "SIGTERM")]
+    pub signal: String,
+    /// Send the signal to every process of the container
+    #[arg(short, long)]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]

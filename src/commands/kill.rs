@@ -5,11 +5,10 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use container::control::{self, ControlRequest};
 use container::{signal, ContainerError, Status};
-use liboci_cli::Kill;
 
 use super::Context;
 
-pub fn run(args: Kill, context: &Context) -> Result<i32> {
+pub fn run(args: crate::KillArgs, context: &Context) -> Result<i32> {
     let signal = signal::parse(if args.signal.is_empty() {
         "SIGTERM"
     } else {

@@ -17,10 +17,10 @@ pub mod state;
 pub mod update;
 pub mod version;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use container::state::ContainerDir;
 use container::{ContainerState, Paths, StateStore};
-use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
+use liboci_cli::GlobalOpts;
 
 use crate::logging::LogConfig;
 use crate::Command;
@@ -57,26 +57,20 @@ impl Context {
 /// Runs a verb; the returned code is the process's exit status.
 pub fn dispatch(command: Command, context: &Context) -> Result<i32> {
     match command {
-        Command::Standard(cmd) => match *cmd {
-            StandardCmd::Create(args) => create::run(args, context),
-            StandardCmd::Start(args) => start::run(args, context),
-            StandardCmd::State(args) => state::run(args, context),
-            StandardCmd::Kill(args) => kill::run(args, context),
-            StandardCmd::Delete(args) => delete::run(args, context),
-        },
-        Command::Common(cmd) => match *cmd {
-            CommonCmd::Exec(args) => exec::run(args, context),
-            CommonCmd::Features(args) => features::run(args, context),
-            CommonCmd::List(args) => list::run(args, context),
-            CommonCmd::Pause(args) => pause::run(args, context),
-            CommonCmd::Resume(args) => resume::run(args, context),
-            CommonCmd::Ps(args) => ps::run(args, context),
-            CommonCmd::Run(args) => run::run(args, context),
-            CommonCmd::Spec(args) => spec::run(args, context),
-            CommonCmd::Update(args) => update::run(args, context),
-            CommonCmd::Checkpointt(_) => bail!("checkpoint is not supported by supermachine"),
-            CommonCmd::Events(_) => bail!("events is not supported by supermachine"),
-        },
+        Command::Create(args) => create::run(args, context),
+        Command::Start(args) => start::run(args, context),
+        Command::State(args) => state::run(args, context),
+        Command::Kill(args) => kill::run(args, context),
+        Command::Delete(args) => delete::run(args, context),
+        Command::Run(args) => run::run(*args, context),
+        Command::Exec(args) => exec::run(*args, context),
+        Command::List(args) => list::run(args, context),
+        Command::Ps(args) => ps::run(args, context),
+        Command::Pause(args) => pause::run(args, context),
+        Command::Resume(args) => resume::run(args, context),
+        Command::Update(args) => update::run(*args, context),
+        Command::Features(args) => features::run(args, context),
+        Command::Spec(args) => spec::run(args, context),
         Command::Monitor(args) => monitor::run(args, context),
         Command::ExecRelay(args) => exec::relay(args, context),
     }

@@ -126,7 +126,10 @@ pub fn apply_sets(caps: &Capabilities) -> Result<(), &'static str> {
     if rc != 0 {
         return Err("capset");
     }
-    let ambient = mask(&caps.ambient);
+    // A capability can only be ambient if it is permitted and inheritable; configs (runc's
+    // own `spec`) often list ambient capabilities without inheritable ones, and runc skips
+    // those rather than failing, so this does too.
+    let ambient = mask(&caps.ambient) & permitted & inheritable;
     for cap in 0..=last_cap() {
         if ambient & (1 << cap) != 0 {
             // SAFETY: prctl with integer arguments only.

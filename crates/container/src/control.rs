@@ -30,7 +30,7 @@ pub enum ControlRequest {
     Resume,
     Processes,
     Exec {
-        spec: ProcessSpec,
+        spec: Box<ProcessSpec>,
     },
     /// Within an exec session: the terminal was resized.
     Resize {

@@ -36,7 +36,12 @@ impl ExecSession {
         let size = spec.console_size;
         let terminal = spec.terminal;
         let mut stream = control::connect(dir)?;
-        control::send(&mut stream, &ControlRequest::Exec { spec })?;
+        control::send(
+            &mut stream,
+            &ControlRequest::Exec {
+                spec: Box::new(spec),
+            },
+        )?;
         let pid = match control::receive(&mut stream)? {
             ControlReply::ExecStarted { pid } => pid,
             ControlReply::Error(message) => return Err(ContainerError::Monitor(message)),

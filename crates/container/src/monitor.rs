@@ -75,6 +75,12 @@ fn forwarded_signals() -> SigSet {
     set
 }
 
+/// When the agent said READY: on the monitor's clock, and on the guest's.
+struct Ready {
+    at: Duration,
+    uptime_ms: u64,
+}
+
 enum Event {
     InitExited(ExitStatus),
     AgentGone,
@@ -104,7 +110,8 @@ pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
             return 1;
         }
     };
-    match Monitor::start(&args, &dir) {
+    let started = Instant::now();
+    match Monitor::start(&args, &dir, started) {
         Ok(monitor) => {
             report(
                 &mut sync,
@@ -113,7 +120,7 @@ pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
                 },
             );
             drop(sync);
-            monitor.serve(signals)
+            monitor.serve(signals, started)
         }
         Err(e) => {
             log::debug!("monitor for {} failed: {e}", args.id);
@@ -156,8 +163,11 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn start(args: &MonitorArgs, dir: &ContainerDir) -> Result<Self, ContainerError> {
-        let started = Instant::now();
+    fn start(
+        args: &MonitorArgs,
+        dir: &ContainerDir,
+        started: Instant,
+    ) -> Result<Self, ContainerError> {
         let plan: Plan = serde_json::from_slice(
             &std::fs::read(dir.file("plan.json"))
                 .map_err(ContainerError::io(dir.file("plan.json")))?,
@@ -175,9 +185,9 @@ impl Monitor {
         let selection = engine::select(choice, &paths.probe_dir())?;
         log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
         let mut vm = selection.engine.boot(&plan.vm_spec(dir.path.clone()))?;
-        let booted = Instant::now();
-        let result = Self::connect(&mut vm, &plan);
-        let (agent, guest_pid) = match result {
+        let vmm_started = started.elapsed();
+        let result = Self::connect(&mut vm, &plan, started);
+        let (agent, guest_pid, ready) = match result {
             Ok(ok) => ok,
             Err(e) => {
                 let console = vm.console_tail(15);
@@ -188,11 +198,17 @@ impl Monitor {
                 });
             }
         };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // The guest's uptime at READY dates the kernel's entry on the host clock.
+        let kernel_entry = ready
+            .at
+            .saturating_sub(Duration::from_millis(ready.uptime_ms));
         log::debug!(
-            "VM up: vmm start {:?}, agent ready {:?}, container set up {:?}",
-            booted - started,
-            started.elapsed(),
-            started.elapsed()
+            "boot phases: vmm={:.1}ms kernel={:.1}ms agent={:.1}ms created={:.1}ms",
+            ms(vmm_started),
+            ms(kernel_entry),
+            ms(ready.at),
+            ms(started.elapsed())
         );
         let (events_tx, events) = mpsc::channel();
         let init_exit = events_tx.clone();
@@ -246,8 +262,13 @@ impl Monitor {
     }
 
     /// Waits for the agent, gives the guest its identity, mounts the container and prepares
-    /// its first process. Returns the client and the process's guest pid.
-    fn connect(vm: &mut Box<dyn Vm>, plan: &Plan) -> Result<(AgentClient, i32), ContainerError> {
+    /// its first process. Returns the client, the process's guest pid and when the agent
+    /// became ready.
+    fn connect(
+        vm: &mut Box<dyn Vm>,
+        plan: &Plan,
+        started: Instant,
+    ) -> Result<(AgentClient, i32, Ready), ContainerError> {
         let mut channel = vm
             .take_channel()
             .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))?;
@@ -256,6 +277,10 @@ impl Monitor {
                 Some(why) => Err(why),
                 None => Ok(()),
             })?;
+        let ready = Ready {
+            at: started.elapsed(),
+            uptime_ms: info.uptime_ms,
+        };
         log::debug!(
             "agent ready at guest uptime {} ms, kernel {}",
             info.uptime_ms,
@@ -287,12 +312,12 @@ impl Monitor {
             REQUEST_TIMEOUT,
         )?;
         match reply {
-            Reply::Created { pid } => Ok((agent, pid)),
+            Reply::Created { pid } => Ok((agent, pid, ready)),
             other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
         }
     }
 
-    fn serve(self, signals: SigSet) -> i32 {
+    fn serve(self, signals: SigSet, started: Instant) -> i32 {
         self.spawn_signal_forwarder(signals);
         self.spawn_control_server();
         let code = match self.events.recv() {
@@ -311,6 +336,11 @@ impl Monitor {
                 VM_DIED_STATUS
             }
         };
+        log::debug!(
+            "container {} exited with {code} at {:.1}ms",
+            self.dir.id,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         self.agent.shutdown();
         if let Err(e) = lock(&self.vm).stop() {
             log::warn!("stopping the VM: {e}");
@@ -410,7 +440,7 @@ impl ControlContext {
             _ => return,
         };
         if let ControlRequest::Exec { spec } = request {
-            self.exec_session(stream, spec);
+            self.exec_session(stream, *spec);
             return;
         }
         let reply = match self.apply(request) {
@@ -608,10 +638,8 @@ pub fn take_sync_fd() -> Option<OwnedFd> {
     std::env::remove_var(sync_fd_env());
     // Only accept an fd that is open, and keep it from the VMM and other children: the
     // caller waits for EOF on this pipe.
-    // SAFETY: F_GETFD/F_SETFD only read and set the fd's flags.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0
-        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
-    {
+    // SAFETY: F_SETFD only sets the fd's flags; it fails with EBADF on a closed fd.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return None;
     }
     // SAFETY: `create` passed this fd to us for our exclusive use.

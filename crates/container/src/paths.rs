@@ -39,9 +39,15 @@ impl Paths {
         let cache_dir = std::env::var_os("SUPERMACHINE_CACHE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+        let state_root = state_root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT));
+        // The monitor and the VMM resolve these later, from wherever they run.
+        let absolute = |p: PathBuf| match std::env::current_dir() {
+            Ok(cwd) if p.is_relative() => cwd.join(p),
+            _ => p,
+        };
         Paths {
-            state_root: state_root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT)),
-            cache_dir,
+            state_root: absolute(state_root),
+            cache_dir: absolute(cache_dir),
         }
     }
 
@@ -63,13 +69,15 @@ pub struct Assets {
 }
 
 impl Assets {
-    /// Candidate directories, in order: `SUPERMACHINE_ASSETS_DIR`, `<exe>/../share/supermachine`,
-    /// `/usr/local/share/supermachine`, `/usr/share/supermachine`.
+    /// Candidate directories: `SUPERMACHINE_ASSETS_DIR` alone when set; else, in order,
+    /// `<exe>/../share/supermachine`, `/usr/local/share/supermachine`, `/usr/share/supermachine`.
     pub fn search_path() -> Vec<PathBuf> {
-        let mut dirs = Vec::new();
+        // An explicit directory is the only one looked at: a test or an operator who names
+        // one must not silently get another.
         if let Some(dir) = std::env::var_os("SUPERMACHINE_ASSETS_DIR") {
-            dirs.push(PathBuf::from(dir));
+            return vec![PathBuf::from(dir)];
         }
+        let mut dirs = Vec::new();
         if let Some(bin_dir) = std::env::current_exe()
             .ok()
             .and_then(|e| e.parent().map(Path::to_path_buf))

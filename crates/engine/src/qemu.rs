@@ -58,7 +58,7 @@ pub fn command_line(
 ) -> Vec<String> {
     let mut args: Vec<String> = [
         "-M",
-        "microvm,acpi=off,x-option-roms=off,rtc=off",
+        "microvm,acpi=off,x-option-roms=off",
         "-nodefaults",
         "-no-user-config",
         "-display",

@@ -1,0 +1,304 @@
+//! Shared set-up for tests that boot real VMs through the `supermachine` binary.
+//!
+//! Each test gets its own state root; the disk-image cache and the busybox root filesystem
+//! are shared by every test (and test run), so a busybox image is built once.
+
+#![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The guest assets, or `None` (test skipped with a message) when they are not built and
+/// nothing requires them. `make test` and CI require them.
+pub fn assets() -> Option<PathBuf> {
+    let dir = std::env::var_os("SUPERMACHINE_ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("build/share/supermachine"));
+    if dir.join("vmlinux").exists() && dir.join("supermachine-agent").exists() {
+        return Some(dir);
+    }
+    let required = std::env::var_os("SUPERMACHINE_ASSETS_DIR").is_some()
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if required {
+        panic!(
+            "guest assets missing in {}: run `make guest`",
+            dir.display()
+        );
+    }
+    eprintln!("SKIPPED: guest assets not built (run `make guest`, or `make test`)");
+    None
+}
+
+/// A busybox root filesystem shared by all tests (read-only for them).
+pub fn busybox_rootfs() -> PathBuf {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            let dir = workspace().join("target/sm-test/rootfs");
+            if !dir.join("bin/busybox").exists() {
+                let tmp = workspace().join(format!("target/sm-test/rootfs.{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&tmp);
+                let status = Command::new(workspace().join("scripts/busybox-rootfs.sh"))
+                    .arg(&tmp)
+                    .status()
+                    .expect("run busybox-rootfs.sh");
+                assert!(status.success(), "busybox-rootfs.sh failed");
+                if std::fs::rename(&tmp, &dir).is_err() {
+                    // Another test binary made it first.
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+            }
+            dir
+        })
+        .clone()
+}
+
+/// One test's runtime: its own state root.
+pub struct Env {
+    pub state: tempfile::TempDir,
+    pub assets: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Option<Self> {
+        let assets = assets()?;
+        Some(Env {
+            state: tempfile::Builder::new()
+                .prefix("sm-state-")
+                .tempdir()
+                .expect("tempdir"),
+            assets,
+            cache: workspace().join("target/sm-test/cache"),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// `supermachine --root <state>` with this test's environment.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine"));
+        cmd.arg("--root").arg(self.root());
+        cmd.env("SUPERMACHINE_ASSETS_DIR", &self.assets);
+        cmd.env("SUPERMACHINE_CACHE_DIR", &self.cache);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a verb to its exit. Output goes through files, not pipes: `create` hands its
+    /// stdio to the container's monitor, so its pipes would stay open long after it exits.
+    pub fn run(&self, args: &[&str]) -> Output {
+        output_of(self.cmd().args(args))
+    }
+
+    pub fn bundle(&self, args: &[&str]) -> Bundle {
+        Bundle::new(args)
+    }
+
+    pub fn state(&self, id: &str) -> Value {
+        let out = self.run(&["state", id]);
+        assert!(out.status.success(), "state {id}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("state JSON")
+    }
+
+    /// Polls `state` until the status is `want`.
+    pub fn wait_status(&self, id: &str, want: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.state(id);
+            if state["status"] == want {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never became {want}: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Host processes whose command line mentions this test's state root (monitors, VMMs).
+    pub fn processes(&self) -> Vec<String> {
+        processes_mentioning(self.root())
+    }
+
+    /// Asserts nothing of a container is left: no state dir, no process.
+    pub fn assert_clean(&self, id: &str) {
+        assert!(
+            !self.root().join(id).exists(),
+            "state dir of {id} left behind"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.processes();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes left behind: {left:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Best-effort cleanup of anything a failed test left running.
+        for id in std::fs::read_dir(self.root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = self
+                .cmd()
+                .args(["delete", "--force"])
+                .arg(id.file_name())
+                .output();
+        }
+    }
+}
+
+/// Like `Command::output`, but waits for the process rather than for EOF on its output.
+pub fn output_of(cmd: &mut Command) -> Output {
+    let out = tempfile::tempfile().expect("tempfile");
+    let err = tempfile::tempfile().expect("tempfile");
+    let status = cmd
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(err.try_clone().expect("dup"))
+        .status()
+        .expect("run supermachine");
+    let read = |mut f: std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut bytes = Vec::new();
+        f.rewind().expect("rewind");
+        f.read_to_end(&mut bytes).expect("read output");
+        bytes
+    };
+    Output {
+        status,
+        stdout: read(out),
+        stderr: read(err),
+    }
+}
+
+pub fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        if cmdline.contains(&needle) && !zombie {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An OCI bundle on the shared busybox rootfs.
+pub struct Bundle {
+    pub dir: tempfile::TempDir,
+    pub config: Value,
+}
+
+impl Bundle {
+    pub fn new(args: &[&str]) -> Self {
+        let rootfs = busybox_rootfs();
+        let config = json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": { "uid": 0, "gid": 0 },
+                "args": args,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+                "cwd": "/"
+            },
+            "root": { "path": rootfs },
+            "hostname": "testvm",
+            "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc" },
+                { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"] },
+                { "destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] },
+                { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] }
+            ]
+        });
+        let bundle = Bundle {
+            dir: tempfile::Builder::new()
+                .prefix("sm-bundle-")
+                .tempdir()
+                .expect("tempdir"),
+            config,
+        };
+        bundle.write();
+        bundle
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.dir.path().to_str().expect("utf-8 temp path")
+    }
+
+    pub fn write(&self) {
+        std::fs::write(
+            self.path().join("config.json"),
+            serde_json::to_vec_pretty(&self.config).unwrap(),
+        )
+        .expect("write config.json");
+    }
+
+    /// Changes config.json (then rewrites it).
+    pub fn edit(&mut self, f: impl FnOnce(&mut Value)) -> &mut Self {
+        f(&mut self.config);
+        self.write();
+        self
+    }
+}
+
+/// A `--console-socket` listener, as containerd's shim makes one.
+pub struct ConsoleSocket {
+    pub dir: tempfile::TempDir,
+    pub listener: UnixListener,
+}
+
+impl ConsoleSocket {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = UnixListener::bind(dir.path().join("console.sock")).expect("bind");
+        ConsoleSocket { dir, listener }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("console.sock")
+    }
+}

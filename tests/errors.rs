@@ -1,0 +1,238 @@
+//! Bad input gets a one-line error naming the cause, a non-zero exit, a runc-style JSON
+//! error line on `--log`, and leaves no state directory or process behind.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{text, Env};
+
+/// Runs `args` with `--log FILE --log-format json` and checks the error contract.
+fn expect_error(env: &Env, args: &[&str], cause: &str) -> Output {
+    let log = env.root().join("error-log.json");
+    let _ = std::fs::remove_file(&log);
+    let out = common::output_of(
+        env.cmd()
+            .arg("--log")
+            .arg(&log)
+            .args(["--log-format", "json"])
+            .args(args),
+    );
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(cause),
+        "{args:?}: stderr {stderr:?} does not name {cause:?}"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let last: serde_json::Value = log_text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("{args:?}: no JSON line in --log: {log_text:?}"));
+    assert_eq!(last["level"], "error", "{last}");
+    assert!(last["msg"].as_str().unwrap().contains(cause), "{last}");
+    assert!(last["time"].is_string());
+    out
+}
+
+fn assert_no_state(env: &Env) {
+    let left: Vec<_> = std::fs::read_dir(env.root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "error-log.json")
+        .collect();
+    assert!(left.is_empty(), "state left behind: {left:?}");
+    assert!(
+        env.processes().is_empty(),
+        "processes left: {:?}",
+        env.processes()
+    );
+}
+
+#[test]
+fn broken_bundles_are_refused_before_anything_starts() {
+    let Some(env) = Env::new() else { return };
+    let missing = env.root().join("no-such-bundle");
+    expect_error(
+        &env,
+        &["create", "--bundle", missing.to_str().unwrap(), "c1"],
+        "cannot access the bundle directory",
+    );
+
+    let mut bundle = env.bundle(&["true"]);
+    std::fs::remove_file(bundle.path().join("config.json")).unwrap();
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c1"],
+        "config.json not found",
+    );
+
+    std::fs::write(bundle.path().join("config.json"), "{ not json").unwrap();
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c1"],
+        "invalid config.json",
+    );
+
+    bundle.edit(|c| c["process"]["args"] = "true".into());
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c1"],
+        "invalid type",
+    );
+
+    let mut bundle = env.bundle(&["true"]);
+    bundle.edit(|c| c["ociVersion"] = "2.0.0".into());
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c1"],
+        "unsupported ociVersion",
+    );
+
+    let mut bundle = env.bundle(&["true"]);
+    bundle.edit(|c| c["root"]["path"] = "/no/such/rootfs".into());
+    expect_error(
+        &env,
+        &["run", "--bundle", bundle.path_str(), "c1"],
+        "does not exist",
+    );
+    assert_no_state(&env);
+}
+
+#[test]
+fn bad_ids_are_refused_on_every_verb() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["true"]);
+    for id in ["a/b", "..", "x/../y"] {
+        expect_error(
+            &env,
+            &["create", "--bundle", bundle.path_str(), id],
+            "invalid container id",
+        );
+        expect_error(&env, &["state", id], "invalid container id");
+    }
+    let out = env.run(&["create", "--bundle", bundle.path_str(), ""]);
+    assert!(!out.status.success(), "empty id accepted");
+    let verbs: [&[&str]; 10] = [
+        &["start"],
+        &["state"],
+        &["kill"],
+        &["delete"],
+        &["pause"],
+        &["resume"],
+        &["ps"],
+        &["exec"],
+        &["update", "--memory", "1"],
+        &["delete", "--force"],
+    ];
+    for verb in verbs {
+        let mut args: Vec<&str> = verb.to_vec();
+        args.push("nope");
+        if verb == ["exec"] {
+            args.push("true");
+        }
+        expect_error(&env, &args, "container \"nope\" does not exist");
+    }
+    assert_no_state(&env);
+}
+
+#[test]
+fn missing_guest_assets_say_how_to_build_them() {
+    let Some(env) = Env::new() else { return };
+    let empty = tempfile::tempdir().unwrap();
+    let bundle = env.bundle(&["true"]);
+    let mut cmd = env.cmd();
+    cmd.env("SUPERMACHINE_ASSETS_DIR", empty.path()).args([
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        "c1",
+    ]);
+    let out = common::output_of(&mut cmd);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("make guest"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_state(&env);
+}
+
+#[test]
+fn a_guest_that_never_answers_is_killed_and_its_console_reported() {
+    let Some(env) = Env::new() else { return };
+    // A kernel whose /init is not the agent: busybox runs as init and never says Ready.
+    let fake = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(env.assets.join("vmlinux"), fake.path().join("vmlinux")).unwrap();
+    std::fs::copy("/bin/busybox", fake.path().join("supermachine-agent")).unwrap();
+    let bundle = env.bundle(&["true"]);
+    let mut cmd = env.cmd();
+    cmd.env("SUPERMACHINE_ASSETS_DIR", fake.path())
+        .env("SUPERMACHINE_BOOT_TIMEOUT", "6")
+        .args(["run", "--bundle", bundle.path_str(), "c-hang"]);
+    let out = common::output_of(&mut cmd);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("did not answer within 6s"), "{stderr}");
+    assert!(stderr.contains("last guest console lines"), "{stderr}");
+    assert_no_state(&env);
+
+    // A kernel QEMU cannot load fails at once, with QEMU's own words.
+    std::fs::remove_file(fake.path().join("vmlinux")).unwrap();
+    std::fs::write(fake.path().join("vmlinux"), b"not a kernel").unwrap();
+    let mut cmd = env.cmd();
+    cmd.env("SUPERMACHINE_ASSETS_DIR", fake.path()).args([
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        "c-bad-kernel",
+    ]);
+    let out = common::output_of(&mut cmd);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("qemu"), "{}", text(&out.stderr));
+    assert_no_state(&env);
+}
+
+#[test]
+fn state_rules_follow_runc() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sleep", "1000"]);
+    assert!(env
+        .run(&["create", "--bundle", bundle.path_str(), "c-rules"])
+        .status
+        .success());
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c-rules"],
+        "container with id exists",
+    );
+    expect_error(&env, &["kill", "c-rules", "SIGNOPE"], "unknown signal");
+    expect_error(&env, &["kill", "c-rules", "99"], "unknown signal");
+    assert!(env.run(&["start", "c-rules"]).status.success());
+    expect_error(
+        &env,
+        &["start", "c-rules"],
+        "cannot start an already running container",
+    );
+    assert!(env.run(&["kill", "c-rules", "KILL"]).status.success());
+    env.wait_status("c-rules", "stopped", std::time::Duration::from_secs(20));
+    expect_error(
+        &env,
+        &["start", "c-rules"],
+        "cannot start a container that has stopped",
+    );
+    expect_error(
+        &env,
+        &["exec", "c-rules", "true"],
+        "cannot exec in a stopped container",
+    );
+    expect_error(&env, &["kill", "c-rules", "TERM"], "container not running");
+    assert!(env.run(&["delete", "c-rules"]).status.success());
+    env.assert_clean("c-rules");
+    assert!(!Path::new(&env.root().join("c-rules")).exists());
+}

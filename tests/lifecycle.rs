@@ -1,0 +1,363 @@
+//! The runc contract with real microVMs: run, exit statuses, the create/start/kill/delete
+//! life cycle, exec, terminals, pause/resume.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{text, ConsoleSocket, Env};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+fn guest_release(env: &Env) -> String {
+    std::fs::read_to_string(env.assets.join("release"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn run_prints_the_guest_kernel_and_the_container_rootfs() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sh", "-c", "uname -r; cat /etc/motd; hostname"]);
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-run"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], guest_release(&env), "{stdout}");
+    assert!(
+        lines[1].starts_with("Hello from the container's own rootfs"),
+        "{stdout}"
+    );
+    assert_eq!(lines[2], "testvm");
+    env.assert_clean("c-run");
+}
+
+#[test]
+fn run_returns_the_container_exit_status() {
+    let Some(env) = Env::new() else { return };
+    for (script, expected) in [("exit 0", 0), ("exit 3", 3), ("kill -9 $$", 137)] {
+        let bundle = env.bundle(&["sh", "-c", script]);
+        let id = format!("c-exit-{expected}");
+        let out = env.run(&["run", "--bundle", bundle.path_str(), &id]);
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "{script}: {}",
+            text(&out.stderr)
+        );
+        env.assert_clean(&id);
+    }
+}
+
+#[test]
+fn stdin_reaches_the_container_and_stderr_is_separate() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sh", "-c", "read line; echo got:$line; echo oops >&2"]);
+    let mut child = env
+        .cmd()
+        .args(["run", "--bundle", bundle.path_str(), "c-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello vm\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "got:hello vm\n");
+    assert_eq!(text(&out.stderr), "oops\n");
+}
+
+/// Makes this test process the subreaper of what it starts, as containerd's shim is, so
+/// that the monitor (orphaned when `create` exits) can be waited for here.
+fn become_subreaper() {
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0);
+}
+
+fn wait_monitor(pid: i32) -> i32 {
+    match waitpid(Pid::from_raw(pid), None).unwrap() {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, signal, _) => 128 + signal as i32,
+        other => panic!("unexpected wait status {other:?}"),
+    }
+}
+
+#[test]
+fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
+    let Some(env) = Env::new() else { return };
+    become_subreaper();
+    let bundle = env.bundle(&["sleep", "1000"]);
+    let pid_file = env.root().join("c-life.pid");
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.path_str(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c-life",
+    ]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    let state = env.state("c-life");
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    assert_eq!(state["id"], "c-life");
+    assert_eq!(
+        state["bundle"],
+        bundle.path().canonicalize().unwrap().to_str().unwrap()
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "monitor not alive"
+    );
+
+    assert!(env.run(&["start", "c-life"]).status.success());
+    assert_eq!(env.state("c-life")["status"], "running");
+
+    let out = env.run(&["ps", "--format", "json", "c-life"]);
+    let pids: Vec<i32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pids[0], pid, "ps lists the monitor first");
+    let out = env.run(&["ps", "c-life"]);
+    assert!(
+        text(&out.stdout).contains("sleep 1000"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = env.run(&["kill", "c-life", "15"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    assert_eq!(wait_monitor(pid), 143);
+    let state = env.wait_status("c-life", "stopped", Duration::from_secs(20));
+    assert_eq!(state["pid"], 0);
+
+    let out = env.run(&["delete", "c-life"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_clean("c-life");
+}
+
+#[test]
+fn exit_status_comes_back_through_the_monitor_pid() {
+    let Some(env) = Env::new() else { return };
+    become_subreaper();
+    for (script, expected) in [("exit 3", 3), ("kill -9 $$", 137)] {
+        let bundle = env.bundle(&["sh", "-c", script]);
+        let pid_file = env.root().join("m.pid");
+        let id = format!("c-mon-{expected}");
+        let out = env.run(&[
+            "create",
+            "--bundle",
+            bundle.path_str(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            &id,
+        ]);
+        assert!(out.status.success(), "create: {}", text(&out.stderr));
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        assert!(env.run(&["start", &id]).status.success());
+        assert_eq!(wait_monitor(pid), expected, "{script}");
+        assert_eq!(env.state(&id)["status"], "stopped");
+        assert!(env.run(&["delete", &id]).status.success());
+        env.assert_clean(&id);
+    }
+}
+
+#[test]
+fn kill_accepts_signal_names_and_delete_force_ends_a_running_container() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "trap 'echo usr1' USR1; while true; do sleep 1; done",
+    ]);
+    let out = env.run(&["run", "--detach", "--bundle", bundle.path_str(), "c-kill"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    assert!(env.run(&["kill", "c-kill", "SIGUSR1"]).status.success());
+    assert!(env.run(&["kill", "c-kill", "usr1"]).status.success());
+    let out = env.run(&["delete", "c-kill"]);
+    assert!(
+        !out.status.success(),
+        "deleting a running container needs --force"
+    );
+    assert!(
+        text(&out.stderr).contains("not stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.run(&["delete", "--force", "c-kill"]).status.success());
+    env.assert_clean("c-kill");
+}
+
+#[test]
+fn exec_runs_in_the_same_vm_and_returns_its_status() {
+    let Some(env) = Env::new() else { return };
+    become_subreaper();
+    let bundle = env.bundle(&["sh", "-c", "echo from-init > /tmp/shared; exec sleep 1000"]);
+    assert!(env
+        .run(&["run", "--detach", "--bundle", bundle.path_str(), "c-exec"])
+        .status
+        .success());
+    // The init may still be writing the file: retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = env.run(&["exec", "c-exec", "cat", "/tmp/shared"]);
+        if out.status.success() {
+            assert_eq!(text(&out.stdout), "from-init\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec never saw the file: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = env.run(&["exec", "c-exec", "sh", "-c", "echo $0 >&2; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(text(&out.stderr), "sh\n");
+
+    // Detached, as containerd's shim does it: the pid file names the relay, which exits with
+    // the process's status.
+    let process = env.root().join("process.json");
+    std::fs::write(
+        &process,
+        r#"{"args":["sh","-c","exit 7"],"cwd":"/","env":["PATH=/bin"],"user":{"uid":0,"gid":0}}"#,
+    )
+    .unwrap();
+    let pid_file = env.root().join("exec.pid");
+    let out = env.run(&[
+        "exec",
+        "--process",
+        process.to_str().unwrap(),
+        "--detach",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c-exec",
+    ]);
+    assert!(out.status.success(), "exec -d: {}", text(&out.stderr));
+    let relay: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert_eq!(wait_monitor(relay), 7);
+
+    let out = env.run(&["exec", "c-exec", "no-such-program"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("executable file not found"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert!(env.run(&["delete", "--force", "c-exec"]).status.success());
+    env.assert_clean("c-exec");
+}
+
+#[test]
+fn console_socket_receives_a_working_pty() {
+    let Some(env) = Env::new() else { return };
+    become_subreaper();
+    let mut bundle = env.bundle(&["sh", "-c", "tty; stty size; read x; echo got-$x"]);
+    bundle.edit(|c| {
+        c["process"]["terminal"] = true.into();
+        c["process"]["consoleSize"] = serde_json::json!({ "height": 30, "width": 100 });
+    });
+    let socket = ConsoleSocket::new();
+    let pid_file = env.root().join("tty.pid");
+    let mut create = env
+        .cmd()
+        .args([
+            "create",
+            "--bundle",
+            bundle.path_str(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ])
+        .arg("--console-socket")
+        .arg(socket.path())
+        .arg("c-tty")
+        .spawn()
+        .unwrap();
+    let (stream, _) = socket.listener.accept().unwrap();
+    let master = container::console::receive_fd(&stream).unwrap();
+    assert!(create.wait().unwrap().success());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert!(env.run(&["start", "c-tty"]).status.success());
+    let mut master = std::fs::File::from(master);
+    master.write_all(b"ping\n").unwrap();
+    let mut output = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text(&output).contains("got-ping") && Instant::now() < deadline {
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => output.extend_from_slice(&buf[..n]),
+        }
+    }
+    let output = text(&output);
+    assert!(output.contains("/dev/pts/"), "{output:?}");
+    assert!(output.contains("30 100"), "{output:?}");
+    assert!(output.contains("got-ping"), "{output:?}");
+    assert_eq!(wait_monitor(pid), 0);
+    let _ = master.as_raw_fd();
+    assert!(env.run(&["delete", "c-tty"]).status.success());
+    env.assert_clean("c-tty");
+}
+
+#[test]
+fn pause_and_resume_stop_and_continue_the_vm() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sleep", "1000"]);
+    assert!(env
+        .run(&["run", "--detach", "--bundle", bundle.path_str(), "c-pause"])
+        .status
+        .success());
+    assert!(env.run(&["pause", "c-pause"]).status.success());
+    assert_eq!(env.state("c-pause")["status"], "paused");
+    let out = env.run(&["exec", "c-pause", "true"]);
+    assert!(
+        text(&out.stderr).contains("paused"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.run(&["resume", "c-pause"]).status.success());
+    assert_eq!(env.state("c-pause")["status"], "running");
+    assert!(env.run(&["exec", "c-pause", "true"]).status.success());
+    let out = env.run(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "c-pause");
+    assert!(env.run(&["delete", "--force", "c-pause"]).status.success());
+    env.assert_clean("c-pause");
+}
+
+#[test]
+fn process_settings_apply_inside_the_vm() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; pwd; umask; ulimit -n; echo $FOO",
+    ]);
+    bundle.edit(|c| {
+        c["process"]["user"] = serde_json::json!({ "uid": 1000, "gid": 1000, "additionalGids": [1000, 65534], "umask": 23 });
+        c["process"]["cwd"] = "/home/user".into();
+        c["process"]["env"].as_array_mut().unwrap().push("FOO=bar".into());
+        c["process"]["rlimits"] = serde_json::json!([{ "type": "RLIMIT_NOFILE", "hard": 200, "soft": 100 }]);
+        c["process"]["noNewPrivileges"] = true.into();
+    });
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-proc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "1000\n1000\n1000 65534\n/home/user\n0027\n100\nbar\n"
+    );
+}
