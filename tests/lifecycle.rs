@@ -361,3 +361,60 @@ fn process_settings_apply_inside_the_vm() {
         "1000\n1000\n1000 65534\n/home/user\n0027\n100\nbar\n"
     );
 }
+
+#[test]
+fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
+    let Some(env) = Env::new() else { return };
+    // As under runc: PID 1 of a namespace ignores signals it has no handler for, even
+    // SIGKILL from inside; an exec'd process sees the same namespace.
+    let mut bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "echo pid=$$; kill -9 $$; echo survived; ls /proc | grep -c '^[0-9]'; exec sleep 1000",
+    ]);
+    bundle.edit(|c| {
+        c["linux"] = serde_json::json!({ "namespaces": [{ "type": "pid" }, { "type": "mount" }] })
+    });
+    let out_file = env.root().join("ns.out");
+    let out = std::fs::File::create(&out_file).unwrap();
+    let status = env
+        .cmd()
+        .args(["run", "--detach", "--bundle", bundle.path_str(), "c-pidns"])
+        .stdout(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&out_file)
+        .unwrap()
+        .contains("survived")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&out_file).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text_out = std::fs::read_to_string(&out_file).unwrap();
+    assert!(text_out.starts_with("pid=1\nsurvived\n"), "{text_out}");
+    let out = env.run(&[
+        "exec",
+        "c-pidns",
+        "sh",
+        "-c",
+        "cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $$",
+    ]);
+    let exec_out = text(&out.stdout);
+    let lines: Vec<&str> = exec_out.lines().collect();
+    assert_eq!(lines[0], "sleep 1000 ", "{exec_out}");
+    assert!(lines[1].parse::<u32>().unwrap() > 1, "{exec_out}");
+    // SIGTERM without a handler is ignored by a namespace's PID 1; SIGKILL is not.
+    assert!(env.run(&["kill", "c-pidns", "TERM"]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(env.state("c-pidns")["status"], "running");
+    assert!(env.run(&["kill", "c-pidns", "KILL"]).status.success());
+    env.wait_status("c-pidns", "stopped", Duration::from_secs(20));
+    assert!(env.run(&["delete", "c-pidns"]).status.success());
+    env.assert_clean("c-pidns");
+}

@@ -9,6 +9,7 @@ use std::process::{Child, Command};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use container::bundle::Bundle;
+use container::hooks;
 use container::monitor::{self, SyncMessage};
 use container::plan::Plan;
 use container::state::{rfc3339_now, write_atomic, ContainerDir, ContainerState, Status};
@@ -58,7 +59,8 @@ pub fn create_container(
     match create_in(&dir, bundle, console_socket, pid_file, context) {
         Ok(monitor) => Ok(Created { dir, monitor }),
         Err(e) => {
-            let _ = dir.remove();
+            // The monitor is gone by now; take its cgroups and state with it.
+            let _ = dir.discard();
             Err(e)
         }
     }
@@ -87,6 +89,7 @@ fn create_in(
         engine: context.engine.clone(),
         exit_status: None,
         guest_pid: None,
+        cgroups: Default::default(),
     };
     write_atomic(&dir.file("plan.json"), &serde_json::to_vec(&plan)?)?;
     let lock = dir.lock()?;
@@ -143,13 +146,22 @@ fn create_in(
             bail!("the monitor process exited before the container was created ({status})");
         }
     }
-    if let Some(path) = pid_file {
-        let path = absolute(path)?;
-        if let Err(e) = write_atomic(&path, child.id().to_string().as_bytes()) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
+    let finish = || -> Result<()> {
+        // The monitor (and the container's network namespace) exists: the hooks that
+        // prepare the container from the host run now, as runc runs them during create.
+        let state = dir.load()?;
+        let creating = state.oci_state_as(Status::Creating);
+        hooks::run("createRuntime", &plan.hooks.create_runtime, &creating)?;
+        hooks::run("prestart", &plan.hooks.prestart, &creating)?;
+        if let Some(path) = pid_file {
+            write_atomic(&absolute(path)?, child.id().to_string().as_bytes())?;
         }
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
     }
     Ok(child)
 }

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use container::control::{self, ControlRequest};
+use container::hooks;
+use container::plan::Plan;
 use container::state::ContainerDir;
 use container::{proc, ContainerState, Status};
 use liboci_cli::Delete;
@@ -41,6 +43,14 @@ pub fn destroy(dir: &ContainerDir, state: &ContainerState) -> Result<()> {
             proc::wait_gone(pid, state.pid_start_time, Duration::from_secs(5));
         }
     }
-    dir.remove()?;
+    if let Ok(plan) = Plan::load(dir) {
+        if !plan.hooks.poststop.is_empty() {
+            let stopped = state.oci_state_as(Status::Stopped);
+            if let Err(e) = hooks::run("poststop", &plan.hooks.poststop, &stopped) {
+                log::warn!("{e}");
+            }
+        }
+    }
+    dir.discard()?;
     Ok(())
 }

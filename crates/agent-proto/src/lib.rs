@@ -205,6 +205,10 @@ pub struct ContainerSetup {
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
     pub sysctls: BTreeMap<String, String>,
+    /// config.json asks for a pid namespace: the container's first process is PID 1 of a
+    /// new one (with its signal and reaping semantics), and execs join it.
+    #[serde(default)]
+    pub pid_namespace: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -64,6 +64,8 @@ pub struct Server {
     signals: SignalFd,
     processes: BTreeMap<ProcessId, Process>,
     container_ready: bool,
+    /// Work left for the container's first process (PID 1 of its pid namespace).
+    proc_finish: Option<setup::ProcFinish>,
     shutdown: bool,
     started: Instant,
 }
@@ -84,6 +86,7 @@ impl Server {
             signals,
             processes: BTreeMap::new(),
             container_ready: false,
+            proc_finish: None,
             shutdown: false,
             started: Instant::now(),
         })
@@ -274,7 +277,7 @@ impl Server {
                 if self.container_ready {
                     return Err(AgentError("the container is already set up".into()));
                 }
-                setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                self.proc_finish = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -289,7 +292,8 @@ impl Server {
                 if self.processes.contains_key(&process) {
                     return Err(AgentError(format!("process {process} already exists")));
                 }
-                let spawned = spawn::spawn(&spec, !start).map_err(AgentError)?;
+                let finish = self.proc_finish.take();
+                let spawned = spawn::spawn(&spec, !start, finish.as_ref()).map_err(AgentError)?;
                 let pid = spawned.pid;
                 self.processes.insert(process, into_process(spawned));
                 Ok(Reply::Created { pid: pid.as_raw() })

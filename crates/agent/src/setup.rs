@@ -35,8 +35,41 @@ fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> 
     move |e| SetupError(format!("{what}: {e}"))
 }
 
+/// What the container's first process does itself when it is PID 1 of a new pid namespace:
+/// procfs shows the pid namespace of the process that mounts it, so the container's `/proc`
+/// (and the masked or read-only paths under it) must be made from inside.
+#[derive(Debug, Default)]
+pub struct ProcFinish {
+    mounts: Vec<MountSpec>,
+    masked: Vec<String>,
+    readonly: Vec<String>,
+}
+
+impl ProcFinish {
+    /// Runs in the forked first process, in the container root, before it drops privileges.
+    pub fn run(&self) -> Result<(), SetupError> {
+        let root = Path::new("/");
+        for m in &self.mounts {
+            mount_one(root, m)?;
+        }
+        for path in &self.masked {
+            mask_path(root, path)?;
+        }
+        for path in &self.readonly {
+            readonly_path(root, path)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_under(path: &str, dirs: &[String]) -> bool {
+    dirs.iter()
+        .any(|d| path == d || path.starts_with(&format!("{}/", d.trim_end_matches('/'))))
+}
+
 /// Mounts everything and enters the container root; after this `/` is the container's.
-pub fn setup_container(setup: &ContainerSetup) -> Result<(), SetupError> {
+/// With a pid namespace, returns the part the first process must do itself.
+pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
     for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
         fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
     }
@@ -74,8 +107,24 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<(), SetupError> {
     .map_err(err("mount the root overlay"))?;
 
     let root = Path::new(ROOT_DIR);
+    let deferred: Vec<String> = if setup.pid_namespace {
+        setup
+            .mounts
+            .iter()
+            .filter(|m| matches!(&m.kind, MountKind::Filesystem { fstype, .. } if fstype == "proc"))
+            .map(|m| m.destination.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut finish = ProcFinish::default();
     let mut dev_done = false;
     for m in &setup.mounts {
+        if deferred.contains(&m.destination) {
+            mkdir_p(&resolve_in_root(root, &m.destination))?;
+            finish.mounts.push(m.clone());
+            continue;
+        }
         mount_one(root, m)?;
         dev_done |= m.destination == "/dev";
     }
@@ -94,10 +143,18 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<(), SetupError> {
     }
     ensure_devpts(root)?;
     for path in &setup.masked_paths {
-        mask_path(root, path)?;
+        if is_under(path, &deferred) {
+            finish.masked.push(path.clone());
+        } else {
+            mask_path(root, path)?;
+        }
     }
     for path in &setup.readonly_paths {
-        readonly_path(root, path)?;
+        if is_under(path, &deferred) {
+            finish.readonly.push(path.clone());
+        } else {
+            readonly_path(root, path)?;
+        }
     }
     for (key, value) in &setup.sysctls {
         let file = Path::new("/proc/sys").join(key.replace('.', "/"));
@@ -116,7 +173,15 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<(), SetupError> {
         )
         .map_err(err("remount the root read-only"))?;
     }
-    enter_root(root)
+    enter_root(root)?;
+    if setup.pid_namespace {
+        // The agent stays in the VM's namespace; its next child is PID 1 of the new one,
+        // and every later child (exec) joins it.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(err("new pid namespace"))?;
+        return Ok(Some(finish));
+    }
+    Ok(None)
 }
 
 fn enter_root(root: &Path) -> Result<(), SetupError> {
@@ -456,6 +521,15 @@ mod tests {
             MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME | MsFlags::MS_RDONLY
         );
         assert_eq!(data, "mode=755,size=65536k");
+    }
+
+    #[test]
+    fn paths_under_a_deferred_proc_are_deferred_too() {
+        let dirs = vec!["/proc".to_string()];
+        assert!(is_under("/proc/kcore", &dirs));
+        assert!(is_under("/proc", &dirs));
+        assert!(!is_under("/proc2/x", &dirs));
+        assert!(!is_under("/sys/firmware", &dirs));
     }
 
     #[test]

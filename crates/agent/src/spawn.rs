@@ -20,6 +20,7 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
 use crate::caps;
+use crate::setup::ProcFinish;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -40,7 +41,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
-pub fn spawn(spec: &ProcessSpec, wait_for_start: bool) -> Result<Spawned, String> {
+pub fn spawn(
+    spec: &ProcessSpec,
+    wait_for_start: bool,
+    finish: Option<&ProcFinish>,
+) -> Result<Spawned, String> {
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
     }
@@ -112,7 +117,7 @@ pub fn spawn(spec: &ProcessSpec, wait_for_start: bool) -> Result<Spawned, String
                     stderr,
                 } => [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
             };
-            let result = child_setup(spec, &env, stdio_fds, spec.terminal);
+            let result = child_setup(spec, &env, stdio_fds, spec.terminal, finish);
             let mut sync = File::from(sync_w);
             match result {
                 Ok(program) => {
@@ -199,6 +204,7 @@ fn child_setup(
     env: &[String],
     stdio: [RawFd; 3],
     terminal: bool,
+    finish: Option<&ProcFinish>,
 ) -> Result<PathBuf, String> {
     // The agent blocks SIGCHLD for its signalfd and ignores SIGPIPE; the container must not
     // inherit either.
@@ -222,6 +228,9 @@ fn child_setup(
         if unsafe { libc::dup2(fd, target as RawFd) } < 0 {
             return Err(format!("dup2: {}", std::io::Error::last_os_error()));
         }
+    }
+    if let Some(finish) = finish {
+        finish.run().map_err(|e| e.0)?;
     }
     if let Some(adj) = spec.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())

@@ -8,11 +8,14 @@
 
 pub mod agent_client;
 pub mod bundle;
+pub mod cgroup;
 pub mod console;
 pub mod control;
 pub mod exec_client;
+pub mod hooks;
 pub mod id;
 pub mod monitor;
+pub mod netns;
 pub mod paths;
 pub mod plan;
 pub mod proc;

@@ -29,7 +29,7 @@ use crate::control::{self, ControlReply, ControlRequest};
 use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
 use crate::state::{ContainerDir, StateStore, Status};
-use crate::{proc, ContainerError, Paths};
+use crate::{cgroup, proc, ContainerError, Paths};
 
 /// Exit status of a monitor whose VM died under the container.
 pub const VM_DIED_STATUS: i32 = 255;
@@ -168,11 +168,14 @@ impl Monitor {
         dir: &ContainerDir,
         started: Instant,
     ) -> Result<Self, ContainerError> {
-        let plan: Plan = serde_json::from_slice(
-            &std::fs::read(dir.file("plan.json"))
-                .map_err(ContainerError::io(dir.file("plan.json")))?,
-        )
-        .map_err(|e| ContainerError::Monitor(format!("plan.json: {e}")))?;
+        let plan = Plan::load(dir)?;
+        // Host placement first, so the VMM inherits it: the container's cgroup (recorded at
+        // once, so that delete removes it whatever happens next) and network namespace.
+        if let Some(path) = &plan.cgroups_path {
+            let placement = cgroup::place(std::process::id(), path, &plan.host_limits)?;
+            dir.update(|s| s.cgroups = placement)?;
+        }
+        plan.network.enter()?;
         let console = match &args.console_socket {
             Some(socket) => Some(HostConsole::create_and_send(
                 socket,

@@ -16,6 +16,9 @@ pub struct VmDefaults {
     pub memory_mib: u32,
     pub min_memory_mib: u32,
     pub max_memory_mib: u32,
+    /// Host memory the VMM needs beside guest RAM; a container memory limit is shared
+    /// between the two.
+    pub vmm_overhead_mib: u32,
     pub boot_timeout_secs: u64,
 }
 

@@ -11,6 +11,9 @@ use image::{DiskImages, ImageKey, Initramfs};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
+use crate::cgroup::HostLimits;
+use crate::hooks::HostHooks;
+use crate::netns::NetworkNamespace;
 use crate::paths::{Assets, Paths, VmDefaults};
 use crate::{translate, ContainerError};
 
@@ -27,11 +30,24 @@ pub struct Plan {
     pub setup: ContainerSetup,
     pub init: ProcessSpec,
     pub boot_timeout: Duration,
+    /// `linux.cgroupsPath`: where the monitor and VMM are accounted on the host.
+    pub cgroups_path: Option<String>,
+    pub host_limits: HostLimits,
+    pub network: NetworkNamespace,
+    pub hooks: HostHooks,
     /// Things of config.json the VM cannot honour, logged by `create`.
     pub notes: Vec<String>,
 }
 
 impl Plan {
+    /// Reads the plan `create` left in a container's state directory.
+    pub fn load(dir: &crate::state::ContainerDir) -> Result<Self, ContainerError> {
+        let path = dir.file("plan.json");
+        let bytes = std::fs::read(&path).map_err(ContainerError::io(&path))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ContainerError::Monitor(format!("{}: {e}", path.display())))
+    }
+
     pub fn prepare(
         bundle: &Bundle,
         paths: &Paths,
@@ -55,7 +71,25 @@ impl Plan {
             fstype: "ext4".into(),
             readonly: bundle.root_readonly(),
         };
-        let (setup, notes) = translate::container_setup(&bundle.spec, rootfs)?;
+        let (setup, mut notes) = translate::container_setup(&bundle.spec, rootfs)?;
+        let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
+        let linux = bundle.spec.linux().as_ref();
+        let cgroups_path = linux
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty());
+        let network = NetworkNamespace::from_spec(&bundle.spec);
+        for ns in linux
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+        {
+            if ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network && ns.path().is_some() {
+                log::debug!(
+                    "namespace {:?} with a path: the VM is the container's, not joined",
+                    ns.typ()
+                );
+            }
+        }
         let process = bundle
             .spec
             .process()
@@ -85,6 +119,10 @@ impl Plan {
             setup,
             init,
             boot_timeout: Duration::from_secs(boot_timeout),
+            cgroups_path,
+            host_limits,
+            network,
+            hooks: HostHooks::from_spec(&bundle.spec),
             notes,
         })
     }

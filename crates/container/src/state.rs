@@ -55,6 +55,9 @@ pub struct ContainerState {
     pub exit_status: Option<i32>,
     /// The guest pid of the container's first process.
     pub guest_pid: Option<i32>,
+    /// The host cgroups the monitor created (removed on delete).
+    #[serde(default)]
+    pub cgroups: crate::cgroup::Placement,
 }
 
 impl ContainerState {
@@ -72,7 +75,11 @@ impl ContainerState {
 
     /// The OCI state document (`state` verb), with runc's fields.
     pub fn oci_state(&self) -> serde_json::Value {
-        let status = self.current_status();
+        self.oci_state_as(self.current_status())
+    }
+
+    /// The OCI state document with a given status (hooks get the status of their moment).
+    pub fn oci_state_as(&self, status: Status) -> serde_json::Value {
         let pid = match status {
             Status::Stopped => 0,
             _ => self.pid.unwrap_or(0),
@@ -223,6 +230,15 @@ impl ContainerDir {
         self.path.join(name)
     }
 
+    /// Removes what the container left on the host (its cgroups) and then its directory.
+    /// The monitor must be gone.
+    pub fn discard(&self) -> Result<(), ContainerError> {
+        if let Ok(state) = self.load() {
+            crate::cgroup::remove(&state.cgroups);
+        }
+        self.remove()
+    }
+
     /// Removes the directory and everything in it.
     pub fn remove(&self) -> Result<(), ContainerError> {
         match std::fs::remove_dir_all(&self.path) {
@@ -298,6 +314,7 @@ mod tests {
             engine: "qemu-tcg".into(),
             exit_status: None,
             guest_pid: None,
+            cgroups: Default::default(),
         }
     }
 

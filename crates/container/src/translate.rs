@@ -10,6 +10,7 @@ use agent_proto::{
 };
 use oci_spec::runtime::{Process, Spec};
 
+use crate::cgroup::HostLimits;
 use crate::paths::VmDefaults;
 use crate::ContainerError;
 
@@ -22,7 +23,8 @@ const GUEST_FILESYSTEMS: [&str; 8] = [
 ];
 
 /// vCPUs and memory for the VM, from `linux.resources` (cpu quota or cpuset, memory limit),
-/// else the defaults.
+/// else the defaults. A memory limit covers the whole VM on the host, so the guest gets the
+/// limit minus the VMM's overhead (but never less than the minimum).
 pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let host_cpus = std::thread::available_parallelism()
@@ -38,14 +40,52 @@ pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
         .or(from_cpuset)
         .unwrap_or(defaults.vcpus)
         .clamp(1, host_cpus.max(1));
-    let memory = resources
+    let memory = memory_limit_mib(spec)
+        .map(|m| m.saturating_sub(defaults.vmm_overhead_mib))
+        .map(|m| m.clamp(defaults.min_memory_mib, defaults.max_memory_mib))
+        .unwrap_or(defaults.memory_mib);
+    (vcpus, memory)
+}
+
+fn memory_limit_mib(spec: &Spec) -> Option<u32> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
         .filter(|&l| l > 0)
         .map(|l| (l as u64).div_ceil(1 << 20).min(u32::MAX as u64) as u32)
-        .map(|m| m.clamp(defaults.min_memory_mib, defaults.max_memory_mib))
-        .unwrap_or(defaults.memory_mib);
-    (vcpus, memory)
+}
+
+/// The limits for the VM's host cgroup. The memory limit is raised, with a note, when it
+/// cannot hold the smallest VM.
+pub fn host_limits(
+    spec: &Spec,
+    guest_memory_mib: u32,
+    defaults: &VmDefaults,
+    notes: &mut Vec<String>,
+) -> HostLimits {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let needed = guest_memory_mib + defaults.vmm_overhead_mib;
+    let memory_bytes = memory_limit_mib(spec).map(|limit| {
+        if limit < needed {
+            notes.push(format!(
+                "memory limit {limit} MiB cannot hold a VM ({guest_memory_mib} MiB guest + \
+                 {} MiB VMM); the host limit is {needed} MiB",
+                defaults.vmm_overhead_mib
+            ));
+        }
+        i64::from(limit.max(needed)) << 20
+    });
+    HostLimits {
+        memory_bytes,
+        cpu_quota: cpu.and_then(|c| c.quota()).filter(|&q| q > 0),
+        cpu_period: cpu.and_then(|c| c.period()).filter(|&p| p > 0),
+        cpu_shares: cpu.and_then(|c| c.shares()).filter(|&s| s > 0),
+        cpuset_cpus: cpu.and_then(|c| c.cpus().clone()).filter(|c| !c.is_empty()),
+        cpuset_mems: cpu.and_then(|c| c.mems().clone()).filter(|m| !m.is_empty()),
+    }
 }
 
 /// Counts a cpuset list like `0-3,7`.
@@ -180,6 +220,12 @@ pub fn container_setup(
             .and_then(|l| l.sysctl().clone())
             .map(|m| m.into_iter().collect::<BTreeMap<_, _>>())
             .unwrap_or_default(),
+        pid_namespace: linux
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
+            }),
     };
     Ok((setup, notes))
 }
@@ -240,6 +286,7 @@ mod tests {
             memory_mib: 256,
             min_memory_mib: 128,
             max_memory_mib: 4096,
+            vmm_overhead_mib: 64,
             boot_timeout_secs: 1,
         }
     }
@@ -250,9 +297,21 @@ mod tests {
             r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
         );
         let (vcpus, memory) = vm_shape(&s, &defaults());
-        assert_eq!(memory, 512);
+        assert_eq!(
+            memory,
+            512 - 64,
+            "the VMM's overhead comes out of the limit"
+        );
         let host = std::thread::available_parallelism().unwrap().get() as u32;
         assert_eq!(vcpus, 2.min(host));
+        let mut notes = Vec::new();
+        let limits = host_limits(&s, memory, &defaults(), &mut notes);
+        assert_eq!(limits.memory_bytes, Some(512 << 20));
+        assert_eq!(
+            (limits.cpu_quota, limits.cpu_period),
+            (Some(150_000), Some(100_000))
+        );
+        assert!(notes.is_empty());
     }
 
     #[test]
@@ -260,6 +319,14 @@ mod tests {
         let s =
             spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":6291456}}}}"#);
         assert_eq!(vm_shape(&s, &defaults()), (1, 128));
+        let mut notes = Vec::new();
+        let limits = host_limits(&s, 128, &defaults(), &mut notes);
+        assert_eq!(
+            limits.memory_bytes,
+            Some((128 + 64) << 20),
+            "raised to hold the VM"
+        );
+        assert_eq!(notes.len(), 1);
         let s = spec(r#"{"ociVersion":"1.0.2"}"#);
         assert_eq!(vm_shape(&s, &defaults()), (1, 256));
     }

@@ -1,0 +1,350 @@
+//! The monitor's host cgroup: `linux.cgroupsPath`, so that what a container costs the host
+//! (its VMM process and guest memory) is accounted and limited where docker and containerd
+//! look (`docker stats`, `ctr task metrics` read the cgroup of the pid in `--pid-file`).
+//!
+//! Works with cgroup v1, v2 and hybrid hosts: the monitor joins every mounted hierarchy at
+//! the container's path. Only limits that make sense for a VMM are applied on the host
+//! (memory, CPU quota/shares, cpuset); device rules and pid limits describe the container's
+//! own view, which is inside the VM.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ContainerError;
+
+/// Host resource limits for the VM's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostLimits {
+    pub memory_bytes: Option<i64>,
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    pub cpu_shares: Option<u64>,
+    pub cpuset_cpus: Option<String>,
+    pub cpuset_mems: Option<String>,
+}
+
+/// One mounted cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    pub mount: PathBuf,
+    /// v1 controllers (`memory`, `cpu,cpuacct`, `name=systemd` …); empty for cgroup2.
+    pub controllers: Vec<String>,
+    pub v2: bool,
+}
+
+impl Hierarchy {
+    fn has(&self, controller: &str) -> bool {
+        self.controllers.iter().any(|c| c == controller)
+    }
+}
+
+/// The cgroup hierarchies mounted on this host, from mountinfo text.
+pub fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
+    let mut found = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount = left.split(' ').nth(4).unwrap_or("");
+        let mut right = right.split(' ');
+        let fstype = right.next().unwrap_or("");
+        let options = right.nth(1).unwrap_or("");
+        match fstype {
+            "cgroup2" => found.push(Hierarchy {
+                mount: mount.into(),
+                controllers: vec![],
+                v2: true,
+            }),
+            "cgroup" => {
+                let controllers: Vec<String> = options
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(
+                            *o,
+                            "rw" | "ro"
+                                | "nosuid"
+                                | "nodev"
+                                | "noexec"
+                                | "relatime"
+                                | "clone_children"
+                                | "xattr"
+                        ) && !o.starts_with("release_agent")
+                    })
+                    .map(String::from)
+                    .collect();
+                found.push(Hierarchy {
+                    mount: mount.into(),
+                    controllers,
+                    v2: false,
+                });
+            }
+            _ => {}
+        }
+    }
+    // One entry per hierarchy (bind mounts of the same one appear more than once).
+    found.dedup_by(|a, b| a.controllers == b.controllers && a.v2 == b.v2);
+    found
+}
+
+/// The cgroup path relative to each hierarchy's root, from `linux.cgroupsPath`: either a
+/// path (`/docker/ID`, cgroupfs driver) or systemd's `slice:prefix:name`.
+pub fn relative_path(cgroups_path: &str) -> PathBuf {
+    let parts: Vec<&str> = cgroups_path.split(':').collect();
+    if parts.len() == 3 && !cgroups_path.starts_with('/') {
+        let (slice, prefix, name) = (parts[0], parts[1], parts[2]);
+        let slice = if slice.is_empty() {
+            "system.slice"
+        } else {
+            slice
+        };
+        // A nested slice name (a-b.slice) lives under its parents (a.slice/a-b.slice).
+        let mut dir = PathBuf::new();
+        if let Some(stem) = slice.strip_suffix(".slice") {
+            let mut acc = String::new();
+            for piece in stem.split('-') {
+                if !acc.is_empty() {
+                    acc.push('-');
+                }
+                acc.push_str(piece);
+                dir.push(format!("{acc}.slice"));
+            }
+        } else {
+            dir.push(slice);
+        }
+        let unit = if prefix.is_empty() {
+            format!("{name}.scope")
+        } else {
+            format!("{prefix}-{name}.scope")
+        };
+        return dir.join(unit);
+    }
+    PathBuf::from(cgroups_path.trim_start_matches('/'))
+}
+
+/// The directories a process joined, to remove on delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Creates the cgroup in every hierarchy, applies `limits`, and moves `pid` into it.
+pub fn place(
+    pid: u32,
+    cgroups_path: &str,
+    limits: &HostLimits,
+) -> Result<Placement, ContainerError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let relative = relative_path(cgroups_path);
+    let mut placement = Placement::default();
+    for hierarchy in hierarchies(&mountinfo) {
+        let dir = hierarchy.mount.join(&relative);
+        let existed = dir.exists();
+        if let Err(e) = fs::create_dir_all(&dir) {
+            // Read-only or foreign hierarchies (a container host's own) are skipped.
+            log::debug!("cgroup {}: {e}", dir.display());
+            continue;
+        }
+        if !existed {
+            placement.dirs.push(dir.clone());
+        }
+        if hierarchy.has("cpuset") {
+            inherit_cpuset(&hierarchy.mount, &dir);
+        }
+        apply(&hierarchy, &dir, limits)?;
+        let procs = dir.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(ContainerError::io(&procs))?;
+    }
+    Ok(placement)
+}
+
+/// Applies new limits to an existing placement (`update`).
+pub fn update(cgroups_path: &str, limits: &HostLimits) -> Result<(), ContainerError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let relative = relative_path(cgroups_path);
+    for hierarchy in hierarchies(&mountinfo) {
+        let dir = hierarchy.mount.join(&relative);
+        if dir.exists() {
+            apply(&hierarchy, &dir, limits)?;
+        }
+    }
+    Ok(())
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), ContainerError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Ok(());
+    }
+    fs::write(&path, value).map_err(|e| ContainerError::Io {
+        path: path.clone(),
+        source: std::io::Error::new(e.kind(), format!("write {value:?}: {e}")),
+    })
+}
+
+fn apply(hierarchy: &Hierarchy, dir: &Path, limits: &HostLimits) -> Result<(), ContainerError> {
+    if hierarchy.v2 {
+        if let Some(bytes) = limits.memory_bytes {
+            write(dir, "memory.max", &bytes.to_string())?;
+        }
+        if let (Some(quota), period) = (limits.cpu_quota, limits.cpu_period.unwrap_or(100_000)) {
+            write(dir, "cpu.max", &format!("{quota} {period}"))?;
+        }
+        if let Some(shares) = limits.cpu_shares {
+            // The same conversion runc uses from v1 shares to v2 weight.
+            let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
+            write(dir, "cpu.weight", &weight.to_string())?;
+        }
+        return Ok(());
+    }
+    if hierarchy.has("memory") {
+        if let Some(bytes) = limits.memory_bytes {
+            write(dir, "memory.limit_in_bytes", &bytes.to_string())?;
+        }
+    }
+    if hierarchy.has("cpu") {
+        if let Some(period) = limits.cpu_period {
+            write(dir, "cpu.cfs_period_us", &period.to_string())?;
+        }
+        if let Some(quota) = limits.cpu_quota {
+            write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+        }
+        if let Some(shares) = limits.cpu_shares {
+            write(dir, "cpu.shares", &shares.to_string())?;
+        }
+    }
+    if hierarchy.has("cpuset") {
+        if let Some(cpus) = &limits.cpuset_cpus {
+            write(dir, "cpuset.cpus", cpus)?;
+        }
+        if let Some(mems) = &limits.cpuset_mems {
+            write(dir, "cpuset.mems", mems)?;
+        }
+    }
+    Ok(())
+}
+
+/// A new v1 cpuset cgroup starts empty and refuses tasks; fill it from its ancestors.
+fn inherit_cpuset(mount: &Path, dir: &Path) {
+    let mut chain = Vec::new();
+    let mut cursor = dir.to_path_buf();
+    while cursor.starts_with(mount) && cursor != mount {
+        chain.push(cursor.clone());
+        if !cursor.pop() {
+            break;
+        }
+    }
+    for dir in chain.into_iter().rev() {
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let current = fs::read_to_string(dir.join(file)).unwrap_or_default();
+            if current.trim().is_empty() {
+                if let Some(parent) = dir.parent() {
+                    let value = fs::read_to_string(parent.join(file)).unwrap_or_default();
+                    let _ = fs::write(dir.join(file), value.trim());
+                }
+            }
+        }
+    }
+}
+
+/// Removes the cgroups a container created (children first; they must be empty).
+pub fn remove(placement: &Placement) {
+    for dir in placement.dirs.iter().rev() {
+        for attempt in 0..50 {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // EBUSY while the last task is still exiting.
+                Err(_) if attempt < 49 => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(e) => log::warn!("cannot remove cgroup {}: {e}", dir.display()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+";
+
+    #[test]
+    fn hybrid_hosts_have_v1_controllers_and_a_unified_hierarchy() {
+        let h = hierarchies(HYBRID);
+        assert_eq!(h.len(), 4);
+        assert!(h[0].v2 && h[0].mount == Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(h[1].controllers, vec!["name=systemd"]);
+        assert!(h[2].has("memory"));
+        assert!(h[3].has("cpu") && h[3].has("cpuacct"));
+    }
+
+    #[test]
+    fn cgroupfs_and_systemd_paths_resolve() {
+        assert_eq!(relative_path("/docker/abc"), PathBuf::from("docker/abc"));
+        assert_eq!(relative_path("default/c1"), PathBuf::from("default/c1"));
+        assert_eq!(
+            relative_path("system.slice:docker:abc"),
+            PathBuf::from("system.slice/docker-abc.scope")
+        );
+        assert_eq!(
+            relative_path("kubepods-besteffort.slice:cri-containerd:x"),
+            PathBuf::from("kubepods.slice/kubepods-besteffort.slice/cri-containerd-x.scope")
+        );
+    }
+
+    #[test]
+    fn limits_are_written_to_the_files_of_each_version() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "memory.limit_in_bytes",
+            "memory.max",
+            "cpu.cfs_quota_us",
+            "cpu.cfs_period_us",
+            "cpu.max",
+            "cpu.shares",
+        ] {
+            fs::write(dir.path().join(f), "").unwrap();
+        }
+        let limits = HostLimits {
+            memory_bytes: Some(1 << 28),
+            cpu_quota: Some(50_000),
+            cpu_period: Some(100_000),
+            ..Default::default()
+        };
+        let v1 = Hierarchy {
+            mount: "/x".into(),
+            controllers: vec!["memory".into(), "cpu".into()],
+            v2: false,
+        };
+        apply(&v1, dir.path(), &limits).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("memory.limit_in_bytes")).unwrap(),
+            "268435456"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cpu.cfs_quota_us")).unwrap(),
+            "50000"
+        );
+        let v2 = Hierarchy {
+            mount: "/x".into(),
+            controllers: vec![],
+            v2: true,
+        };
+        apply(&v2, dir.path(), &limits).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cpu.max")).unwrap(),
+            "50000 100000"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("memory.max")).unwrap(),
+            "268435456"
+        );
+    }
+}
