@@ -51,6 +51,8 @@ integration-test: guest build
 
 bench: deps guest build
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine
+	scripts/install-deps.sh test
+	scripts/bench-docker.sh $(CURDIR)/$(BIN)/supermachine
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine

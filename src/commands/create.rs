@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use container::bundle::Bundle;
@@ -112,6 +112,13 @@ fn create_in(
     command.args(["--engine", &context.engine, "monitor", "--id", &dir.id]);
     if let Some(socket) = &console_socket {
         command.arg("--console-socket").arg(socket);
+        // With a terminal the container's stdio is the pty; our own stdio is the caller's
+        // way to read *our* output to EOF (containerd's runc shim waits for that), so the
+        // long-lived monitor must not keep it open.
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
     }
     let sync_fd = sync_write.as_raw_fd();
     command.env(monitor::sync_fd_env(), sync_fd.to_string());

@@ -7,13 +7,24 @@ use container::control::{self, ControlRequest};
 use container::hooks;
 use container::plan::Plan;
 use container::state::ContainerDir;
-use container::{proc, ContainerState, Status};
+use container::{proc, ContainerError, ContainerState, Status};
 use liboci_cli::Delete;
 
 use super::Context;
 
 pub fn run(args: Delete, context: &Context) -> Result<i32> {
-    let (dir, state) = context.open(&args.container_id)?;
+    let (dir, state) = match context.open(&args.container_id) {
+        Ok(found) => found,
+        // As runc: forcing the delete of a container that is not there succeeds, after
+        // removing whatever an aborted create left under its id.
+        Err(e) if args.force && is_not_found(&e) => {
+            if let Ok(dir) = context.store.create_dir_path(&args.container_id) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
     let status = state.current_status();
     if matches!(status, Status::Running | Status::Paused) && !args.force {
         bail!(
@@ -23,6 +34,13 @@ pub fn run(args: Delete, context: &Context) -> Result<i32> {
     }
     destroy(&dir, &state)?;
     Ok(0)
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ContainerError>(),
+        Some(ContainerError::NotFound(_))
+    )
 }
 
 /// Stops the monitor (and with it the VM) if it still runs, then removes the state.

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use agent_proto::ProcessSpec;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -115,6 +115,11 @@ fn spawn_relay(
         .arg(&spec_file);
     if let Some(socket) = console_socket {
         command.arg("--console-socket").arg(socket);
+        // The pty carries the process's stdio; the caller reads ours to EOF.
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
     }
     let sync_fd = sync_write.as_raw_fd();
     command.env(container::monitor::sync_fd_env(), sync_fd.to_string());

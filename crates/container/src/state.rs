@@ -160,6 +160,12 @@ impl StateStore {
         }
     }
 
+    /// Where container `id` lives (whether or not it exists).
+    pub fn create_dir_path(&self, id: &str) -> Result<PathBuf, ContainerError> {
+        id::validate(id)?;
+        Ok(self.root.join(id))
+    }
+
     /// Every container with a readable state, sorted by id.
     pub fn list(&self) -> Vec<ContainerState> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {

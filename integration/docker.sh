@@ -1,0 +1,163 @@
+#!/bin/bash
+# dockerd 20.10 (on its own containerd, both under a temp dir, no network) with supermachine
+# registered as a runtime (`--add-runtime`), each case compared with runc in the same run.
+#   integration/docker.sh /path/to/supermachine
+. "$(dirname "$0")/lib.bash"
+
+start_containerd
+start_dockerd
+busybox_image
+docker_ load -i "$WORK/busybox.tar" > /dev/null
+IMG=smtest/busybox
+
+run_() { local runtime=$1; shift; docker_ run --runtime="$runtime" "$@"; }
+wait_log() { # ID TEXT
+  for _ in $(seq 300); do
+    docker_ logs "$1" 2>&1 | grep -q "$2" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+case_output() { run_ "$1" --rm "$IMG" sh -c 'echo hello; echo $HOME; id; cat /proc/1/cmdline | tr "\0" " "'; }
+case_exit_code() { run_ "$1" --rm "$IMG" sh -c 'exit 3'; }
+case_stdin() { printf 'one\ntwo\nthree\n' | run_ "$1" --rm -i "$IMG" sh -c 'wc -l; echo done'; }
+case_tty() { run_ "$1" --rm -t "$IMG" sh -c 'tty > /dev/null && echo is-a-tty; echo $TERM'; }
+case_env_cwd_user() { run_ "$1" --rm -e FOO=bar -w /tmp -u 1000:1000 "$IMG" sh -c 'echo $FOO; pwd; id'; }
+case_hostname() { run_ "$1" --rm --hostname box1 "$IMG" sh -c 'hostname; cat /etc/hostname'; }
+case_etc_files() {
+  run_ "$1" --rm --hostname box2 --add-host db:10.1.2.3 --dns 192.0.2.53 "$IMG" \
+    sh -c 'grep -E "localhost|db" /etc/hosts; cat /etc/resolv.conf; cat /etc/hostname'
+}
+case_read_only() { run_ "$1" --rm --read-only "$IMG" sh -c 'touch /x 2>&1; echo rc=$?; touch /tmp/y 2>&1; echo rc=$?'; }
+case_tmpfs() {
+  run_ "$1" --rm --read-only --tmpfs /scratch:size=8m "$IMG" \
+    sh -c 'echo ok > /scratch/f && cat /scratch/f; grep " /scratch " /proc/mounts | cut -d" " -f3'
+}
+case_detach_logs_exec() {
+  local id; id=$(run_ "$1" -d "$IMG" sh -c 'echo logged; echo to-stderr >&2; exec sleep 1000')
+  wait_log "$id" to-stderr
+  docker_ logs "$id" 2>&1 | sort
+  docker_ exec "$id" sh -c 'echo exec-out; echo exec-err >&2; exit 5'; echo "exec rc=$?"
+  docker_ exec -t "$id" sh -c 'tty > /dev/null && echo exec-tty'
+  echo exec-stdin | docker_ exec -i "$id" cat
+  docker_ exec -u 1000 -w /tmp -e X=1 "$id" sh -c 'id -u; pwd; echo $X'
+  docker_ rm -f "$id" > /dev/null
+}
+case_pause() {
+  local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
+  docker_ pause "$id" > /dev/null; docker_ inspect -f '{{.State.Status}}' "$id"
+  docker_ unpause "$id" > /dev/null; docker_ inspect -f '{{.State.Status}}' "$id"
+  docker_ exec "$id" echo alive
+  docker_ rm -f "$id" > /dev/null
+}
+case_stop_kills_after_timeout() {
+  # PID 1 ignores SIGTERM without a handler: stop waits, then SIGKILL.
+  local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
+  docker_ stop -t 2 "$id" > /dev/null
+  docker_ inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id"
+  docker_ rm "$id" > /dev/null
+}
+case_stop_graceful() {
+  local id; id=$(run_ "$1" -d "$IMG" sh -c 'trap "echo bye; exit 0" TERM; while true; do sleep 0.2; done')
+  sleep 1
+  docker_ stop -t 20 "$id" > /dev/null
+  docker_ inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id"
+  docker_ logs "$id"
+  docker_ rm "$id" > /dev/null
+}
+case_kill_signal() {
+  local id; id=$(run_ "$1" -d "$IMG" sh -c 'trap "echo got-usr1" USR1; echo ready; while true; do sleep 0.2; done')
+  wait_log "$id" ready
+  docker_ kill -s USR1 "$id" > /dev/null
+  wait_log "$id" got-usr1
+  docker_ kill -s KILL "$id" > /dev/null
+  docker_ wait "$id"
+  docker_ logs "$id"
+  docker_ rm "$id" > /dev/null
+}
+case_rm_force() {
+  local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
+  docker_ rm -f "$id" > /dev/null; echo "rm rc=$?"
+  docker_ ps -aq --no-trunc | grep -c "$id"
+}
+case_update_memory() {
+  local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
+  docker_ update --memory 512m --memory-swap 1g "$id" > /dev/null; echo "update rc=$?"
+  docker_ inspect -f '{{.HostConfig.Memory}}' "$id"
+  docker_ rm -f "$id" > /dev/null
+}
+case_memory_limit_in_cgroup() {
+  local id; id=$(run_ "$1" -d -m 384m "$IMG" sleep 1000)
+  cat "/sys/fs/cgroup/memory/docker/$id/memory.limit_in_bytes"
+  docker_ rm -f "$id" > /dev/null
+}
+
+compare "docker run: output" case_output
+compare "docker run: exit status" case_exit_code
+compare "docker run -i: piped stdin" case_stdin
+compare "docker run -t: pty" case_tty
+compare "docker run -e -w -u" case_env_cwd_user
+compare "docker run --hostname" case_hostname
+compare "/etc/hosts, resolv.conf, hostname" case_etc_files
+compare "docker run --read-only" case_read_only
+compare "docker run --tmpfs" case_tmpfs
+compare "run -d, logs, exec (-t, -i, -u)" case_detach_logs_exec
+compare "docker pause / unpause" case_pause
+compare "docker stop: SIGKILL after timeout" case_stop_kills_after_timeout
+compare "docker stop: SIGTERM handled" case_stop_graceful
+compare "docker kill -s USR1, KILL" case_kill_signal
+compare "docker rm -f" case_rm_force
+compare "docker update --memory" case_update_memory
+compare "docker run -m: host cgroup limit" case_memory_limit_in_cgroup
+
+# Properties without a runc counterpart to compare against.
+top_and_stats() {
+  local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
+  local top; top=$(docker_ top "$id")
+  echo "$top" | grep -q "supermachine.* monitor --id $id" || { echo "$top"; return 1; }
+  echo "$top" | grep -q "qemu-system" || { echo "$top"; return 1; }
+  local mem; mem=$(docker_ stats --no-stream --format '{{.MemUsage}}' "$id")
+  case "$mem" in 0B*) echo "stats: $mem"; return 1 ;; esac
+  docker_ rm -f "$id" > /dev/null
+  echo "top: monitor + VMM; stats: $mem"
+}
+check "docker top, stats (the VM's host cost)" top_and_stats
+
+update_below_vm() {
+  local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
+  local out rc=0
+  out=$(docker_ update --memory 64m --memory-swap 128m "$id" 2>&1) || rc=$?
+  docker_ rm -f "$id" > /dev/null
+  [ "$rc" != 0 ] && echo "$out" | grep -q "cannot lower the memory limit" || { echo "rc=$rc $out"; return 1; }
+  echo "refused: the VM's memory is fixed"
+}
+check "update below the VM's memory: refused" update_below_vm
+
+vm_died() {
+  local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
+  pkill -KILL -f "qemu-system.*$id" || return 1
+  docker_ wait "$id" > /dev/null
+  local state; state=$(docker_ inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")
+  docker_ rm "$id" > /dev/null
+  case "$state" in "exited 0") echo "$state"; return 1 ;; exited*) echo "VM killed: $state" ;; *) echo "$state"; return 1 ;; esac
+}
+check "a dying VM: exited, non-zero" vm_died
+
+bad_image_cmd() {
+  local out rc=0
+  out=$(run_ supermachine --rm "$IMG" no-such-command 2>&1) || rc=$?
+  [ "$rc" = 127 ] && echo "$out" | grep -q "executable file not found" || { echo "rc=$rc $out"; return 1; }
+  echo "rc=127, executable file not found"
+}
+check "missing command: 127, named" bad_image_cmd
+
+no_state_left() {
+  local left; left=$(ls -A "$WORK/docker-exec/runtime-runc/moby" 2>/dev/null || true)
+  [ -z "$left" ] || { echo "left: $left"; return 1; }
+  echo none
+}
+check "no state left in --root" no_state_left
+assert_no_leftovers
+print_table
+[ "$FAILED" = 0 ]

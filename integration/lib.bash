@@ -1,0 +1,159 @@
+# Shared by the integration scripts: private containerd/dockerd instances under a temp dir,
+# a busybox image, runc-vs-supermachine comparisons printed as a table, and cleanup on exit.
+# shellcheck shell=bash
+
+set -euo pipefail
+
+SM_BIN=${1:?usage: $0 /path/to/supermachine}
+SM_BIN=$(readlink -f "$SM_BIN")
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUNC=$(command -v runc)
+export SUPERMACHINE_ASSETS_DIR=${SUPERMACHINE_ASSETS_DIR:-$REPO/build/share/supermachine}
+export SUPERMACHINE_CACHE_DIR=${SUPERMACHINE_CACHE_DIR:-$REPO/build/cache}
+# Debian's docker 20.10 client (a newer client may be first on PATH without an engine).
+DOCKER_CLI=/usr/bin/docker
+
+WORK=$(mktemp -d /tmp/sm-it-XXXXXX)
+CTRD_SOCK=$WORK/containerd/containerd.sock
+DOCKER_SOCK=$WORK/docker.sock
+IMAGE=docker.io/smtest/busybox:latest
+FAILED=0
+PIDS_TO_STOP=()
+
+log() { printf '%s\n' "$*" >&2; }
+
+ctr_() { ctr --address "$CTRD_SOCK" --namespace smtest "$@"; }
+docker_() { "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" "$@"; }
+
+start_containerd() {
+  mkdir -p "$WORK/containerd"
+  cat > "$WORK/containerd/config.toml" <<TOML
+version = 2
+root = "$WORK/containerd/root"
+state = "$WORK/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$CTRD_SOCK"
+[ttrpc]
+  address = "$CTRD_SOCK.ttrpc"
+[debug]
+  level = "warn"
+TOML
+  containerd --config "$WORK/containerd/config.toml" > "$WORK/containerd.log" 2>&1 &
+  PIDS_TO_STOP+=($!)
+  for _ in $(seq 100); do
+    ctr --address "$CTRD_SOCK" version > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "containerd did not start:"; cat "$WORK/containerd.log" >&2; return 1
+}
+
+start_dockerd() {
+  mkdir -p "$WORK/docker" "$WORK/docker-exec"
+  dockerd --containerd "$CTRD_SOCK" --data-root "$WORK/docker" --exec-root "$WORK/docker-exec" \
+    -H "unix://$DOCKER_SOCK" --pidfile "$WORK/docker.pid" \
+    --iptables=false --ip-masq=false --bridge=none --userland-proxy=false \
+    --add-runtime "supermachine=$SM_BIN" "$@" > "$WORK/dockerd.log" 2>&1 &
+  PIDS_TO_STOP+=($!)
+  for _ in $(seq 200); do
+    docker_ version > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "dockerd did not start:"; tail -20 "$WORK/dockerd.log" >&2; return 1
+}
+
+busybox_image() {
+  "$REPO/scripts/busybox-image.sh" "$WORK/busybox.tar" smtest/busybox:latest
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -S "$DOCKER_SOCK" ]; then
+    docker_ ps -aq 2>/dev/null | xargs -r "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" rm -f > /dev/null 2>&1
+  fi
+  if [ -S "$CTRD_SOCK" ]; then
+    for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s KILL "$t" > /dev/null 2>&1; ctr_ tasks delete -f "$t" > /dev/null 2>&1; done
+    for c in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers rm "$c" > /dev/null 2>&1; done
+  fi
+  for ((i = ${#PIDS_TO_STOP[@]} - 1; i >= 0; i--)); do
+    kill "${PIDS_TO_STOP[$i]}" 2>/dev/null
+    wait "${PIDS_TO_STOP[$i]}" 2>/dev/null
+  done
+  # Leftover shims (and their containers) of our containerd.
+  pkill -f -- "-address $CTRD_SOCK" 2>/dev/null
+  grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+# --- comparison table -----------------------------------------------------------------
+
+printf '%-34s | %-28s | %-28s | %s\n' "case" "runc" "supermachine" "result" > /dev/null
+TABLE=()
+
+# short RESULT: one line of output and the exit code, for the table.
+short() { printf '%s' "$1" | tr '\r\n' '  ' | sed 's/  */ /g; s/ $//' | cut -c1-22; }
+
+# record CASE RUNC_OUT RUNC_RC SM_OUT SM_RC
+record() {
+  local name=$1 runc_out=$2 runc_rc=$3 sm_out=$4 sm_rc=$5 verdict=pass
+  if [ "$runc_out" != "$sm_out" ] || [ "$runc_rc" != "$sm_rc" ]; then
+    verdict=FAIL
+    FAILED=$((FAILED + 1))
+    log "--- $name differs"
+    log "runc (rc=$runc_rc):"; log "$runc_out"
+    log "supermachine (rc=$sm_rc):"; log "$sm_out"
+  fi
+  TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "$(short "$runc_out") rc=$runc_rc" "$(short "$sm_out") rc=$sm_rc" "$verdict")")
+}
+
+# Carriage returns (terminals) and ctr's own timestamped warnings are not the container's.
+clean_output() { tr -d '\r' | grep -v '^time=".*level=warning msg="task ' || true; }
+
+# compare CASE FUNCTION: FUNCTION RUNTIME prints output, its status is the result; it is
+# called with "runc" and with "supermachine".
+compare() {
+  local name=$1 fn=$2 runc_out sm_out runc_rc sm_rc
+  set +e
+  runc_out=$("$fn" runc 2>&1 | clean_output); runc_rc=${PIPESTATUS[0]}
+  sm_out=$("$fn" supermachine 2>&1 | clean_output); sm_rc=${PIPESTATUS[0]}
+  set -e
+  record "$name" "$runc_out" "$runc_rc" "$sm_out" "$sm_rc"
+}
+
+# check CASE COMMAND...: a supermachine-only property (no runc counterpart to compare).
+check() {
+  local name=$1; shift
+  local out rc
+  set +e
+  out=$("$@" 2>&1 | clean_output); rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" = 0 ]; then
+    TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "-" "$(short "$out")" pass)")
+  else
+    FAILED=$((FAILED + 1))
+    log "--- $name failed (rc=$rc):"; log "$out"
+    TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "-" "$(short "$out") rc=$rc" FAIL)")
+  fi
+}
+
+print_table() {
+  printf '\n%-36s | %-30s | %-30s | %s\n' "case" "runc" "supermachine" "result"
+  printf '%s\n' "-------------------------------------+--------------------------------+--------------------------------+-------"
+  printf '%s\n' "${TABLE[@]}"
+  printf '\n%d case(s) failed\n' "$FAILED"
+}
+
+# No VM, monitor or state may outlive the tests.
+assert_no_leftovers() {
+  local left
+  left=$(pgrep -af "supermachine.* monitor |qemu-system" | grep -F -- "$WORK" || true)
+  if [ -n "$left" ]; then
+    FAILED=$((FAILED + 1)); log "--- leftover processes:"; log "$left"
+    TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "no leftover VM or monitor" "-" "$(short "$left")" FAIL)")
+  else
+    TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "no leftover VM or monitor" "-" "none" pass)")
+  fi
+}
