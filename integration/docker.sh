@@ -152,6 +152,16 @@ bad_image_cmd() {
 }
 check "missing command: 127, named" bad_image_cmd
 
+disk_reused() {
+  local before after
+  before=$(ls "$SUPERMACHINE_CACHE_DIR/images" | grep -c '\.ext4$')
+  run_ supermachine --rm "$IMG" true && run_ supermachine --rm "$IMG" true
+  after=$(ls "$SUPERMACHINE_CACHE_DIR/images" | grep -c '\.ext4$')
+  [ "$before" = "$after" ] || { echo "disk images: $before before, $after after"; return 1; }
+  echo "$after disk image(s) before and after"
+}
+check "same image: disk image reused" disk_reused
+
 no_state_left() {
   local left; left=$(ls -A "$WORK/docker-exec/runtime-runc/moby" 2>/dev/null || true)
   [ -z "$left" ] || { echo "left: $left"; return 1; }

@@ -418,3 +418,57 @@ fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
     assert!(env.run(&["delete", "c-pidns"]).status.success());
     env.assert_clean("c-pidns");
 }
+
+#[test]
+fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
+    let Some(env) = Env::new() else { return };
+    let hooks_dir = tempfile::tempdir().unwrap();
+    let log = |name: &str| hooks_dir.path().join(name);
+    let hook = |name: &str| {
+        serde_json::json!({ "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", log(name).display())] })
+    };
+    let cgroup = format!("/supermachine-test/{}", std::process::id());
+    let mut bundle = env.bundle(&["sleep", "1000"]);
+    bundle.edit(|c| {
+        c["hooks"] = serde_json::json!({
+            "createRuntime": [hook("createRuntime")],
+            "prestart": [hook("prestart")],
+            "poststart": [hook("poststart")],
+            "poststop": [hook("poststop")],
+        });
+        c["linux"] = serde_json::json!({
+            "cgroupsPath": cgroup,
+            "resources": { "memory": { "limit": 402653184 } },
+            "namespaces": [{ "type": "network" }]
+        });
+    });
+    let pid_file = env.root().join("hooks.pid");
+    let out = env.run(&["create", "--bundle", bundle.path_str(), "--pid-file", pid_file.to_str().unwrap(), "c-hooks"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    for (name, status) in [("createRuntime", "creating"), ("prestart", "creating")] {
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log(name)).unwrap()).unwrap();
+        assert_eq!((state["id"].as_str(), state["status"].as_str(), state["pid"].as_i64()), (Some("c-hooks"), Some(status), Some(pid)));
+    }
+    assert!(!log("poststart").exists());
+    // The monitor is in the container's cgroup, with the container's memory limit, and in a
+    // network namespace of its own (so that networking hooks never touch the host's).
+    let memory = std::path::Path::new("/sys/fs/cgroup/memory").join(cgroup.trim_start_matches('/'));
+    if memory.exists() {
+        let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+        assert_eq!(std::fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap().trim(), "402653184");
+    }
+    let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), own_ns);
+
+    assert!(env.run(&["start", "c-hooks"]).status.success());
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log("poststart")).unwrap()).unwrap();
+    assert_eq!(state["status"], "running");
+    assert!(env.run(&["delete", "--force", "c-hooks"]).status.success());
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log("poststop")).unwrap()).unwrap();
+    assert_eq!(state["status"], "stopped");
+    assert!(!memory.exists(), "cgroup left behind");
+    let _ = std::fs::remove_dir(memory.parent().unwrap());
+    env.assert_clean("c-hooks");
+}
