@@ -29,6 +29,11 @@ struct Cli {
     #[arg(long, env = "SUPERMACHINE_ENGINE", default_value = "auto")]
     engine: String,
 
+    /// Use the snapshot cache (restore baked VMs, bake new images): on or off
+    /// (also SUPERMACHINE_SNAPSHOTS)
+    #[arg(long, env = "SUPERMACHINE_SNAPSHOTS", default_value = "on", value_parser = ["on", "off"])]
+    snapshots: String,
+
     /// Accepted for runc compatibility; checkpointing is not supported
     #[arg(long, hide = true)]
     criu: Option<String>,
@@ -77,6 +82,8 @@ enum Command {
     Features(liboci_cli::Features),
     /// Write a starter config.json
     Spec(liboci_cli::Spec),
+    /// The snapshot cache: ls, rm, prune
+    Cache(commands::cache::CacheArgs),
     /// The container's host process (started by create; not for direct use)
     #[command(hide = true)]
     Monitor(MonitorArgs),
@@ -138,7 +145,8 @@ fn main() -> ExitCode {
         eprintln!("supermachine: no command given; see --help");
         return ExitCode::FAILURE;
     };
-    let context = commands::Context::new(&cli.global, cli.engine.clone(), log.clone());
+    let mut context = commands::Context::new(&cli.global, cli.engine.clone(), log.clone());
+    context.snapshots = cli.snapshots == "on";
     let in_container_stdio = matches!(command, Command::Monitor(_) | Command::ExecRelay(_));
     let fallback = match &command {
         Command::Monitor(args) if cli.global.debug => {

@@ -398,14 +398,22 @@ fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
     }
     let text_out = std::fs::read_to_string(&out_file).unwrap();
     assert!(text_out.starts_with("pid=1\nsurvived\n"), "{text_out}");
-    let out = env.run(&[
-        "exec",
-        "c-pidns",
-        "sh",
-        "-c",
-        "cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $$",
-    ]);
-    let exec_out = text(&out.stdout);
+    // The init execs `sleep` right after its output: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exec_out = loop {
+        let out = env.run(&[
+            "exec",
+            "c-pidns",
+            "sh",
+            "-c",
+            "cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $$",
+        ]);
+        let exec_out = text(&out.stdout);
+        if exec_out.starts_with("sleep 1000 \n") || Instant::now() > deadline {
+            break exec_out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let lines: Vec<&str> = exec_out.lines().collect();
     assert_eq!(lines[0], "sleep 1000 ", "{exec_out}");
     assert!(lines[1].parse::<u32>().unwrap() > 1, "{exec_out}");
@@ -424,9 +432,7 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
     let Some(env) = Env::new() else { return };
     let hooks_dir = tempfile::tempdir().unwrap();
     let log = |name: &str| hooks_dir.path().join(name);
-    let hook = |name: &str| {
-        serde_json::json!({ "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", log(name).display())] })
-    };
+    let hook = |name: &str| serde_json::json!({ "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", log(name).display())] });
     let cgroup = format!("/supermachine-test/{}", std::process::id());
     let mut bundle = env.bundle(&["sleep", "1000"]);
     bundle.edit(|c| {
@@ -443,12 +449,27 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
         });
     });
     let pid_file = env.root().join("hooks.pid");
-    let out = env.run(&["create", "--bundle", bundle.path_str(), "--pid-file", pid_file.to_str().unwrap(), "c-hooks"]);
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.path_str(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c-hooks",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
     for (name, status) in [("createRuntime", "creating"), ("prestart", "creating")] {
-        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log(name)).unwrap()).unwrap();
-        assert_eq!((state["id"].as_str(), state["status"].as_str(), state["pid"].as_i64()), (Some("c-hooks"), Some(status), Some(pid)));
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(log(name)).unwrap()).unwrap();
+        assert_eq!(
+            (
+                state["id"].as_str(),
+                state["status"].as_str(),
+                state["pid"].as_i64()
+            ),
+            (Some("c-hooks"), Some(status), Some(pid))
+        );
     }
     assert!(!log("poststart").exists());
     // The monitor is in the container's cgroup, with the container's memory limit, and in a
@@ -457,16 +478,26 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
     if memory.exists() {
         let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
         assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
-        assert_eq!(std::fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap().trim(), "402653184");
+        assert_eq!(
+            std::fs::read_to_string(memory.join("memory.limit_in_bytes"))
+                .unwrap()
+                .trim(),
+            "402653184"
+        );
     }
     let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
-    assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), own_ns);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        own_ns
+    );
 
     assert!(env.run(&["start", "c-hooks"]).status.success());
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log("poststart")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(log("poststart")).unwrap()).unwrap();
     assert_eq!(state["status"], "running");
     assert!(env.run(&["delete", "--force", "c-hooks"]).status.success());
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(log("poststop")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(log("poststop")).unwrap()).unwrap();
     assert_eq!(state["status"], "stopped");
     assert!(!memory.exists(), "cgroup left behind");
     let _ = std::fs::remove_dir(memory.parent().unwrap());

@@ -73,7 +73,12 @@ fn create_in(
     pid_file: Option<&Path>,
     context: &Context,
 ) -> Result<Child> {
-    let plan = Plan::prepare(&bundle, &context.paths, context.log.debug)?;
+    let plan = Plan::prepare(
+        &bundle,
+        &context.paths,
+        context.log.debug,
+        context.snapshots,
+    )?;
     for note in &plan.notes {
         log::warn!("container {}: {note}", dir.id);
     }

@@ -1,5 +1,6 @@
 //! One module per CLI verb.
 
+pub mod cache;
 pub mod create;
 pub mod delete;
 pub mod exec;
@@ -32,6 +33,8 @@ pub struct Context {
     pub store: StateStore,
     pub engine: String,
     pub log: LogConfig,
+    /// Whether containers may use the snapshot cache.
+    pub snapshots: bool,
 }
 
 impl Context {
@@ -43,6 +46,7 @@ impl Context {
             store,
             engine,
             log,
+            snapshots: true,
         }
     }
 
@@ -71,6 +75,7 @@ pub fn dispatch(command: Command, context: &Context) -> Result<i32> {
         Command::Update(args) => update::run(*args, context),
         Command::Features(args) => features::run(args, context),
         Command::Spec(args) => spec::run(args, context),
+        Command::Cache(args) => cache::run(args, context),
         Command::Monitor(args) => monitor::run(args, context),
         Command::ExecRelay(args) => exec::relay(args, context),
     }

@@ -72,6 +72,11 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Option<Self> {
+        Self::with_cache(workspace().join("target/sm-test/cache"))
+    }
+
+    /// An environment with its own cache directory (for tests that count cache entries).
+    pub fn with_cache(cache: PathBuf) -> Option<Self> {
         let assets = assets()?;
         Some(Env {
             state: tempfile::Builder::new()
@@ -79,7 +84,7 @@ impl Env {
                 .tempdir()
                 .expect("tempdir"),
             assets,
-            cache: workspace().join("target/sm-test/cache"),
+            cache,
         })
     }
 

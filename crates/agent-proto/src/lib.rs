@@ -98,7 +98,11 @@ pub enum Request {
     AddEntropy {
         bytes: Vec<u8>,
     },
-    /// Mounts the container's root and mounts and sets its hostname; once per VM.
+    /// Mounts the image disk under the writable overlay: the part of the container root that
+    /// depends only on the image, so that a snapshot can be baked with it done.
+    PrepareRoot(RootfsSpec),
+    /// Mounts the container's root (unless prepared) and mounts, sets its hostname, enters
+    /// it; once per VM.
     SetupContainer(ContainerSetup),
     /// Prepares a process; it runs at `StartProcess`, or at once when `start` is set.
     CreateProcess {
@@ -162,6 +166,9 @@ pub struct AgentInfo {
     pub kernel_release: String,
     /// Guest monotonic time since boot, for boot-phase timings.
     pub uptime_ms: u64,
+    /// The guest kernel's boot id: VMs restored from one snapshot share it.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// How a process ended.

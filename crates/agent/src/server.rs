@@ -64,6 +64,8 @@ pub struct Server {
     signals: SignalFd,
     processes: BTreeMap<ProcessId, Process>,
     container_ready: bool,
+    /// The root overlay mounted by `PrepareRoot` (before a snapshot), if it was.
+    prepared_root: Option<agent_proto::RootfsSpec>,
     /// Work left for the container's first process (PID 1 of its pid namespace).
     proc_finish: Option<setup::ProcFinish>,
     shutdown: bool,
@@ -86,6 +88,7 @@ impl Server {
             signals,
             processes: BTreeMap::new(),
             container_ready: false,
+            prepared_root: None,
             proc_finish: None,
             shutdown: false,
             started: Instant::now(),
@@ -96,10 +99,16 @@ impl Server {
         let kernel_release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Reading the boot id also fixes it: the kernel makes it on first read, and a VM
+        // snapshotted before that would give each restored copy its own.
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         AgentInfo {
             version: PROTOCOL_VERSION,
             kernel_release,
             uptime_ms: uptime_ms(),
+            boot_id,
         }
     }
 
@@ -273,11 +282,30 @@ impl Server {
                 add_entropy(&bytes)?;
                 Ok(Reply::Ok)
             }
+            Request::PrepareRoot(rootfs) => {
+                if self.prepared_root.is_some() || self.container_ready {
+                    return Err(AgentError("the root is already prepared".into()));
+                }
+                setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
+                self.prepared_root = Some(rootfs);
+                Ok(Reply::Ok)
+            }
             Request::SetupContainer(config) => {
                 if self.container_ready {
                     return Err(AgentError("the container is already set up".into()));
                 }
-                self.proc_finish = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                let prepared = match &self.prepared_root {
+                    Some(rootfs) if rootfs.device == config.rootfs.device => true,
+                    Some(rootfs) => {
+                        return Err(AgentError(format!(
+                            "the root was prepared from {}, not {}",
+                            rootfs.device, config.rootfs.device
+                        )))
+                    }
+                    None => false,
+                };
+                self.proc_finish =
+                    setup::setup_container(&config, prepared).map_err(|e| AgentError(e.0))?;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }

@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use agent_proto::{ContainerSetup, MountKind, MountSpec};
+use agent_proto::{ContainerSetup, MountKind, MountSpec, RootfsSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
@@ -33,6 +33,44 @@ impl std::fmt::Display for SetupError {
 
 fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> SetupError {
     move |e| SetupError(format!("{what}: {e}"))
+}
+
+/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two.
+pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
+    for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
+        fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
+    }
+    mount(
+        Some(rootfs.device.as_str()),
+        IMAGE_DIR,
+        Some(rootfs.fstype.as_str()),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(err(format!(
+        "mount {} ({}) on {IMAGE_DIR}",
+        rootfs.device, rootfs.fstype
+    )))?;
+    mount(
+        Some("tmpfs"),
+        RW_DIR,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(err("mount tmpfs for the writable layer"))?;
+    for dir in ["upper", "work"] {
+        fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
+    }
+    let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
+    mount(
+        Some("overlay"),
+        ROOT_DIR,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(err("mount the root overlay"))
 }
 
 /// What the container's first process does itself when it is PID 1 of a new pid namespace:
@@ -69,43 +107,14 @@ fn is_under(path: &str, dirs: &[String]) -> bool {
 
 /// Mounts everything and enters the container root; after this `/` is the container's.
 /// With a pid namespace, returns the part the first process must do itself.
-pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
-    for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
-        fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
+pub fn setup_container(
+    setup: &ContainerSetup,
+    root_prepared: bool,
+) -> Result<Option<ProcFinish>, SetupError> {
+    if !root_prepared {
+        prepare_root(&setup.rootfs)?;
     }
     let rootfs = &setup.rootfs;
-    mount(
-        Some(rootfs.device.as_str()),
-        IMAGE_DIR,
-        Some(rootfs.fstype.as_str()),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(err(format!(
-        "mount {} ({}) on {IMAGE_DIR}",
-        rootfs.device, rootfs.fstype
-    )))?;
-    mount(
-        Some("tmpfs"),
-        RW_DIR,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("mode=0755"),
-    )
-    .map_err(err("mount tmpfs for the writable layer"))?;
-    for dir in ["upper", "work"] {
-        fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
-    }
-    let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
-    mount(
-        Some("overlay"),
-        ROOT_DIR,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(err("mount the root overlay"))?;
-
     let root = Path::new(ROOT_DIR);
     let deferred: Vec<String> = if setup.pid_namespace {
         setup

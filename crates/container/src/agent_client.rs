@@ -119,7 +119,10 @@ pub fn wait_ready(
 
 impl AgentClient {
     /// Starts the reader thread on a connected channel and says hello.
-    pub fn start(stream: UnixStream) -> Result<(Self, AgentInfo), ContainerError> {
+    pub fn start(
+        stream: UnixStream,
+        hello_timeout: Duration,
+    ) -> Result<(Self, AgentInfo), ContainerError> {
         let reader = stream
             .try_clone()
             .map_err(|e| ContainerError::Agent(e.to_string()))?;
@@ -142,7 +145,7 @@ impl AgentClient {
             Request::Hello {
                 version: PROTOCOL_VERSION,
             },
-            Duration::from_secs(10),
+            hello_timeout,
         )? {
             Reply::Hello(info) => info,
             other => {
@@ -242,6 +245,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::Hello { .. } => "hello",
         Request::SetClock { .. } => "set_clock",
         Request::AddEntropy { .. } => "add_entropy",
+        Request::PrepareRoot(_) => "prepare_root",
         Request::SetupContainer(_) => "setup_container",
         Request::CreateProcess { .. } => "create_process",
         Request::StartProcess { .. } => "start_process",

@@ -14,6 +14,7 @@ pub mod control;
 pub mod exec_client;
 pub mod hooks;
 pub mod id;
+pub mod launch;
 pub mod monitor;
 pub mod netns;
 pub mod paths;

@@ -19,17 +19,62 @@ use agent_proto::{
     encode_data, encode_message, read_frame, ExitStatus, Frame, ProcessId, Reply, Request, Stream,
     INIT_PROCESS,
 };
-use engine::{EngineChoice, Vm};
+use engine::{EngineChoice, Phase, Vm};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
+use snapshot::SnapshotCache;
 
-use crate::agent_client::{self, AgentClient, ProcessEvents};
+use crate::agent_client::{AgentClient, ProcessEvents};
 use crate::console::{self, HostConsole};
 use crate::control::{self, ControlReply, ControlRequest};
+use crate::launch::{self, Launched, Origin};
 use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
 use crate::state::{ContainerDir, StateStore, Status};
 use crate::{cgroup, proc, ContainerError, Paths};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One debug line with the launch's phases, each in ms from the monitor's start for cold
+/// boots (the boot timeline) and as durations for restores.
+fn log_phases(origin: &Origin, phases: &[Phase], uptime: Option<Duration>, total: Duration) {
+    match origin {
+        Origin::Booted { baked } => {
+            let at = |name: &str| {
+                phases
+                    .iter()
+                    .find(|p| p.name == name)
+                    .map_or(0.0, |p| ms(p.duration))
+            };
+            let agent = at("agent ready");
+            // The guest's uptime at READY dates the kernel's entry on the host clock.
+            let kernel = uptime.map_or(0.0, |u| (agent - ms(u)).max(0.0));
+            let bake = phases
+                .iter()
+                .find(|p| p.name.starts_with("bake"))
+                .map_or(0.0, |p| ms(p.duration));
+            log::debug!(
+                "boot phases: vmm={:.1}ms kernel={kernel:.1}ms agent={agent:.1}ms bake={bake:.1}ms created={:.1}ms{}",
+                at("vmm"),
+                ms(total),
+                baked.as_ref().map(|k| format!(" (baked snapshot {k})")).unwrap_or_default()
+            );
+        }
+        Origin::Restored { key } => {
+            let list: Vec<String> = phases
+                .iter()
+                .map(|p| format!("{}={:.2}ms", p.name, ms(p.duration)))
+                .collect();
+            log::debug!(
+                "restore phases: {}; created={:.1}ms (snapshot {key})",
+                list.join(", "),
+                ms(total)
+            );
+        }
+    }
+}
 
 /// Exit status of a monitor whose VM died under the container.
 pub const VM_DIED_STATUS: i32 = 255;
@@ -73,12 +118,6 @@ fn forwarded_signals() -> SigSet {
         set.remove(s);
     }
     set
-}
-
-/// When the agent said READY: on the monitor's clock, and on the guest's.
-struct Ready {
-    at: Duration,
-    uptime_ms: u64,
 }
 
 enum Event {
@@ -152,6 +191,7 @@ pub fn read_sync(mut pipe: File) -> Option<SyncMessage> {
 
 struct Monitor {
     dir: ContainerDir,
+    publisher: Option<std::thread::JoinHandle<()>>,
     vm: Arc<Mutex<Box<dyn Vm>>>,
     agent: AgentClient,
     console: Option<HostConsole>,
@@ -187,11 +227,27 @@ impl Monitor {
         let choice: EngineChoice = args.engine.parse()?;
         let selection = engine::select(choice, &paths.probe_dir())?;
         log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
-        let mut vm = selection.engine.boot(&plan.vm_spec(dir.path.clone()))?;
-        let vmm_started = started.elapsed();
-        let result = Self::connect(&mut vm, &plan, started);
-        let (agent, guest_pid, ready) = match result {
-            Ok(ok) => ok,
+        let spec = plan.vm_spec(dir.path.clone());
+        let cache = if plan.snapshots {
+            Some(SnapshotCache::new(
+                paths.snapshots_dir(),
+                launch::cache_limits()?,
+            ))
+        } else {
+            None
+        };
+        let launched = launch::launch(&*selection.engine, &spec, &plan, cache.as_ref())?;
+        let Launched {
+            mut vm,
+            agent,
+            origin,
+            mut phases,
+            guest_uptime_at_ready,
+            publisher,
+        } = launched;
+        let prepared = Instant::now();
+        let guest_pid = match Self::prepare_container(&agent, &plan) {
+            Ok(pid) => pid,
             Err(e) => {
                 let console = vm.console_tail(15);
                 let _ = vm.stop();
@@ -201,18 +257,11 @@ impl Monitor {
                 });
             }
         };
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        // The guest's uptime at READY dates the kernel's entry on the host clock.
-        let kernel_entry = ready
-            .at
-            .saturating_sub(Duration::from_millis(ready.uptime_ms));
-        log::debug!(
-            "boot phases: vmm={:.1}ms kernel={:.1}ms agent={:.1}ms created={:.1}ms",
-            ms(vmm_started),
-            ms(kernel_entry),
-            ms(ready.at),
-            ms(started.elapsed())
-        );
+        phases.push(Phase::new(
+            "container setup and process start",
+            prepared.elapsed(),
+        ));
+        log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
         let (events_tx, events) = mpsc::channel();
         let init_exit = events_tx.clone();
         let (out, err) = match &console {
@@ -253,6 +302,7 @@ impl Monitor {
         })?;
         Ok(Monitor {
             dir: dir.clone(),
+            publisher,
             vm: Arc::new(Mutex::new(vm)),
             agent,
             console,
@@ -264,32 +314,9 @@ impl Monitor {
         })
     }
 
-    /// Waits for the agent, gives the guest its identity, mounts the container and prepares
-    /// its first process. Returns the client, the process's guest pid and when the agent
-    /// became ready.
-    fn connect(
-        vm: &mut Box<dyn Vm>,
-        plan: &Plan,
-        started: Instant,
-    ) -> Result<(AgentClient, i32, Ready), ContainerError> {
-        let mut channel = vm
-            .take_channel()
-            .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))?;
-        let info =
-            agent_client::wait_ready(&mut channel, plan.boot_timeout, || match vm.exited() {
-                Some(why) => Err(why),
-                None => Ok(()),
-            })?;
-        let ready = Ready {
-            at: started.elapsed(),
-            uptime_ms: info.uptime_ms,
-        };
-        log::debug!(
-            "agent ready at guest uptime {} ms, kernel {}",
-            info.uptime_ms,
-            info.kernel_release
-        );
-        let (agent, _) = AgentClient::start(channel)?;
+    /// Gives a fresh (booted or restored) VM its own identity, mounts the container and
+    /// prepares its first process; returns the process's guest pid.
+    fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, ContainerError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -300,6 +327,8 @@ impl Monitor {
             },
             REQUEST_TIMEOUT,
         )?;
+        // Host entropy and a CRNG reseed: VMs restored from one snapshot start with the same
+        // RNG state, and must not produce the same numbers.
         let mut entropy = vec![0u8; 64];
         File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut entropy))
@@ -315,7 +344,7 @@ impl Monitor {
             REQUEST_TIMEOUT,
         )?;
         match reply {
-            Reply::Created { pid } => Ok((agent, pid, ready)),
+            Reply::Created { pid } => Ok(pid),
             other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
         }
     }
@@ -344,6 +373,10 @@ impl Monitor {
             self.dir.id,
             started.elapsed().as_secs_f64() * 1000.0
         );
+        if let Some(publisher) = self.publisher {
+            // A bake being sealed must finish (or fail) before the monitor goes.
+            let _ = publisher.join();
+        }
         self.agent.shutdown();
         if let Err(e) = lock(&self.vm).stop() {
             log::warn!("stopping the VM: {e}");

@@ -58,8 +58,16 @@ impl Paths {
         self.cache_dir.join("images")
     }
 
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.cache_dir.join("snapshots")
+    }
+
+    /// The engine probe's verdicts: per host boot, so in /run (`SUPERMACHINE_PROBE_DIR`
+    /// overrides), shared by every state root and cache on the host.
     pub fn probe_dir(&self) -> PathBuf {
-        self.cache_dir.join("probe")
+        std::env::var_os("SUPERMACHINE_PROBE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/supermachine/probe"))
     }
 }
 

@@ -17,6 +17,9 @@ use crate::netns::NetworkNamespace;
 use crate::paths::{Assets, Paths, VmDefaults};
 use crate::{translate, ContainerError};
 
+/// A bundle annotation that keeps a container out of the snapshot cache.
+pub const SNAPSHOT_ANNOTATION: &str = "run.supermachine.snapshot";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub vcpus: u32,
@@ -26,6 +29,10 @@ pub struct Plan {
     pub rootfs_image: PathBuf,
     pub image_key: String,
     pub image_key_source: String,
+    pub kernel_digest: String,
+    pub agent_digest: String,
+    /// Whether this container may use (and fill) the snapshot cache.
+    pub snapshots: bool,
     pub kernel_args: Vec<String>,
     pub setup: ContainerSetup,
     pub init: ProcessSpec,
@@ -48,10 +55,13 @@ impl Plan {
             .map_err(|e| ContainerError::Monitor(format!("{}: {e}", path.display())))
     }
 
+    /// `snapshots` is the runtime's setting; the bundle can still opt out with the
+    /// annotation `run.supermachine.snapshot=false`.
     pub fn prepare(
         bundle: &Bundle,
         paths: &Paths,
         guest_debug: bool,
+        snapshots: bool,
     ) -> Result<Self, ContainerError> {
         let assets = Assets::locate()?;
         let initramfs = Initramfs::ensure(&assets.agent, &paths.cache_dir)?;
@@ -64,6 +74,7 @@ impl Plan {
             rootfs_image.display(),
             if built { "built" } else { "reused" }
         );
+        let kernel_digest = image::file_digest(&assets.kernel)?;
         let defaults = VmDefaults::load();
         let (vcpus, memory_mib) = translate::vm_shape(&bundle.spec, &defaults);
         let rootfs = RootfsSpec {
@@ -115,6 +126,14 @@ impl Plan {
             rootfs_image,
             image_key: key.to_string(),
             image_key_source: key.source().to_string(),
+            kernel_digest,
+            agent_digest: initramfs.agent_digest.clone(),
+            snapshots: snapshots
+                && bundle
+                    .annotations()
+                    .get(SNAPSHOT_ANNOTATION)
+                    .map(String::as_str)
+                    != Some("false"),
             kernel_args,
             setup,
             init,

@@ -80,6 +80,8 @@ pub trait Vm: Send + fmt::Debug {
     fn resume(&mut self) -> Result<(), EngineError>;
     /// Ends the VM and releases what it holds. Safe to call more than once.
     fn stop(&mut self) -> Result<(), EngineError>;
+    /// Writes a snapshot of the paused VM into `dir` (which the snapshot cache seals).
+    fn snapshot(&mut self, dir: &Path) -> Result<(), EngineError>;
     /// Why the VM ended on its own, if it has.
     fn exited(&mut self) -> Option<String>;
     /// The last `lines` lines of the guest console, to explain a failure.
@@ -90,6 +92,24 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// `qemu-tcg`, `qemu-kvm`, `builtin-kvm`, …
     fn name(&self) -> String;
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+    /// Everything about the engine a snapshot depends on (kind, version, CPU model), for
+    /// the snapshot cache key.
+    fn snapshot_identity(&self) -> String;
+    /// Starts a VM from the snapshot in `dir`, running; also says how long each phase took.
+    fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError>;
+}
+
+/// A named step of a VM start and its duration, for `--debug` logs and benchmarks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub name: &'static str,
+    pub duration: Duration,
+}
+
+impl Phase {
+    pub fn new(name: &'static str, duration: Duration) -> Self {
+        Phase { name, duration }
+    }
 }
 
 /// What the user asked for (`--engine`, `SUPERMACHINE_ENGINE`).

@@ -8,15 +8,19 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use serde_json::json;
+
 use crate::probe::{Accel, AccelVerdict};
 use crate::qmp::Qmp;
-use crate::{Engine, EngineError, Vm, VmSpec, VMM_START_TIMEOUT};
+use crate::{Engine, EngineError, Phase, Vm, VmSpec, VMM_START_TIMEOUT};
 
 /// The QEMU binary: `SUPERMACHINE_QEMU`, else `qemu-system-x86_64` from PATH.
 pub fn binary() -> String {
@@ -48,17 +52,30 @@ fn escape(path: &Path) -> String {
 pub const BASE_KERNEL_ARGS: &str =
     "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
 
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// A memfd inherited by QEMU (`share=on`): this process can read it to bake a snapshot,
+    /// and it vanishes with the last process that holds it.
+    Shared { fd: RawFd },
+    /// A baked memory file mapped copy-on-write (`share=off`): restores share its clean
+    /// pages and never change it.
+    Private { path: PathBuf },
+}
+
 /// The QEMU arguments for `spec`, with the agent and QMP sockets at the given fds.
 pub fn command_line(
     spec: &VmSpec,
     verdict: &AccelVerdict,
-    agent_fd: RawFd,
-    qmp_fd: RawFd,
+    sockets: (RawFd, RawFd),
     console: &Path,
+    memory: &GuestMemory,
+    incoming: bool,
 ) -> Vec<String> {
+    let (agent_fd, qmp_fd) = sockets;
     let mut args: Vec<String> = [
         "-M",
-        "microvm,acpi=off,x-option-roms=off",
+        "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -75,14 +92,20 @@ pub fn command_line(
     ]);
     args.extend(["-smp".into(), spec.vcpus.to_string()]);
     args.extend(["-m".into(), format!("{}M", spec.memory_mib)]);
+    let backing = match memory {
+        GuestMemory::Shared { fd } => format!("mem-path=/proc/self/fd/{fd},share=on"),
+        GuestMemory::Private { path } => format!("mem-path={},share=off", escape(path)),
+    };
+    args.extend([
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={}M,{backing}",
+            spec.memory_mib
+        ),
+    ]);
     args.extend(["-kernel".into(), escape(&spec.kernel)]);
     args.extend(["-initrd".into(), escape(&spec.initramfs)]);
-    let mut cmdline = BASE_KERNEL_ARGS.to_string();
-    for arg in &spec.kernel_args {
-        cmdline.push(' ');
-        cmdline.push_str(arg);
-    }
-    args.extend(["-append".into(), cmdline]);
+    args.extend(["-append".into(), kernel_cmdline(spec)]);
     args.extend(["-serial".into(), format!("file:{}", escape(console))]);
     args.extend(["-chardev".into(), format!("socket,id=qmp,fd={qmp_fd}")]);
     args.extend(["-mon".into(), "chardev=qmp,mode=control".into()]);
@@ -104,27 +127,61 @@ pub fn command_line(
             format!("virtio-blk-device,drive=disk{i}"),
         ]);
     }
+    if incoming {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
     args
 }
 
-impl Engine for QemuEngine {
-    fn name(&self) -> String {
-        format!("qemu-{}", self.verdict.accel)
+/// The guest kernel's command line for `spec`.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut cmdline = BASE_KERNEL_ARGS.to_string();
+    for arg in &spec.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
     }
+    cmdline
+}
 
-    fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EngineError::Io { path, source }
-        };
-        let (agent_host, agent_vmm) = UnixStream::pair().map_err(io(Path::new("socketpair")))?;
-        let (qmp_host, qmp_vmm) = UnixStream::pair().map_err(io(Path::new("socketpair")))?;
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
+    let path = path.to_path_buf();
+    move |source| EngineError::Io { path, source }
+}
+
+/// How long a snapshot's device state may take to save or load.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+const X_IGNORE_SHARED: &str = "x-ignore-shared";
+
+impl QemuEngine {
+    /// Starts QEMU for `spec` and waits for its control socket.
+    fn spawn(
+        &self,
+        spec: &VmSpec,
+        memory: GuestMemory,
+        ram: Option<File>,
+        incoming: bool,
+    ) -> Result<QemuVm, EngineError> {
+        let (agent_host, agent_vmm) =
+            UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
+        let (qmp_host, qmp_vmm) = UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
         let console = spec.work_dir.join("console.log");
         let vmm_log = spec.work_dir.join("vmm.log");
-        let log = File::create(&vmm_log).map_err(io(&vmm_log))?;
-        let log2 = log.try_clone().map_err(io(&vmm_log))?;
-        let (agent_fd, qmp_fd) = (agent_vmm.as_raw_fd(), qmp_vmm.as_raw_fd());
-        let args = command_line(spec, &self.verdict, agent_fd, qmp_fd, &console);
+        let log = File::create(&vmm_log).map_err(io_error(&vmm_log))?;
+        let log2 = log.try_clone().map_err(io_error(&vmm_log))?;
+        let inherited = [
+            agent_vmm.as_raw_fd(),
+            qmp_vmm.as_raw_fd(),
+            ram.as_ref().map_or(-1, |r| r.as_raw_fd()),
+        ];
+        let args = command_line(
+            spec,
+            &self.verdict,
+            (inherited[0], inherited[1]),
+            &console,
+            &memory,
+            incoming,
+        );
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let mut command = Command::new(&self.binary);
         command
@@ -139,7 +196,7 @@ impl Engine for QemuEngine {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                for fd in [agent_fd, qmp_fd] {
+                for fd in inherited.into_iter().filter(|&fd| fd >= 0) {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -164,24 +221,102 @@ impl Engine for QemuEngine {
             channel: Some(agent_host),
             console,
             vmm_log,
+            ram: ram.map(|file| (file, u64::from(spec.memory_mib) << 20)),
             stopped: false,
         };
         match Qmp::handshake(qmp_host, VMM_START_TIMEOUT) {
             Ok(qmp) => vm.qmp = Some(qmp),
-            Err(e) => {
-                let _ = vm.stop();
-                let log = read_tail(&vm.vmm_log, 5);
-                return Err(EngineError::VmmExited {
-                    log: if log.is_empty() { e.to_string() } else { log },
-                });
-            }
+            Err(e) => return Err(vm.failed(e)),
         }
         log::debug!(
             "qemu pid {} answering QMP after {:?}",
             vm.child.id(),
             started.elapsed()
         );
-        Ok(Box::new(vm))
+        Ok(vm)
+    }
+}
+
+impl Engine for QemuEngine {
+    fn name(&self) -> String {
+        format!("qemu-{}", self.verdict.accel)
+    }
+
+    fn snapshot_identity(&self) -> String {
+        // A QEMU upgrade may change the migration stream or the machine: new snapshots.
+        let path = crate::probe::which(&self.binary).unwrap_or_else(|| PathBuf::from(&self.binary));
+        let stamp = std::fs::metadata(&path)
+            .map(|m| format!("{} {}", m.len(), m.mtime()))
+            .unwrap_or_default();
+        format!(
+            "qemu-{} cpu={} {} {stamp}",
+            self.verdict.accel,
+            self.verdict.cpu,
+            path.display()
+        )
+    }
+
+    fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+        let ram = memfd_create(c"supermachine-ram", MemFdCreateFlag::MFD_CLOEXEC)
+            .map(File::from)
+            .map_err(|e| EngineError::Io {
+                path: "memfd".into(),
+                source: e.into(),
+            })?;
+        ram.set_len(u64::from(spec.memory_mib) << 20)
+            .map_err(io_error(Path::new("memfd")))?;
+        let fd = ram.as_raw_fd();
+        Ok(Box::new(self.spawn(
+            spec,
+            GuestMemory::Shared { fd },
+            Some(ram),
+            false,
+        )?))
+    }
+
+    fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &Path,
+    ) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
+        let started = Instant::now();
+        let memory = GuestMemory::Private {
+            path: snapshot.join("memory"),
+        };
+        let mut vm = self.spawn(spec, memory, None, true)?;
+        let mut phases = vec![Phase::new("vmm start and memory map", started.elapsed())];
+        let loaded = Instant::now();
+        let state_path = snapshot.join("state");
+        let result = File::open(&state_path)
+            .map_err(io_error(&state_path))
+            .and_then(|state| {
+                let qmp = vm
+                    .qmp
+                    .as_mut()
+                    .ok_or_else(|| EngineError::Control("no QMP".into()))?;
+                qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": X_IGNORE_SHARED, "state": true }] })),
+            )?;
+                qmp.execute_with_fd(
+                    "getfd",
+                    Some(json!({ "fdname": "snapshot" })),
+                    Some(state.as_raw_fd()),
+                )?;
+                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:snapshot" })))?;
+                qmp.wait_migration(MIGRATION_TIMEOUT)
+            });
+        if let Err(e) = result {
+            return Err(vm.failed(e));
+        }
+        phases.push(Phase::new(
+            "vCPU, interrupt, clock and device state",
+            loaded.elapsed(),
+        ));
+        let resumed = Instant::now();
+        vm.resume().map_err(|e| vm.failed(e))?;
+        phases.push(Phase::new("resume", resumed.elapsed()));
+        Ok((Box::new(vm), phases))
     }
 }
 
@@ -192,10 +327,25 @@ pub struct QemuVm {
     channel: Option<UnixStream>,
     console: PathBuf,
     vmm_log: PathBuf,
+    /// Guest RAM and its size, when this process holds it (booted VMs; not restored ones).
+    ram: Option<(File, u64)>,
     stopped: bool,
 }
 
 impl QemuVm {
+    /// Stops a VM that failed to start, keeping QEMU's own words for the error.
+    fn failed(&mut self, error: EngineError) -> EngineError {
+        let _ = self.stop();
+        let log = read_tail(&self.vmm_log, 5);
+        if log.is_empty() {
+            error
+        } else {
+            EngineError::VmmExited {
+                log: format!("{error}: {log}"),
+            }
+        }
+    }
+
     fn qmp(&mut self, command: &str) -> Result<(), EngineError> {
         let qmp = self
             .qmp
@@ -247,6 +397,35 @@ impl Vm for QemuVm {
             .map_err(|e| EngineError::Control(format!("wait for qemu: {e}")))
     }
 
+    fn snapshot(&mut self, dir: &Path) -> Result<(), EngineError> {
+        let Some((ram, size)) = &self.ram else {
+            return Err(EngineError::Control(
+                "only a booted VM can be snapshotted".into(),
+            ));
+        };
+        let state_path = dir.join("state");
+        let state = File::create(&state_path).map_err(io_error(&state_path))?;
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        // Device state only: RAM is the memfd, copied next, never streamed.
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": X_IGNORE_SHARED, "state": true }] })),
+        )?;
+        qmp.execute_with_fd(
+            "getfd",
+            Some(json!({ "fdname": "snapshot" })),
+            Some(state.as_raw_fd()),
+        )?;
+        qmp.execute("migrate", Some(json!({ "uri": "fd:snapshot" })))?;
+        qmp.wait_migration(MIGRATION_TIMEOUT)?;
+        drop(state);
+        let memory = dir.join("memory");
+        copy_sparse(ram, &memory, *size).map_err(io_error(&memory))
+    }
+
     fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(format!("qemu exited ({status})")),
@@ -269,6 +448,36 @@ impl Drop for QemuVm {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Copies the allocated extents of `from` (a tmpfs file) into a new sparse file `to` of
+/// `size` bytes.
+fn copy_sparse(from: &File, to: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let out = File::create(to)?;
+    out.set_len(size)?;
+    let fd = from.as_raw_fd();
+    let mut offset: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (offset as u64) < size {
+        // SAFETY: lseek on an fd we own; SEEK_DATA/SEEK_HOLE only move its offset.
+        let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data after `offset`.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size as i64 } else { hole };
+        let mut at = data as u64;
+        while at < end as u64 {
+            let n = buf.len().min((end as u64 - at) as usize);
+            from.read_exact_at(&mut buf[..n], at)?;
+            out.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        offset = end;
+    }
+    Ok(())
 }
 
 /// The last `lines` lines of a log file (at most its last 64 KiB).
@@ -314,20 +523,57 @@ mod tests {
             cpu: "max".into(),
             reason: String::new(),
         };
-        let args = command_line(&spec(), &verdict, 7, 8, Path::new("/run/x/console.log"));
+        let memory = GuestMemory::Shared { fd: 9 };
+        let args = command_line(
+            &spec(),
+            &verdict,
+            (7, 8),
+            Path::new("/run/x/console.log"),
+            &memory,
+            false,
+        );
         let joined = args.join(" ");
         assert!(
             joined.contains("-accel tcg -cpu max -smp 2 -m 192M"),
             "{joined}"
         );
+        assert!(joined
+            .contains("memory-backend-file,id=mem,size=192M,mem-path=/proc/self/fd/9,share=on"));
         assert!(joined.contains("file=/images/a,,b.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(joined.contains("socket,id=agent,fd=7"));
         assert!(joined.contains("socket,id=qmp,fd=8"));
+        assert!(!joined.contains("-incoming"));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
             append.ends_with("supermachine.port=agent.0 supermachine.debug=1"),
             "{append}"
         );
+    }
+
+    #[test]
+    fn a_restore_maps_the_baked_memory_privately_and_waits_for_incoming_state() {
+        let verdict = AccelVerdict {
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            reason: String::new(),
+        };
+        let memory = GuestMemory::Private {
+            path: "/cache/k/memory".into(),
+        };
+        let args = command_line(
+            &spec(),
+            &verdict,
+            (7, 8),
+            Path::new("/run/x/console.log"),
+            &memory,
+            true,
+        );
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("mem-path=/cache/k/memory,share=off"),
+            "{joined}"
+        );
+        assert!(joined.ends_with("-incoming defer"));
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! Getting a VM with a connected agent for a container: restored from the snapshot cache
+//! when its key has been baked, else booted cold (and baked on the way when this create
+//! holds the key's bake).
+//!
+//! A bake happens at the first quiet point after boot: the agent said READY and mounted the
+//! image's root overlay, nothing container-specific has happened yet. The VM is paused only
+//! while its device state is saved and its memory copied; sealing the entry (fsync, rename,
+//! eviction) runs in a background thread while the container starts.
+
+use std::time::{Duration, Instant};
+
+use agent_proto::Request;
+use engine::{Engine, Phase, Vm, VmSpec};
+use snapshot::{
+    Bake, CacheLimits, Entry, KeyParts, Lookup, SnapshotCache, SnapshotKey, FORMAT_VERSION,
+};
+
+use crate::agent_client::{self, AgentClient};
+use crate::plan::Plan;
+use crate::ContainerError;
+
+/// How long a restored agent may take to answer; beyond it the snapshot is presumed bad.
+const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the VM came from.
+#[derive(Debug)]
+pub enum Origin {
+    Restored { key: SnapshotKey },
+    Booted { baked: Option<SnapshotKey> },
+}
+
+/// A running VM, its agent session, and how it got there.
+#[derive(Debug)]
+pub struct Launched {
+    pub vm: Box<dyn Vm>,
+    pub agent: AgentClient,
+    pub origin: Origin,
+    /// Phases from the start of the launch.
+    pub phases: Vec<Phase>,
+    /// Guest uptime when the agent became ready (cold boots).
+    pub guest_uptime_at_ready: Option<Duration>,
+    /// The thread sealing a fresh bake; join it before the process exits.
+    pub publisher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Cache limits from the environment (`SUPERMACHINE_CACHE_MAX_SIZE`,
+/// `SUPERMACHINE_CACHE_MIN_FREE`, `SUPERMACHINE_BAKE_WAIT` in seconds).
+pub fn cache_limits() -> Result<CacheLimits, ContainerError> {
+    let mut limits = CacheLimits::default();
+    let size = |name: &str| -> Result<Option<u64>, ContainerError> {
+        match std::env::var(name) {
+            Ok(text) => snapshot::parse_size(&text)
+                .map(Some)
+                .map_err(|e| ContainerError::Monitor(format!("{name}: {e}"))),
+            Err(_) => Ok(None),
+        }
+    };
+    if let Some(max) = size("SUPERMACHINE_CACHE_MAX_SIZE")? {
+        limits.max_bytes = max;
+    }
+    if let Some(floor) = size("SUPERMACHINE_CACHE_MIN_FREE")? {
+        limits.min_free_bytes = floor;
+    }
+    if let Some(wait) = std::env::var("SUPERMACHINE_BAKE_WAIT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        limits.bake_wait = Duration::from_secs(wait);
+    }
+    Ok(limits)
+}
+
+/// The snapshot key of a plan on an engine.
+pub fn snapshot_key(plan: &Plan, engine: &dyn Engine, spec: &VmSpec) -> (SnapshotKey, KeyParts) {
+    let parts = KeyParts {
+        image_key: plan.image_key.clone(),
+        kernel_digest: plan.kernel_digest.clone(),
+        agent_digest: plan.agent_digest.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        engine: engine.snapshot_identity(),
+        kernel_args: spec.kernel_args.join(" "),
+        format: FORMAT_VERSION,
+    };
+    (SnapshotKey::new(&parts), parts)
+}
+
+/// A VM for the container, from the cache if possible.
+pub fn launch(
+    engine: &dyn Engine,
+    spec: &VmSpec,
+    plan: &Plan,
+    cache: Option<&SnapshotCache>,
+) -> Result<Launched, ContainerError> {
+    let Some(cache) = cache else {
+        return boot(engine, spec, plan, None);
+    };
+    let started = Instant::now();
+    let (key, parts) = snapshot_key(plan, engine, spec);
+    match cache
+        .lookup(&key)
+        .map_err(|e| ContainerError::Monitor(e.to_string()))?
+    {
+        Lookup::Hit(entry) => {
+            let validated = started.elapsed();
+            match restore(engine, spec, &entry) {
+                Ok(mut launched) => {
+                    cache.record_hit(&entry);
+                    launched.phases.insert(0, Phase::new("validate", validated));
+                    Ok(launched)
+                }
+                Err(e) => {
+                    log::warn!(
+                        "restoring snapshot {key} failed ({e}); removing it and booting cold"
+                    );
+                    let _ = cache.remove(&key);
+                    boot(engine, spec, plan, None)
+                }
+            }
+        }
+        Lookup::Bake(bake) => boot(engine, spec, plan, Some((bake, parts))),
+        Lookup::Cold(why) => {
+            log::info!("snapshot {key} not baked: {why}");
+            boot(engine, spec, plan, None)
+        }
+    }
+}
+
+fn restore(engine: &dyn Engine, spec: &VmSpec, entry: &Entry) -> Result<Launched, ContainerError> {
+    let (mut vm, mut phases) = engine.restore(spec, &entry.dir)?;
+    let connected = Instant::now();
+    let result = vm
+        .take_channel()
+        .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))
+        .and_then(|channel| AgentClient::start(channel, RESTORE_HELLO_TIMEOUT));
+    match result {
+        Ok((agent, _)) => {
+            phases.push(Phase::new("agent reconnect", connected.elapsed()));
+            Ok(Launched {
+                vm,
+                agent,
+                origin: Origin::Restored {
+                    key: entry.key.clone(),
+                },
+                phases,
+                guest_uptime_at_ready: None,
+                publisher: None,
+            })
+        }
+        Err(e) => {
+            let console = vm.console_tail(10);
+            let _ = vm.stop();
+            Err(ContainerError::Boot {
+                message: e.to_string(),
+                console,
+            })
+        }
+    }
+}
+
+fn boot(
+    engine: &dyn Engine,
+    spec: &VmSpec,
+    plan: &Plan,
+    bake: Option<(Bake, KeyParts)>,
+) -> Result<Launched, ContainerError> {
+    let started = Instant::now();
+    let mut vm = engine.boot(spec)?;
+    let mut phases = vec![Phase::new("vmm", started.elapsed())];
+    match connect_booted(&mut *vm, plan, started, &mut phases) {
+        Ok((agent, uptime)) => {
+            let mut launched = Launched {
+                vm,
+                agent,
+                origin: Origin::Booted { baked: None },
+                phases,
+                guest_uptime_at_ready: Some(uptime),
+                publisher: None,
+            };
+            if let Some((bake, parts)) = bake {
+                bake_snapshot(&mut launched, bake, parts, plan)?;
+            }
+            Ok(launched)
+        }
+        Err(e) => {
+            let console = vm.console_tail(15);
+            let _ = vm.stop();
+            Err(ContainerError::Boot {
+                message: e.to_string(),
+                console,
+            })
+        }
+    }
+}
+
+fn connect_booted(
+    vm: &mut dyn Vm,
+    plan: &Plan,
+    started: Instant,
+    phases: &mut Vec<Phase>,
+) -> Result<(AgentClient, Duration), ContainerError> {
+    let mut channel = vm
+        .take_channel()
+        .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))?;
+    let info = agent_client::wait_ready(&mut channel, plan.boot_timeout, || match vm.exited() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    })?;
+    phases.push(Phase::new("agent ready", started.elapsed()));
+    log::debug!(
+        "agent ready at guest uptime {} ms, kernel {}",
+        info.uptime_ms,
+        info.kernel_release
+    );
+    let (agent, _) = AgentClient::start(channel, REQUEST_TIMEOUT)?;
+    agent.request(
+        Request::PrepareRoot(plan.setup.rootfs.clone()),
+        REQUEST_TIMEOUT,
+    )?;
+    Ok((agent, Duration::from_millis(info.uptime_ms)))
+}
+
+/// Snapshots the freshly booted VM into the bake's directory and publishes it in the
+/// background. A failed bake costs only the snapshot: the container goes on.
+fn bake_snapshot(
+    launched: &mut Launched,
+    bake: Bake,
+    parts: KeyParts,
+    plan: &Plan,
+) -> Result<(), ContainerError> {
+    let paused = Instant::now();
+    launched.vm.pause()?;
+    let saved = launched.vm.snapshot(bake.dir());
+    launched.vm.resume()?;
+    launched
+        .phases
+        .push(Phase::new("bake (VM paused)", paused.elapsed()));
+    if let Err(e) = saved {
+        log::warn!("baking snapshot {} failed: {e}", bake.key());
+        return Ok(());
+    }
+    let key = bake.key().clone();
+    let description = format!("image {} ({})", plan.image_key, plan.image_key_source);
+    let parts = serde_json::to_value(&parts).unwrap_or_default();
+    let publisher = std::thread::Builder::new()
+        .name("publish-snapshot".into())
+        .spawn(move || match bake.publish(description, parts) {
+            Ok(entry) => log::debug!(
+                "snapshot {} published in {}",
+                entry.key,
+                entry.dir.display()
+            ),
+            Err(e) => log::warn!("publishing snapshot failed: {e}"),
+        })
+        .map_err(|e| ContainerError::Monitor(format!("spawn publisher: {e}")))?;
+    launched.publisher = Some(publisher);
+    launched.origin = Origin::Booted { baked: Some(key) };
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `cache ls | rm KEY | prune [--max-size SIZE]`: the snapshot cache.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use container::launch;
+use snapshot::{SnapshotCache, SnapshotKey};
+
+use super::Context;
+
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// List snapshots: key, image, size, created, last used, hits
+    Ls {
+        /// table or json
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Remove one snapshot
+    Rm { key: String },
+    /// Remove least recently used snapshots until the cache fits
+    Prune {
+        /// Target size (e.g. 2G); default: the configured maximum
+        #[arg(long)]
+        max_size: Option<String>,
+    },
+}
+
+pub fn run(args: CacheArgs, context: &Context) -> Result<i32> {
+    let limits = launch::cache_limits()?;
+    let cache = SnapshotCache::new(context.paths.snapshots_dir(), limits);
+    match args.command {
+        CacheCommand::Ls { format } => {
+            let entries = cache.list();
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&entries)?),
+                "table" => {
+                    println!(
+                        "{:<34} {:>9} {:<20} {:<20} {:>6}  IMAGE",
+                        "KEY", "SIZE", "CREATED", "LAST USED", "HITS"
+                    );
+                    for e in entries {
+                        println!(
+                            "{:<34} {:>8}M {:<20} {:<20} {:>6}  {}",
+                            e.key,
+                            e.size >> 20,
+                            date(e.created),
+                            date(e.last_used),
+                            e.hits,
+                            e.description
+                        );
+                    }
+                }
+                other => bail!("invalid format {other:?} (table or json)"),
+            }
+        }
+        CacheCommand::Rm { key } => {
+            let Some(key) = SnapshotKey::parse(&key) else {
+                bail!("invalid snapshot key {key:?} (32 hex digits, as `cache ls` shows)");
+            };
+            cache.remove(&key)?;
+        }
+        CacheCommand::Prune { max_size } => {
+            let max = match max_size {
+                Some(text) => snapshot::parse_size(&text)?,
+                None => limits.max_bytes,
+            };
+            for key in cache.prune(max, None) {
+                println!("removed {key}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn date(secs: u64) -> String {
+    let full = container::state::rfc3339(secs as i64, 0);
+    full.get(..19).unwrap_or(&full).replace('T', " ")
+}

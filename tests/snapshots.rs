@@ -1,0 +1,335 @@
+//! The snapshot cache with real VMs: bake once, restore after; identity of restored VMs;
+//! corrupt entries; concurrent creates; eviction; the free-space floor.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{text, Env};
+
+/// An environment with a fresh cache of its own, and a debug log to read.
+fn fresh() -> Option<(Env, tempfile::TempDir)> {
+    let cache = tempfile::Builder::new()
+        .prefix("sm-cache-")
+        .tempdir()
+        .unwrap();
+    let env = Env::with_cache(cache.path().to_path_buf())?;
+    Some((env, cache))
+}
+
+fn cache_entries(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.run(&["cache", "ls", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
+/// Runs a container to its end with --debug; returns (stdout, debug log).
+fn run_logged(
+    env: &Env,
+    id: &str,
+    args: &[&str],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (String, String) {
+    let mut bundle = env.bundle(args);
+    bundle.edit(edit);
+    let log = env.root().join(format!("{id}.log"));
+    let out = env.run(&[
+        "--debug",
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        id,
+    ]);
+    assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+    (
+        text(&out.stdout),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+}
+
+const IDENTITY: &[&str] = &["sh", "-c", "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"];
+
+#[test]
+fn the_second_container_restores_and_restored_vms_do_not_share_randomness() {
+    let Some((env, _cache)) = fresh() else { return };
+    let (first, log) = run_logged(&env, "s1", IDENTITY, |_| {});
+    assert!(log.contains("baked snapshot"), "{log}");
+    let entries = cache_entries(&env);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["hits"], 0);
+
+    let (second, log) = run_logged(&env, "s2", IDENTITY, |_| {});
+    assert!(log.contains("restore phases"), "{log}");
+    for phase in [
+        "validate",
+        "memory map",
+        "device state",
+        "agent reconnect",
+        "process start",
+    ] {
+        assert!(
+            log.contains(phase),
+            "restore phase {phase} not logged: {log}"
+        );
+    }
+    let (third, _) = run_logged(&env, "s3", IDENTITY, |_| {});
+    assert_eq!(cache_entries(&env)[0]["hits"], 2);
+
+    let lines = |s: &str| s.lines().map(String::from).collect::<Vec<_>>();
+    let (a, b, c) = (lines(&first), lines(&second), lines(&third));
+    // One boot, baked once: the restored VMs share the boot id of the VM that was baked…
+    assert_eq!(a[0], b[0]);
+    assert_eq!(b[0], c[0]);
+    // …but each was given fresh entropy before anything ran.
+    assert_ne!(b[1], c[1], "two restored VMs read the same random bytes");
+    assert_ne!(a[1], b[1]);
+    assert_eq!(b[1].len(), 32);
+}
+
+#[test]
+fn a_file_written_in_one_restored_container_is_not_in_another() {
+    let Some((env, _cache)) = fresh() else { return };
+    run_logged(&env, "w0", &["true"], |_| {}); // bake
+    let writer = env.bundle(&[
+        "sh",
+        "-c",
+        "echo secret > /tmp/x; echo written; exec sleep 1000",
+    ]);
+    let out_file = env.root().join("writer.out");
+    let status = env
+        .cmd()
+        .args(["run", "--detach", "--bundle", writer.path_str(), "w1"])
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&out_file)
+        .unwrap()
+        .contains("written")
+    {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        text(&env.run(&["exec", "w1", "cat", "/tmp/x"]).stdout),
+        "secret\n"
+    );
+    let (out, log) = run_logged(
+        &env,
+        "w2",
+        &["sh", "-c", "cat /tmp/x 2>&1; ls /tmp | wc -l"],
+        |_| {},
+    );
+    assert!(log.contains("restore phases"), "{log}");
+    assert_eq!(
+        out,
+        "cat: can't open '/tmp/x': No such file or directory\n0\n"
+    );
+    assert!(env.run(&["delete", "--force", "w1"]).status.success());
+}
+
+#[test]
+fn a_corrupt_or_truncated_snapshot_is_rebaked_not_used() {
+    let Some((env, cache)) = fresh() else { return };
+    run_logged(&env, "c0", &["true"], |_| {});
+    let key = cache_entries(&env)[0]["key"].as_str().unwrap().to_string();
+    let entry = cache.path().join("snapshots").join(&key);
+
+    // One flipped byte in the device state.
+    let mut state = std::fs::read(entry.join("state")).unwrap();
+    let middle = state.len() / 2;
+    state[middle] ^= 0x01;
+    std::fs::write(entry.join("state"), &state).unwrap();
+    let (out, log) = run_logged(&env, "c1", &["echo", "still works"], |_| {});
+    assert_eq!(out, "still works\n");
+    assert!(log.contains("unusable") && log.contains("CRC"), "{log}");
+    assert!(log.contains("baked snapshot"), "not rebaked: {log}");
+    assert_eq!(cache_entries(&env)[0]["hits"], 0);
+
+    // A truncated memory file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(entry.join("memory"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let (out, log) = run_logged(&env, "c2", &["echo", "still works"], |_| {});
+    assert_eq!(out, "still works\n");
+    assert!(
+        log.contains("unusable") && log.contains("baked snapshot"),
+        "{log}"
+    );
+    let (_, log) = run_logged(&env, "c3", &["true"], |_| {});
+    assert!(
+        log.contains("restore phases"),
+        "the rebaked snapshot is not used: {log}"
+    );
+}
+
+#[test]
+fn eight_parallel_creates_of_a_new_image_bake_once() {
+    let Some((env, _cache)) = fresh() else { return };
+    let bundle = env.bundle(&["true"]);
+    let log = env.root().join("parallel.log");
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            env.cmd()
+                .args([
+                    "--debug",
+                    "--log",
+                    log.to_str().unwrap(),
+                    "create",
+                    "--bundle",
+                    bundle.path_str(),
+                ])
+                .arg(format!("p{i}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    let baked = log_text.matches("(baked snapshot").count();
+    let restored = log_text.matches("restore phases").count();
+    assert_eq!(baked, 1, "{log_text}");
+    assert_eq!(
+        baked + restored,
+        8,
+        "the others waited for the bake and restored: {log_text}"
+    );
+    assert_eq!(cache_entries(&env).len(), 1);
+    for i in 0..8 {
+        assert!(env
+            .run(&["delete", "--force", &format!("p{i}")])
+            .status
+            .success());
+    }
+}
+
+#[test]
+fn a_full_cache_evicts_the_least_recently_used_snapshot() {
+    let Some((env, _cache)) = fresh() else { return };
+    let image = |name: &'static str| {
+        move |c: &mut serde_json::Value| {
+            c["annotations"] = serde_json::json!({ "run.supermachine.image": name });
+        }
+    };
+    run_logged(&env, "e1", &["true"], image("image-a"));
+    let one = cache_entries(&env)[0]["size"].as_u64().unwrap();
+    run_logged(&env, "e2", &["true"], image("image-b"));
+    run_logged(&env, "e3", &["true"], image("image-a")); // a is now the more recent
+    assert_eq!(cache_entries(&env).len(), 2);
+    // Room for two entries, not three: baking c evicts b, the least recently used.
+    let limit = format!("{}", one * 5 / 2);
+    let mut bundle = env.bundle(&["true"]);
+    bundle.edit(image("image-c"));
+    let out = env
+        .cmd()
+        .env("SUPERMACHINE_CACHE_MAX_SIZE", &limit)
+        .args(["run", "--bundle", bundle.path_str(), "e4"])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let descriptions: Vec<String> = cache_entries(&env)
+        .iter()
+        .map(|e| e["description"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(descriptions.len(), 2, "{descriptions:?}");
+    assert!(
+        !descriptions
+            .iter()
+            .any(|d| d.contains(&image_key("image-b"))),
+        "b was not evicted: {descriptions:?}"
+    );
+
+    // `cache rm` and `cache prune` by hand.
+    let key = cache_entries(&env)[0]["key"].as_str().unwrap().to_string();
+    assert!(env.run(&["cache", "rm", &key]).status.success());
+    assert_eq!(cache_entries(&env).len(), 1);
+    assert!(env
+        .run(&["cache", "prune", "--max-size", "0"])
+        .status
+        .success());
+    assert!(cache_entries(&env).is_empty());
+    assert!(!env.run(&["cache", "rm", "../../etc"]).status.success());
+}
+
+/// The image key an annotation gives (as `cache ls` describes it).
+fn image_key(annotation: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut annotations = std::collections::HashMap::new();
+    annotations.insert("run.supermachine.image".to_string(), annotation.to_string());
+    image::ImageKey::for_rootfs(dir.path(), &annotations)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn no_bake_below_the_free_space_floor_and_opt_outs_are_honoured() {
+    let Some((env, cache)) = fresh() else { return };
+    // A small tmpfs as the cache: 48 MiB, with a floor above what it can ever have free.
+    let mount = cache.path();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(mount)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount);
+    let bundle = env.bundle(&["echo", "cold"]);
+    let log = env.root().join("floor.log");
+    let out = common::output_of(env.cmd().env("SUPERMACHINE_CACHE_MIN_FREE", "64M").args([
+        "--debug",
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        "f1",
+    ]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cold\n");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("below the floor"), "{log_text}");
+    assert!(cache_entries(&env).is_empty());
+
+    // With room, the annotation and the runtime option still keep a container out.
+    let (_, log) = run_logged(&env, "f2", &["true"], |c| {
+        c["annotations"] = serde_json::json!({ "run.supermachine.snapshot": "false" });
+    });
+    assert!(
+        !log.contains("baked snapshot") && !log.contains("restore phases"),
+        "{log}"
+    );
+    let out = env.run(&[
+        "--snapshots",
+        "off",
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        "f3",
+    ]);
+    assert!(out.status.success());
+    assert!(cache_entries(&env).is_empty());
+}
