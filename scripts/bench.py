@@ -3,10 +3,10 @@
 
     scripts/bench.py SUPERMACHINE [--runs N]
 
-Prints, for create+start+exit of `true` (the `run` verb of each runtime): the median and
-p95 over N runs for runc and supermachine, and their ratio; then the median boot phases of
-the supermachine runs (from its --debug log): VMM started, kernel entry, agent ready,
-container created, process exited, all in ms from the monitor's start.
+Prints, for create+start+exit of `true` (each runtime's `run` verb): median and p95 over N
+runs of runc, supermachine booting cold (--snapshots off) and supermachine restoring from
+a snapshot, with ratios; the cold boot phases; the restore phases (p50, p95); and the host
+memory of 1 and of 10 restored VMs of one image.
 """
 
 import argparse
@@ -21,13 +21,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def busybox_bundle(base, args):
-    bundle = os.path.join(base, "bundle")
-    rootfs = os.path.join(bundle, "rootfs")
-    subprocess.run([os.path.join(ROOT, "scripts/busybox-rootfs.sh"), rootfs], check=True)
-    return bundle
 
 
 def write_config(bundle, args, runtime):
@@ -59,6 +52,47 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def log_messages(path):
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line).get("msg", "")
+            except ValueError:
+                continue
+
+
+def memory_of(pids):
+    """(RSS, PSS) in KiB summed over pids."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss, pss
+
+
+def vm_pids(state_root):
+    """Monitor and VMM pids of every container under a state root."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state_root in cmdline and ("monitor" in cmdline or "qemu-system" in cmdline):
+            pids.append(int(entry))
+    return pids
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("supermachine")
@@ -69,59 +103,101 @@ def main():
         sys.exit("bench: runc is not installed (Debian package runc)")
 
     base = tempfile.mkdtemp(prefix="sm-bench-")
+    sm_root = os.path.join(base, "sm-state")
     try:
-        bundle = busybox_bundle(base, ["true"])
+        bundle = os.path.join(base, "bundle")
+        subprocess.run([os.path.join(ROOT, "scripts/busybox-rootfs.sh"), os.path.join(bundle, "rootfs")], check=True)
         write_config(bundle, ["true"], runc)
         env = dict(os.environ)
         env.setdefault("SUPERMACHINE_ASSETS_DIR", os.path.join(ROOT, "build/share/supermachine"))
-        env.setdefault("SUPERMACHINE_CACHE_DIR", os.path.join(ROOT, "build/cache"))
-        sm_root = os.path.join(base, "sm-state")
+        # A cache of its own: the first run bakes, the rest restore.
+        env["SUPERMACHINE_CACHE_DIR"] = os.path.join(base, "cache")
         runc_root = os.path.join(base, "runc-state")
-        log = os.path.join(base, "sm.log")
+        cold_log = os.path.join(base, "cold.log")
+        warm_log = os.path.join(base, "warm.log")
 
-        def sm_run(i):
-            return timed([opts.supermachine, "--root", sm_root, "--debug", "--log", log,
-                          "--log-format", "json", "run", "--bundle", bundle, f"bench-{i}"], env)
+        def sm_run(i, log, *flags):
+            return timed([opts.supermachine, "--root", sm_root, "--debug", "--log", log, "--log-format", "json",
+                          *flags, "run", "--bundle", bundle, f"bench-{i}"], env)
 
         def runc_run(i):
             return timed([runc, "--root", runc_root, "run", "--bundle", bundle, f"bench-{i}"])
 
-        # Warm-up: builds the disk image and the engine probe verdict once, outside the timing.
-        sm_run("warm")
+        # Warm-up: the disk image, the engine probe and the snapshot, outside the timing.
+        sm_run("warm", os.devnull)
         runc_run("warm")
-        open(log, "w").close()
-        sm_times, runc_times = [], []
+        runc_times, cold_times, warm_times = [], [], []
         for i in range(opts.runs):
             runc_times.append(runc_run(i))
-            sm_times.append(sm_run(i))
-
-        phases = {"vmm": [], "kernel": [], "agent": [], "created": [], "exited": []}
-        with open(log) as f:
-            for line in f:
-                msg = json.loads(line).get("msg", "")
-                m = re.search(r"boot phases: vmm=([\d.]+)ms kernel=([\d.]+)ms agent=([\d.]+)ms created=([\d.]+)ms", msg)
-                if m:
-                    for key, value in zip(["vmm", "kernel", "agent", "created"], m.groups()):
-                        phases[key].append(float(value))
-                m = re.search(r"exited with -?\d+ at ([\d.]+)ms", msg)
-                if m:
-                    phases["exited"].append(float(m.group(1)))
+            cold_times.append(sm_run(f"cold-{i}", cold_log, "--snapshots", "off"))
+            warm_times.append(sm_run(f"warm-{i}", warm_log))
 
         print(f"\ncreate+start+exit of `true`, {opts.runs} runs each (ms)")
-        print(f"{'runtime':<14}{'median':>10}{'p95':>10}{'ratio':>10}")
+        print(f"{'runtime':<28}{'median':>10}{'p95':>10}{'vs runc':>10}{'vs cold':>10}")
         runc_median = statistics.median(runc_times)
-        for name, times in [("runc", runc_times), ("supermachine", sm_times)]:
+        cold_median = statistics.median(cold_times)
+        for name, times in [("runc", runc_times), ("supermachine, cold boot", cold_times),
+                            ("supermachine, restore", warm_times)]:
             median = statistics.median(times)
-            print(f"{name:<14}{median:>10.1f}{percentile(times, 95):>10.1f}{median / runc_median:>9.1f}x")
+            print(f"{name:<28}{median:>10.1f}{percentile(times, 95):>10.1f}"
+                  f"{median / runc_median:>9.1f}x{cold_median / median:>9.1f}x")
 
-        print("\nsupermachine boot phases, median ms from the monitor's start")
-        labels = [("vmm", "VMM started"), ("kernel", "kernel entry"), ("agent", "agent ready"),
-                  ("created", "container created"), ("exited", "process exited")]
-        for key, label in labels:
-            values = phases[key]
-            shown = f"{statistics.median(values):.1f}" if values else "n/a"
-            print(f"  {label:<20}{shown:>10}")
+        boot = {"vmm": [], "kernel": [], "agent": [], "created": [], "exited": []}
+        for msg in log_messages(cold_log):
+            m = re.search(r"boot phases: vmm=([\d.]+)ms kernel=([\d.]+)ms agent=([\d.]+)ms bake=[\d.]+ms created=([\d.]+)ms", msg)
+            if m:
+                for key, value in zip(["vmm", "kernel", "agent", "created"], m.groups()):
+                    boot[key].append(float(value))
+            m = re.search(r"exited with -?\d+ at ([\d.]+)ms", msg)
+            if m:
+                boot["exited"].append(float(m.group(1)))
+        print("\ncold boot phases, median ms from the monitor's start")
+        for key, label in [("vmm", "VMM started"), ("kernel", "kernel entry"), ("agent", "agent ready"),
+                           ("created", "container created"), ("exited", "process exited")]:
+            values = boot[key]
+            print(f"  {label:<36}{statistics.median(values) if values else float('nan'):>10.1f}")
+
+        restore = {}
+        for msg in log_messages(warm_log):
+            m = re.search(r"restore phases: (.*); created=([\d.]+)ms", msg)
+            if m:
+                for part in m.group(1).split(", "):
+                    name, value = part.rsplit("=", 1)
+                    restore.setdefault(name, []).append(float(value.rstrip("ms")))
+                restore.setdefault("total to container created", []).append(float(m.group(2)))
+        print("\nrestore phases (ms)")
+        print(f"  {'phase':<40}{'p50':>8}{'p95':>8}")
+        for name, values in restore.items():
+            print(f"  {name:<40}{statistics.median(values):>8.2f}{percentile(values, 95):>8.2f}")
+
+        # Host memory of restored VMs idling in `sleep`.
+        write_config(bundle, ["sleep", "1000"], runc)
+        mem_root = os.path.join(base, "mem-state")
+
+        def start_detached(i):
+            subprocess.run([opts.supermachine, "--root", mem_root, "run", "--detach", "--bundle", bundle, f"mem-{i}"],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
+        # The sleeping bundle is another image key only if its rootfs differs: it does not, so
+        # these restore from the same snapshot.
+        start_detached(0)
+        time.sleep(1)
+        rss1, pss1 = memory_of(vm_pids(mem_root))
+        for i in range(1, 10):
+            start_detached(i)
+        time.sleep(1)
+        rss10, pss10 = memory_of(vm_pids(mem_root))
+        print("\nhost memory of restored VMs of one image (monitor + VMM), MiB")
+        print(f"  {'VMs':<6}{'RSS':>10}{'PSS':>10}")
+        print(f"  {1:<6}{rss1 / 1024:>10.1f}{pss1 / 1024:>10.1f}")
+        print(f"  {10:<6}{rss10 / 1024:>10.1f}{pss10 / 1024:>10.1f}")
+        print(f"  per extra VM (PSS): {(pss10 - pss1) / 9 / 1024:.1f} MiB")
     finally:
+        for root in ["mem-state", "sm-state"]:
+            path = os.path.join(base, root)
+            if os.path.isdir(path):
+                for cid in os.listdir(path):
+                    subprocess.run([opts.supermachine, "--root", path, "delete", "--force", cid],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["sh", "-c", f"{runc} --root {base}/runc-state list -q 2>/dev/null | xargs -r -n1 {runc} --root {base}/runc-state delete -f"])
         shutil.rmtree(base, ignore_errors=True)
 

@@ -3,6 +3,14 @@
 //! This binary is the runc front door: it parses runc's command line (liboci-cli) and maps
 //! each verb onto the `container` library, one file per verb under `commands/`.
 
+/// `println!` that does not panic when stdout is gone (a reader that closed its pipe).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod commands;
 mod logging;
 mod terminal;

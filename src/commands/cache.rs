@@ -38,14 +38,18 @@ pub fn run(args: CacheArgs, context: &Context) -> Result<i32> {
         CacheCommand::Ls { format } => {
             let entries = cache.list();
             match format.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&entries)?),
+                "json" => outln!("{}", serde_json::to_string_pretty(&entries)?),
                 "table" => {
-                    println!(
+                    outln!(
                         "{:<34} {:>9} {:<20} {:<20} {:>6}  IMAGE",
-                        "KEY", "SIZE", "CREATED", "LAST USED", "HITS"
+                        "KEY",
+                        "SIZE",
+                        "CREATED",
+                        "LAST USED",
+                        "HITS"
                     );
                     for e in entries {
-                        println!(
+                        outln!(
                             "{:<34} {:>8}M {:<20} {:<20} {:>6}  {}",
                             e.key,
                             e.size >> 20,
@@ -71,7 +75,7 @@ pub fn run(args: CacheArgs, context: &Context) -> Result<i32> {
                 None => limits.max_bytes,
             };
             for key in cache.prune(max, None) {
-                println!("removed {key}");
+                outln!("removed {key}");
             }
         }
     }

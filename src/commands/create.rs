@@ -73,12 +73,14 @@ fn create_in(
     pid_file: Option<&Path>,
     context: &Context,
 ) -> Result<Child> {
+    let started = std::time::Instant::now();
     let plan = Plan::prepare(
         &bundle,
         &context.paths,
         context.log.debug,
         context.snapshots,
     )?;
+    log::debug!("container {}: planned in {:?}", dir.id, started.elapsed());
     for note in &plan.notes {
         log::warn!("container {}: {note}", dir.id);
     }
@@ -142,9 +144,10 @@ fn create_in(
     match answer {
         Some(SyncMessage::Created { engine }) => {
             log::debug!(
-                "container {} created on {engine}, monitor pid {}",
+                "container {} created on {engine}, monitor pid {}, {:?} after create began",
                 dir.id,
-                child.id()
+                child.id(),
+                started.elapsed()
             );
         }
         Some(SyncMessage::Failed { error }) => {

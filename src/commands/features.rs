@@ -35,7 +35,7 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
             "run.supermachine.isolation": "microvm"
         }
     });
-    println!("{}", serde_json::to_string_pretty(&features)?);
+    outln!("{}", serde_json::to_string_pretty(&features)?);
     Ok(0)
 }
 

@@ -9,23 +9,27 @@ pub fn run(args: List, context: &Context) -> Result<i32> {
     let states = context.store.list();
     if args.quiet {
         for state in &states {
-            println!("{}", state.id);
+            outln!("{}", state.id);
         }
         return Ok(0);
     }
     match args.format.as_str() {
         "json" => {
             let list: Vec<serde_json::Value> = states.iter().map(|s| s.oci_state()).collect();
-            println!("{}", serde_json::to_string(&list)?);
+            outln!("{}", serde_json::to_string(&list)?);
         }
         "table" => {
-            println!(
+            outln!(
                 "{:<24} {:<8} {:<10} {:<40} {:<32} OWNER",
-                "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+                "ID",
+                "PID",
+                "STATUS",
+                "BUNDLE",
+                "CREATED"
             );
             for state in &states {
                 let oci = state.oci_state();
-                println!(
+                outln!(
                     "{:<24} {:<8} {:<10} {:<40} {:<32} root",
                     state.id,
                     oci["pid"],

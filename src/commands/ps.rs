@@ -24,7 +24,7 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
                     pids
                 }
             };
-            println!("{}", serde_json::to_string(&pids)?);
+            outln!("{}", serde_json::to_string(&pids)?);
         }
         "table" => {
             if matches!(status, Status::Stopped | Status::Creating) {
@@ -38,9 +38,13 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
                 ControlReply::Processes(list) => list,
                 other => bail!("unexpected reply {other:?}"),
             };
-            println!(
+            outln!(
                 "{:<8} {:<8} {:<8} {:<5} {:>8}  CMD",
-                "PID", "PPID", "UID", "STAT", "TIME"
+                "PID",
+                "PPID",
+                "UID",
+                "STAT",
+                "TIME"
             );
             let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
                 .ok()
@@ -49,7 +53,7 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
                 .max(1) as u64;
             for p in processes {
                 let secs = p.cpu_ticks / ticks;
-                println!(
+                outln!(
                     "{:<8} {:<8} {:<8} {:<5} {:>5}:{:02}  {}",
                     p.pid,
                     p.ppid,

@@ -7,6 +7,6 @@ use super::Context;
 
 pub fn run(args: State, context: &Context) -> Result<i32> {
     let (_, state) = context.open(&args.container_id)?;
-    println!("{}", serde_json::to_string_pretty(&state.oci_state())?);
+    outln!("{}", serde_json::to_string_pretty(&state.oci_state())?);
     Ok(0)
 }

@@ -133,6 +133,26 @@ pub enum Request {
     Shutdown,
 }
 
+impl Request {
+    /// The request's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::SetClock { .. } => "set_clock",
+            Request::AddEntropy { .. } => "add_entropy",
+            Request::PrepareRoot(_) => "prepare_root",
+            Request::SetupContainer(_) => "setup_container",
+            Request::CreateProcess { .. } => "create_process",
+            Request::StartProcess { .. } => "start_process",
+            Request::Signal { .. } => "signal",
+            Request::ResizeTerminal { .. } => "resize_terminal",
+            Request::CloseStdin { .. } => "close_stdin",
+            Request::ListProcesses => "list_processes",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Agent → host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -245,7 +245,10 @@ impl Server {
             };
             match frame {
                 Frame::Message(message) => {
+                    let started = Instant::now();
+                    let name = message.request.name();
                     let result = self.handle(message.request).map_err(|e| e.0);
+                    agent_debug!("request {} {name} took {:?}", message.id, started.elapsed());
                     self.send(&AgentMessage::Response {
                         id: message.id,
                         result,

@@ -106,6 +106,8 @@ pub fn spawn(
     // process: no lock can be held by a thread that does not exist in the child.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
+            // The child's stderr becomes the container's: no agent diagnostics from here on.
+            crate::logging::set_debug(false);
             drop(sync_r);
             let stdio_fds = match &child_stdio {
                 ChildStdio::Terminal { slave } => {

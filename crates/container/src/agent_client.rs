@@ -178,30 +178,56 @@ impl AgentClient {
 
     /// Sends a request and waits for its response.
     pub fn request(&self, request: Request, timeout: Duration) -> Result<Reply, ContainerError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel();
-        lock(&self.inner.pending).insert(id, tx);
-        let name = request_name(&request);
+        self.pipeline(vec![request], timeout)?
+            .pop()
+            .unwrap_or_else(|| Err(ContainerError::Agent("no reply".into())))
+    }
+
+    /// Sends several requests in one write and then waits for all their replies (in order):
+    /// each round trip to a guest costs a wake-up on both sides, and the agent answers
+    /// requests in the order they come. `Err` only if nothing could be sent.
+    pub fn pipeline(
+        &self,
+        requests: Vec<Request>,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Reply, ContainerError>>, ContainerError> {
         let mut bytes = Vec::new();
-        encode_message(&HostMessage { id, request }, &mut bytes)
-            .map_err(|e| ContainerError::Agent(e.to_string()))?;
+        let mut waiting = Vec::new();
+        for request in requests {
+            let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel();
+            lock(&self.inner.pending).insert(id, tx);
+            waiting.push((id, request.name(), rx));
+            encode_message(&HostMessage { id, request }, &mut bytes)
+                .map_err(|e| ContainerError::Agent(e.to_string()))?;
+        }
         if let Err(e) = self.write(&bytes) {
-            lock(&self.inner.pending).remove(&id);
+            let mut pending = lock(&self.inner.pending);
+            for (id, _, _) in &waiting {
+                pending.remove(id);
+            }
             return Err(e);
         }
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(message)) => Err(ContainerError::Agent(message)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&self.inner.pending).remove(&id);
-                Err(ContainerError::Agent(format!(
-                    "no answer to {name} within {timeout:?}"
-                )))
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ContainerError::Agent(format!(
-                "connection lost during {name}"
-            ))),
-        }
+        let deadline = std::time::Instant::now() + timeout;
+        Ok(waiting
+            .into_iter()
+            .map(|(id, name, rx)| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(Ok(reply)) => Ok(reply),
+                    Ok(Err(message)) => Err(ContainerError::Agent(message)),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        lock(&self.inner.pending).remove(&id);
+                        Err(ContainerError::Agent(format!(
+                            "no answer to {name} within {timeout:?}"
+                        )))
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(ContainerError::Agent(
+                        format!("connection lost during {name}"),
+                    )),
+                }
+            })
+            .collect())
     }
 
     fn write(&self, bytes: &[u8]) -> Result<(), ContainerError> {
@@ -237,23 +263,6 @@ impl AgentClient {
     /// Closes the channel; the reader thread ends and pending requests fail.
     pub fn shutdown(&self) {
         let _ = lock(&self.inner.writer).shutdown(std::net::Shutdown::Both);
-    }
-}
-
-fn request_name(request: &Request) -> &'static str {
-    match request {
-        Request::Hello { .. } => "hello",
-        Request::SetClock { .. } => "set_clock",
-        Request::AddEntropy { .. } => "add_entropy",
-        Request::PrepareRoot(_) => "prepare_root",
-        Request::SetupContainer(_) => "setup_container",
-        Request::CreateProcess { .. } => "create_process",
-        Request::StartProcess { .. } => "start_process",
-        Request::Signal { .. } => "signal",
-        Request::ResizeTerminal { .. } => "resize_terminal",
-        Request::CloseStdin { .. } => "close_stdin",
-        Request::ListProcesses => "list_processes",
-        Request::Shutdown => "shutdown",
     }
 }
 

@@ -258,7 +258,7 @@ impl Monitor {
             }
         };
         phases.push(Phase::new(
-            "container setup and process start",
+            "container setup + process start",
             prepared.elapsed(),
         ));
         log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
@@ -320,31 +320,35 @@ impl Monitor {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        agent.request(
-            Request::SetClock {
-                unix_secs: now.as_secs() as i64,
-                nanos: now.subsec_nanos(),
-            },
-            REQUEST_TIMEOUT,
-        )?;
         // Host entropy and a CRNG reseed: VMs restored from one snapshot start with the same
         // RNG state, and must not produce the same numbers.
         let mut entropy = vec![0u8; 64];
         File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut entropy))
             .map_err(ContainerError::io("/dev/urandom"))?;
-        agent.request(Request::AddEntropy { bytes: entropy }, REQUEST_TIMEOUT)?;
-        agent.request(Request::SetupContainer(plan.setup.clone()), REQUEST_TIMEOUT)?;
-        let reply = agent.request(
-            Request::CreateProcess {
-                process: INIT_PROCESS,
-                spec: plan.init.clone(),
-                start: false,
-            },
+        // In one round trip; the agent stops at nothing, so each reply is checked in order.
+        let replies = agent.pipeline(
+            vec![
+                Request::SetClock {
+                    unix_secs: now.as_secs() as i64,
+                    nanos: now.subsec_nanos(),
+                },
+                Request::AddEntropy { bytes: entropy },
+                Request::SetupContainer(plan.setup.clone()),
+                Request::CreateProcess {
+                    process: INIT_PROCESS,
+                    spec: plan.init.clone(),
+                    start: false,
+                },
+            ],
             REQUEST_TIMEOUT,
         )?;
-        match reply {
-            Reply::Created { pid } => Ok(pid),
+        let mut last = None;
+        for reply in replies {
+            last = Some(reply?);
+        }
+        match last {
+            Some(Reply::Created { pid }) => Ok(pid),
             other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
         }
     }

@@ -198,6 +198,15 @@ fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
 /// The cached verdict for this boot of this host and this QEMU, measuring it if needed.
 /// `SUPERMACHINE_QEMU_ACCEL=kvm|tcg` overrides the probe.
 pub fn accel_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
+    let mut verdict = measured_verdict(qemu, dir)?;
+    if let Ok(cpu) = std::env::var("SUPERMACHINE_QEMU_CPU") {
+        verdict.reason = format!("{}; cpu {cpu} set by SUPERMACHINE_QEMU_CPU", verdict.reason);
+        verdict.cpu = cpu;
+    }
+    Ok(verdict)
+}
+
+fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
     match std::env::var("SUPERMACHINE_QEMU_ACCEL").as_deref() {
         Ok("kvm") => {
             return Ok(AccelVerdict {
