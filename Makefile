@@ -25,9 +25,9 @@ agent:
 guest: kernel agent
 
 build:
-	$(CARGO) build --locked --release --bin supermachine
+	$(CARGO) build --locked --release --bin supermachine --bin containerd-shim-supermachine-v2
 	mkdir -p $(BIN)
-	cp target/release/supermachine $(BIN)/supermachine.tmp && mv $(BIN)/supermachine.tmp $(BIN)/supermachine
+	for b in supermachine containerd-shim-supermachine-v2; do cp target/release/$$b $(BIN)/$$b.tmp && mv $(BIN)/$$b.tmp $(BIN)/$$b; done
 
 demo: deps guest build
 	scripts/demo.sh $(BIN)/supermachine
@@ -56,6 +56,7 @@ bench: deps guest build
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine
+	install -D -m 0755 $(BIN)/containerd-shim-supermachine-v2 /usr/local/bin/containerd-shim-supermachine-v2
 	install -D -m 0644 $(ASSETS)/vmlinux /usr/local/share/supermachine/vmlinux
 	install -D -m 0755 $(ASSETS)/supermachine-agent /usr/local/share/supermachine/supermachine-agent
 

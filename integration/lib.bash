@@ -90,8 +90,9 @@ trap cleanup EXIT INT TERM
 
 # --- comparison table -----------------------------------------------------------------
 
-printf '%-34s | %-28s | %-28s | %s\n' "case" "runc" "supermachine" "result" > /dev/null
 TABLE=()
+# The two runtimes each case runs under (the first is the reference).
+COMPARED=(runc supermachine)
 
 # short RESULT: one line of output and the exit code, for the table.
 short() { printf '%s' "$1" | tr '\r\n' '  ' | sed 's/  */ /g; s/ $//' | cut -c1-22; }
@@ -103,8 +104,8 @@ record() {
     verdict=FAIL
     FAILED=$((FAILED + 1))
     log "--- $name differs"
-    log "runc (rc=$runc_rc):"; log "$runc_out"
-    log "supermachine (rc=$sm_rc):"; log "$sm_out"
+    log "${COMPARED[0]} (rc=$runc_rc):"; log "$runc_out"
+    log "${COMPARED[1]} (rc=$sm_rc):"; log "$sm_out"
   fi
   TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "$(short "$runc_out") rc=$runc_rc" "$(short "$sm_out") rc=$sm_rc" "$verdict")")
 }
@@ -113,12 +114,12 @@ record() {
 clean_output() { tr -d '\r' | grep -v '^time=".*level=warning msg="task ' || true; }
 
 # compare CASE FUNCTION: FUNCTION RUNTIME prints output, its status is the result; it is
-# called with "runc" and with "supermachine".
+# called with each of COMPARED.
 compare() {
   local name=$1 fn=$2 runc_out sm_out runc_rc sm_rc
   set +e
-  runc_out=$("$fn" runc 2>&1 | clean_output); runc_rc=${PIPESTATUS[0]}
-  sm_out=$("$fn" supermachine 2>&1 | clean_output); sm_rc=${PIPESTATUS[0]}
+  runc_out=$("$fn" "${COMPARED[0]}" 2>&1 | clean_output); runc_rc=${PIPESTATUS[0]}
+  sm_out=$("$fn" "${COMPARED[1]}" 2>&1 | clean_output); sm_rc=${PIPESTATUS[0]}
   set -e
   record "$name" "$runc_out" "$runc_rc" "$sm_out" "$sm_rc"
 }
@@ -140,7 +141,7 @@ check() {
 }
 
 print_table() {
-  printf '\n%-36s | %-30s | %-30s | %s\n' "case" "runc" "supermachine" "result"
+  printf '\n%-36s | %-30s | %-30s | %s\n' "case" "${COMPARED[0]}" "${COMPARED[1]}" "result"
   printf '%s\n' "-------------------------------------+--------------------------------+--------------------------------+-------"
   printf '%s\n' "${TABLE[@]}"
   printf '\n%d case(s) failed\n' "$FAILED"

@@ -5,14 +5,18 @@ use agent_proto::ProcessInfo;
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
-/// Every process but the agent (PID 1) and kernel threads.
+/// Every process but the agent and kernel threads. With a pid namespace `/proc` is the
+/// container's, where the agent does not appear at all (and `/proc/self` does not resolve).
 pub fn list_processes() -> Vec<ProcessInfo> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let agent: Option<i32> = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok());
     let mut list: Vec<ProcessInfo> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != 1)
+        .filter(|&pid| Some(pid) != agent)
         .filter_map(read_process)
         .collect();
     list.sort_by_key(|p| p.pid);

@@ -35,7 +35,7 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    fn has(&self, controller: &str) -> bool {
+    pub fn has(&self, controller: &str) -> bool {
         self.controllers.iter().any(|c| c == controller)
     }
 }
@@ -123,10 +123,103 @@ pub fn relative_path(cgroups_path: &str) -> PathBuf {
     PathBuf::from(cgroups_path.trim_start_matches('/'))
 }
 
+/// Host limits from an OCI `LinuxResources` document (`update`, the shim's Update). The
+/// guest's memory is fixed when the VM boots: a memory limit that cannot hold it (with the
+/// VMM's overhead) is refused with that reason, not left to the host's OOM killer.
+pub fn limits_from_resources(
+    resources: &serde_json::Value,
+    guest_mib: u32,
+    vmm_overhead_mib: u32,
+) -> Result<HostLimits, ContainerError> {
+    let int = |pointer: &str| {
+        resources
+            .pointer(pointer)
+            .and_then(|v| v.as_i64())
+            .filter(|&v| v > 0)
+    };
+    let text = |pointer: &str| {
+        resources
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+    };
+    let memory_bytes = int("/memory/limit");
+    if let Some(bytes) = memory_bytes {
+        let needed = i64::from(guest_mib + vmm_overhead_mib) << 20;
+        if bytes < needed {
+            return Err(ContainerError::InvalidState(format!(
+                "cannot lower the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
+                 of guest memory, and with its VMM needs {} MiB; recreate the container to shrink it",
+                bytes >> 20,
+                needed >> 20
+            )));
+        }
+    }
+    Ok(HostLimits {
+        memory_bytes,
+        cpu_quota: int("/cpu/quota"),
+        cpu_period: int("/cpu/period").map(|p| p as u64),
+        cpu_shares: int("/cpu/shares").map(|s| s as u64),
+        cpuset_cpus: text("/cpu/cpus"),
+        cpuset_mems: text("/cpu/mems"),
+    })
+}
+
 /// The directories a process joined, to remove on delete.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     pub dirs: Vec<PathBuf>,
+    /// The cgroups the process was in before, so that a process that outlives the
+    /// container (a shim) can leave before the directories are removed.
+    #[serde(default)]
+    pub previous: Vec<PathBuf>,
+}
+
+/// The cgroup directory `pid` is in, for each mounted hierarchy, with the hierarchy.
+pub fn directories_of(pid: u32) -> Vec<(Hierarchy, PathBuf)> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let all = hierarchies(&mountinfo);
+    let dirs = membership(pid, &all);
+    dirs.into_iter()
+        .filter_map(|dir| {
+            let h = all.iter().find(|h| dir.starts_with(&h.mount))?.clone();
+            Some((h, dir))
+        })
+        .collect()
+}
+
+/// The cgroup directory `pid` is in, for each mounted hierarchy.
+fn membership(pid: u32, hierarchies: &[Hierarchy]) -> Vec<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let relative = path.trim_start_matches('/');
+        let found = hierarchies.iter().find(|h| {
+            if controllers.is_empty() {
+                h.v2
+            } else {
+                !h.v2 && controllers.split(',').all(|c| h.has(c))
+            }
+        });
+        if let Some(h) = found {
+            dirs.push(h.mount.join(relative));
+        }
+    }
+    dirs
+}
+
+/// Moves `pid` back to the cgroups it was in before `place`.
+pub fn leave(placement: &Placement, pid: u32) {
+    for dir in &placement.previous {
+        let _ = fs::write(dir.join("cgroup.procs"), pid.to_string());
+    }
 }
 
 /// Creates the cgroup in every hierarchy, applies `limits`, and moves `pid` into it.
@@ -137,8 +230,12 @@ pub fn place(
 ) -> Result<Placement, ContainerError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let relative = relative_path(cgroups_path);
-    let mut placement = Placement::default();
-    for hierarchy in hierarchies(&mountinfo) {
+    let all = hierarchies(&mountinfo);
+    let mut placement = Placement {
+        dirs: Vec::new(),
+        previous: membership(pid, &all),
+    };
+    for hierarchy in all {
         let dir = hierarchy.mount.join(&relative);
         let existed = dir.exists();
         if let Err(e) = fs::create_dir_all(&dir) {
@@ -274,6 +371,22 @@ mod tests {
 35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
 36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
 ";
+
+    #[test]
+    fn memory_below_the_vm_is_refused_and_above_accepted() {
+        let small = serde_json::json!({ "memory": { "limit": 64 << 20 } });
+        let err = limits_from_resources(&small, 256, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot lower the memory limit"), "{err}");
+        let big = serde_json::json!({ "memory": { "limit": 1i64 << 30 }, "cpu": { "quota": 50000, "period": 100000 } });
+        let limits = limits_from_resources(&big, 256, 64).unwrap();
+        assert_eq!(limits.memory_bytes, Some(1 << 30));
+        assert_eq!(
+            (limits.cpu_quota, limits.cpu_period),
+            (Some(50000), Some(100000))
+        );
+    }
 
     #[test]
     fn hybrid_hosts_have_v1_controllers_and_a_unified_hierarchy() {

@@ -9,7 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use agent_proto::Request;
+use std::fs::File;
+use std::io::Read;
+
+use agent_proto::{Reply, Request, INIT_PROCESS};
 use engine::{Engine, Phase, Vm, VmSpec};
 use snapshot::{
     Bake, CacheLimits, Entry, KeyParts, Lookup, SnapshotCache, SnapshotKey, FORMAT_VERSION,
@@ -257,4 +260,43 @@ fn bake_snapshot(
     launched.publisher = Some(publisher);
     launched.origin = Origin::Booted { baked: Some(key) };
     Ok(())
+}
+
+/// Gives a fresh (booted or restored) VM its own identity, mounts the container and
+/// prepares its first process; returns the process's guest pid.
+pub fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, ContainerError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // Host entropy and a CRNG reseed: VMs restored from one snapshot start with the same
+    // RNG state, and must not produce the same numbers.
+    let mut entropy = vec![0u8; 64];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut entropy))
+        .map_err(ContainerError::io("/dev/urandom"))?;
+    // In one round trip; the agent stops at nothing, so each reply is checked in order.
+    let replies = agent.pipeline(
+        vec![
+            Request::SetClock {
+                unix_secs: now.as_secs() as i64,
+                nanos: now.subsec_nanos(),
+            },
+            Request::AddEntropy { bytes: entropy },
+            Request::SetupContainer(plan.setup.clone()),
+            Request::CreateProcess {
+                process: INIT_PROCESS,
+                spec: plan.init.clone(),
+                start: false,
+            },
+        ],
+        REQUEST_TIMEOUT,
+    )?;
+    let mut last = None;
+    for reply in replies {
+        last = Some(reply?);
+    }
+    match last {
+        Some(Reply::Created { pid }) => Ok(pid),
+        other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
+    }
 }

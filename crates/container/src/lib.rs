@@ -21,6 +21,7 @@ pub mod paths;
 pub mod plan;
 pub mod proc;
 pub mod relay;
+pub mod rootfs;
 pub mod signal;
 pub mod state;
 pub mod translate;

@@ -246,7 +246,7 @@ impl Monitor {
             publisher,
         } = launched;
         let prepared = Instant::now();
-        let guest_pid = match Self::prepare_container(&agent, &plan) {
+        let guest_pid = match launch::prepare_container(&agent, &plan) {
             Ok(pid) => pid,
             Err(e) => {
                 let console = vm.console_tail(15);
@@ -312,45 +312,6 @@ impl Monitor {
             engine_name,
             next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
         })
-    }
-
-    /// Gives a fresh (booted or restored) VM its own identity, mounts the container and
-    /// prepares its first process; returns the process's guest pid.
-    fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, ContainerError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        // Host entropy and a CRNG reseed: VMs restored from one snapshot start with the same
-        // RNG state, and must not produce the same numbers.
-        let mut entropy = vec![0u8; 64];
-        File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut entropy))
-            .map_err(ContainerError::io("/dev/urandom"))?;
-        // In one round trip; the agent stops at nothing, so each reply is checked in order.
-        let replies = agent.pipeline(
-            vec![
-                Request::SetClock {
-                    unix_secs: now.as_secs() as i64,
-                    nanos: now.subsec_nanos(),
-                },
-                Request::AddEntropy { bytes: entropy },
-                Request::SetupContainer(plan.setup.clone()),
-                Request::CreateProcess {
-                    process: INIT_PROCESS,
-                    spec: plan.init.clone(),
-                    start: false,
-                },
-            ],
-            REQUEST_TIMEOUT,
-        )?;
-        let mut last = None;
-        for reply in replies {
-            last = Some(reply?);
-        }
-        match last {
-            Some(Reply::Created { pid }) => Ok(pid),
-            other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
-        }
     }
 
     fn serve(self, signals: SigSet, started: Instant) -> i32 {

@@ -63,6 +63,17 @@ impl Plan {
         guest_debug: bool,
         snapshots: bool,
     ) -> Result<Self, ContainerError> {
+        Self::prepare_with(bundle, paths, guest_debug, snapshots, VmDefaults::load())
+    }
+
+    /// [`Plan::prepare`] with other VM defaults (a shim's runtime options).
+    pub fn prepare_with(
+        bundle: &Bundle,
+        paths: &Paths,
+        guest_debug: bool,
+        snapshots: bool,
+        defaults: VmDefaults,
+    ) -> Result<Self, ContainerError> {
         let assets = Assets::locate()?;
         let initramfs = Initramfs::ensure(&assets.agent, &paths.cache_dir)?;
         let key = ImageKey::for_rootfs(&bundle.rootfs, &bundle.annotations())?;
@@ -75,7 +86,6 @@ impl Plan {
             if built { "built" } else { "reused" }
         );
         let kernel_digest = image::file_digest(&assets.kernel)?;
-        let defaults = VmDefaults::load();
         let (vcpus, memory_mib) = translate::vm_shape(&bundle.spec, &defaults);
         let rootfs = RootfsSpec {
             device: VmSpec::guest_disk(0),

@@ -1,0 +1,137 @@
+#!/bin/bash
+# The native shim, containerd-shim-supermachine-v2, under its own containerd 1.6: every ctr
+# case through it and through the runc shim with the supermachine binary, side by side; its
+# own properties (metrics, runtime options, a killed shim cleaned up by containerd); and the
+# time of `ctr run --rm` of true for runc, runc-shim+supermachine and the native shim.
+#   integration/shim.sh /path/to/supermachine   (the shim is looked for beside it)
+. "$(dirname "$0")/lib.bash"
+
+SHIM_DIR=$(dirname "$SM_BIN")
+[ -x "$SHIM_DIR/containerd-shim-supermachine-v2" ] || { log "no containerd-shim-supermachine-v2 in $SHIM_DIR"; exit 1; }
+# containerd finds shims on its PATH.
+export PATH="$SHIM_DIR:$PATH"
+
+start_containerd
+busybox_image
+ctr_ images import "$WORK/busybox.tar" > /dev/null
+
+. "$(dirname "$0")/ctr-cases.bash"
+COMPARED=(supermachine shim)
+
+compare "ctr run: output" case_output
+compare "ctr run: exit status" case_exit_code
+compare "ctr run: stdin" case_stdin
+compare "ctr run -t: terminal" case_tty
+compare "ctr run: env, cwd" case_env_cwd
+compare "ctr task kill SIGTERM" case_kill
+compare "ctr task kill --all SIGKILL" case_kill_all
+compare "ctr task exec, pause, resume" case_exec_ps_pause
+compare "ctr task exec: three at once" case_concurrent_execs
+
+SHIM="--runtime io.containerd.supermachine.v2"
+
+remove_task() { # ID
+  ctr_ tasks kill -s SIGKILL "$1" > /dev/null 2>&1
+  wait_status "$1" STOPPED
+  ctr_ tasks delete "$1" > /dev/null 2>&1
+  ctr_ containers rm "$1" > /dev/null 2>&1
+}
+
+shim_ps_metrics() {
+  local id=shim-metrics
+  # shellcheck disable=SC2086
+  ctr_ run -d $SHIM --memory-limit 536870912 "$IMAGE" "$id" sh -c 'sleep 1000 & exec sleep 999' > /dev/null
+  wait_status "$id" RUNNING
+  # ps lists the processes in the VM (guest pids, the container's init is 1).
+  local ps=""
+  for _ in $(seq 50); do
+    ps=$(ctr_ tasks ps "$id" | awk 'NR > 1 { print $1 }' | sort -n | tr '\n' ' ')
+    [ "$ps" = "1 2 " ] && break
+    sleep 0.1
+  done
+  local metrics; metrics=$(ctr_ tasks metrics "$id")
+  remove_task "$id"
+  [ "$ps" = "1 2 " ] || { echo "ps: $ps"; return 1; }
+  echo "$metrics" | awk '$1 == "memory.limit_in_bytes" { exit !($2 == 536870912) }' || { echo "$metrics"; return 1; }
+  echo "$metrics" | awk '$1 == "memory.usage_in_bytes" { exit !($2 > 1048576) }' || { echo "$metrics"; return 1; }
+  [ ! -e "/sys/fs/cgroup/memory/smtest/$id" ] || { echo "cgroup left behind"; return 1; }
+  echo "ps: guest pids $ps; metrics: limit 512 MiB; cgroup removed"
+}
+check "native: ps, metrics, cgroup" shim_ps_metrics
+
+shim_runtime_options() {
+  local options=$WORK/shim-options.toml
+  printf 'memory_mib = 192\nsnapshots = false\n' > "$options"
+  # shellcheck disable=SC2086
+  local mem; mem=$(ctr_ run --rm $SHIM --runtime-config-path "$options" "$IMAGE" opt1 \
+    sh -c "awk '/MemTotal/ { print int(\$2 / 1024) }' /proc/meminfo")
+  # The guest's memory is what the options asked for, minus what its kernel keeps.
+  [ "$mem" -gt 150 ] && [ "$mem" -le 192 ] || { echo "guest MemTotal ${mem} MiB"; return 1; }
+  echo "memory_mib = 192: guest has ${mem} MiB"
+}
+check "native: runtime options" shim_runtime_options
+
+shim_killed() {
+  local id=shim-killed
+  # shellcheck disable=SC2086
+  ctr_ run -d $SHIM "$IMAGE" "$id" sleep 1000 > /dev/null
+  wait_status "$id" RUNNING
+  local shim vmm
+  shim=$(pgrep -f "containerd-shim-supermachine-v2 .*-id $id") || return 1
+  vmm=$(pgrep -f "qemu-system.*/$id/console.log") || return 1
+  kill -KILL "$shim"
+  # containerd notices the shim is gone and runs its `delete` action.
+  for _ in $(seq 100); do
+    ctr_ tasks ls -q | grep -qx "$id" || break
+    sleep 0.1
+  done
+  ctr_ tasks ls -q | grep -qx "$id" && { echo "task still listed"; return 1; }
+  # The VMM dies with the shim (SIGKILL from the kernel); give init a moment to reap it.
+  for _ in $(seq 50); do
+    grep -q '^State:[[:space:]]*[^Z]' "/proc/$vmm/status" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q '^State:[[:space:]]*[^Z]' "/proc/$vmm/status" 2>/dev/null && { echo "VMM $vmm left behind"; return 1; }
+  mount | grep -q "/$id/rootfs" && { echo "rootfs still mounted"; return 1; }
+  [ ! -e "/sys/fs/cgroup/memory/smtest/$id" ] || { echo "cgroup left behind"; return 1; }
+  ctr_ containers rm "$id"
+  echo "shim SIGKILLed: task gone, no VM, mount or cgroup left"
+}
+check "native: SIGKILLed shim cleaned up" shim_killed
+
+no_state_left() {
+  local left; left=$(ls -A "$WORK/sm-root/smtest" 2>/dev/null || true)
+  [ -z "$left" ] || { echo "left: $left"; return 1; }
+  echo none
+}
+check "no state left in --root" no_state_left
+assert_no_leftovers
+print_table
+
+# ctr run --rm of true, one run each after a warm-up.
+RUNS=${BENCH_RUNS:-5}
+ms() { date +%s%3N; }
+time_runtime() { # RUNTIME
+  local i start
+  # shellcheck disable=SC2046
+  ctr_ run --rm $(rt "$1") "$IMAGE" "warm-$1" true
+  for i in $(seq "$RUNS"); do
+    start=$(ms)
+    # shellcheck disable=SC2046
+    ctr_ run --rm $(rt "$1") "$IMAGE" "t$i-$1" true
+    echo $(($(ms) - start))
+  done
+}
+median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+printf '\nctr run --rm of true, %s runs each after a warm-up (ms)\n' "$RUNS"
+printf '%-26s%10s%10s\n' runtime median ratio
+runc_median=$(time_runtime runc | median)
+for runtime in runc supermachine shim; do
+  case "$runtime" in
+    runc) label="runc"; m=$runc_median ;;
+    supermachine) label="runc shim + supermachine"; m=$(time_runtime supermachine | median) ;;
+    shim) label="native shim"; m=$(time_runtime shim | median) ;;
+  esac
+  printf '%-26s%10s%9sx\n' "$label" "$m" "$(awk -v a="$m" -v b="$runc_median" 'BEGIN { printf "%.1f", a / b }')"
+done
+[ "$FAILED" = 0 ]
