@@ -53,6 +53,7 @@ bench: deps guest build
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine
 	scripts/install-deps.sh test
 	scripts/bench-docker.sh $(CURDIR)/$(BIN)/supermachine
+	scripts/bench-network.sh $(CURDIR)/$(BIN)/supermachine
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine

@@ -48,11 +48,44 @@ TOML
   log "containerd did not start:"; cat "$WORK/containerd.log" >&2; return 1
 }
 
+# start_dockerd [ARGS...]: dockerd on our containerd, with no network of its own.
 start_dockerd() {
+  run_dockerd --iptables=false --ip-masq=false --bridge=none --userland-proxy=false "$@"
+}
+
+# start_dockerd_bridged BIP/24 [SUBNET/24...]: dockerd with its bridge, iptables NAT and port
+# publishing, docker0 on BIP; SUBNETs are for networks the script creates. Bridges and rules a
+# killed dockerd left on these subnets are removed before and after (a stale bridge keeps its
+# address and a stale MASQUERADE rule rewrites bridged traffic).
+BRIDGED_SUBNETS=()
+start_dockerd_bridged() {
+  local bip=$1
+  shift
+  BRIDGED_SUBNETS=("${bip%.*/*}.0/24" "$@")
+  purge_stale_network
+  AFTER_CLEANUP+=(purge_stale_network)
+  run_dockerd --bip "$bip"
+}
+
+purge_stale_network() {
+  local bridges table br subnet patterns=()
+  for subnet in "${BRIDGED_SUBNETS[@]}"; do
+    patterns+=(-e "$subnet")
+    bridges+=" $(ip -o -4 addr show | awk -v gw="${subnet%.0/24}.1/" 'index($4, gw) == 1 { print $2 }')"
+  done
+  for br in $bridges; do patterns+=(-e "$br"); done
+  for table in nat filter; do
+    iptables -t "$table" -S 2> /dev/null | grep '^-A' | grep -F "${patterns[@]}" |
+      sed 's/^-A/-D/' | while read -r rule; do eval "iptables -t $table $rule"; done || true
+  done
+  for br in $bridges; do ip link del "$br" 2> /dev/null; done
+  return 0
+}
+
+run_dockerd() {
   mkdir -p "$WORK/docker" "$WORK/docker-exec"
   dockerd --containerd "$CTRD_SOCK" --data-root "$WORK/docker" --exec-root "$WORK/docker-exec" \
     -H "unix://$DOCKER_SOCK" --pidfile "$WORK/docker.pid" \
-    --iptables=false --ip-masq=false --bridge=none --userland-proxy=false \
     --add-runtime "supermachine=$SM_BIN" "$@" > "$WORK/dockerd.log" 2>&1 &
   PIDS_TO_STOP+=($!)
   for _ in $(seq 200); do
@@ -83,9 +116,12 @@ cleanup() {
   # Leftover shims (and their containers) of our containerd.
   pkill -f -- "-address $CTRD_SOCK" 2>/dev/null
   grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  for hook in "${AFTER_CLEANUP[@]}"; do "$hook"; done
   rm -rf "$WORK"
   exit "$rc"
 }
+# Commands a script adds to run after the daemons have stopped.
+AFTER_CLEANUP=()
 trap cleanup EXIT INT TERM
 
 # --- comparison table -----------------------------------------------------------------

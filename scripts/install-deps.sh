@@ -3,9 +3,9 @@
 # Usage: scripts/install-deps.sh [build|test]
 set -eu
 
-need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl-dev busybox-static"
+need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl-dev busybox-static iproute2"
 case "${1:-build}" in
-  test) need="$need containerd runc docker.io iproute2 iptables" ;;
+  test) need="$need containerd runc docker.io iptables" ;;
 esac
 
 missing=""

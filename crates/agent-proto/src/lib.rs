@@ -129,6 +129,17 @@ pub enum Request {
         process: ProcessId,
     },
     ListProcesses,
+    /// Attaches the guest's network interfaces (held detached until now) and configures
+    /// them as the container's host-side interfaces are.
+    ConfigureNetwork(NetworkConfig),
+    /// New contents for files copied in at setup (docker rewrites resolv.conf and hosts when
+    /// it connects the network, after create): `(destination, contents)`.
+    UpdateFiles(Vec<(String, Vec<u8>)>),
+    /// The answer to a [`AgentMessage::DnsQuery`] the host relayed.
+    DnsAnswer {
+        id: u64,
+        payload: Vec<u8>,
+    },
     /// Syncs filesystems and powers the guest off.
     Shutdown,
 }
@@ -148,6 +159,9 @@ impl Request {
             Request::ResizeTerminal { .. } => "resize_terminal",
             Request::CloseStdin { .. } => "close_stdin",
             Request::ListProcesses => "list_processes",
+            Request::ConfigureNetwork(_) => "configure_network",
+            Request::UpdateFiles(_) => "update_files",
+            Request::DnsAnswer { .. } => "dns_answer",
             Request::Shutdown => "shutdown",
         }
     }
@@ -168,6 +182,36 @@ pub enum AgentMessage {
         process: ProcessId,
         status: ExitStatus,
     },
+    /// A DNS query sent to the relay address in the guest (docker's 127.0.0.11), for the host
+    /// to ask the resolver that lives in the container's network namespace.
+    DnsQuery { id: u64, payload: Vec<u8> },
+}
+
+/// The container's network, as the guest must be configured.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Answer DNS on 127.0.0.11:53 by relaying queries to the host.
+    pub dns_relay: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct InterfaceConfig {
+    /// The name in the guest (the host interface's).
+    pub name: String,
+    /// `aa:bb:cc:dd:ee:ff`, the host interface's, so that its neighbours keep working.
+    pub mac: String,
+    pub mtu: u32,
+    /// `address/prefix`, IPv4 or IPv6.
+    pub addresses: Vec<String>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RouteConfig {
+    /// `address/prefix`; `None` is the default route.
+    pub destination: Option<String>,
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

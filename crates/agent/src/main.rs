@@ -9,6 +9,7 @@ mod caps;
 mod channel;
 mod cmdline;
 mod logging;
+mod network;
 mod procfs;
 mod server;
 mod setup;
@@ -25,6 +26,9 @@ fn main() {
     let cmdline = cmdline::Cmdline::read();
     logging::set_debug(cmdline.debug);
 
+    if let Err(e) = network::loopback_up() {
+        agent_log!("lo: {}", e.0);
+    }
     if std::process::id() != 1 {
         agent_log!("warning: not PID 1; orphans will not be reaped here");
     }

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
-use crate::{agent_debug, agent_log, procfs, setup, spawn};
+use crate::{agent_debug, agent_log, network, procfs, setup, spawn};
 
 /// How long an exited process's output may stay open (held by its own background children)
 /// before the agent reports the exit anyway.
@@ -51,6 +51,7 @@ struct Process {
 
 enum Readiness {
     Channel,
+    Dns,
     Signals,
     Output(ProcessId, usize),
     Stdin(ProcessId),
@@ -68,6 +69,9 @@ pub struct Server {
     prepared_root: Option<agent_proto::RootfsSpec>,
     /// Work left for the container's first process (PID 1 of its pid namespace).
     proc_finish: Option<setup::ProcFinish>,
+    /// virtio-net devices held detached until the host connects them.
+    detached_nics: network::DetachedNics,
+    dns: Option<network::DnsRelay>,
     shutdown: bool,
     started: Instant,
 }
@@ -90,6 +94,8 @@ impl Server {
             container_ready: false,
             prepared_root: None,
             proc_finish: None,
+            detached_nics: network::DetachedNics::detach_all(),
+            dns: None,
             shutdown: false,
             started: Instant::now(),
         })
@@ -147,6 +153,10 @@ impl Server {
         }
         fds.push(PollFd::new(borrow(&self.signals), PollFlags::POLLIN));
         what.push(Readiness::Signals);
+        if let Some(dns) = &self.dns {
+            fds.push(PollFd::new(borrow(&dns.socket), PollFlags::POLLIN));
+            what.push(Readiness::Dns);
+        }
         let mut deadline: Option<Instant> = None;
         for (&id, process) in &self.processes {
             for (index, (_, fd)) in process.outputs.iter().enumerate() {
@@ -196,6 +206,7 @@ impl Server {
             match what[index] {
                 Readiness::Channel => self.on_channel(revents)?,
                 Readiness::Signals => self.reap(),
+                Readiness::Dns => self.relay_dns()?,
                 Readiness::Output(id, slot) => self.on_output(id, slot)?,
                 Readiness::Stdin(id) => self.flush_stdin(id),
             }
@@ -388,6 +399,29 @@ impl Server {
                 Ok(Reply::Ok)
             }
             Request::ListProcesses => Ok(Reply::Processes(procfs::list_processes())),
+            Request::ConfigureNetwork(config) => {
+                network::configure(&config, &mut self.detached_nics)
+                    .map_err(|e| AgentError(e.0))?;
+                if config.dns_relay && self.dns.is_none() {
+                    self.dns = Some(network::DnsRelay::bind().map_err(|e| AgentError(e.0))?);
+                }
+                Ok(Reply::Ok)
+            }
+            Request::UpdateFiles(files) => {
+                if !self.container_ready {
+                    return Err(AgentError("the container is not set up".into()));
+                }
+                for (destination, contents) in files {
+                    setup::update_file(&destination, &contents).map_err(|e| AgentError(e.0))?;
+                }
+                Ok(Reply::Ok)
+            }
+            Request::DnsAnswer { id, payload } => {
+                if let Some(dns) = &mut self.dns {
+                    dns.answer(id, &payload);
+                }
+                Ok(Reply::Ok)
+            }
             Request::Shutdown => {
                 self.shutdown = true;
                 Ok(Reply::Ok)
@@ -484,6 +518,20 @@ impl Server {
             encode_data(id, stream, &[], &mut out);
         }
         self.write(&out)
+    }
+
+    /// Sends the DNS queries waiting at the relay address to the host.
+    fn relay_dns(&mut self) -> Result<(), AgentError> {
+        let mut queries = Vec::new();
+        if let Some(dns) = &mut self.dns {
+            while let Some(query) = dns.receive() {
+                queries.push(query);
+            }
+        }
+        for (id, payload) in queries {
+            self.send(&AgentMessage::DnsQuery { id, payload })?;
+        }
+        Ok(())
     }
 
     /// Reaps every exited child; the container's processes get their status recorded.

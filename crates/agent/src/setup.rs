@@ -301,6 +301,31 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Replaces the contents of a file copied in at setup (in the entered container root),
+/// keeping it read-only if it was bound so.
+pub fn update_file(destination: &str, contents: &[u8]) -> Result<(), SetupError> {
+    let target = resolve_in_root(Path::new("/"), destination);
+    match fs::write(&target, contents) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            // A read-only bind of the file over itself: lift it, write, bind again.
+            nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(err(format!("unmount {destination}")))?;
+            fs::write(&target, contents).map_err(err(format!("write {destination}")))?;
+            mount(
+                Some(&target),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(err(format!("bind {destination}")))?;
+            remount_readonly(&target, MsFlags::MS_BIND)
+        }
+        Err(e) => Err(SetupError(format!("write {destination}: {e}"))),
+    }
+}
+
 fn remount_readonly(target: &Path, flags: MsFlags) -> Result<(), SetupError> {
     let keep = flags & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
     mount(

@@ -38,7 +38,11 @@ struct Inner {
     next_id: AtomicU64,
     closed: AtomicBool,
     on_close: Mutex<Option<OnClose>>,
+    dns: Mutex<Option<DnsHandler>>,
 }
+
+/// Called (on the reader thread) with each DNS query the guest relays.
+pub type DnsHandler = Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AgentClient {
@@ -134,6 +138,7 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             on_close: Mutex::new(None),
+            dns: Mutex::new(None),
         });
         let thread_inner = Arc::clone(&inner);
         std::thread::Builder::new()
@@ -260,6 +265,11 @@ impl AgentClient {
         lock(&self.inner.sinks).remove(&process);
     }
 
+    /// Handles the guest's relayed DNS queries.
+    pub fn on_dns_query(&self, handler: DnsHandler) {
+        *lock(&self.inner.dns) = Some(handler);
+    }
+
     /// Closes the channel; the reader thread ends and pending requests fail.
     pub fn shutdown(&self) {
         let _ = lock(&self.inner.writer).shutdown(std::net::Shutdown::Both);
@@ -292,6 +302,13 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 }
             }
             Frame::Message(AgentMessage::Ready(_)) => {}
+            Frame::Message(AgentMessage::DnsQuery { id, payload }) => {
+                let handler = lock(&inner.dns).clone();
+                match handler {
+                    Some(handler) => handler(id, payload),
+                    None => log::debug!("DNS query {id} with no relay on the host"),
+                }
+            }
             Frame::Data {
                 process,
                 stream,

@@ -17,6 +17,7 @@ pub mod id;
 pub mod launch;
 pub mod monitor;
 pub mod netns;
+pub mod network;
 pub mod paths;
 pub mod plan;
 pub mod proc;

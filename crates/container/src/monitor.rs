@@ -28,10 +28,20 @@ use crate::agent_client::{AgentClient, ProcessEvents};
 use crate::console::{self, HostConsole};
 use crate::control::{self, ControlReply, ControlRequest};
 use crate::launch::{self, Launched, Origin};
+use crate::netns::NetworkNamespace;
+use crate::network::{self, Attachment};
 use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
 use crate::state::{ContainerDir, StateStore, Status};
 use crate::{cgroup, proc, ContainerError, Paths};
+
+/// The container's network connection, attached once its namespace has an interface.
+#[derive(Debug)]
+struct NetworkState {
+    attachment: Attachment,
+    taps: Vec<String>,
+    files: Vec<crate::translate::FileBind>,
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -200,6 +210,7 @@ struct Monitor {
     listener: UnixListener,
     engine_name: String,
     next_exec: Arc<Mutex<ProcessId>>,
+    network: Arc<Mutex<NetworkState>>,
 }
 
 impl Monitor {
@@ -227,7 +238,13 @@ impl Monitor {
         let choice: EngineChoice = args.engine.parse()?;
         let selection = engine::select(choice, &paths.probe_dir())?;
         log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
-        let spec = plan.vm_spec(dir.path.clone());
+        // In the container's network namespace (entered above): the tap the VM's network
+        // device sends through.
+        let tap = match plan.network {
+            NetworkNamespace::Host => None,
+            _ => Some(network::create_tap(&format!("{}0", network::TAP_PREFIX))?),
+        };
+        let spec = plan.vm_spec(dir.path.clone(), tap.as_ref());
         let cache = if plan.snapshots {
             Some(SnapshotCache::new(
                 paths.snapshots_dir(),
@@ -237,6 +254,8 @@ impl Monitor {
             None
         };
         let launched = launch::launch(&*selection.engine, &spec, &plan, cache.as_ref())?;
+        // The VMM holds the tap now; it goes when the VMM does.
+        let taps: Vec<String> = tap.into_iter().map(|t| t.name).collect();
         let Launched {
             mut vm,
             agent,
@@ -257,6 +276,17 @@ impl Monitor {
                 });
             }
         };
+        // CNI-style namespaces are ready before create; docker's are connected between
+        // create and start (then `start` attaches).
+        let mut attachment = Attachment::default();
+        if let Err(e) = attachment.attach(&agent, &taps, &plan.file_binds) {
+            let console = vm.console_tail(15);
+            let _ = vm.stop();
+            return Err(ContainerError::Boot {
+                message: e.to_string(),
+                console,
+            });
+        }
         phases.push(Phase::new(
             "container setup + process start",
             prepared.elapsed(),
@@ -311,6 +341,11 @@ impl Monitor {
             listener,
             engine_name,
             next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
+            network: Arc::new(Mutex::new(NetworkState {
+                attachment,
+                taps,
+                files: plan.file_binds.clone(),
+            })),
         })
     }
 
@@ -343,6 +378,7 @@ impl Monitor {
             let _ = publisher.join();
         }
         self.agent.shutdown();
+        lock(&self.network).attachment.detach();
         if let Err(e) = lock(&self.vm).stop() {
             log::warn!("stopping the VM: {e}");
         }
@@ -406,6 +442,7 @@ impl Monitor {
             agent: self.agent.clone(),
             events: self.events_tx.clone(),
             next_exec: Arc::clone(&self.next_exec),
+            network: Arc::clone(&self.network),
         };
         let _ = std::thread::Builder::new()
             .name("control".into())
@@ -430,6 +467,7 @@ struct ControlContext {
     dir: ContainerDir,
     vm: Arc<Mutex<Box<dyn Vm>>>,
     agent: AgentClient,
+    network: Arc<Mutex<NetworkState>>,
     events: mpsc::Sender<Event>,
     next_exec: Arc<Mutex<ProcessId>>,
 }
@@ -467,6 +505,15 @@ impl ControlContext {
                             "cannot start a container that has stopped".into(),
                         ))
                     }
+                }
+                {
+                    let mut network = lock(&self.network);
+                    let NetworkState {
+                        attachment,
+                        taps,
+                        files,
+                    } = &mut *network;
+                    attachment.attach(&self.agent, taps, files)?;
                 }
                 self.agent.request(
                     Request::StartProcess {

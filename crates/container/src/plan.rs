@@ -17,6 +17,9 @@ use crate::netns::NetworkNamespace;
 use crate::paths::{Assets, Paths, VmDefaults};
 use crate::{translate, ContainerError};
 
+/// The guest NIC's MAC until the agent gives it the host interface's.
+const GUEST_MAC: &str = "02:53:4d:00:00:01";
+
 /// A bundle annotation that keeps a container out of the snapshot cache.
 pub const SNAPSHOT_ANNOTATION: &str = "run.supermachine.snapshot";
 
@@ -42,6 +45,9 @@ pub struct Plan {
     pub host_limits: HostLimits,
     pub network: NetworkNamespace,
     pub hooks: HostHooks,
+    /// Host files copied into the guest, copied again at start.
+    #[serde(default)]
+    pub file_binds: Vec<translate::FileBind>,
     /// Things of config.json the VM cannot honour, logged by `create`.
     pub notes: Vec<String>,
 }
@@ -152,11 +158,15 @@ impl Plan {
             host_limits,
             network,
             hooks: HostHooks::from_spec(&bundle.spec),
+            file_binds: translate::file_binds(&bundle.spec),
             notes,
         })
     }
 
-    pub fn vm_spec(&self, work_dir: PathBuf) -> VmSpec {
+    /// The VM for this plan. It always has one network device (a snapshot's device set is
+    /// fixed), backed by `tap` when the container has a network namespace of its own.
+    pub fn vm_spec(&self, work_dir: PathBuf, tap: Option<&crate::network::Tap>) -> VmSpec {
+        use std::os::fd::AsRawFd;
         VmSpec {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -166,6 +176,10 @@ impl Plan {
             disks: vec![DiskSpec {
                 path: self.rootfs_image.clone(),
                 read_only: true,
+            }],
+            nics: vec![engine::NicSpec {
+                tap: tap.map(|t| t.fd.as_raw_fd()),
+                mac: GUEST_MAC.to_string(),
             }],
             work_dir,
         }

@@ -230,6 +230,39 @@ pub fn container_setup(
     Ok((setup, notes))
 }
 
+/// A host file bound into the container (copied into the guest, and copied again at `start`:
+/// docker rewrites resolv.conf and hosts when it connects the network, after `create`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileBind {
+    pub destination: String,
+    pub source: std::path::PathBuf,
+}
+
+/// The file bind mounts of config.json.
+pub fn file_binds(spec: &Spec) -> Vec<FileBind> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "bind" || o == "rbind")
+        })
+        .filter_map(|m| {
+            let source = m.source().clone()?;
+            std::fs::metadata(&source)
+                .ok()?
+                .is_file()
+                .then(|| FileBind {
+                    destination: m.destination().to_string_lossy().into_owned(),
+                    source,
+                })
+        })
+        .collect()
+}
+
 fn bind_mount_kind(
     source: &Path,
     destination: &str,

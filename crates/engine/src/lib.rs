@@ -10,6 +10,7 @@ pub mod qemu;
 mod qmp;
 
 use std::fmt;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -48,6 +49,15 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// A virtio-net device; the guest sees them in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    /// A tap (with IFF_VNET_HDR) to carry its frames, or none: the device exists (a VM's
+    /// device set is part of its snapshot) but carries nothing.
+    pub tap: Option<RawFd>,
+    pub mac: String,
+}
+
 /// Everything an engine needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -58,6 +68,7 @@ pub struct VmSpec {
     /// Appended to the engine's own kernel arguments.
     pub kernel_args: Vec<String>,
     pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicSpec>,
     /// Where the VM keeps its console log and other per-VM files; it outlives the VM.
     pub work_dir: PathBuf,
 }

@@ -127,6 +127,20 @@ pub fn command_line(
             format!("virtio-blk-device,drive=disk{i}"),
         ]);
     }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        match nic.tap {
+            Some(fd) => args.extend([
+                "-netdev".into(),
+                format!("tap,id=net{i},fd={fd}"),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
+            ]),
+            None => args.extend([
+                "-device".into(),
+                format!("virtio-net-device,mac={}", nic.mac),
+            ]),
+        }
+    }
     if incoming {
         args.extend(["-incoming".into(), "defer".into()]);
     }
@@ -169,11 +183,12 @@ impl QemuEngine {
         let vmm_log = spec.work_dir.join("vmm.log");
         let log = File::create(&vmm_log).map_err(io_error(&vmm_log))?;
         let log2 = log.try_clone().map_err(io_error(&vmm_log))?;
-        let inherited = [
+        let mut inherited = vec![
             agent_vmm.as_raw_fd(),
             qmp_vmm.as_raw_fd(),
             ram.as_ref().map_or(-1, |r| r.as_raw_fd()),
         ];
+        inherited.extend(spec.nics.iter().filter_map(|n| n.tap));
         let args = command_line(
             spec,
             &self.verdict,
@@ -196,7 +211,7 @@ impl QemuEngine {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                for fd in inherited.into_iter().filter(|&fd| fd >= 0) {
+                for &fd in inherited.iter().filter(|&&fd| fd >= 0) {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -499,6 +514,10 @@ mod tests {
                 path: "/images/a,b.ext4".into(),
                 read_only: true,
             }],
+            nics: vec![crate::NicSpec {
+                tap: Some(12),
+                mac: "02:00:00:00:00:01".into(),
+            }],
             work_dir: "/run/x".into(),
         }
     }
@@ -529,7 +548,13 @@ mod tests {
         assert!(joined.contains("file=/images/a,,b.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(joined.contains("socket,id=agent,fd=7"));
         assert!(joined.contains("socket,id=qmp,fd=8"));
+        assert!(joined.contains(
+            "-netdev tap,id=net0,fd=12 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
+        ));
         assert!(!joined.contains("-incoming"));
+        assert!(joined.contains(
+            "-netdev tap,id=net0,fd=12 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
+        ));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
             append.ends_with("supermachine.port=agent.0 supermachine.debug=1"),

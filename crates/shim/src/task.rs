@@ -11,6 +11,8 @@ use container::agent_client::AgentClient;
 use container::bundle::Bundle;
 use container::cgroup::{self, Placement};
 use container::launch::{self, Launched};
+use container::netns::NetworkNamespace;
+use container::network::{self, Attachment};
 use container::paths::{Paths, VmDefaults};
 use container::plan::Plan;
 use container::{hooks, proc, ContainerError};
@@ -143,6 +145,12 @@ pub struct Task {
     pub record: ShimRecord,
     publisher: Option<std::thread::JoinHandle<()>>,
     on_exit: ExitHook,
+    /// The container's network, attached from the launcher thread (which is in the
+    /// container's network namespace).
+    network: Arc<Mutex<Attachment>>,
+    taps: Vec<String>,
+    files: Vec<container::translate::FileBind>,
+    launcher: Arc<Launcher>,
 }
 
 impl std::fmt::Debug for Task {
@@ -168,7 +176,7 @@ impl Task {
     /// runs the host hooks. On failure nothing is left: no VM, mount or cgroup.
     pub fn create(
         args: CreateArgs,
-        launcher: &Launcher,
+        launcher: &Arc<Launcher>,
         on_exit: ExitHook,
     ) -> Result<Task, ContainerError> {
         let mut record = ShimRecord::default();
@@ -181,7 +189,7 @@ impl Task {
 
     fn create_inner(
         args: &CreateArgs,
-        launcher: &Launcher,
+        launcher: &Arc<Launcher>,
         on_exit: ExitHook,
         record: &mut ShimRecord,
     ) -> Result<Task, ContainerError> {
@@ -223,13 +231,17 @@ impl Task {
         let choice: EngineChoice = args.options.engine.parse()?;
         let launch_plan = plan.clone();
         let work_dir = args.bundle.clone();
-        let launched = launcher
-            .run(move || -> Result<Launched, ContainerError> {
+        let (launched, taps) = launcher
+            .run(move || -> Result<(Launched, Vec<String>), ContainerError> {
                 // This thread starts the VMM, which inherits its network namespace.
                 launch_plan.network.enter()?;
                 let selection = engine::select(choice, &Paths::new(None).probe_dir())?;
                 log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
-                let spec = launch_plan.vm_spec(work_dir);
+                let tap = match launch_plan.network {
+                    NetworkNamespace::Host => None,
+                    _ => Some(network::create_tap(&format!("{}0", network::TAP_PREFIX))?),
+                };
+                let spec = launch_plan.vm_spec(work_dir, tap.as_ref());
                 let cache = if launch_plan.snapshots {
                     Some(SnapshotCache::new(
                         Paths::new(None).snapshots_dir(),
@@ -238,7 +250,9 @@ impl Task {
                 } else {
                     None
                 };
-                launch::launch(&*selection.engine, &spec, &launch_plan, cache.as_ref())
+                let launched =
+                    launch::launch(&*selection.engine, &spec, &launch_plan, cache.as_ref())?;
+                Ok((launched, tap.into_iter().map(|t| t.name).collect()))
             })
             .ok_or_else(|| ContainerError::Monitor("the VM launcher is gone".into()))??;
         let Launched {
@@ -253,6 +267,7 @@ impl Task {
         write_record(&args.bundle, record);
 
         let init = Proc::new(String::new(), INIT_PROCESS, args.stdio.clone(), None);
+        let plan_files = plan.file_binds.clone();
         let task = Task {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
@@ -267,8 +282,12 @@ impl Task {
             record: record.clone(),
             publisher,
             on_exit,
+            network: Arc::new(Mutex::new(Attachment::default())),
+            files: plan_files,
+            taps,
+            launcher: Arc::clone(launcher),
         };
-        if let Err(e) = task.prepare_init() {
+        if let Err(e) = task.prepare_init().and_then(|()| task.attach_network()) {
             let mut vm = lock(&task.vm);
             let console = vm.console_tail(15);
             let _ = vm.stop();
@@ -340,6 +359,22 @@ impl Task {
         self.register_output(&self.init)?;
         launch::prepare_container(&self.agent, &self.plan)?;
         self.start_stdin(&self.init)
+    }
+
+    /// Connects the network namespace's interfaces to the VM, if there are any yet.
+    pub fn attach_network(&self) -> Result<(), ContainerError> {
+        if self.taps.is_empty() {
+            return Ok(());
+        }
+        let (network, agent, taps, files) = (
+            Arc::clone(&self.network),
+            self.agent.clone(),
+            self.taps.clone(),
+            self.files.clone(),
+        );
+        self.launcher
+            .run(move || lock(&network).attach(&agent, &taps, &files))
+            .ok_or_else(|| ContainerError::Monitor("the VM launcher is gone".into()))?
     }
 
     pub fn oci_state(&self, status: &str) -> serde_json::Value {
@@ -474,6 +509,8 @@ impl Task {
     /// Ends the VM and removes what the container holds on the host.
     pub fn destroy(self) -> Result<(), ContainerError> {
         self.agent.shutdown();
+        let network = Arc::clone(&self.network);
+        let _ = self.launcher.run(move || lock(&network).detach());
         self.stop_vm();
         for p in std::iter::once(Arc::clone(&self.init)).chain(lock(&self.execs).values().cloned())
         {

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::{CacheError, SnapshotKey};
 
 /// Version of the cache layout (entry directory and `meta.json`).
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: every VM has a virtio-net device.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Files up to this size get a CRC in `meta.json`, checked on every lookup; larger ones
 /// (guest memory) are checked by size, so that a lookup does not read them.
