@@ -180,10 +180,23 @@ fn kill_accepts_signal_names_and_delete_force_ends_a_running_container() {
     let bundle = env.bundle(&[
         "sh",
         "-c",
-        "trap 'echo usr1' USR1; while true; do sleep 1; done",
+        "trap 'echo usr1' USR1; touch /tmp/trapped; while true; do sleep 1; done",
     ]);
     let out = env.run(&["run", "--detach", "--bundle", bundle.path_str(), "c-kill"]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    // Until the shell has set its trap, USR1 would end it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !env
+        .run(&["exec", "c-kill", "test", "-e", "/tmp/trapped"])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trap was never set"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(env.run(&["kill", "c-kill", "SIGUSR1"]).status.success());
     assert!(env.run(&["kill", "c-kill", "usr1"]).status.success());
     let out = env.run(&["delete", "c-kill"]);

@@ -96,7 +96,10 @@ pub fn launch(
     plan: &Plan,
     cache: Option<&SnapshotCache>,
 ) -> Result<Launched, ContainerError> {
-    let Some(cache) = cache else {
+    let Some(cache) = cache.filter(|_| engine.supports_snapshots()) else {
+        if cache.is_some() {
+            log::debug!("engine {} has no snapshots: booting cold", engine.name());
+        }
         return boot(engine, spec, plan, None);
     };
     let started = Instant::now();

@@ -5,6 +5,7 @@
 //! (the monitor, the shim) is engine-neutral. Implementations: [`qemu`] (`qemu-system-* -M
 //! microvm`, accel kvm or tcg, chosen by a probe).
 
+pub mod builtin;
 pub mod probe;
 pub mod qemu;
 mod qmp;
@@ -106,6 +107,10 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Everything about the engine a snapshot depends on (kind, version, CPU model), for
     /// the snapshot cache key.
     fn snapshot_identity(&self) -> String;
+    /// Whether [`Vm::snapshot`] and [`Engine::restore`] work on this engine.
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
     /// Starts a VM from the snapshot in `dir`, running; also says how long each phase took.
     fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError>;
 }
@@ -161,32 +166,57 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Picks an engine. `probe_dir` holds the cached accelerator verdict (one probe per boot).
+/// Picks an engine. `probe_dir` holds the cached probe verdicts (one probe per host boot).
 pub fn select(choice: EngineChoice, probe_dir: &Path) -> Result<Selection, EngineError> {
     match choice {
-        EngineChoice::Builtin => Err(EngineError::Unavailable(
-            "builtin".into(),
-            "this build has no builtin VMM yet; use --engine qemu".into(),
-        )),
-        EngineChoice::Qemu | EngineChoice::Auto => {
-            let binary = qemu::binary();
-            let verdict = probe::accel_verdict(&binary, probe_dir)?;
-            let reason = match choice {
-                EngineChoice::Auto => format!(
-                    "auto: qemu is the only engine in this build; accel {}: {}",
-                    verdict.accel, verdict.reason
-                ),
-                _ => format!(
-                    "requested qemu; accel {}: {}",
-                    verdict.accel, verdict.reason
-                ),
-            };
+        EngineChoice::Builtin => {
+            let hv = hypervisor::open()
+                .map_err(|e| EngineError::Unavailable("builtin".into(), e.to_string()))?;
+            let verdict = builtin::speed_verdict(hv.as_ref(), probe_dir);
+            if !verdict.native {
+                log::warn!("--engine builtin on a slow host: {}", verdict.reason);
+            }
+            let reason = format!("requested builtin; {}", verdict.reason);
             Ok(Selection {
-                engine: Box::new(qemu::QemuEngine::new(binary, verdict)),
+                engine: Box::new(builtin::BuiltinEngine::new(hv, verdict)),
                 reason,
             })
         }
+        EngineChoice::Auto => {
+            let why_not_builtin = match hypervisor::open() {
+                Ok(hv) => {
+                    let verdict = builtin::speed_verdict(hv.as_ref(), probe_dir);
+                    if verdict.native {
+                        let reason = format!("auto: builtin, since {}", verdict.reason);
+                        return Ok(Selection {
+                            engine: Box::new(builtin::BuiltinEngine::new(hv, verdict)),
+                            reason,
+                        });
+                    }
+                    verdict.reason
+                }
+                Err(e) => e.to_string(),
+            };
+            let mut selection = select_qemu(probe_dir)?;
+            selection.reason = format!("auto: qemu, since {why_not_builtin}; {}", selection.reason);
+            Ok(selection)
+        }
+        EngineChoice::Qemu => {
+            let mut selection = select_qemu(probe_dir)?;
+            selection.reason = format!("requested qemu; {}", selection.reason);
+            Ok(selection)
+        }
     }
+}
+
+fn select_qemu(probe_dir: &Path) -> Result<Selection, EngineError> {
+    let binary = qemu::binary();
+    let verdict = probe::accel_verdict(&binary, probe_dir)?;
+    let reason = format!("accel {}: {}", verdict.accel, verdict.reason);
+    Ok(Selection {
+        engine: Box::new(qemu::QemuEngine::new(binary, verdict)),
+        reason,
+    })
 }
 
 /// How long to wait for a VMM to answer its control socket after start.

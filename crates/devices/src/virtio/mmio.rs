@@ -1,0 +1,350 @@
+//! The virtio-mmio transport (virtio 1.2, 4.2; register layout version 2).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+
+use super::{Activation, Interrupt, QueueState, VirtioDevice, F_VERSION_1};
+use crate::{BusDevice, GuestMemory, Irq};
+
+/// The size of one device's register window.
+pub const MMIO_LEN: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x534d_4348; // "SMCH"
+
+// Device status bits.
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 128;
+
+/// The registers the driver has written, for snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueState>,
+}
+
+#[derive(Debug)]
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMemory>,
+    interrupt: Interrupt,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: Arc<GuestMemory>, irq: Irq) -> Self {
+        let queues = new_queues(device.as_ref());
+        MmioTransport {
+            device,
+            mem,
+            interrupt: Interrupt::new(irq),
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            activated: false,
+        }
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | F_VERSION_1
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.queues = new_queues(self.device.as_ref());
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.activated = false;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, status: u32) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        self.status = status;
+        if status & STATUS_DRIVER_OK != 0 && status & STATUS_FAILED == 0 && !self.activated {
+            let offered = self.features();
+            if self.driver_features & !offered != 0 {
+                log::warn!(
+                    "virtio-mmio: driver accepted features {:#x} not offered ({offered:#x})",
+                    self.driver_features
+                );
+            }
+            self.activated = true;
+            self.device.activate(Activation {
+                mem: self.mem.clone(),
+                queues: self.queues.iter().map(copy_queue).collect(),
+                interrupt: self.interrupt.clone(),
+            });
+        }
+    }
+
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(QueueState::of).collect(),
+        }
+    }
+}
+
+fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|&max| Queue::new(max).expect("queue sizes are powers of two"))
+        .collect()
+}
+
+fn copy_queue(queue: &Queue) -> Queue {
+    let mut copy = Queue::new(queue.max_size()).expect("the size of an existing queue");
+    QueueState::of(queue).apply(&mut copy);
+    copy
+}
+
+fn write_u32(data: &mut [u8], value: u32) {
+    let bytes = value.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&bytes[..n]);
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            let config = self.device.config();
+            let start = (offset - 0x100) as usize;
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = config.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let value = match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => 0, // config generation: the config never changes under the driver
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        };
+        write_u32(data, value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            self.device.write_config(offset - 0x100, data);
+            return;
+        }
+        let mut bytes = [0u8; 4];
+        let n = data.len().min(4);
+        bytes[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(bytes);
+        let high = |q: &mut Queue| q.ready();
+        match offset {
+            0x14 => self.device_features_sel = value,
+            0x20 => match self.driver_features_sel {
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = value,
+            0x30 => self.queue_sel = value,
+            0x38 => {
+                if let Some(q) = self.selected() {
+                    q.set_size(value as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(value == 1);
+                }
+            }
+            0x50 => {
+                if self.activated {
+                    self.device.notify(value as u16);
+                }
+            }
+            0x64 => self.interrupt.ack(value),
+            0x70 => self.set_status(value),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                let Some(q) = self.selected() else { return };
+                if high(q) {
+                    log::warn!("virtio-mmio: queue address written while the queue is ready");
+                    return;
+                }
+                match offset {
+                    0x80 => q.set_desc_table_address(Some(value), None),
+                    0x84 => q.set_desc_table_address(None, Some(value)),
+                    0x90 => q.set_avail_ring_address(Some(value), None),
+                    0x94 => q.set_avail_ring_address(None, Some(value)),
+                    0xa0 => q.set_used_ring_address(Some(value), None),
+                    _ => q.set_used_ring_address(None, Some(value)),
+                }
+            }
+            _ => log::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{memory, CountingIrq};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Probe {
+        activated: Option<usize>,
+        notified: Vec<u16>,
+    }
+
+    #[derive(Debug)]
+    struct FakeDevice(Arc<Mutex<Probe>>);
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            1 << 5
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![0xaa, 0xbb, 0xcc, 0xdd]
+        }
+        fn activate(&mut self, activation: Activation) {
+            self.0.lock().unwrap().activated = Some(activation.queues.len());
+        }
+        fn notify(&mut self, queue: u16) {
+            self.0.lock().unwrap().notified.push(queue);
+        }
+    }
+
+    fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn a_driver_negotiates_sets_up_queues_and_notifies() {
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let irq = Arc::new(CountingIrq::default());
+        let mut t = MmioTransport::new(Box::new(FakeDevice(probe.clone())), memory(), irq);
+        assert_eq!(read32(&mut t, 0x00), MAGIC);
+        assert_eq!(read32(&mut t, 0x04), 2);
+        assert_eq!(read32(&mut t, 0x08), 42);
+        write32(&mut t, 0x14, 0);
+        assert_eq!(read32(&mut t, 0x10), 1 << 5);
+        write32(&mut t, 0x14, 1);
+        assert_eq!(read32(&mut t, 0x10), 1, "VIRTIO_F_VERSION_1 is offered");
+        write32(&mut t, 0x30, 1);
+        assert_eq!(read32(&mut t, 0x34), 8);
+        write32(&mut t, 0x30, 2);
+        assert_eq!(read32(&mut t, 0x34), 0, "no third queue");
+
+        // Notifications before DRIVER_OK are dropped.
+        write32(&mut t, 0x50, 0);
+        for q in 0..2 {
+            write32(&mut t, 0x30, q);
+            write32(&mut t, 0x38, 8);
+            write32(&mut t, 0x80, 0x1000 * (q + 1));
+            write32(&mut t, 0x90, 0x1000 * (q + 1) + 0x400);
+            write32(&mut t, 0xa0, 0x1000 * (q + 1) + 0x800);
+            write32(&mut t, 0x44, 1);
+            assert_eq!(read32(&mut t, 0x44), 1);
+        }
+        write32(&mut t, 0x70, 1 | 2 | 8 | 4);
+        assert_eq!(probe.lock().unwrap().activated, Some(2));
+        write32(&mut t, 0x50, 1);
+        assert_eq!(probe.lock().unwrap().notified, vec![1]);
+
+        let state = t.save();
+        assert_eq!(state.queues[1].desc_table, 0x2000);
+        assert_eq!(state.queues[1].used_ring, 0x2800);
+        assert!(state.queues[0].ready);
+
+        // Config space reads at any width.
+        let mut b = [0u8; 2];
+        t.read(0x101, &mut b);
+        assert_eq!(b, [0xbb, 0xcc]);
+
+        // Reset: status 0 drops the queues' setup.
+        write32(&mut t, 0x70, 0);
+        assert_eq!(read32(&mut t, 0x70), 0);
+        write32(&mut t, 0x30, 0);
+        assert_eq!(read32(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_by_the_driver() {
+        let irq = Arc::new(CountingIrq::default());
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let mut t = MmioTransport::new(Box::new(FakeDevice(probe)), memory(), irq.clone());
+        t.interrupt.signal_used();
+        assert_eq!(irq.count(), 1);
+        assert_eq!(read32(&mut t, 0x60), 1);
+        write32(&mut t, 0x64, 1);
+        assert_eq!(read32(&mut t, 0x60), 0);
+    }
+}

@@ -1,0 +1,379 @@
+//! The builtin engine: the VM runs inside this process on the in-process VMM ([`vmm`]), with
+//! no VMM process to exec.
+//!
+//! Whether it is the right engine here is measured, not assumed: [`kernel_code_speed`] runs a
+//! real-mode countdown loop (CPL0, like guest kernel code) on the hypervisor. Where KVM runs
+//! it natively it takes about a millisecond; where KVM only emulates guest kernel code (a
+//! host that is itself a guest without VMX/SVM, such as PVM) it takes seconds, and QEMU's TCG
+//! is the faster engine.
+
+use std::fs;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hypervisor::{x86, Hypervisor, MemoryRegion, VcpuExit, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::{EngineError, Phase, Vm, VmSpec};
+
+/// Guest kernel arguments of every builtin VM (the VMM appends its device list).
+pub const BASE_KERNEL_ARGS: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
+
+/// On hosts whose KVM emulates guest kernel code, these keep the 6.1 kernel off the
+/// instructions the emulator lacks (XSAVE, CMPXCHG16B, SMAP's CLAC/STAC, POPCNT). The guest
+/// reads CPUID from the hardware there, so hiding the bits needs the kernel's help.
+pub const EMULATED_KERNEL_ARGS: &str = "noxsave clearcpuid=cx16,xsave,smap,popcnt";
+const EMULATED_HIDDEN_CPUID: [&str; 3] = ["cx16", "xsave", "smap"];
+
+/// A loop the probe may not take longer than to count as native.
+const NATIVE_LIMIT: Duration = Duration::from_millis(100);
+/// Longest the probe runs before judging the hypervisor slow.
+const PROBE_LIMIT: Duration = Duration::from_millis(500);
+const PROBE_ITERATIONS: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeedVerdict {
+    /// Guest kernel code runs natively.
+    pub native: bool,
+    pub reason: String,
+}
+
+/// Runs 2^20 iterations of `dec ecx; jnz` in real mode and says how long they took, or
+/// `None` when they took longer than `limit`.
+pub fn kernel_code_speed(
+    hv: &dyn Hypervisor,
+    limit: Duration,
+) -> Result<Option<Duration>, hypervisor::Error> {
+    const RAM: usize = 0x2000;
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xb9, 0x00, 0x00, 0x10, 0x00, // mov ecx, 0x100000
+        0x66, 0x49,                         // dec ecx
+        0x75, 0xfc,                         // jnz dec
+        0xf4,                               // hlt
+    ];
+    debug_assert_eq!(PROBE_ITERATIONS, 0x10_0000);
+    let ram = PageAligned::new(RAM)?;
+    // SAFETY: the mapping is RAM bytes long and nothing else refers to it yet.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ram.0, RAM) };
+    bytes.fill(0xf4); // hlt everywhere else
+    bytes[0x1000..0x1000 + code.len()].copy_from_slice(&code);
+    let vm = hv.create_vm(&VmConfig { irqchip: false })?;
+    // SAFETY: `ram` is unmapped at the end of this function, after the VM and its vCPU.
+    unsafe {
+        vm.map_memory(MemoryRegion {
+            slot: 0,
+            guest_addr: 0,
+            size: RAM as u64,
+            host_addr: ram.0,
+            read_only: false,
+        })?;
+    }
+    let mut vcpu = vm.create_vcpu(0)?;
+    let mut sregs = vcpu.x86_sregs()?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_x86_sregs(&sregs)?;
+    vcpu.set_x86_regs(&x86::Regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    })?;
+    let kicker = vcpu.kicker();
+    let started = Instant::now();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            // Keep kicking until the vCPU thread says it is out.
+            while done_rx.recv_timeout(Duration::from_millis(5)).is_err() {
+                kicker.kick();
+            }
+        }
+    });
+    let result = loop {
+        match vcpu.run() {
+            Ok(VcpuExit::Halt) => break Ok(Some(started.elapsed())),
+            Ok(VcpuExit::Interrupted) => {
+                if started.elapsed() >= limit {
+                    break Ok(None);
+                }
+            }
+            Ok(other) => {
+                break Err(hypervisor::Error::Invalid(format!(
+                    "probe guest: unexpected exit {other:?}"
+                )))
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    drop(vcpu);
+    drop(vm);
+    drop(ram);
+    result
+}
+
+/// An anonymous mapping (the hypervisor wants page-aligned guest memory).
+struct PageAligned(*mut u8, usize);
+
+impl PageAligned {
+    fn new(len: usize) -> Result<Self, hypervisor::Error> {
+        // SAFETY: a fresh anonymous private mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(hypervisor::Error::Invalid(format!(
+                "probe memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(PageAligned(ptr.cast(), len))
+    }
+}
+
+impl Drop for PageAligned {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`.
+        unsafe { libc::munmap(self.0.cast(), self.1) };
+    }
+}
+
+/// The verdict for this host, cached per boot in `dir` (a probe that could not run is not
+/// cached).
+pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
+    let cache = cache_file(dir);
+    if let Some(v) = fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        return v;
+    }
+    let verdict = match kernel_code_speed(hv, PROBE_LIMIT) {
+        Ok(Some(t)) if t <= NATIVE_LIMIT => SpeedVerdict {
+            native: true,
+            reason: format!(
+                "{} runs guest kernel code natively (probe loop {t:.1?})",
+                hv.name()
+            ),
+        },
+        Ok(Some(t)) => SpeedVerdict {
+            native: false,
+            reason: format!(
+                "{} emulates guest kernel code here (probe loop {t:.1?}, native is about 1 ms)",
+                hv.name()
+            ),
+        },
+        Ok(None) => SpeedVerdict {
+            native: false,
+            reason: format!(
+                "{} emulates guest kernel code here (probe loop over {PROBE_LIMIT:?}, native is \
+                 about 1 ms)",
+                hv.name()
+            ),
+        },
+        Err(e) => SpeedVerdict {
+            native: false,
+            reason: format!("{} cannot run the probe guest: {e}", hv.name()),
+        },
+    };
+    let probed = !verdict.reason.contains("cannot run the probe");
+    if probed && fs::create_dir_all(dir).is_ok() {
+        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+        if fs::write(&tmp, serde_json::to_vec(&verdict).unwrap_or_default()).is_ok() {
+            let _ = fs::rename(&tmp, &cache);
+        }
+    }
+    verdict
+}
+
+fn cache_file(dir: &Path) -> PathBuf {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    dir.join(format!("builtin-{}.json", boot_id.trim()))
+}
+
+#[derive(Debug)]
+pub struct BuiltinEngine {
+    hv: Box<dyn Hypervisor>,
+    verdict: SpeedVerdict,
+}
+
+impl BuiltinEngine {
+    pub fn new(hv: Box<dyn Hypervisor>, verdict: SpeedVerdict) -> Self {
+        BuiltinEngine { hv, verdict }
+    }
+
+    pub fn verdict(&self) -> &SpeedVerdict {
+        &self.verdict
+    }
+
+    fn config(&self, spec: &VmSpec, channel: UnixStream) -> Result<vmm::VmmConfig, EngineError> {
+        // A detached NIC only gives a snapshot its device set; without snapshots it can go.
+        let nics = spec
+            .nics
+            .iter()
+            .filter_map(|nic| {
+                let tap = nic.tap?;
+                Some(
+                    devices::virtio::net::parse_mac(&nic.mac)
+                        .map(|mac| vmm::Nic { tap, mac })
+                        .ok_or_else(|| {
+                            EngineError::Control(format!("bad MAC address {:?}", nic.mac))
+                        }),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(vmm::VmmConfig {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initramfs: Some(spec.initramfs.clone()),
+            cmdline: kernel_cmdline(spec, self.verdict.native),
+            disks: spec
+                .disks
+                .iter()
+                .map(|d| vmm::Disk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            nics,
+            agent_channel: Some(channel),
+            console_log: spec.work_dir.join("console.log"),
+            hide_cpuid: if self.verdict.native {
+                Vec::new()
+            } else {
+                EMULATED_HIDDEN_CPUID
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            },
+        })
+    }
+}
+
+pub fn kernel_cmdline(spec: &VmSpec, native: bool) -> String {
+    let mut cmdline = BASE_KERNEL_ARGS.to_string();
+    if !native {
+        cmdline.push(' ');
+        cmdline.push_str(EMULATED_KERNEL_ARGS);
+    }
+    for arg in &spec.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
+    cmdline
+}
+
+impl crate::Engine for BuiltinEngine {
+    fn name(&self) -> String {
+        format!("builtin-{}", self.hv.name())
+    }
+
+    fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
+            what: "agent channel".into(),
+            source: e,
+        })?;
+        let config = self.config(spec, device)?;
+        let console = config.console_log.clone();
+        let vmm = vmm::Vmm::boot(self.hv.as_ref(), config)
+            .map_err(|e| EngineError::VmmExited { log: e.to_string() })?;
+        Ok(Box::new(BuiltinVm {
+            vmm: Some(vmm),
+            channel: Some(host),
+            console,
+        }))
+    }
+
+    fn snapshot_identity(&self) -> String {
+        format!("builtin-{}", self.hv.name())
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
+    fn restore(
+        &self,
+        _spec: &VmSpec,
+        _dir: &Path,
+    ) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
+        Err(EngineError::Unavailable(
+            "builtin".into(),
+            "the builtin VMM does not restore snapshots yet".into(),
+        ))
+    }
+}
+
+#[derive(Debug)]
+struct BuiltinVm {
+    vmm: Option<vmm::Vmm>,
+    channel: Option<UnixStream>,
+    console: PathBuf,
+}
+
+impl Vm for BuiltinVm {
+    fn vmm_pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn take_channel(&mut self) -> Option<UnixStream> {
+        self.channel.take()
+    }
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        if let Some(vmm) = &self.vmm {
+            vmm.pause();
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        if let Some(vmm) = &self.vmm {
+            vmm.resume();
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), EngineError> {
+        if let Some(mut vmm) = self.vmm.take() {
+            vmm.stop();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _dir: &Path) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "builtin".into(),
+            "the builtin VMM does not write snapshots yet".into(),
+        ))
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.vmm.as_ref()?.exit()? {
+            vmm::VmExit::Shutdown => Some("the guest shut down".into()),
+            vmm::VmExit::Failed(why) => Some(why),
+        }
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        crate::qemu::read_tail(&self.console, lines)
+    }
+}
+
+impl Drop for BuiltinVm {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,163 @@
+//! Hand-assembled real-mode guests on the host's KVM: port I/O, MMIO and `hlt` reach the VMM
+//! as typed exits, reads are answered through the lent buffers, and registers show the
+//! guest's work. Skipped (with a message) on hosts without /dev/kvm.
+#![cfg(target_os = "linux")]
+
+use hypervisor::{x86, MemoryRegion, VcpuExit, VmConfig};
+
+const RAM: usize = 0x4000;
+const CODE: u64 = 0x1000;
+/// Unmapped guest-physical address: accesses become MMIO exits.
+const MMIO: u64 = 0x8000;
+
+struct Ram(*mut u8);
+
+impl Ram {
+    fn new(code: &[u8]) -> Ram {
+        // SAFETY: a fresh anonymous private mapping, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RAM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let ram = Ram(ptr.cast());
+        // SAFETY: the code fits in the mapping (asserted) at CODE.
+        unsafe {
+            assert!(CODE as usize + code.len() <= RAM);
+            std::ptr::copy_nonoverlapping(code.as_ptr(), ram.0.add(CODE as usize), code.len());
+        }
+        ram
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, after the VM using it was dropped.
+        unsafe { libc::munmap(self.0.cast(), RAM) };
+    }
+}
+
+fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
+    match hypervisor::open() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("skipped: no usable KVM on this host: {e}");
+            None
+        }
+    }
+}
+
+/// Runs `code` in real mode at 0x0:0x1000 and returns the vCPU and VM, stopped at the first
+/// exit, for the test to drive.
+type Guest = (Ram, Box<dyn hypervisor::Vm>, Box<dyn hypervisor::Vcpu>);
+
+fn real_mode(code: &[u8]) -> Option<Guest> {
+    let kvm = kvm()?;
+    let ram = Ram::new(code);
+    let vm = kvm
+        .create_vm(&VmConfig { irqchip: false })
+        .expect("create VM");
+    // SAFETY: `ram` outlives the VM in every test (dropped after it).
+    unsafe {
+        vm.map_memory(MemoryRegion {
+            slot: 0,
+            guest_addr: 0,
+            size: RAM as u64,
+            host_addr: ram.0,
+            read_only: false,
+        })
+        .expect("map memory");
+    }
+    let mut vcpu = vm.create_vcpu(0).expect("create vCPU");
+    let mut sregs = vcpu.x86_sregs().expect("sregs");
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_x86_sregs(&sregs).expect("set sregs");
+    vcpu.set_x86_regs(&x86::Regs {
+        rip: CODE,
+        rflags: 2,
+        ..Default::default()
+    })
+    .expect("set regs");
+    Some((ram, vm, vcpu))
+}
+
+#[test]
+fn port_io_mmio_and_hlt_exit_with_their_data() {
+    #[rustfmt::skip]
+    let code = [
+        0xba, 0xf8, 0x03,       // mov dx, 0x3f8
+        0xb0, 0x41,             // mov al, 'A'
+        0xee,                   // out dx, al
+        0xec,                   // in al, dx
+        0xa2, 0x00, 0x80,       // mov [0x8000], al
+        0x8a, 0x1e, 0x00, 0x80, // mov bl, [0x8000]
+        0xf4,                   // hlt
+    ];
+    let Some((_ram, _vm, mut vcpu)) = real_mode(&code) else {
+        return;
+    };
+
+    match vcpu.run().expect("run") {
+        VcpuExit::IoOut { port, data } => assert_eq!((port, data), (0x3f8, &[0x41u8][..])),
+        other => panic!("expected the out, got {other:?}"),
+    }
+    match vcpu.run().expect("run") {
+        VcpuExit::IoIn { port, data } => {
+            assert_eq!((port, data.len()), (0x3f8, 1));
+            data[0] = 0x42;
+        }
+        other => panic!("expected the in, got {other:?}"),
+    }
+    match vcpu.run().expect("run") {
+        VcpuExit::MmioWrite { addr, data } => assert_eq!((addr, data), (MMIO, &[0x42u8][..])),
+        other => panic!("expected the MMIO write of the value read in, got {other:?}"),
+    }
+    match vcpu.run().expect("run") {
+        VcpuExit::MmioRead { addr, data } => {
+            assert_eq!((addr, data.len()), (MMIO, 1));
+            data[0] = 0x99;
+        }
+        other => panic!("expected the MMIO read, got {other:?}"),
+    }
+    match vcpu.run().expect("run") {
+        VcpuExit::Halt => {}
+        other => panic!("expected hlt, got {other:?}"),
+    }
+    let regs = vcpu.x86_regs().expect("regs");
+    assert_eq!(regs.rax & 0xff, 0x42, "al holds the answer to the in");
+    assert_eq!(
+        regs.rbx & 0xff,
+        0x99,
+        "bl holds the answer to the MMIO read"
+    );
+    assert_eq!(regs.rip, CODE + code.len() as u64, "rip is past the hlt");
+}
+
+#[test]
+fn a_loop_is_interrupted_by_a_kick_from_another_thread() {
+    let code = [0xeb, 0xfe]; // jmp $
+    let Some((_ram, _vm, mut vcpu)) = real_mode(&code) else {
+        return;
+    };
+    let kicker = vcpu.kicker();
+    let runner = std::thread::spawn(move || {
+        let exit = format!("{:?}", vcpu.run().expect("run"));
+        (exit, vcpu)
+    });
+    // Kick until the vCPU thread has entered the guest and come back.
+    while !runner.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        kicker.kick();
+    }
+    let (exit, vcpu) = runner.join().expect("vCPU thread");
+    assert_eq!(exit, "Interrupted");
+    let rip = vcpu.x86_regs().expect("regs").rip;
+    assert_eq!(rip, CODE, "the guest was still in its loop");
+}

@@ -1,0 +1,43 @@
+//! Boots a kernel on the builtin VMM and prints its console until it ends or TIMEOUT passes.
+//!     cargo run -p vmm --example boot -- VMLINUX [INITRAMFS] [TIMEOUT_S] [EXTRA KERNEL ARGS...]
+use std::time::Duration;
+
+fn main() {
+    env_logger_lite();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let kernel = args
+        .first()
+        .expect("usage: boot VMLINUX [INITRAMFS] [TIMEOUT_S] [ARGS...]");
+    let initramfs = args.get(1).filter(|s| !s.is_empty()).map(Into::into);
+    let timeout: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let extra = args.get(3..).unwrap_or(&[]).join(" ");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("console.log");
+    let hv = hypervisor::open().expect("hypervisor");
+    let hide = std::env::var("HIDE_CPUID").unwrap_or_default();
+    let vmm = vmm::Vmm::boot(
+        hv.as_ref(),
+        vmm::VmmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: kernel.into(),
+            initramfs,
+            cmdline: format!("console=ttyS0 reboot=t panic=-1 {extra}"),
+            disks: vec![],
+            nics: vec![],
+            agent_channel: None,
+            console_log: log.clone(),
+            hide_cpuid: hide
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        },
+    )
+    .expect("boot");
+    let exit = vmm.wait(Duration::from_secs(timeout));
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    println!("exit after {:?}: {exit:?}", vmm.started.elapsed());
+}
+
+fn env_logger_lite() {}
