@@ -71,8 +71,12 @@ if [ ! -f "$dest/vmlinux" ]; then
   mv "$dest.partial" "$dest"
 fi
 
+# The default kernel is vmlinux, release, …; a variant's files carry its name: vmlinux-pvm.
+suffix=""
+[ "$variant" = default ] || suffix="-$variant"
 mkdir -p "$out_dir"
 for f in vmlinux vmlinux.sha256 config release; do
-  ln -sf "$dest/$f" "$out_dir/$f.tmp" && mv -f "$out_dir/$f.tmp" "$out_dir/$f"
+  name=$(echo "$f" | sed "s/^\([a-z]*\)/\1$suffix/")
+  ln -sf "$dest/$f" "$out_dir/$name.tmp" && mv -f "$out_dir/$name.tmp" "$out_dir/$name"
 done
-echo "$out_dir/vmlinux -> $dest/vmlinux"
+echo "$out_dir/vmlinux$suffix -> $dest/vmlinux"

@@ -200,6 +200,47 @@ fn a_guest_that_never_answers_is_killed_and_its_console_reported() {
 }
 
 #[test]
+fn delete_force_of_a_container_still_being_created_stops_its_monitor() {
+    let Some(env) = Env::new() else { return };
+    // busybox as /init: the VM boots but never says Ready, so create waits.
+    let fake = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(env.assets.join("vmlinux"), fake.path().join("vmlinux")).unwrap();
+    std::fs::copy("/bin/busybox", fake.path().join("supermachine-agent")).unwrap();
+    let bundle = env.bundle(&["true"]);
+    let out = tempfile::tempdir().unwrap();
+    let mut create = env
+        .cmd()
+        .env("SUPERMACHINE_ASSETS_DIR", fake.path())
+        .env("SUPERMACHINE_BOOT_TIMEOUT", "120")
+        .args(["create", "--bundle", bundle.path_str(), "c-creating"])
+        .stdout(std::fs::File::create(out.path().join("stdout")).unwrap())
+        .stderr(std::fs::File::create(out.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let state = env.run(&["state", "c-creating"]);
+        let doc: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap_or_default();
+        if doc["status"] == "creating" && doc["pid"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw it creating: {doc}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let deleted = env.run(&["delete", "--force", "c-creating"]);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    let status = create.wait().unwrap();
+    assert!(
+        !status.success(),
+        "create must fail when its container is deleted"
+    );
+    assert_no_state(&env);
+}
+
+#[test]
 fn state_rules_follow_runc() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["sleep", "1000"]);

@@ -49,10 +49,14 @@ pub fn destroy(dir: &ContainerDir, state: &ContainerState) -> Result<()> {
         .pid
         .filter(|&pid| proc::is_alive(pid, state.pid_start_time))
     {
-        if let Err(e) = control::call(&dir.path, ControlRequest::Stop, Duration::from_secs(5)) {
-            log::debug!("asking monitor {pid} to stop: {e}");
+        // A monitor still creating has no control socket yet: it is killed at once.
+        let creating = state.status == Status::Creating;
+        if !creating {
+            if let Err(e) = control::call(&dir.path, ControlRequest::Stop, Duration::from_secs(5)) {
+                log::debug!("asking monitor {pid} to stop: {e}");
+            }
         }
-        if !proc::wait_gone(pid, state.pid_start_time, Duration::from_secs(10)) {
+        if creating || !proc::wait_gone(pid, state.pid_start_time, Duration::from_secs(10)) {
             // Its VM dies with it (PR_SET_PDEATHSIG).
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

@@ -14,6 +14,14 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
         Ok(selection) => (selection.engine.name(), selection.reason),
         Err(e) => ("none".to_string(), e.to_string()),
     };
+    // Whether this host's hypervisor runs guest kernel code natively; where it does not, the
+    // builtin engine needs the kernel variant built for such hosts (`make guest` reads this).
+    let builtin_native = match hypervisor::open() {
+        Ok(hv) => engine::builtin::speed_verdict(hv.as_ref(), &context.paths.probe_dir())
+            .native
+            .to_string(),
+        Err(_) => "unavailable".to_string(),
+    };
     let features = json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
@@ -32,6 +40,7 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
         "annotations": {
             "run.supermachine.engine": engine,
             "run.supermachine.engine.reason": reason,
+            "run.supermachine.builtin.native": builtin_native,
             "run.supermachine.isolation": "microvm"
         }
     });

@@ -160,6 +160,15 @@ pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
         }
     };
     let started = Instant::now();
+    // Known from the start, so that `delete --force` of a container still being created
+    // (its VM booting) finds the process to stop.
+    let pid = std::process::id() as i32;
+    if let Err(e) = dir.update(|s| {
+        s.pid = Some(pid);
+        s.pid_start_time = proc::start_time(pid);
+    }) {
+        log::warn!("recording the monitor pid: {e}");
+    }
     match Monitor::start(&args, &dir, started) {
         Ok(monitor) => {
             report(

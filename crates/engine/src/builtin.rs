@@ -22,9 +22,11 @@ pub const BASE_KERNEL_ARGS: &str =
     "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
 
 /// On hosts whose KVM emulates guest kernel code, these keep the 6.1 kernel off the
-/// instructions the emulator lacks (XSAVE, CMPXCHG16B, SMAP's CLAC/STAC, POPCNT). The guest
-/// reads CPUID from the hardware there, so hiding the bits needs the kernel's help.
-pub const EMULATED_KERNEL_ARGS: &str = "noxsave clearcpuid=cx16,xsave,smap,popcnt";
+/// instructions the emulator lacks (XSAVE, CMPXCHG16B, SMAP's CLAC/STAC, POPCNT) and off
+/// paravirtual clocks and hypercalls. The guest reads CPUID from the hardware there (it sees
+/// the outer hypervisor's leaves), so hiding features needs the kernel's help.
+pub const EMULATED_KERNEL_ARGS: &str =
+    "noxsave clearcpuid=cx16,xsave,smap,popcnt nopv no-kvmclock tsc=reliable";
 const EMULATED_HIDDEN_CPUID: [&str; 3] = ["cx16", "xsave", "smap"];
 
 /// A loop the probe may not take longer than to count as native.
@@ -236,7 +238,7 @@ impl BuiltinEngine {
         Ok(vmm::VmmConfig {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            kernel: spec.kernel.clone(),
+            kernel: self.kernel(spec),
             initramfs: Some(spec.initramfs.clone()),
             cmdline: kernel_cmdline(spec, self.verdict.native),
             disks: spec
@@ -261,6 +263,29 @@ impl BuiltinEngine {
         })
     }
 }
+
+impl BuiltinEngine {
+    /// The kernel to boot: on a host that emulates guest kernel code, the variant built for
+    /// it (`vmlinux-pvm` beside the default one, see config/patches/pvm) when there is one.
+    fn kernel(&self, spec: &VmSpec) -> PathBuf {
+        if self.verdict.native {
+            return spec.kernel.clone();
+        }
+        let variant = spec.kernel.with_file_name(PVM_KERNEL);
+        if variant.exists() {
+            return variant;
+        }
+        log::warn!(
+            "{} is missing: the default kernel cannot run user programs on this host \
+             (make guest builds it where the probe finds such a host)",
+            variant.display()
+        );
+        spec.kernel.clone()
+    }
+}
+
+/// The file name of the kernel variant for hosts that emulate guest kernel code.
+pub const PVM_KERNEL: &str = "vmlinux-pvm";
 
 pub fn kernel_cmdline(spec: &VmSpec, native: bool) -> String {
     let mut cmdline = BASE_KERNEL_ARGS.to_string();

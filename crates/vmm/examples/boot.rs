@@ -35,7 +35,17 @@ fn main() {
         },
     )
     .expect("boot");
-    let exit = vmm.wait(Duration::from_secs(timeout));
+    let mut exit = None;
+    for _ in 0..timeout / 5 {
+        exit = vmm.wait(Duration::from_secs(5));
+        if exit.is_some() {
+            break;
+        }
+        if std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some() {
+            vmm.pause();
+            vmm.resume();
+        }
+    }
     println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     println!("exit after {:?}: {exit:?}", vmm.started.elapsed());
 }

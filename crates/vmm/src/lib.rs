@@ -325,6 +325,8 @@ impl Vmm {
             kickers.push(vcpu.kicker());
             let worker = VcpuWorker {
                 vcpu,
+                trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
+                exits: 0,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 mem: ram.mem.clone(),
@@ -540,6 +542,10 @@ pub fn repair_for(bytes: &[u8]) -> Option<Repair> {
 
 struct VcpuWorker {
     vcpu: Box<dyn Vcpu>,
+    /// SUPERMACHINE_VMM_TRACE: log one exit in a thousand and where each kick found the
+    /// vCPU (for a guest that stalls on a slow host).
+    trace: bool,
+    exits: u64,
     pio: Bus,
     mmio: Bus,
     mem: Arc<GuestMemory>,
@@ -555,8 +561,16 @@ enum Next {
 
 impl VcpuWorker {
     fn run(mut self) {
+        let id = self.vcpu.id();
         while self.control.checkpoint() {
-            let next = match self.vcpu.run() {
+            let exit = self.vcpu.run();
+            if self.trace {
+                self.exits += 1;
+                if self.exits.is_multiple_of(1000) {
+                    log::debug!("vCPU {id}: exit #{}: {exit:?}", self.exits);
+                }
+            }
+            let next = match exit {
                 Ok(VcpuExit::IoIn { port, data }) => {
                     self.pio.read(u64::from(port), data);
                     Next::Continue
@@ -578,7 +592,14 @@ impl VcpuWorker {
                     self.mmio.write(addr, data);
                     Next::Continue
                 }
-                Ok(VcpuExit::Interrupted) => Next::Continue,
+                Ok(VcpuExit::Interrupted) => {
+                    if self.trace {
+                        if let Ok(r) = self.vcpu.x86_regs() {
+                            log::debug!("vCPU {}: kicked at rip {:#x}", self.vcpu.id(), r.rip);
+                        }
+                    }
+                    Next::Continue
+                }
                 Ok(VcpuExit::Halt) | Ok(VcpuExit::Shutdown) => Next::End(VmExit::Shutdown),
                 Ok(VcpuExit::EmulationFailure { detail }) => Next::Repair(detail),
                 Ok(VcpuExit::Other(what)) => {

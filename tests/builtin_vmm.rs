@@ -1,0 +1,177 @@
+//! The builtin VMM with the real guest kernel, on this host's KVM.
+//!
+//! 1. The kernel boots through PVH, finds its IOAPIC in the MP table, drives a virtio-blk
+//!    disk over virtio-mmio, mounts it as its root and, finding no init there, panics and
+//!    resets: the VMM sees the reset and ends the VM. This needs no guest user mode, so it
+//!    runs everywhere KVM does, including hosts whose KVM only emulates guest kernel code
+//!    (PVM; slow there: ~2 minutes).
+//! 2. A busybox container through `supermachine run` with `SUPERMACHINE_ENGINE=builtin` and a
+//!    `qemu-system-x86_64` on PATH that fails, so nothing falls back to QEMU: it prints the
+//!    guest's `uname -r` and returns the process's exit status. It needs guest user mode,
+//!    which an unmodified kernel does not get on an emulating host (its `syscall`s are
+//!    misdelivered): there the engine boots the kernel variant built for such hosts.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{assets, text, Env};
+
+fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
+    match hypervisor::open() {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            eprintln!("SKIPPED: no usable /dev/kvm: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
+    let Some(assets) = assets() else { return };
+    let Some(hv) = kvm() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let verdict = engine::builtin::speed_verdict(hv.as_ref(), work.path());
+    eprintln!("host: {}", verdict.reason);
+
+    // A root filesystem with a marker file and no init.
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/marker"), "builtin").unwrap();
+    let disk = work.path().join("disk.ext4");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg("8M")
+        .status()
+        .expect("mkfs.ext4");
+    assert!(status.success());
+
+    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 root=/dev/vda ro");
+    if !verdict.native {
+        cmdline.push(' ');
+        cmdline.push_str(engine::builtin::EMULATED_KERNEL_ARGS);
+    }
+    let console = work.path().join("console.log");
+    let (_host, device) = std::os::unix::net::UnixStream::pair().unwrap();
+    let vmm = vmm::Vmm::boot(
+        hv.as_ref(),
+        vmm::VmmConfig {
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: assets.join("vmlinux"),
+            initramfs: None,
+            cmdline,
+            disks: vec![vmm::Disk {
+                path: disk,
+                read_only: true,
+            }],
+            nics: vec![],
+            agent_channel: Some(device),
+            console_log: console.clone(),
+            hide_cpuid: Vec::new(),
+        },
+    )
+    .expect("boot");
+    let exit = vmm.wait(Duration::from_secs(600));
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(25).collect();
+    let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert_eq!(
+        exit,
+        Some(vmm::VmExit::Shutdown),
+        "the VM did not reset by itself; console:\n{tail}"
+    );
+    let release = std::fs::read_to_string(assets.join("release")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("Linux version {}", release.trim())),
+        "{tail}"
+    );
+    assert!(
+        log.contains("IOAPIC[0]"),
+        "no IOAPIC from the MP table:\n{tail}"
+    );
+    assert!(
+        log.contains("virtio_blk virtio0: [vda]"),
+        "virtio-blk not probed:\n{tail}"
+    );
+    assert!(
+        log.contains("VFS: Mounted root (ext4 filesystem) readonly"),
+        "root not mounted from the virtio disk:\n{tail}"
+    );
+    assert!(log.contains("No working init found"), "{tail}");
+    eprintln!(
+        "booted to the root mount and reset in {:?}",
+        vmm.started.elapsed()
+    );
+}
+
+#[test]
+fn a_container_runs_on_the_builtin_engine_without_qemu() {
+    let Some(env) = Env::new() else { return };
+    let Some(hv) = kvm() else { return };
+    let probe = tempfile::tempdir().unwrap();
+    let verdict = engine::builtin::speed_verdict(hv.as_ref(), probe.path());
+    if !verdict.native {
+        // Guest user mode needs the kernel variant built for such hosts; `make test` builds
+        // it there (kernel-variants), so under make/CI its absence is a failure.
+        let variant = env.assets.join(engine::builtin::PVM_KERNEL);
+        let required = std::env::var("CI").is_ok_and(|v| v == "true");
+        if !variant.exists() {
+            assert!(
+                !required,
+                "{} is missing: run `make kernel-variants`",
+                variant.display()
+            );
+            eprintln!(
+                "SKIPPED: {}; {} is not built",
+                verdict.reason,
+                variant.display()
+            );
+            return;
+        }
+        eprintln!(
+            "{}: booting {} (minutes here)",
+            verdict.reason,
+            variant.display()
+        );
+    }
+    // A QEMU that fails, first on PATH: a silent fallback would show.
+    let fake = tempfile::tempdir().unwrap();
+    let qemu = fake.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\necho 'fake qemu: must not run' >&2\nexit 99\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        fake.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let bundle = env.bundle(&["sh", "-c", "uname -r; exit 3"]);
+    let out = common::output_of(
+        env.cmd()
+            .env("PATH", path)
+            .env("SUPERMACHINE_ENGINE", "builtin")
+            .env("SUPERMACHINE_BOOT_TIMEOUT", "900")
+            .args(["run", "--bundle", bundle.path_str(), "c-builtin"]),
+    );
+    let release_file = if verdict.native {
+        "release"
+    } else {
+        "release-pvm"
+    };
+    let release = std::fs::read_to_string(env.assets.join(release_file)).unwrap();
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), release.trim());
+    assert!(!text(&out.stderr).contains("fake qemu"));
+    assert!(env.run(&["delete", "c-builtin"]).status.success());
+    env.assert_clean("c-builtin");
+}
