@@ -62,6 +62,7 @@ integration-test: guest build
 
 bench: deps guest build
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine
+	scripts/bench-builtin.py $(CURDIR)/$(ASSETS)
 	scripts/install-deps.sh test
 	scripts/bench-docker.sh $(CURDIR)/$(BIN)/supermachine
 	scripts/bench-network.sh $(CURDIR)/$(BIN)/supermachine

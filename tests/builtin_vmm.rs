@@ -172,6 +172,6 @@ fn a_container_runs_on_the_builtin_engine_without_qemu() {
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), release.trim());
     assert!(!text(&out.stderr).contains("fake qemu"));
-    assert!(env.run(&["delete", "c-builtin"]).status.success());
+    // `run` deletes the container once its process exits, as runc's does.
     env.assert_clean("c-builtin");
 }
