@@ -179,6 +179,11 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.running = None;
     }
+
+    fn queue_states(&self) -> Option<Vec<super::QueueState>> {
+        let running = self.running.as_ref()?;
+        Some(vec![super::QueueState::of(&running.queue)])
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +310,8 @@ mod tests {
             }
             let running = blk.running.as_ref().unwrap();
             assert_eq!(running.queue.next_used(), 3);
+            let saved = blk.queue_states().unwrap();
+            assert_eq!((saved[0].next_avail, saved[0].next_used), (3, 3));
             assert_eq!(irq.count(), 1, "one interrupt for the batch");
         }
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
 use super::{Activation, Interrupt, QueueState, VirtioDevice, F_VERSION_1};
-use crate::{BusDevice, GuestMemory, Irq};
+use crate::{BusDevice, GuestMemory, Irq, Persist};
 
 /// The size of one device's register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -106,8 +106,16 @@ impl MmioTransport {
             });
         }
     }
+}
 
-    pub fn save(&self) -> TransportState {
+impl Persist for MmioTransport {
+    type State = TransportState;
+
+    fn save(&self) -> TransportState {
+        let queues = match self.device.queue_states() {
+            Some(queues) if self.activated => queues,
+            _ => self.queues.iter().map(QueueState::of).collect(),
+        };
         TransportState {
             status: self.status,
             device_features_sel: self.device_features_sel,
@@ -115,8 +123,24 @@ impl MmioTransport {
             driver_features: self.driver_features,
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
-            queues: self.queues.iter().map(QueueState::of).collect(),
+            queues,
         }
+    }
+
+    /// Puts the registers and queues back and, if the driver had started the device,
+    /// activates it on the restored queues (so it carries on where the saved one was).
+    fn restore(&mut self, state: TransportState) {
+        self.reset();
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            saved.apply(queue);
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.raise(state.interrupt_status);
+        self.set_status(state.status);
     }
 }
 
@@ -323,6 +347,21 @@ mod tests {
         assert_eq!(state.queues[1].desc_table, 0x2000);
         assert_eq!(state.queues[1].used_ring, 0x2800);
         assert!(state.queues[0].ready);
+
+        // A transport restored from that state is the same to the driver, and its device
+        // runs again.
+        let probe2 = Arc::new(Mutex::new(Probe::default()));
+        let mut restored = MmioTransport::new(
+            Box::new(FakeDevice(probe2.clone())),
+            memory(),
+            Arc::new(CountingIrq::default()),
+        );
+        restored.restore(state.clone());
+        assert_eq!(restored.save(), state);
+        assert_eq!(read32(&mut restored, 0x70), 1 | 2 | 8 | 4);
+        assert_eq!(probe2.lock().unwrap().activated, Some(2));
+        write32(&mut restored, 0x50, 0);
+        assert_eq!(probe2.lock().unwrap().notified, vec![0]);
 
         // Config space reads at any width.
         let mut b = [0u8; 2];

@@ -54,6 +54,11 @@ impl Interrupt {
         self.line.trigger();
     }
 
+    /// Sets status bits without raising the line (restoring a saved state).
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }
@@ -86,6 +91,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn notify(&mut self, queue: u16);
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The queues' positions as the running device has them (after activation the device
+    /// owns the queues), for snapshots; `None` before activation.
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
+    }
 }
 
 /// A queue's position and addresses, for snapshots.

@@ -158,6 +158,12 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
 
+    fn queue_states(&self) -> Option<Vec<super::QueueState>> {
+        let shared = self.shared.as_ref()?;
+        let inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        Some(inner.queues.iter().map(super::QueueState::of).collect())
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 2]
     }

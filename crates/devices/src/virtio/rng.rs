@@ -69,6 +69,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.running = None;
     }
+
+    fn queue_states(&self) -> Option<Vec<super::QueueState>> {
+        let (_, queue, _) = self.running.as_ref()?;
+        Some(vec![super::QueueState::of(queue)])
+    }
 }
 
 #[cfg(test)]
