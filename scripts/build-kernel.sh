@@ -1,7 +1,7 @@
 #!/bin/sh
-# Builds the guest kernel (vmlinux, PVH entry) from Debian's linux-source-6.1 with the
-# project's config fragment and patches, caches it by the digest of its inputs, and links it
-# into OUT_DIR.
+# Builds the guest kernel (vmlinux with its PVH entry, and the same kernel as a bzImage) from
+# Debian's linux-source-6.1 with the project's config fragment and patches, caches it by the
+# digest of its inputs, and links it into OUT_DIR.
 #
 #   scripts/build-kernel.sh VARIANT OUT_DIR
 #
@@ -61,9 +61,10 @@ if [ ! -f "$dest/vmlinux" ]; then
     echo "build-kernel.sh: options lost by olddefconfig (missing dependencies):" $missing >&2
     exit 1
   fi
-  make -C "$src" -s ARCH=x86_64 -j"$jobs" vmlinux
+  make -C "$src" -s ARCH=x86_64 -j"$jobs" vmlinux bzImage
   mkdir -p "$dest.partial"
   cp "$src/vmlinux" "$dest.partial/vmlinux"
+  cp "$src/arch/x86/boot/bzImage" "$dest.partial/bzImage"
   cp "$src/.config" "$dest.partial/config"
   strings "$src/vmlinux" | sed -n 's/^Linux version \([^ ]*\).*/\1/p' | head -1 > "$dest.partial/release"
   sha256sum "$dest.partial/vmlinux" | cut -d' ' -f1 > "$dest.partial/vmlinux.sha256"
@@ -75,8 +76,8 @@ fi
 suffix=""
 [ "$variant" = default ] || suffix="-$variant"
 mkdir -p "$out_dir"
-for f in vmlinux vmlinux.sha256 config release; do
-  name=$(echo "$f" | sed "s/^\([a-z]*\)/\1$suffix/")
+for f in vmlinux vmlinux.sha256 bzImage config release; do
+  name=$(echo "$f" | sed "s/^\([a-zA-Z]*\)/\1$suffix/")
   ln -sf "$dest/$f" "$out_dir/$name.tmp" && mv -f "$out_dir/$name.tmp" "$out_dir/$name"
 done
 echo "$out_dir/vmlinux$suffix -> $dest/vmlinux"

@@ -50,4 +50,6 @@ fn main() {
     println!("exit after {:?}: {exit:?}", vmm.started.elapsed());
 }
 
-fn env_logger_lite() {}
+fn env_logger_lite() {
+    env_logger::init();
+}

@@ -1,7 +1,8 @@
 //! The builtin VMM: a microVM inside the calling process.
 //!
 //! [`Vmm::boot`] builds a VM on a [`hypervisor::Hypervisor`]: guest RAM in a memfd, the kernel
-//! (an ELF vmlinux, entered through PVH) and an optional initramfs, a COM1 serial console
+//! (an ELF vmlinux entered through PVH, or a bzImage through the 64-bit boot protocol) and an
+//! optional initramfs, a COM1 serial console
 //! written to a log, virtio-mmio devices (block disks, the agent's console port, rng) on the
 //! kernel command line, and one thread per vCPU. The vCPU threads serve port I/O and MMIO
 //! exits on two [`bus::Bus`]es; the VM ends when the guest powers off, resets or faults.
@@ -26,7 +27,7 @@ use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::VirtioDevice;
 use devices::{GuestMemory, IrqLine};
 use hypervisor::{Hypervisor, Kick, MemoryRegion, Vcpu, VcpuExit, VmConfig};
-use linux_loader::loader::{elf::Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -215,7 +216,8 @@ impl Vmm {
         }
         let low_ram_end = ram.ranges[0].1;
 
-        let (entry, kernel_end) = load_kernel(&ram.mem, &config.kernel)?;
+        let kernel = load_kernel(&ram.mem, &config.kernel)?;
+        let kernel_end = kernel.end;
         let initramfs = match &config.initramfs {
             Some(path) => Some(load_initramfs(&ram.mem, path, kernel_end, low_ram_end)?),
             None => None,
@@ -285,14 +287,22 @@ impl Vmm {
         }
         x86_64::mptable::write(&ram.mem, config.vcpus as u8)
             .map_err(|e| Error::Config(format!("writing the MP table: {e}")))?;
-        x86_64::boot::write_boot_data(
-            &ram.mem,
-            &x86_64::boot::BootInfo {
-                ram: &ram.ranges,
-                cmdline: &cmdline,
-                initramfs,
-            },
-        )?;
+        let boot_info = x86_64::boot::BootInfo {
+            ram: &ram.ranges,
+            cmdline: &cmdline,
+            initramfs,
+        };
+        let entry = kernel.entry;
+        let (entry_regs, entry_sregs) = match &kernel.format {
+            KernelFormat::Pvh => {
+                x86_64::boot::write_boot_data(&ram.mem, &boot_info)?;
+                x86_64::boot::entry_registers(entry)
+            }
+            KernelFormat::BzImage(header) => {
+                x86_64::boot::write_linux_boot_data(&ram.mem, &boot_info, header)?;
+                x86_64::boot::entry_registers_64(entry)
+            }
+        };
 
         // vCPUs.
         let hide: Vec<_> = config
@@ -318,9 +328,8 @@ impl Vmm {
             vcpu.set_x86_msrs(&boot_msrs())?;
             vcpu.setup_x86_lapic()?;
             if id == 0 {
-                let (regs, sregs) = x86_64::boot::entry_registers(entry);
-                vcpu.set_x86_sregs(&sregs)?;
-                vcpu.set_x86_regs(&regs)?;
+                vcpu.set_x86_sregs(&entry_sregs)?;
+                vcpu.set_x86_regs(&entry_regs)?;
             }
             kickers.push(vcpu.kicker());
             let worker = VcpuWorker {
@@ -462,28 +471,62 @@ fn boot_msrs() -> Vec<(u32, u64)> {
     vec![(IA32_MISC_ENABLE, 1), (IA32_MTRR_DEF_TYPE, (1 << 11) | 6)]
 }
 
-fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<(u64, u64), Error> {
+/// How the loaded kernel is entered.
+#[derive(Debug)]
+enum KernelFormat {
+    /// An ELF vmlinux through its PVH entry note.
+    Pvh,
+    /// A bzImage through the 64-bit boot protocol, with its setup header.
+    BzImage(linux_loader::loader::bootparam::setup_header),
+}
+
+#[derive(Debug)]
+struct LoadedKernel {
+    entry: u64,
+    end: u64,
+    format: KernelFormat,
+}
+
+/// Loads an ELF vmlinux (entered through PVH) or a bzImage (the 64-bit boot protocol).
+fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Error> {
+    use std::io::Read;
+    let kernel_error = |detail: String| Error::Kernel {
+        path: path.to_path_buf(),
+        detail,
+    };
     let mut file = File::open(path).map_err(|e| Error::File {
         path: path.to_path_buf(),
         source: e,
     })?;
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut file,
-        Some(GuestAddress(layout::HIGH_MEMORY)),
-    )
-    .map_err(|e| Error::Kernel {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(entry) => Ok((entry.0, loaded.kernel_end)),
-        _ => Err(Error::Kernel {
-            path: path.to_path_buf(),
-            detail: "no PVH entry note (build the kernel with CONFIG_PVH=y)".into(),
-        }),
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)
+        .map_err(|e| kernel_error(e.to_string()))?;
+    let highmem = Some(GuestAddress(layout::HIGH_MEMORY));
+    if &magic == b"\x7fELF" {
+        let loaded =
+            Elf::load(mem, None, &mut file, highmem).map_err(|e| kernel_error(e.to_string()))?;
+        return match loaded.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
+                entry: entry.0,
+                end: loaded.kernel_end,
+                format: KernelFormat::Pvh,
+            }),
+            _ => Err(kernel_error(
+                "no PVH entry note (build the kernel with CONFIG_PVH=y)".into(),
+            )),
+        };
     }
+    let loaded = BzImage::load(mem, None, &mut file, highmem)
+        .map_err(|e| kernel_error(format!("neither an ELF vmlinux nor a bzImage: {e}")))?;
+    let header = loaded
+        .setup_header
+        .ok_or_else(|| kernel_error("a bzImage without a setup header".into()))?;
+    Ok(LoadedKernel {
+        // startup_64 of the 64-bit boot protocol.
+        entry: loaded.kernel_load.0 + 0x200,
+        end: loaded.kernel_end,
+        format: KernelFormat::BzImage(header),
+    })
 }
 
 /// Places the initramfs page-aligned at the top of low RAM; returns (address, size).

@@ -1,6 +1,13 @@
-//! PVH boot (Xen's x86/HVM direct boot ABI, which Linux implements): the vCPU starts in
-//! 32-bit protected mode with paging off at the kernel's PVH entry, `ebx` pointing at an
-//! `hvm_start_info` that gives the command line, the memory map and the initramfs.
+//! Two ways into a Linux kernel.
+//!
+//! PVH (Xen's x86/HVM direct boot ABI, which Linux implements), for an ELF vmlinux: the vCPU
+//! starts in 32-bit protected mode with paging off at the kernel's PVH entry, `ebx` pointing
+//! at an `hvm_start_info` that gives the command line, the memory map and the initramfs.
+//!
+//! The 64-bit boot protocol, for a bzImage: the vCPU starts in long mode on identity-mapped
+//! page tables at the kernel's `startup_64` (load address + 0x200), `rsi` pointing at the
+//! "zero page" (`boot_params`: the image's setup header, the command line, the E820 map and
+//! the initramfs).
 
 use hypervisor::x86::{DescriptorTable, Regs, Segment, Sregs};
 use vm_memory::{Bytes, GuestAddress};
@@ -107,6 +114,99 @@ fn gdt() -> [u64; 4] {
         0x00cf_9300_0000_ffff,
         0x008f_8b00_0000_ffff,
     ]
+}
+
+/// The zero page, the boot stack's top and the page tables of the 64-bit boot protocol.
+pub const ZERO_PAGE: u64 = 0x7000;
+pub const BOOT_STACK: u64 = 0x8ff0;
+pub const PML4: u64 = 0x9000;
+const PDPT: u64 = 0xa000;
+const PD: u64 = 0xb000;
+
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+
+/// Writes the GDT, page tables, command line and zero page of the 64-bit boot protocol.
+/// `header` is the bzImage's setup header, as the loader read it.
+pub fn write_linux_boot_data(
+    mem: &GuestMemory,
+    info: &BootInfo<'_>,
+    header: &linux_loader::loader::bootparam::setup_header,
+) -> Result<(), BootError> {
+    use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+    if info.cmdline.len() >= layout::CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(info.cmdline.len()));
+    }
+    let mut cmdline = info.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(layout::CMDLINE))?;
+    for (i, entry) in gdt64().iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(layout::GDT + 8 * i as u64))?;
+    }
+    // Identity map of the first GiB with 2 MiB pages.
+    mem.write_obj(PDPT | 0x3, GuestAddress(PML4))?;
+    mem.write_obj(PD | 0x3, GuestAddress(PDPT))?;
+    for i in 0..512u64 {
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8))?;
+    }
+
+    let mut params = boot_params {
+        hdr: *header,
+        ..Default::default()
+    };
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    if let Some((addr, size)) = info.initramfs {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = memory_map(info.ram);
+    for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(&map) {
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
+    }
+    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE))?;
+    Ok(())
+}
+
+/// Null, 64-bit code, data, and a TSS descriptor.
+fn gdt64() -> [u64; 4] {
+    [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x008f_8b00_0000_ffff,
+    ]
+}
+
+/// The vCPU state at a bzImage's 64-bit entry (`startup_64`).
+pub fn entry_registers_64(entry: u64) -> (Regs, Sregs) {
+    let regs = Regs {
+        rip: entry,
+        rsi: ZERO_PAGE,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    let (_, mut sregs) = entry_registers(entry);
+    sregs.cs.l = true;
+    sregs.cs.db = false;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 0x20; // PAE
+    sregs.cr0 = 0x8000_0011; // PG | ET | PE
+    sregs.efer = 0x500; // LMA | LME
+    (regs, sregs)
 }
 
 /// The vCPU state at PVH entry.
@@ -220,6 +320,53 @@ mod tests {
         assert_eq!(sregs.cs.selector, SELECTOR_CODE);
         assert!(sregs.cs.db && sregs.cs.g && !sregs.cs.l);
         assert_eq!(sregs.ds.limit, 0xffff_ffff);
+    }
+
+    #[test]
+    fn the_zero_page_carries_header_cmdline_initramfs_and_memory_map() {
+        use linux_loader::loader::bootparam::{boot_params, setup_header};
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let header = setup_header {
+            setup_sects: 27,
+            version: 0x20f,
+            ..Default::default()
+        };
+        write_linux_boot_data(
+            &mem,
+            &BootInfo {
+                ram: &[(0, 0x40_0000)],
+                cmdline: "console=ttyS0",
+                initramfs: Some((0x30_0000, 0x1000)),
+            },
+            &header,
+        )
+        .unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.setup_sects }, 27, "the image's header is kept");
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ hdr.cmd_line_ptr } as u64, layout::CMDLINE);
+        assert_eq!({ hdr.cmdline_size }, 14);
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x30_0000, 0x1000)
+        );
+        assert_eq!(params.e820_entries, 3);
+        let last = params.e820_table[2];
+        assert_eq!(
+            ({ last.addr }, { last.r#type }),
+            (layout::HIGH_MEMORY, E820_RAM)
+        );
+        // The first 2 MiB page maps address 0, present, writable, large.
+        assert_eq!(read::<u64>(&mem, PD), 0x83);
+        assert_eq!(read::<u64>(&mem, PD + 8), (1 << 21) | 0x83);
+        assert_eq!(read::<u64>(&mem, PML4), PDPT | 3);
+
+        let (regs, sregs) = entry_registers_64(0x100_0200);
+        assert_eq!((regs.rip, regs.rsi), (0x100_0200, ZERO_PAGE));
+        assert!(sregs.cs.l && !sregs.cs.db);
+        assert_eq!(sregs.efer & 0x500, 0x500);
+        assert_ne!(sregs.cr0 & (1 << 31), 0, "paging on");
     }
 
     #[test]
