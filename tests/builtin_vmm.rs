@@ -14,6 +14,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -29,19 +30,19 @@ fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
     }
 }
 
-#[test]
-fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
-    let Some(assets) = assets() else { return };
-    let Some(hv) = kvm() else { return };
-    let work = tempfile::tempdir().unwrap();
-    let verdict = engine::builtin::speed_verdict(hv.as_ref(), work.path());
-    eprintln!("host: {}", verdict.reason);
-
-    // A root filesystem with a marker file and no init.
-    let tree = work.path().join("tree");
-    std::fs::create_dir_all(tree.join("etc")).unwrap();
-    std::fs::write(tree.join("etc/marker"), "builtin").unwrap();
-    let disk = work.path().join("disk.ext4");
+/// Boots `kernel` (under `assets`) with 128 MiB, one vCPU and a root disk that has a marker
+/// file and no init, and a virtio-console port (the agent's channel, unused); returns the VM,
+/// its console log and the host end of the channel.
+fn boot_to_root_disk(
+    hv: &dyn hypervisor::Hypervisor,
+    verdict: &engine::builtin::SpeedVerdict,
+    kernel: std::path::PathBuf,
+    work: &std::path::Path,
+) -> (vmm::Vmm, std::path::PathBuf, UnixStream) {
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).expect("root tree");
+    std::fs::write(tree.join("etc/marker"), "builtin").expect("root tree");
+    let disk = work.join("disk.ext4");
     let status = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&tree)
@@ -50,20 +51,19 @@ fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
         .status()
         .expect("mkfs.ext4");
     assert!(status.success());
-
     let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 root=/dev/vda ro");
     if !verdict.native {
         cmdline.push(' ');
         cmdline.push_str(engine::builtin::EMULATED_KERNEL_ARGS);
     }
-    let console = work.path().join("console.log");
-    let (_host, device) = std::os::unix::net::UnixStream::pair().unwrap();
+    let console = work.join("console.log");
+    let (host, device) = UnixStream::pair().expect("socketpair");
     let vmm = vmm::Vmm::boot(
-        hv.as_ref(),
+        hv,
         vmm::VmmConfig {
             vcpus: 1,
             memory_mib: 128,
-            kernel: assets.join("vmlinux"),
+            kernel,
             initramfs: None,
             cmdline,
             disks: vec![vmm::Disk {
@@ -77,6 +77,19 @@ fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
         },
     )
     .expect("boot");
+    (vmm, console, host)
+}
+
+#[test]
+fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
+    let Some(assets) = assets() else { return };
+    let Some(hv) = kvm() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let verdict = engine::builtin::speed_verdict(hv.as_ref(), work.path());
+    eprintln!("host: {}", verdict.reason);
+
+    let (vmm, console, _channel) =
+        boot_to_root_disk(hv.as_ref(), &verdict, assets.join("vmlinux"), work.path());
     let exit = vmm.wait(Duration::from_secs(600));
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(25).collect();
@@ -118,42 +131,8 @@ fn the_bzimage_enters_through_the_64_bit_boot_protocol() {
     let Some(hv) = kvm() else { return };
     let work = tempfile::tempdir().unwrap();
     let verdict = engine::builtin::speed_verdict(hv.as_ref(), work.path());
-    let tree = work.path().join("tree");
-    std::fs::create_dir_all(tree.join("etc")).unwrap();
-    let disk = work.path().join("disk.ext4");
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&disk)
-        .arg("8M")
-        .status()
-        .expect("mkfs.ext4");
-    assert!(status.success());
-    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 root=/dev/vda ro");
-    if !verdict.native {
-        cmdline.push(' ');
-        cmdline.push_str(engine::builtin::EMULATED_KERNEL_ARGS);
-    }
-    let console = work.path().join("console.log");
-    let mut vmm = vmm::Vmm::boot(
-        hv.as_ref(),
-        vmm::VmmConfig {
-            vcpus: 1,
-            memory_mib: 128,
-            kernel: assets.join("bzImage"),
-            initramfs: None,
-            cmdline,
-            disks: vec![vmm::Disk {
-                path: disk,
-                read_only: true,
-            }],
-            nics: vec![],
-            agent_channel: None,
-            console_log: console.clone(),
-            hide_cpuid: Vec::new(),
-        },
-    )
-    .expect("boot");
+    let (mut vmm, console, _channel) =
+        boot_to_root_disk(hv.as_ref(), &verdict, assets.join("bzImage"), work.path());
     let log = || std::fs::read_to_string(&console).unwrap_or_default();
     if verdict.native {
         let exit = vmm.wait(Duration::from_secs(120));
