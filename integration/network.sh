@@ -14,8 +14,10 @@ start_containerd
 start_dockerd_bridged "$BIP" "$USER_SUBNET"
 cleanup_network() {
   local rc=$?
-  docker_ ps -aq 2>/dev/null | xargs -r "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" rm -f > /dev/null 2>&1
-  docker_ network rm smnet > /dev/null 2>&1
+  # Under set -e, and also run from the EXIT trap before lib.bash's cleanup: nothing here
+  # may fail the script (the network is gone after the first call).
+  { docker_ ps -aq | xargs -r "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" rm -f; } > /dev/null 2>&1 || true
+  docker_ network rm smnet > /dev/null 2>&1 || true
   return "$rc"
 }
 # Containers and the user network go while dockerd still runs (it removes their rules).
