@@ -37,11 +37,11 @@ def qemu_boot(kernel, disk, args, accel):
     with tempfile.TemporaryDirectory() as tmp:
         console = os.path.join(tmp, "console.log")
         cmd = [
-            "qemu-system-x86_64", "-M", "microvm,rtc=off,pit=off,pic=off,isa-serial=on",
+            # The machine options of the qemu engine (crates/engine/src/qemu.rs).
+            "qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
             "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-m", "128",
             "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
-            "-machine", "memory-backend=mem",
             "-kernel", kernel, "-append", f"console=ttyS0 reboot=t panic=-1 root=/dev/vda ro {args}",
             "-serial", f"file:{console}",
             "-drive", f"id=disk,file={disk},format=raw,if=none,readonly=on",
@@ -51,7 +51,7 @@ def qemu_boot(kernel, disk, args, accel):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         first = mounted = None
         peak = 0
-        while proc.poll() is None and time.monotonic() - start < 900:
+        while proc.poll() is None and time.monotonic() - start < 300:
             text = open(console, errors="replace").read() if os.path.exists(console) else ""
             now = (time.monotonic() - start) * 1e3
             if first is None and text:
@@ -130,7 +130,9 @@ def main():
             [os.path.join(ROOT, "target/release/examples/bench"), kernel, disk] + extra.split(),
             capture_output=True, text=True, check=True).stdout
         builtin = json.loads(out.strip().splitlines()[-1])
-        qemu = qemu_boot(kernel, disk, extra, accel)
+        # QEMU gets the kernel arguments the qemu engine would give (none extra): the ones
+        # for emulating KVM hosts are the builtin engine's.
+        qemu = qemu_boot(kernel, disk, "", accel)
 
     print(f"\nguest kernel cold boot to root mount and reset: builtin VMM vs qemu ({accel})")
     print(f"host: builtin {'runs guest kernel code natively' if native else 'on a KVM that emulates guest kernel code'}")
