@@ -46,13 +46,7 @@ fn metrics_v1(pid: u32) -> Result<Any, String> {
             usage.failcnt = read_u64(&dir.join("memory.failcnt"));
             memory.usage = Some(usage).into();
             let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
-            for line in stat.lines() {
-                let mut parts = line.split_whitespace();
-                let (Some(key), Some(value)) =
-                    (parts.next(), parts.next().and_then(|v| v.parse().ok()))
-                else {
-                    continue;
-                };
+            for (key, value) in key_values(&stat) {
                 match key {
                     "cache" => memory.cache = value,
                     "rss" => memory.rss = value,
@@ -88,6 +82,14 @@ fn metrics_v1(pid: u32) -> Result<Any, String> {
     pack(&metrics)
 }
 
+/// The `key value` lines of a cgroup stat file whose value is a number.
+fn key_values(stat: &str) -> impl Iterator<Item = (&str, u64)> {
+    stat.lines().filter_map(|line| {
+        let mut parts = line.split_whitespace();
+        Some((parts.next()?, parts.next()?.parse().ok()?))
+    })
+}
+
 fn metrics_v2(pid: u32) -> Result<Any, String> {
     // A pure cgroup v2 host: the few figures containerd shows.
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| e.to_string())?;
@@ -104,13 +106,7 @@ fn metrics_v2(pid: u32) -> Result<Any, String> {
     metrics.memory = Some(memory).into();
     let mut cpu = v2::CPUStat::new();
     if let Ok(stat) = std::fs::read_to_string(dir.join("cpu.stat")) {
-        for line in stat.lines() {
-            let mut parts = line.split_whitespace();
-            let (Some(key), Some(value)) =
-                (parts.next(), parts.next().and_then(|v| v.parse().ok()))
-            else {
-                continue;
-            };
+        for (key, value) in key_values(&stat) {
             match key {
                 "usage_usec" => cpu.usage_usec = value,
                 "user_usec" => cpu.user_usec = value,

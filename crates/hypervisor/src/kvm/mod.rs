@@ -32,6 +32,33 @@ pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
 
+/// Copies the general registers between KVM's `kvm_regs` and [`x86::Regs`] (same field names).
+macro_rules! general_registers {
+    ($from:expr, $to:path) => {{
+        let r = $from;
+        $to {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }};
+}
+
 #[derive(Debug)]
 pub struct Kvm {
     kvm: KvmSys,
@@ -220,49 +247,11 @@ impl Vcpu for KvmVcpu {
 
     fn x86_regs(&self) -> Result<x86::Regs> {
         let r = self.fd.get_regs().map_err(os("get registers"))?;
-        Ok(x86::Regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        })
+        Ok(general_registers!(r, x86::Regs))
     }
 
     fn set_x86_regs(&mut self, r: &x86::Regs) -> Result<()> {
-        let regs = kvm_bindings::kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
+        let regs = general_registers!(r, kvm_bindings::kvm_regs);
         self.fd.set_regs(&regs).map_err(os("set registers"))
     }
 
