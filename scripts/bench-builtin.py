@@ -73,6 +73,23 @@ def qemu_boot(kernel, disk, args, accel):
         }
 
 
+def runc_run_ms(rootfs):
+    """`runc run` of `true` on the same root filesystem: the reference the ratios are against."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = os.path.join(tmp, "bundle")
+        os.makedirs(bundle)
+        subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+        config = json.load(open(os.path.join(bundle, "config.json")))
+        config["root"]["path"] = rootfs  # runc refuses a symlinked rootfs
+        config["process"]["args"] = ["true"]
+        config["process"]["terminal"] = False
+        json.dump(config, open(os.path.join(bundle, "config.json"), "w"))
+        start = time.monotonic()
+        subprocess.run(["runc", "--root", os.path.join(tmp, "state"), "run", "--bundle", bundle,
+                        "bench-runc"], check=True, stdin=subprocess.DEVNULL)
+        return (time.monotonic() - start) * 1e3
+
+
 def container_phases(engine, rootfs):
     """`supermachine run` of `true` on ENGINE, booting cold: the monitor's boot phases (ms)."""
     sm = os.path.join(ROOT, "build/bin/supermachine")
@@ -162,6 +179,9 @@ def main():
         b, q = engines["builtin"].get(key), engines["qemu"].get(key)
         ratio = f"{b / q:.2f}x" if b and q else "-"
         print(f"{label:30}{fmt(b):>12}{fmt(q):>12}{ratio:>14}")
+    runc = runc_run_ms(rootfs)
+    print(f"runc run of `true` (wall): {runc:.1f} ms; builtin {engines['builtin']['run_ms'] / runc:.1f}x, "
+          f"qemu {engines['qemu']['run_ms'] / runc:.1f}x runc")
 
 
 if __name__ == "__main__":
