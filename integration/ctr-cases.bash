@@ -76,8 +76,11 @@ case_exec_ps_pause() {
   ctr_ run -d $(rt "$1") "$IMAGE" "$id" sh -c 'echo from-init > /tmp/f; exec sleep 1000' > /dev/null
   wait_status "$id" RUNNING
   sleep 0.5
-  ctr_ tasks exec --exec-id e1 "$id" sh -c 'cat /tmp/f; echo exec-err >&2; exit 4'
+  # stdout and stderr reach ctr through separate FIFOs: their relative order is
+  # not defined (for runc either), so stderr is printed after stdout.
+  ctr_ tasks exec --exec-id e1 "$id" sh -c 'cat /tmp/f; echo exec-err >&2; exit 4' 2> "$WORK/exec-err-$1"
   echo "exec rc=$?"
+  cat "$WORK/exec-err-$1"
   ctr_ tasks exec --exec-id e2 "$id" sh -c 'cat /proc/1/cmdline | tr "\0" " "; echo'
   ctr_ tasks pause "$id"
   ctr_ tasks ls | awk -v id="$id" '$1 == id { print $3 }'

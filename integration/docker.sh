@@ -38,7 +38,10 @@ case_detach_logs_exec() {
   local id; id=$(run_ "$1" -d "$IMG" sh -c 'echo logged; echo to-stderr >&2; exec sleep 1000')
   wait_log "$id" to-stderr
   docker_ logs "$id" 2>&1 | sort
-  docker_ exec "$id" sh -c 'echo exec-out; echo exec-err >&2; exit 5'; echo "exec rc=$?"
+  # stdout and stderr are separate streams with no defined order between them.
+  docker_ exec "$id" sh -c 'echo exec-out; echo exec-err >&2; exit 5' 2> "$WORK/exec-err-$1"
+  echo "exec rc=$?"
+  cat "$WORK/exec-err-$1"
   docker_ exec -t "$id" sh -c 'tty > /dev/null && echo exec-tty'
   echo exec-stdin | docker_ exec -i "$id" cat
   docker_ exec -u 1000 -w /tmp -e X=1 "$id" sh -c 'id -u; pwd; echo $X'
