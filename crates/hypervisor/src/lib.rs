@@ -208,10 +208,13 @@ pub trait Vcpu: Send + fmt::Debug {
     fn set_aarch64_regs(&mut self, _regs: &aarch64::Regs) -> Result<()> {
         Err(unsupported("aarch64 registers"))
     }
-    /// Everything a snapshot needs to resume this vCPU (opaque bytes, backend-defined).
-    fn save_state(&self) -> Result<Vec<u8>> {
+    /// Everything a snapshot needs to resume this vCPU (opaque bytes, backend-defined). Call
+    /// it on the thread that runs the vCPU, between two runs: it may have to finish the last
+    /// exit's access first.
+    fn save_state(&mut self) -> Result<Vec<u8>> {
         Err(unsupported("vCPU state"))
     }
+    /// Puts back what [`Vcpu::save_state`] gave, after the vCPU's CPUID is set.
     fn restore_state(&mut self, _state: &[u8]) -> Result<()> {
         Err(unsupported("vCPU state"))
     }

@@ -58,11 +58,13 @@ fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
 type Guest = (Ram, Box<dyn hypervisor::Vm>, Box<dyn hypervisor::Vcpu>);
 
 fn real_mode(code: &[u8]) -> Option<Guest> {
+    real_mode_on(code, VmConfig { irqchip: false })
+}
+
+fn real_mode_on(code: &[u8], config: VmConfig) -> Option<Guest> {
     let kvm = kvm()?;
     let ram = Ram::new(code);
-    let vm = kvm
-        .create_vm(&VmConfig { irqchip: false })
-        .expect("create VM");
+    let vm = kvm.create_vm(&config).expect("create VM");
     // SAFETY: `ram` outlives the VM in every test (dropped after it).
     unsafe {
         vm.map_memory(MemoryRegion {
@@ -160,4 +162,55 @@ fn a_loop_is_interrupted_by_a_kick_from_another_thread() {
     assert_eq!(exit, "Interrupted");
     let rip = vcpu.x86_regs().expect("regs").rip;
     assert_eq!(rip, CODE, "the guest was still in its loop");
+}
+
+/// A vCPU stopped at a port read is saved with the answer given but not yet taken in; a
+/// second VM restored from that state (and a copy of the RAM) carries on with it.
+#[test]
+fn a_vcpu_saved_mid_exit_resumes_in_another_vm() {
+    #[rustfmt::skip]
+    let code = [
+        0xbb, 0x34, 0x12, // mov bx, 0x1234
+        0xe4, 0x10,       // in al, 0x10
+        0x00, 0xd8,       // add al, bl
+        0xe6, 0x11,       // out 0x11, al
+        0xeb, 0xfe,       // jmp $
+    ];
+    let with_irqchip = VmConfig { irqchip: true };
+    let Some((ram, vm, mut vcpu)) = real_mode_on(&code, with_irqchip) else {
+        return;
+    };
+    match vcpu.run().expect("run") {
+        VcpuExit::IoIn { port, data } => {
+            assert_eq!(port, 0x10);
+            data[0] = 0x05;
+        }
+        other => panic!("expected the in, got {other:?}"),
+    }
+    let saved = vcpu.save_state().expect("save vCPU");
+    let platform = vm.save_platform().expect("save platform");
+    assert_eq!(
+        vcpu.x86_regs().expect("regs").rax & 0xff,
+        0x05,
+        "saving took the answer in"
+    );
+
+    // A second VM with a copy of the first one's RAM and a blank vCPU.
+    let Some((ram2, vm2, mut vcpu2)) = real_mode_on(&[], with_irqchip) else {
+        return;
+    };
+    // SAFETY: both mappings are RAM bytes long and no vCPU runs while copying.
+    unsafe { std::ptr::copy_nonoverlapping(ram.0, ram2.0, RAM) };
+    drop(vcpu);
+    drop(vm);
+    drop(ram);
+    vm2.restore_platform(&platform).expect("restore platform");
+    vcpu2.restore_state(&saved).expect("restore vCPU");
+    match vcpu2.run().expect("run") {
+        VcpuExit::IoOut { port, data } => {
+            assert_eq!((port, data), (0x11, &[0x05u8 + 0x34][..]));
+        }
+        other => panic!("expected the out after the restore, got {other:?}"),
+    }
+    assert_eq!(vcpu2.x86_regs().expect("regs").rbx, 0x1234);
 }

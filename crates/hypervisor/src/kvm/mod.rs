@@ -13,6 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{x86, Error, Hypervisor, Kick, MemoryRegion, Result, Vcpu, VcpuExit, Vm, VmConfig};
 
+mod state;
+
 const BACKEND: &str = "kvm";
 
 fn os(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -101,7 +103,15 @@ impl Hypervisor for Kvm {
             };
             vm.create_pit2(pit).map_err(os("create PIT"))?;
         }
-        Ok(Box::new(KvmVm { vm }))
+        // The MSRs a snapshot carries: KVM's list of those it saves and restores.
+        let msrs = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(os("get MSR index list"))?;
+        Ok(Box::new(KvmVm {
+            vm,
+            msrs: Arc::new(msrs.as_slice().to_vec()),
+        }))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<x86::CpuidEntry>> {
@@ -128,6 +138,7 @@ impl Hypervisor for Kvm {
 #[derive(Debug)]
 struct KvmVm {
     vm: VmFd,
+    msrs: Arc<Vec<u32>>,
 }
 
 impl Vm for KvmVm {
@@ -163,11 +174,20 @@ impl Vm for KvmVm {
             .map_err(os("register irqfd"))
     }
 
+    fn save_platform(&self) -> Result<Vec<u8>> {
+        state::save_platform(&self.vm)
+    }
+
+    fn restore_platform(&self, state: &[u8]) -> Result<()> {
+        state::restore_platform(&self.vm, state)
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let fd = self.vm.create_vcpu(id.into()).map_err(os("create vCPU"))?;
         Ok(Box::new(KvmVcpu {
             id,
             fd,
+            msrs: self.msrs.clone(),
             thread: Arc::new(KvmKick {
                 thread: AtomicU64::new(0),
             }),
@@ -196,6 +216,8 @@ impl Kick for KvmKick {
 struct KvmVcpu {
     id: u32,
     fd: VcpuFd,
+    /// The MSRs to save (KVM_GET_MSR_INDEX_LIST).
+    msrs: Arc<Vec<u32>>,
     thread: Arc<KvmKick>,
 }
 
@@ -396,6 +418,14 @@ impl Vcpu for KvmVcpu {
             )));
         }
         Ok(t.physical_address)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>> {
+        state::save_vcpu(&mut self.fd, &self.msrs)
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        state::restore_vcpu(&self.fd, bytes)
     }
 }
 
