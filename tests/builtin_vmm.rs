@@ -161,8 +161,15 @@ fn the_bzimage_enters_through_the_64_bit_boot_protocol() {
 }
 
 #[test]
-fn a_container_runs_on_the_builtin_engine_without_qemu() {
-    let Some(env) = Env::new() else { return };
+fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_snapshot() {
+    // A cache of its own: the first run must boot (and bake), the second restore.
+    let cache = tempfile::Builder::new()
+        .prefix("sm-cache-")
+        .tempdir()
+        .unwrap();
+    let Some(env) = Env::with_cache(cache.path().to_path_buf()) else {
+        return;
+    };
     let Some(hv) = kvm() else { return };
     let probe = tempfile::tempdir().unwrap();
     let verdict = engine::builtin::speed_verdict(hv.as_ref(), probe.path());
@@ -205,23 +212,70 @@ fn a_container_runs_on_the_builtin_engine_without_qemu() {
         std::env::var("PATH").unwrap_or_default()
     );
 
-    let bundle = env.bundle(&["sh", "-c", "uname -r; exit 3"]);
-    let out = common::output_of(
-        env.cmd()
-            .env("PATH", path)
-            .env("SUPERMACHINE_ENGINE", "builtin")
-            .env("SUPERMACHINE_BOOT_TIMEOUT", "900")
-            .args(["run", "--bundle", bundle.path_str(), "c-builtin"]),
-    );
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "uname -r; cat /proc/sys/kernel/random/boot_id; exit 3",
+    ]);
+    let run = |id: &str| {
+        let log = env.root().join(format!("{id}.log"));
+        let out = common::output_of(
+            env.cmd()
+                .env("PATH", &path)
+                .env("SUPERMACHINE_ENGINE", "builtin")
+                .env("SUPERMACHINE_BOOT_TIMEOUT", "900")
+                .args(["--debug", "--log", log.to_str().unwrap()])
+                .args(["run", "--bundle", bundle.path_str(), id]),
+        );
+        (out, std::fs::read_to_string(&log).unwrap_or_default())
+    };
     let release_file = if verdict.native {
         "release"
     } else {
         "release-pvm"
     };
     let release = std::fs::read_to_string(env.assets.join(release_file)).unwrap();
-    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), release.trim());
-    assert!(!text(&out.stderr).contains("fake qemu"));
+
+    let (booted, log) = run("c-builtin");
+    assert_eq!(
+        booted.status.code(),
+        Some(3),
+        "stderr: {}",
+        text(&booted.stderr)
+    );
+    let booted_out = text(&booted.stdout);
+    let lines: Vec<&str> = booted_out.lines().collect();
+    assert_eq!(lines.first().copied(), Some(release.trim()));
+    assert!(!text(&booted.stderr).contains("fake qemu"));
+    assert!(log.contains("baked snapshot"), "{log}");
     // `run` deletes the container once its process exits, as runc's does.
     env.assert_clean("c-builtin");
+
+    // The second container of the image restores the baked VM: same boot, same kernel.
+    let (restored, log) = run("c-builtin-2");
+    assert_eq!(
+        restored.status.code(),
+        Some(3),
+        "stderr: {}",
+        text(&restored.stderr)
+    );
+    assert!(log.contains("restore phases"), "{log}");
+    for phase in [
+        "validate state",
+        "memory map",
+        "irq/clock state",
+        "device state",
+        "vCPU state",
+    ] {
+        assert!(
+            log.contains(phase),
+            "restore phase {phase} not logged: {log}"
+        );
+    }
+    assert_eq!(
+        text(&restored.stdout),
+        booted_out,
+        "not the baked VM's kernel and boot"
+    );
+    env.assert_clean("c-builtin-2");
 }

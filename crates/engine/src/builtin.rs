@@ -220,19 +220,14 @@ impl BuiltinEngine {
     }
 
     fn config(&self, spec: &VmSpec, channel: UnixStream) -> Result<vmm::VmmConfig, EngineError> {
-        // A detached NIC only gives a snapshot its device set; without snapshots it can go.
+        // A NIC without a tap is detached: it keeps the device set a snapshot needs.
         let nics = spec
             .nics
             .iter()
-            .filter_map(|nic| {
-                let tap = nic.tap?;
-                Some(
-                    devices::virtio::net::parse_mac(&nic.mac)
-                        .map(|mac| vmm::Nic { tap, mac })
-                        .ok_or_else(|| {
-                            EngineError::Control(format!("bad MAC address {:?}", nic.mac))
-                        }),
-                )
+            .map(|nic| {
+                devices::virtio::net::parse_mac(&nic.mac)
+                    .map(|mac| vmm::Nic { tap: nic.tap, mac })
+                    .ok_or_else(|| EngineError::Control(format!("bad MAC address {:?}", nic.mac)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(vmm::VmmConfig {
@@ -321,22 +316,48 @@ impl crate::Engine for BuiltinEngine {
         }))
     }
 
+    /// The hypervisor, this host's CPU (vCPU state and CPUID are the CPU's) and whether
+    /// guest kernel code is emulated here (it picks the kernel variant and hidden CPUID).
     fn snapshot_identity(&self) -> String {
-        format!("builtin-{}", self.hv.name())
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split_once(':'))
+                .map_or(String::new(), |(_, v)| v.trim().to_string())
+        };
+        format!(
+            "builtin-{} cpu={} family={} model={} stepping={} native={}",
+            self.hv.name(),
+            field("model name"),
+            field("cpu family"),
+            field("model"),
+            field("stepping"),
+            self.verdict.native
+        )
     }
 
-    fn supports_snapshots(&self) -> bool {
-        false
-    }
-
-    fn restore(
-        &self,
-        _spec: &VmSpec,
-        _dir: &Path,
-    ) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
-        Err(EngineError::Unavailable(
-            "builtin".into(),
-            "the builtin VMM does not restore snapshots yet".into(),
+    fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
+        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
+            what: "agent channel".into(),
+            source: e,
+        })?;
+        let config = self.config(spec, device)?;
+        let console = config.console_log.clone();
+        let (vmm, phases) = vmm::Vmm::restore(self.hv.as_ref(), config, dir)
+            .map_err(|e| EngineError::VmmExited { log: e.to_string() })?;
+        let phases = phases
+            .into_iter()
+            .map(|(name, duration)| Phase::new(name, duration))
+            .collect();
+        Ok((
+            Box::new(BuiltinVm {
+                vmm: Some(vmm),
+                channel: Some(host),
+                console,
+            }),
+            phases,
         ))
     }
 }
@@ -378,11 +399,13 @@ impl Vm for BuiltinVm {
         Ok(())
     }
 
-    fn snapshot(&mut self, _dir: &Path) -> Result<(), EngineError> {
-        Err(EngineError::Unavailable(
-            "builtin".into(),
-            "the builtin VMM does not write snapshots yet".into(),
-        ))
+    fn snapshot(&mut self, dir: &Path) -> Result<(), EngineError> {
+        let vmm = self
+            .vmm
+            .as_ref()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        vmm.snapshot(dir)
+            .map_err(|e| EngineError::Control(e.to_string()))
     }
 
     fn exited(&mut self) -> Option<String> {

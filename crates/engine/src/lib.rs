@@ -186,25 +186,14 @@ pub fn select(choice: EngineChoice, probe_dir: &Path) -> Result<Selection, Engin
             let why_not_builtin = match hypervisor::open() {
                 Ok(hv) => {
                     let verdict = builtin::speed_verdict(hv.as_ref(), probe_dir);
-                    let engine = builtin::BuiltinEngine::new(hv, verdict.clone());
-                    // A restore beats any cold boot: the builtin engine is the faster one only
-                    // once it restores snapshots too.
-                    if verdict.native && engine.supports_snapshots() {
+                    if verdict.native {
                         let reason = format!("auto: builtin, since {}", verdict.reason);
                         return Ok(Selection {
-                            engine: Box::new(engine),
+                            engine: Box::new(builtin::BuiltinEngine::new(hv, verdict)),
                             reason,
                         });
                     }
-                    if verdict.native {
-                        format!(
-                            "{}, but the builtin engine does not restore snapshots yet and qemu \
-                             does",
-                            verdict.reason
-                        )
-                    } else {
-                        verdict.reason
-                    }
+                    verdict.reason
                 }
                 Err(e) => e.to_string(),
             };

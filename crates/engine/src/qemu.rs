@@ -425,7 +425,7 @@ impl Vm for QemuVm {
         qmp.wait_migration(MIGRATION_TIMEOUT)?;
         drop(state);
         let memory = dir.join("memory");
-        copy_sparse(ram, &memory, *size).map_err(io_error(&memory))
+        snapshot::file::copy_sparse(ram, &memory, *size).map_err(io_error(&memory))
     }
 
     fn exited(&mut self) -> Option<String> {
@@ -450,36 +450,6 @@ impl Drop for QemuVm {
     fn drop(&mut self) {
         let _ = self.stop();
     }
-}
-
-/// Copies the allocated extents of `from` (a tmpfs file) into a new sparse file `to` of
-/// `size` bytes.
-fn copy_sparse(from: &File, to: &Path, size: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let out = File::create(to)?;
-    out.set_len(size)?;
-    let fd = from.as_raw_fd();
-    let mut offset: i64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    while (offset as u64) < size {
-        // SAFETY: lseek on an fd we own; SEEK_DATA/SEEK_HOLE only move its offset.
-        let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data after `offset`.
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size as i64 } else { hole };
-        let mut at = data as u64;
-        while at < end as u64 {
-            let n = buf.len().min((end as u64 - at) as usize);
-            from.read_exact_at(&mut buf[..n], at)?;
-            out.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-        }
-        offset = end;
-    }
-    Ok(())
 }
 
 /// The last `lines` lines of a log file (at most its last 64 KiB).

@@ -11,6 +11,7 @@
 //! starts when the disk's free space is below a floor.
 
 mod cache;
+pub mod file;
 mod key;
 
 pub use cache::{Bake, CacheLimits, Entry, EntryInfo, Lookup, Meta, SnapshotCache, FORMAT_VERSION};

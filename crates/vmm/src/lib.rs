@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod memory;
+pub mod snapshot;
 pub mod x86_64;
 
 use std::fs::File;
@@ -55,6 +56,8 @@ pub enum Error {
     Config(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// A disk for virtio-blk; the guest sees them as /dev/vda, /dev/vdb, … in order.
@@ -64,10 +67,11 @@ pub struct Disk {
     pub read_only: bool,
 }
 
-/// A virtio-net device on a tap (IFF_VNET_HDR); the VMM keeps its own duplicate of `tap`.
+/// A virtio-net device on a tap (IFF_VNET_HDR; the VMM keeps its own duplicate), or
+/// detached (no tap: the guest has the NIC, its frames go nowhere).
 #[derive(Debug, Clone)]
 pub struct Nic {
-    pub tap: std::os::fd::RawFd,
+    pub tap: Option<std::os::fd::RawFd>,
     pub mac: [u8; 6],
 }
 
@@ -106,7 +110,12 @@ struct RunState {
     paused: u32,
     stop: bool,
     exit: Option<VmExit>,
+    /// A snapshot in progress: one slot per vCPU, filled by its (parked) thread.
+    save: Option<Vec<SavedVcpu>>,
 }
+
+/// A vCPU's saved state once its thread has read it.
+type SavedVcpu = Option<Result<Vec<u8>, String>>;
 
 #[derive(Debug, Default)]
 struct Control {
@@ -119,13 +128,29 @@ impl Control {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by a vCPU thread between runs: parks while paused; false when it must end.
-    fn checkpoint(&self) -> bool {
+    /// Called by vCPU `id`'s thread between runs: parks while paused, saving the vCPU's state
+    /// with `save` when a snapshot asks for it (vCPU state is read on the vCPU's own thread);
+    /// false when it must end.
+    fn checkpoint(&self, id: usize, save: &mut dyn FnMut() -> Result<Vec<u8>, String>) -> bool {
         let mut state = self.lock();
         if state.pause && !state.stop {
             state.paused += 1;
             self.changed.notify_all();
             while state.pause && !state.stop {
+                let asked = state
+                    .save
+                    .as_ref()
+                    .is_some_and(|slots| slots.get(id).is_some_and(Option::is_none));
+                if asked {
+                    drop(state);
+                    let saved = save();
+                    state = self.lock();
+                    if let Some(slot) = state.save.as_mut().and_then(|s| s.get_mut(id)) {
+                        *slot = Some(saved);
+                    }
+                    self.changed.notify_all();
+                    continue;
+                }
                 state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
             }
             state.paused -= 1;
@@ -181,6 +206,8 @@ fn irq(vm: &Arc<dyn hypervisor::Vm>, line: u32) -> Result<Arc<Irq>, Error> {
 pub struct Vmm {
     vm: Arc<dyn hypervisor::Vm>,
     ram: memory::GuestRam,
+    serial: Arc<Mutex<ConsoleSerial>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     control: Arc<Control>,
     kickers: Vec<Arc<dyn Kick>>,
     threads: Vec<JoinHandle<()>>,
@@ -223,64 +250,9 @@ impl Vmm {
             None => None,
         };
 
-        // Devices.
-        let mut pio = Bus::default();
-        let mut mmio = Bus::default();
-        let console = File::create(&config.console_log).map_err(|e| Error::File {
-            path: config.console_log.clone(),
-            source: e,
-        })?;
-        let serial =
-            devices::serial::Serial::new(irq(&vm, devices::serial::COM1_IRQ)?, LineWriter(console));
-        let serial: SharedDevice = Arc::new(Mutex::new(serial));
-        insert(
-            &mut pio,
-            u64::from(devices::serial::COM1_PORT),
-            devices::serial::COM1_LEN,
-            serial,
-        )?;
-
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!disk.read_only)
-                .open(&disk.path)
-                .map_err(|e| Error::File {
-                    path: disk.path.clone(),
-                    source: e,
-                })?;
-            let blk = devices::virtio::blk::Block::new(file, disk.read_only, &format!("disk{i}"))
-                .map_err(|e| Error::File {
-                path: disk.path.clone(),
-                source: e,
-            })?;
-            virtio.push(Box::new(blk));
-        }
-        for nic in &config.nics {
-            let net =
-                devices::virtio::net::Net::new(nic.tap, nic.mac).map_err(|e| Error::File {
-                    path: format!("tap fd {}", nic.tap).into(),
-                    source: e,
-                })?;
-            virtio.push(Box::new(net));
-        }
-        if let Some(channel) = config.agent_channel.take() {
-            virtio.push(Box::new(devices::virtio::console::Console::new(channel)));
-        }
-        virtio.push(Box::<devices::virtio::rng::Rng>::default());
-
+        let devices = build_devices(&vm, &ram.mem, &mut config, None)?;
         let mut cmdline = config.cmdline.clone();
-        for (i, device) in virtio.into_iter().enumerate() {
-            let base = layout::VIRTIO_MMIO + i as u64 * MMIO_LEN;
-            let line = layout::VIRTIO_IRQ + i as u32;
-            if line > layout::IRQ_MAX {
-                return Err(Error::Config("too many devices for the IOAPIC".into()));
-            }
-            let transport = MmioTransport::new(device, ram.mem.clone(), irq(&vm, line)?);
-            insert(&mut mmio, base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{line}"));
-        }
+        cmdline.push_str(&devices.cmdline);
 
         if config.vcpus > 254 {
             return Err(Error::Config("at most 254 vCPUs".into()));
@@ -304,58 +276,16 @@ impl Vmm {
             }
         };
 
-        // vCPUs.
-        let hide: Vec<_> = config
-            .hide_cpuid
-            .iter()
-            .map(|name| {
-                x86_64::cpuid::feature(name)
-                    .ok_or_else(|| Error::Config(format!("unknown CPUID feature {name:?}")))
-            })
-            .collect::<Result<_, _>>()?;
-        let supported = hv.supported_cpuid()?;
-        let control = Arc::new(Control::default());
-        let mut kickers = Vec::new();
-        let mut threads = Vec::new();
-        for id in 0..config.vcpus {
-            let mut vcpu = vm.create_vcpu(id)?;
-            vcpu.set_x86_cpuid(&x86_64::cpuid::for_vcpu(
-                &supported,
-                id,
-                config.vcpus,
-                &hide,
-            ))?;
-            vcpu.set_x86_msrs(&boot_msrs())?;
-            vcpu.setup_x86_lapic()?;
-            if id == 0 {
-                vcpu.set_x86_sregs(&entry_sregs)?;
-                vcpu.set_x86_regs(&entry_regs)?;
-            }
-            kickers.push(vcpu.kicker());
-            let worker = VcpuWorker {
-                vcpu,
-                trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
-                exits: 0,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                mem: ram.mem.clone(),
-                control: control.clone(),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || worker.run())
-                .map_err(Error::Thread);
-            match thread {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    control.end(VmExit::Failed(e.to_string()));
-                    for t in threads {
-                        let _ = t.join();
-                    }
-                    return Err(e);
+        let (control, kickers, threads) =
+            start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
+                vcpu.set_x86_msrs(&boot_msrs())?;
+                vcpu.setup_x86_lapic()?;
+                if id == 0 {
+                    vcpu.set_x86_sregs(&entry_sregs)?;
+                    vcpu.set_x86_regs(&entry_regs)?;
                 }
-            }
-        }
+                Ok(())
+            })?;
         log::debug!(
             "builtin VMM: {} vCPUs, {} MiB, kernel entry {entry:#x}, set up in {:?}",
             config.vcpus,
@@ -365,6 +295,8 @@ impl Vmm {
         Ok(Vmm {
             vm,
             ram,
+            serial: devices.serial,
+            virtio: devices.virtio,
             control,
             kickers,
             threads,
@@ -462,6 +394,173 @@ impl Drop for Vmm {
 fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<(), Error> {
     bus.insert(base, len, device)
         .map_err(|e| Error::Config(e.to_string()))
+}
+
+/// The serial console of every VM: COM1, written to the console log.
+type ConsoleSerial = devices::serial::Serial<LineWriter>;
+
+/// A VM's devices, as boot and restore build them (in the same order, so a snapshot's
+/// device states line up).
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<ConsoleSerial>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The `virtio_mmio.device=` kernel arguments that announce them.
+    cmdline: String,
+}
+
+/// COM1 (in `serial`'s state when restoring), then virtio-mmio devices: the disks, the NICs,
+/// the agent's console port, the RNG.
+fn build_devices(
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &Arc<GuestMemory>,
+    config: &mut VmmConfig,
+    serial: Option<&devices::serial::SerialState>,
+) -> Result<Devices, Error> {
+    let mut pio = Bus::default();
+    let mut mmio = Bus::default();
+    let console = File::create(&config.console_log).map_err(|e| Error::File {
+        path: config.console_log.clone(),
+        source: e,
+    })?;
+    let irq4 = irq(vm, devices::serial::COM1_IRQ)?;
+    let serial = match serial {
+        None => devices::serial::Serial::new(irq4, LineWriter(console)),
+        Some(state) => devices::serial::Serial::restored(irq4, LineWriter(console), state)
+            .map_err(|e| Error::Snapshot(e.to_string()))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    insert(
+        &mut pio,
+        u64::from(devices::serial::COM1_PORT),
+        devices::serial::COM1_LEN,
+        serial.clone(),
+    )?;
+
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(|e| Error::File {
+                path: disk.path.clone(),
+                source: e,
+            })?;
+        let blk = devices::virtio::blk::Block::new(file, disk.read_only, &format!("disk{i}"))
+            .map_err(|e| Error::File {
+                path: disk.path.clone(),
+                source: e,
+            })?;
+        virtio.push(Box::new(blk));
+    }
+    for nic in &config.nics {
+        let net = devices::virtio::net::Net::new(nic.tap, nic.mac).map_err(|e| Error::File {
+            path: format!("tap fd {:?}", nic.tap).into(),
+            source: e,
+        })?;
+        virtio.push(Box::new(net));
+    }
+    if let Some(channel) = config.agent_channel.take() {
+        virtio.push(Box::new(devices::virtio::console::Console::new(channel)));
+    }
+    virtio.push(Box::<devices::virtio::rng::Rng>::default());
+
+    let mut transports = Vec::new();
+    let mut cmdline = String::new();
+    for (i, device) in virtio.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO + i as u64 * MMIO_LEN;
+        let line = layout::VIRTIO_IRQ + i as u32;
+        if line > layout::IRQ_MAX {
+            return Err(Error::Config("too many devices for the IOAPIC".into()));
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            irq(vm, line)?,
+        )));
+        insert(&mut mmio, base, MMIO_LEN, transport.clone())?;
+        transports.push(transport);
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{line}"));
+    }
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        virtio: transports,
+        cmdline,
+    })
+}
+
+type VcpuThreads = (Arc<Control>, Vec<Arc<dyn Kick>>, Vec<JoinHandle<()>>);
+
+/// Creates the vCPUs (CPUID from this host's policy, then `prepare` for boot registers or a
+/// snapshot's state) and starts one thread per vCPU serving its exits on the devices' buses.
+fn start_vcpus(
+    hv: &dyn Hypervisor,
+    vm: &Arc<dyn hypervisor::Vm>,
+    config: &VmmConfig,
+    mem: &Arc<GuestMemory>,
+    devices: &Devices,
+    mut prepare: impl FnMut(u32, &mut dyn Vcpu) -> Result<(), hypervisor::Error>,
+) -> Result<VcpuThreads, Error> {
+    if config.vcpus > 254 {
+        return Err(Error::Config("at most 254 vCPUs".into()));
+    }
+    let hide: Vec<_> = config
+        .hide_cpuid
+        .iter()
+        .map(|name| {
+            x86_64::cpuid::feature(name)
+                .ok_or_else(|| Error::Config(format!("unknown CPUID feature {name:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let supported = hv.supported_cpuid()?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.set_x86_cpuid(&x86_64::cpuid::for_vcpu(
+            &supported,
+            id,
+            config.vcpus,
+            &hide,
+        ))?;
+        prepare(id, vcpu.as_mut())?;
+        vcpus.push(vcpu);
+    }
+    let control = Arc::new(Control::default());
+    let mut kickers = Vec::new();
+    let mut threads = Vec::new();
+    let trace = std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some();
+    for vcpu in vcpus {
+        let id = vcpu.id();
+        kickers.push(vcpu.kicker());
+        let worker = VcpuWorker {
+            vcpu,
+            trace,
+            exits: 0,
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            mem: mem.clone(),
+            control: control.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || worker.run())
+            .map_err(Error::Thread);
+        match thread {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                control.end(VmExit::Failed(e.to_string()));
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((control, kickers, threads))
 }
 
 /// MSRs a kernel expects firmware to have set: fast strings, write-back default memory type.
@@ -605,7 +704,9 @@ enum Next {
 impl VcpuWorker {
     fn run(mut self) {
         let id = self.vcpu.id();
-        while self.control.checkpoint() {
+        while self.control.checkpoint(id as usize, &mut || {
+            self.vcpu.save_state().map_err(|e| e.to_string())
+        }) {
             let exit = self.vcpu.run();
             if self.trace {
                 self.exits += 1;
@@ -711,7 +812,7 @@ mod tests {
         let control = Arc::new(Control::default());
         control.lock().pause = true;
         let c = control.clone();
-        let parked = std::thread::spawn(move || c.checkpoint());
+        let parked = std::thread::spawn(move || c.checkpoint(0, &mut || Ok(Vec::new())));
         let deadline = Instant::now() + Duration::from_secs(5);
         while control.lock().paused != 1 {
             assert!(Instant::now() < deadline);

@@ -6,7 +6,11 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use devices::GuestMemory;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::path::Path;
+
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -14,11 +18,15 @@ pub enum MemoryError {
     Memfd(std::io::Error),
     #[error("mapping guest RAM: {0}")]
     Map(String),
+    #[error("guest RAM file {0}: {1}")]
+    File(std::path::PathBuf, std::io::Error),
 }
 
 #[derive(Debug)]
 pub struct GuestRam {
-    pub file: File,
+    /// The memfd of a booted VM's RAM (a snapshot copies it); a restored VM's RAM is a
+    /// private mapping of the snapshot's file and has none.
+    pub file: Option<File>,
     pub mem: Arc<GuestMemory>,
     /// (guest address, size) of each region, in file order.
     pub ranges: Vec<(u64, u64)>,
@@ -47,7 +55,46 @@ impl GuestRam {
         let mem = GuestMemory::from_ranges_with_files(&regions)
             .map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(GuestRam {
-            file,
+            file: Some(file),
+            mem: Arc::new(mem),
+            ranges: ranges.to_vec(),
+        })
+    }
+
+    /// Guest RAM as a copy-on-write (`MAP_PRIVATE`) mapping of a snapshot's memory file:
+    /// nothing is read until the guest touches it, the file is never written, and VMs
+    /// restored from one file share its clean pages in the page cache.
+    pub fn from_snapshot(path: &Path, ranges: &[(u64, u64)]) -> Result<GuestRam, MemoryError> {
+        let io = |e| MemoryError::File(path.to_path_buf(), e);
+        let file = File::open(path).map_err(io)?;
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        let len = file.metadata().map_err(io)?.len();
+        if len != total {
+            return Err(MemoryError::Map(format!(
+                "{} holds {len} bytes, the VM has {total}",
+                path.display()
+            )));
+        }
+        let mut offset = 0;
+        let mut regions = Vec::new();
+        for &(addr, size) in ranges {
+            let file_offset = FileOffset::new(file.try_clone().map_err(io)?, offset);
+            let mapping = MmapRegion::build(
+                Some(file_offset),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(addr))
+                .ok_or_else(|| MemoryError::Map(format!("region at {addr:#x} overflows")))?;
+            regions.push(region);
+            offset += size;
+        }
+        let mem =
+            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestRam {
+            file: None,
             mem: Arc::new(mem),
             ranges: ranges.to_vec(),
         })

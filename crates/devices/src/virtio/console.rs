@@ -158,6 +158,14 @@ fn fill_queue(
     }
 }
 
+/// What a running console holds beyond its queues.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ConsoleState {
+    guest_ready: bool,
+    control_out: Vec<Vec<u8>>,
+    rx_pending: Vec<u8>,
+}
+
 /// The name the agent looks for.
 pub const AGENT_PORT_NAME: &str = "agent.0";
 
@@ -218,6 +226,39 @@ impl VirtioDevice for Console {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 2 + 2 * MAX_PORTS as usize]
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        let inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let state = ConsoleState {
+            guest_ready: inner.guest_ready,
+            control_out: inner.control_out.iter().cloned().collect(),
+            rx_pending: inner.rx_pending.iter().copied().collect(),
+        };
+        bincode::serialize(&state).unwrap_or_default()
+    }
+
+    /// The port stays open to the guest: the restored VM's socket is a new host end, and the
+    /// agent simply hears a new host on it (nothing in the guest relies on a connection
+    /// surviving a snapshot).
+    fn restore_state(&mut self, state: &[u8]) {
+        let Some(shared) = &self.shared else { return };
+        let state: ConsoleState = match bincode::deserialize(state) {
+            Ok(state) => state,
+            Err(e) => {
+                log::warn!("virtio-console: saved state unreadable ({e}); starting fresh");
+                ConsoleState::default()
+            }
+        };
+        let mut inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.guest_ready = state.guest_ready;
+        inner.control_out.extend(state.control_out);
+        inner.rx_pending.extend(state.rx_pending);
+        inner.flush_control();
+        inner.flush_rx();
     }
 
     fn features(&self) -> u64 {

@@ -29,6 +29,8 @@ pub struct TransportState {
     pub queue_sel: u32,
     pub interrupt_status: u32,
     pub queues: Vec<QueueState>,
+    /// The device's own state ([`VirtioDevice::save_state`]).
+    pub device: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -124,6 +126,11 @@ impl Persist for MmioTransport {
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
             queues,
+            device: if self.activated {
+                self.device.save_state()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -141,6 +148,9 @@ impl Persist for MmioTransport {
         self.interrupt.ack(u32::MAX);
         self.interrupt.raise(state.interrupt_status);
         self.set_status(state.status);
+        if self.activated {
+            self.device.restore_state(&state.device);
+        }
     }
 }
 

@@ -96,6 +96,14 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn queue_states(&self) -> Option<Vec<QueueState>> {
         None
     }
+    /// What the running device holds beyond its queues (buffered bytes, negotiated port
+    /// state), for snapshots; empty for devices that hold nothing.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Puts back what [`VirtioDevice::save_state`] gave; called after the transport has
+    /// activated the device on its restored queues.
+    fn restore_state(&mut self, _state: &[u8]) {}
 }
 
 /// A queue's position and addresses, for snapshots.

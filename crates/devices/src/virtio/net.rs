@@ -1,5 +1,7 @@
 //! virtio-net over a tap (opened with IFF_VNET_HDR), offloads off: each frame crosses with
 //! the 12-byte virtio-net header the tap also speaks, so no bytes are copied to rewrite it.
+//! A device without a tap is detached: the guest sees a NIC whose frames go nowhere (a
+//! snapshot's device set is fixed; the network is attached to the restored VM's device).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -35,27 +37,17 @@ struct Inner {
 
 #[derive(Debug)]
 pub struct Net {
-    tap: File,
+    tap: Option<File>,
     mac: [u8; 6],
     shared: Option<Arc<(Mutex<Inner>, Condvar)>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Net {
-    /// `tap` is duplicated; the caller keeps its own descriptor.
-    pub fn new(tap: RawFd, mac: [u8; 6]) -> std::io::Result<Self> {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller says is open; checked below.
-        let fd = unsafe { libc::fcntl(tap, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is the fresh duplicate, owned from here on.
-        let tap = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let size: libc::c_int = HEADER_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    /// `tap` is duplicated; the caller keeps its own descriptor. Without one the device is
+    /// detached.
+    pub fn new(tap: Option<RawFd>, mac: [u8; 6]) -> std::io::Result<Self> {
+        let tap = tap.map(open_tap).transpose()?;
         Ok(Net {
             tap,
             mac,
@@ -65,7 +57,10 @@ impl Net {
     }
 
     fn start_receiver(&self, shared: Arc<(Mutex<Inner>, Condvar)>) -> std::io::Result<()> {
-        let mut tap = self.tap.try_clone()?;
+        let Some(tap) = &self.tap else {
+            return Ok(());
+        };
+        let mut tap = tap.try_clone()?;
         let stop = self.stop.clone();
         std::thread::Builder::new()
             .name("virtio-net-rx".into())
@@ -109,6 +104,23 @@ impl Net {
             })?;
         Ok(())
     }
+}
+
+/// Duplicates `tap` and sets its virtio-net header size.
+fn open_tap(tap: RawFd) -> std::io::Result<File> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller says is open; checked below.
+    let fd = unsafe { libc::fcntl(tap, libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the fresh duplicate, owned from here on.
+    let tap = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let size: libc::c_int = HEADER_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tap)
 }
 
 fn readable(file: &File, timeout: Duration) -> bool {
@@ -206,13 +218,13 @@ impl VirtioDevice for Net {
                 let Inner {
                     queues, interrupt, ..
                 } = &mut *inner;
-                let tap = &mut self.tap;
+                let mut tap = self.tap.as_ref();
                 drain_queue(&mem, &mut queues[TX], interrupt, |chain| {
                     let mut frame = Vec::with_capacity(2048);
                     if let Ok(mut reader) = chain.reader(&mem) {
                         let _ = reader.read_to_end(&mut frame);
                     }
-                    if frame.len() > HEADER_LEN {
+                    if let (Some(tap), true) = (&mut tap, frame.len() > HEADER_LEN) {
                         // A tap whose veth vanished refuses frames; the guest sees loss.
                         if let Err(e) = tap.write(&frame) {
                             log::debug!("virtio-net: tap write: {e}");
@@ -269,7 +281,7 @@ mod tests {
     fn device_on_socketpair() -> (Net, std::os::unix::net::UnixDatagram) {
         let (host, device) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let net = Net {
-            tap: File::from(OwnedFd::from(device)),
+            tap: Some(File::from(OwnedFd::from(device))),
             mac: [2, 0, 0, 0, 0, 1],
             shared: None,
             stop: Arc::new(AtomicBool::new(false)),

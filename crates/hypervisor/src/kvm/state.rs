@@ -102,8 +102,8 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Invalid(format!("MSR list: {e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::Invalid(format!("MSR list: {e:?}")))?;
         let read = fd.get_msrs(&mut msrs).map_err(os("get MSRs"))?;
         values.extend(
             msrs.as_slice()[..read]
@@ -127,8 +127,8 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Invalid(format!("MSR list: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::Invalid(format!("MSR list: {e:?}")))?;
         let written = fd.set_msrs(&msrs).map_err(os("set MSRs"))?;
         if written != entries.len() {
             return Err(Error::Invalid(format!(

@@ -1,0 +1,233 @@
+//! Snapshots of a builtin VM: a state file and a memory file in one directory.
+//!
+//! The state file (framed by [`snapshot::file`]: magic, format version, length, CRC) holds
+//! each vCPU's state and the interrupt controllers and clock (opaque to this crate: the
+//! hypervisor backend's bytes), the serial port and every virtio transport with its device's
+//! own state, and the memory layout. The memory file is a sparse copy of guest RAM; a
+//! restore maps it `MAP_PRIVATE`, so it costs the same whatever the guest's size and VMs
+//! restored from one snapshot share its clean pages.
+//!
+//! A restore builds the same devices in the same order as boot from the new VM's config
+//! (its own disks, taps and agent socket), then puts each one's saved state back.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::serial::SerialState;
+use devices::virtio::mmio::TransportState;
+use devices::Persist;
+use hypervisor::{Hypervisor, MemoryRegion, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::{build_devices, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
+
+/// The state file and the memory file of a snapshot directory.
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+#[derive(Serialize, Deserialize)]
+struct VmState {
+    /// (guest address, size) of each RAM region, in memory-file order.
+    ram: Vec<(u64, u64)>,
+    /// The interrupt controllers and clock (hypervisor-defined bytes).
+    platform: Vec<u8>,
+    /// One per vCPU, in id order (hypervisor-defined bytes).
+    vcpus: Vec<Vec<u8>>,
+    serial: SerialState,
+    /// Each virtio-mmio device: its type and its transport's (and device's) state.
+    devices: Vec<(u32, TransportState)>,
+}
+
+/// Named durations of a restore's phases, for `--debug` logs and the benchmark.
+pub type Phases = Vec<(&'static str, Duration)>;
+
+impl Vmm {
+    /// Writes a snapshot of this VM into `dir`. The VM must be paused ([`Vmm::pause`]) and
+    /// must have been booted (a restored VM's RAM is a private mapping of another snapshot).
+    pub fn snapshot(&self, dir: &Path) -> Result<(), Error> {
+        let ram_file = self
+            .ram
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::Snapshot("only a booted VM can be snapshotted".into()))?;
+        let vcpus = self.save_vcpus()?;
+        let platform = self.vm.save_platform()?;
+        let serial = lock(&self.serial).state();
+        let devices = self
+            .virtio
+            .iter()
+            .map(|t| {
+                let t = lock(t);
+                (t.device().device_type(), t.save())
+            })
+            .collect();
+        let state = VmState {
+            ram: self.ram.ranges.clone(),
+            platform,
+            vcpus,
+            serial,
+            devices,
+        };
+        let body = bincode::serialize(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
+        let state_path = dir.join(STATE_FILE);
+        snapshot::file::write_state(&state_path, &body).map_err(|e| Error::File {
+            path: state_path,
+            source: e,
+        })?;
+        let memory = dir.join(MEMORY_FILE);
+        let size = self.ram.ranges.iter().map(|r| r.1).sum();
+        snapshot::file::copy_sparse(ram_file, &memory, size).map_err(|e| Error::File {
+            path: memory,
+            source: e,
+        })
+    }
+
+    /// Each vCPU's state, read by its own (parked) thread.
+    fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, Error> {
+        let mut state = self.control.lock();
+        if state.stop || state.paused != self.vcpus {
+            return Err(Error::Snapshot(
+                "the VM must be paused (and running) to be snapshotted".into(),
+            ));
+        }
+        state.save = Some((0..self.vcpus).map(|_| None).collect());
+        self.control.changed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let done = state
+                .save
+                .as_ref()
+                .is_some_and(|slots| slots.iter().all(Option::is_some));
+            if done || state.stop {
+                break;
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let slots = state.save.take().unwrap_or_default();
+        drop(state);
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(id, slot)| match slot {
+                Some(Ok(bytes)) => Ok(bytes),
+                Some(Err(e)) => Err(Error::Snapshot(format!("vCPU {id}: {e}"))),
+                None => Err(Error::Snapshot(format!("vCPU {id} did not save its state"))),
+            })
+            .collect()
+    }
+
+    /// Starts a VM from the snapshot in `dir`, with `config`'s devices (disks, taps, agent
+    /// channel, console log) in the saved devices' states. `config` must have the shape the
+    /// snapshot was taken with; its kernel, initramfs and command line are not used.
+    pub fn restore(
+        hv: &dyn Hypervisor,
+        mut config: VmmConfig,
+        dir: &Path,
+    ) -> Result<(Vmm, Phases), Error> {
+        let started = Instant::now();
+        let mut phases = Phases::new();
+        let mut phase = |name, since: &mut Instant| {
+            phases.push((name, since.elapsed()));
+            *since = Instant::now();
+        };
+        let mut since = started;
+
+        let state_path = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&state_path).map_err(|e| Error::File {
+            path: state_path.clone(),
+            source: e,
+        })?;
+        let body = snapshot::file::unseal(&bytes)
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))?;
+        let state: VmState =
+            bincode::deserialize(body).map_err(|e| Error::Snapshot(format!("decoding: {e}")))?;
+        let ram_ranges = x86_64::ram_ranges(u64::from(config.memory_mib) << 20);
+        if state.ram != ram_ranges || state.vcpus.len() != config.vcpus as usize {
+            return Err(Error::Snapshot(format!(
+                "taken of a VM with {} vCPUs and {} MiB, restored as {} vCPUs and {} MiB",
+                state.vcpus.len(),
+                state.ram.iter().map(|r| r.1).sum::<u64>() >> 20,
+                config.vcpus,
+                config.memory_mib
+            )));
+        }
+        phase("validate state", &mut since);
+
+        let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
+        let ram = memory::GuestRam::from_snapshot(&dir.join(MEMORY_FILE), &state.ram)?;
+        for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
+            // SAFETY: the mapping belongs to `ram`, which the Vmm keeps for as long as the VM.
+            unsafe {
+                vm.map_memory(MemoryRegion {
+                    slot: slot as u32,
+                    guest_addr,
+                    size,
+                    host_addr,
+                    read_only: false,
+                })?;
+            }
+        }
+        phase("memory map", &mut since);
+
+        vm.restore_platform(&state.platform)?;
+        phase("irq/clock state", &mut since);
+
+        let devices = build_devices(&vm, &ram.mem, &mut config, Some(&state.serial))?;
+        let kinds: Vec<u32> = devices
+            .virtio
+            .iter()
+            .map(|t| lock(t).device().device_type())
+            .collect();
+        let saved_kinds: Vec<u32> = state.devices.iter().map(|(kind, _)| *kind).collect();
+        if kinds != saved_kinds {
+            return Err(Error::Snapshot(format!(
+                "the snapshot has devices {saved_kinds:?}, this VM {kinds:?}"
+            )));
+        }
+        for (transport, (_, saved)) in devices.virtio.iter().zip(state.devices) {
+            lock(transport).restore(saved);
+        }
+        phase("device state", &mut since);
+
+        let (control, kickers, threads) =
+            start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
+                vcpu.restore_state(&state.vcpus[id as usize])
+            })?;
+        phase("vCPU state", &mut since);
+        log::debug!(
+            "builtin VMM: restored {} vCPUs, {} MiB from {} in {:?}",
+            config.vcpus,
+            config.memory_mib,
+            dir.display(),
+            started.elapsed()
+        );
+        Ok((
+            Vmm {
+                vm,
+                ram,
+                serial: devices.serial,
+                virtio: devices.virtio,
+                control,
+                kickers,
+                threads,
+                console_log: config.console_log,
+                vcpus: config.vcpus,
+                started,
+            },
+            phases,
+        ))
+    }
+}
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
