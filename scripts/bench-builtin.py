@@ -106,7 +106,7 @@ def container_phases(engine, rootfs):
                                          if n["type"] != "network"]
         json.dump(config, open(os.path.join(bundle, "config.json"), "w"))
         log = os.path.join(tmp, "log.json")
-        env = dict(os.environ, SUPERMACHINE_ENGINE=engine, SUPERMACHINE_BOOT_TIMEOUT="900")
+        env = dict(os.environ, SUPERMACHINE_ENGINE=engine)
         start = time.monotonic()
         subprocess.run([sm, "--root", os.path.join(tmp, "state"), "--debug", "--log", log,
                         "--log-format", "json", "--snapshots", "off", "run", "--bundle", bundle,

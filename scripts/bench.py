@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """supermachine benchmarks, each against runc measured in the same run.
 
-    scripts/bench.py SUPERMACHINE [--runs N]
+    scripts/bench.py SUPERMACHINE [--runs N] [--engine auto|qemu|builtin] [--cold-runs N]
 
 Prints, for create+start+exit of `true` (each runtime's `run` verb): median and p95 over N
 runs of runc, supermachine booting cold (--snapshots off) and supermachine restoring from
 a snapshot, with ratios; the cold boot phases; the restore phases (p50, p95); and the host
-memory of 1 and of 10 restored VMs of one image.
+memory of 1 and of 10 restored VMs of one image. `--cold-runs` bounds the cold boots
+separately (on a host whose KVM emulates guest kernel code, a builtin cold boot takes a
+minute or more).
 """
 
 import argparse
@@ -97,7 +99,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("supermachine")
     parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "10")))
+    parser.add_argument("--cold-runs", type=int, default=None)
+    parser.add_argument("--engine", default="auto")
     opts = parser.parse_args()
+    cold_runs = opts.runs if opts.cold_runs is None else opts.cold_runs
     runc = shutil.which("runc")
     if runc is None:
         sys.exit("bench: runc is not installed (Debian package runc)")
@@ -108,7 +113,7 @@ def main():
         bundle = os.path.join(base, "bundle")
         subprocess.run([os.path.join(ROOT, "scripts/busybox-rootfs.sh"), os.path.join(bundle, "rootfs")], check=True)
         write_config(bundle, ["true"], runc)
-        env = dict(os.environ)
+        env = dict(os.environ, SUPERMACHINE_ENGINE=opts.engine)
         env.setdefault("SUPERMACHINE_ASSETS_DIR", os.path.join(ROOT, "build/share/supermachine"))
         # A cache of its own: the first run bakes, the rest restore.
         env["SUPERMACHINE_CACHE_DIR"] = os.path.join(base, "cache")
@@ -129,10 +134,15 @@ def main():
         runc_times, cold_times, warm_times = [], [], []
         for i in range(opts.runs):
             runc_times.append(runc_run(i))
-            cold_times.append(sm_run(f"cold-{i}", cold_log, "--snapshots", "off"))
+            if i < cold_runs:
+                cold_times.append(sm_run(f"cold-{i}", cold_log, "--snapshots", "off"))
             warm_times.append(sm_run(f"warm-{i}", warm_log))
 
-        print(f"\ncreate+start+exit of `true`, {opts.runs} runs each (ms)")
+        engine = subprocess.run([opts.supermachine, "features"], env=env, capture_output=True,
+                                text=True, check=True)
+        reason = json.loads(engine.stdout)["annotations"].get("run.supermachine.engine.reason", "")
+        print(f"\nengine: {reason}")
+        print(f"create+start+exit of `true`, {opts.runs} runs each, {cold_runs} cold (ms)")
         print(f"{'runtime':<28}{'median':>10}{'p95':>10}{'vs runc':>10}{'vs cold':>10}")
         runc_median = statistics.median(runc_times)
         cold_median = statistics.median(cold_times)
@@ -165,6 +175,12 @@ def main():
                     name, value = part.rsplit("=", 1)
                     restore.setdefault(name, []).append(float(value.rstrip("ms")))
                 restore.setdefault("total to container created", []).append(float(m.group(2)))
+        # Host-side restore: from opening the snapshot to the vCPUs running again (every
+        # phase before the guest's agent is involved).
+        guest = {"agent reconnect", "container setup + process start", "total to container created"}
+        host_side = [sum(v) for v in zip(*[values for name, values in restore.items()
+                                           if name not in guest])]
+        restore["host-side restore (open .. vCPUs run)"] = host_side
         print("\nrestore phases (ms)")
         print(f"  {'phase':<40}{'p50':>8}{'p95':>8}")
         for name, values in restore.items():

@@ -223,7 +223,6 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
             env.cmd()
                 .env("PATH", &path)
                 .env("SUPERMACHINE_ENGINE", "builtin")
-                .env("SUPERMACHINE_BOOT_TIMEOUT", "900")
                 .args(["--debug", "--log", log.to_str().unwrap()])
                 .args(["run", "--bundle", bundle.path_str(), id]),
         );

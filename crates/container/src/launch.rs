@@ -174,7 +174,8 @@ fn boot(
     let started = Instant::now();
     let mut vm = engine.boot(spec)?;
     let mut phases = vec![Phase::new("vmm", started.elapsed())];
-    match connect_booted(&mut *vm, plan, started, &mut phases) {
+    let timeout = plan.boot_timeout.on(engine);
+    match connect_booted(&mut *vm, plan, timeout, started, &mut phases) {
         Ok((agent, uptime)) => {
             let mut launched = Launched {
                 vm,
@@ -203,13 +204,14 @@ fn boot(
 fn connect_booted(
     vm: &mut dyn Vm,
     plan: &Plan,
+    timeout: Duration,
     started: Instant,
     phases: &mut Vec<Phase>,
 ) -> Result<(AgentClient, Duration), ContainerError> {
     let mut channel = vm
         .take_channel()
         .ok_or_else(|| ContainerError::Monitor("the VM has no agent channel".into()))?;
-    let info = agent_client::wait_ready(&mut channel, plan.boot_timeout, || match vm.exited() {
+    let info = agent_client::wait_ready(&mut channel, timeout, || match vm.exited() {
         Some(why) => Err(why),
         None => Ok(()),
     })?;

@@ -39,7 +39,8 @@ pub struct Plan {
     pub kernel_args: Vec<String>,
     pub setup: ContainerSetup,
     pub init: ProcessSpec,
-    pub boot_timeout: Duration,
+    /// How long a cold boot may take to reach the agent's READY.
+    pub boot_timeout: BootTimeout,
     /// `linux.cgroupsPath`: where the monitor and VMM are accounted on the host.
     pub cgroups_path: Option<String>,
     pub host_limits: HostLimits,
@@ -50,6 +51,24 @@ pub struct Plan {
     pub file_binds: Vec<translate::FileBind>,
     /// Things of config.json the VM cannot honour, logged by `create`.
     pub notes: Vec<String>,
+}
+
+/// The boot timeout: `SUPERMACHINE_BOOT_TIMEOUT` as given, or config/vm-defaults.json's,
+/// which an engine that knows its boots are slow on this host may extend
+/// ([`engine::Engine::boot_timeout_floor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootTimeout {
+    Explicit(Duration),
+    Default(Duration),
+}
+
+impl BootTimeout {
+    pub fn on(self, engine: &dyn engine::Engine) -> Duration {
+        match self {
+            BootTimeout::Explicit(t) => t,
+            BootTimeout::Default(t) => t.max(engine.boot_timeout_floor()),
+        }
+    }
 }
 
 impl Plan {
@@ -130,10 +149,13 @@ impl Plan {
         if guest_debug {
             kernel_args.push("supermachine.debug=1".to_string());
         }
-        let boot_timeout = std::env::var("SUPERMACHINE_BOOT_TIMEOUT")
+        let boot_timeout = match std::env::var("SUPERMACHINE_BOOT_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(defaults.boot_timeout_secs);
+        {
+            Some(secs) => BootTimeout::Explicit(Duration::from_secs(secs)),
+            None => BootTimeout::Default(Duration::from_secs(defaults.boot_timeout_secs)),
+        };
         Ok(Plan {
             vcpus,
             memory_mib,
@@ -153,7 +175,7 @@ impl Plan {
             kernel_args,
             setup,
             init,
-            boot_timeout: Duration::from_secs(boot_timeout),
+            boot_timeout,
             cgroups_path,
             host_limits,
             network,

@@ -107,6 +107,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Everything about the engine a snapshot depends on (kind, version, CPU model), for
     /// the snapshot cache key.
     fn snapshot_identity(&self) -> String;
+    /// The least time a cold boot must be allowed on this host unless the user set one
+    /// (an engine that knows its guest boots slowly here says so).
+    fn boot_timeout_floor(&self) -> Duration {
+        Duration::ZERO
+    }
     /// Whether [`Vm::snapshot`] and [`Engine::restore`] work on this engine.
     fn supports_snapshots(&self) -> bool {
         true

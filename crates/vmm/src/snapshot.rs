@@ -163,6 +163,7 @@ impl Vmm {
         phase("validate state", &mut since);
 
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
+        phase("VM create", &mut since);
         let ram = memory::GuestRam::from_snapshot(&dir.join(MEMORY_FILE), &state.ram)?;
         for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
             // SAFETY: the mapping belongs to `ram`, which the Vmm keeps for as long as the VM.

@@ -442,12 +442,50 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
 
-        // The host hangs up: the guest is told the port closed.
-        drop(host);
+        // A console restored from this one's state and queue positions, on a new host
+        // socket (as after a snapshot), carries on where it was.
+        let saved = console.save_state();
+        let queues = console.queue_states().unwrap();
+        let (host2, device2) = UnixStream::pair().unwrap();
+        let mut restored = Console::new(device2);
+        restored.activate(Activation {
+            mem: mem.clone(),
+            queues: vqs
+                .iter()
+                .zip(&queues)
+                .map(|(q, state)| {
+                    let mut queue = q.create_queue::<Queue>().unwrap();
+                    state.apply(&mut queue);
+                    queue
+                })
+                .collect(),
+            interrupt: Interrupt::new(irq.clone()),
+        });
+        restored.restore_state(&saved);
+        write(&mem, 0x60100, b"again");
+        add_chain(
+            &mem,
+            &vqs[PORT_TX],
+            1,
+            &[Buf {
+                addr: 0x60100,
+                len: 5,
+                device_writes: false,
+            }],
+        );
+        restored.notify(PORT_TX as u16);
+        let mut got = [0u8; 5];
+        (&host2).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"again", "only the new write reaches the new host");
+
+        // The new host hangs up: the guest is told the port closed (the restored device
+        // knows the guest's port is ready).
+        drop(host2);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while read(&mem, 0x40300, 8) != control(PORT, PORT_OPEN, 0) {
             assert!(std::time::Instant::now() < deadline, "no PORT_OPEN 0");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        drop(host);
     }
 }
