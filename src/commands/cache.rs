@@ -32,7 +32,7 @@ enum CacheCommand {
 }
 
 pub fn run(args: CacheArgs, context: &Context) -> Result<i32> {
-    let limits = launch::cache_limits()?;
+    let limits = launch::cache_limits(None)?;
     let cache = SnapshotCache::new(context.paths.snapshots_dir(), limits);
     match args.command {
         CacheCommand::Ls { format } => {

@@ -48,9 +48,14 @@ pub struct Launched {
 }
 
 /// Cache limits from the environment (`SUPERMACHINE_CACHE_MAX_SIZE`,
-/// `SUPERMACHINE_CACHE_MIN_FREE`, `SUPERMACHINE_BAKE_WAIT` in seconds).
-pub fn cache_limits() -> Result<CacheLimits, ContainerError> {
+/// `SUPERMACHINE_CACHE_MIN_FREE`, `SUPERMACHINE_BAKE_WAIT` in seconds). Without a
+/// `SUPERMACHINE_BAKE_WAIT`, a create waits for another's bake at least as long as `engine`
+/// may take to boot cold here: waiting is never worse than booting beside it.
+pub fn cache_limits(engine: Option<&dyn Engine>) -> Result<CacheLimits, ContainerError> {
     let mut limits = CacheLimits::default();
+    if let Some(engine) = engine {
+        limits.bake_wait = limits.bake_wait.max(engine.boot_timeout_floor());
+    }
     let size = |name: &str| -> Result<Option<u64>, ContainerError> {
         match std::env::var(name) {
             Ok(text) => snapshot::parse_size(&text)

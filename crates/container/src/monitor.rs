@@ -257,7 +257,7 @@ impl Monitor {
         let cache = if plan.snapshots {
             Some(SnapshotCache::new(
                 paths.snapshots_dir(),
-                launch::cache_limits()?,
+                launch::cache_limits(Some(&*selection.engine))?,
             ))
         } else {
             None

@@ -245,7 +245,7 @@ impl Task {
                 let cache = if launch_plan.snapshots {
                     Some(SnapshotCache::new(
                         Paths::new(None).snapshots_dir(),
-                        launch::cache_limits()?,
+                        launch::cache_limits(Some(&*selection.engine))?,
                     ))
                 } else {
                     None
