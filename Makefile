@@ -54,8 +54,9 @@ unit-test:
 # Rust tests that boot real VMs (tests/ of the workspace root).
 vm-test: guest
 	SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test '*' -- --test-threads=2
-	# The container lifecycle tests again on the builtin engine (one bake, then restores).
-	if [ -w /dev/kvm ]; then SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test lifecycle -- --test-threads=2; else echo "no /dev/kvm: lifecycle tests on the builtin engine skipped"; fi
+	# The container lifecycle and network tests again on the builtin engine (one bake, then
+	# restores).
+	if [ -w /dev/kvm ]; then SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test lifecycle --test network -- --test-threads=2; else echo "no /dev/kvm: lifecycle tests on the builtin engine skipped"; fi
 	# Tiny hand-assembled guests on the hypervisor layer (need /dev/kvm).
 	SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked -p hypervisor --test '*'
 
