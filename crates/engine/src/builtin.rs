@@ -260,6 +260,22 @@ impl BuiltinEngine {
 }
 
 impl BuiltinEngine {
+    /// The VMM's config for `spec` with a fresh agent channel, and the VM handle (without
+    /// its VMM yet) that keeps the host end.
+    fn prepare(&self, spec: &VmSpec) -> Result<(vmm::VmmConfig, BuiltinVm), EngineError> {
+        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
+            what: "agent channel".into(),
+            source: e,
+        })?;
+        let config = self.config(spec, device)?;
+        let vm = BuiltinVm {
+            vmm: None,
+            channel: Some(host),
+            console: config.console_log.clone(),
+        };
+        Ok((config, vm))
+    }
+
     /// The kernel to boot: on a host that emulates guest kernel code, the variant built for
     /// it (`vmlinux-pvm` beside the default one, see config/patches/pvm) when there is one.
     fn kernel(&self, spec: &VmSpec) -> PathBuf {
@@ -304,19 +320,11 @@ impl crate::Engine for BuiltinEngine {
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
-            what: "agent channel".into(),
-            source: e,
-        })?;
-        let config = self.config(spec, device)?;
-        let console = config.console_log.clone();
+        let (config, mut vm) = self.prepare(spec)?;
         let vmm = vmm::Vmm::boot(self.hv.as_ref(), config)
             .map_err(|e| EngineError::VmmExited { log: e.to_string() })?;
-        Ok(Box::new(BuiltinVm {
-            vmm: Some(vmm),
-            channel: Some(host),
-            console,
-        }))
+        vm.vmm = Some(vmm);
+        Ok(Box::new(vm))
     }
 
     /// The hypervisor, this host's CPU (vCPU state and CPUID are the CPU's) and whether
@@ -352,26 +360,15 @@ impl crate::Engine for BuiltinEngine {
     }
 
     fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
-        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
-            what: "agent channel".into(),
-            source: e,
-        })?;
-        let config = self.config(spec, device)?;
-        let console = config.console_log.clone();
+        let (config, mut vm) = self.prepare(spec)?;
         let (vmm, phases) = vmm::Vmm::restore(self.hv.as_ref(), config, dir)
             .map_err(|e| EngineError::VmmExited { log: e.to_string() })?;
         let phases = phases
             .into_iter()
             .map(|(name, duration)| Phase::new(name, duration))
             .collect();
-        Ok((
-            Box::new(BuiltinVm {
-                vmm: Some(vmm),
-                channel: Some(host),
-                console,
-            }),
-            phases,
-        ))
+        vm.vmm = Some(vmm);
+        Ok((Box::new(vm), phases))
     }
 }
 

@@ -229,18 +229,7 @@ impl Vmm {
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
         let ram_size = u64::from(config.memory_mib) << 20;
         let ram = memory::GuestRam::new(&x86_64::ram_ranges(ram_size))?;
-        for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
-            // SAFETY: the mapping belongs to `ram`, which the Vmm keeps for as long as the VM.
-            unsafe {
-                vm.map_memory(MemoryRegion {
-                    slot: slot as u32,
-                    guest_addr,
-                    size,
-                    host_addr,
-                    read_only: false,
-                })?;
-            }
-        }
+        map_ram(vm.as_ref(), &ram)?;
         let low_ram_end = ram.ranges[0].1;
 
         let kernel = load_kernel(&ram.mem, &config.kernel)?;
@@ -389,6 +378,24 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Makes `ram` the VM's guest-physical memory, one slot per region. The caller keeps `ram`
+/// for as long as the VM (the [`Vmm`] holds both).
+fn map_ram(vm: &dyn hypervisor::Vm, ram: &memory::GuestRam) -> Result<(), Error> {
+    for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
+        // SAFETY: the mapping belongs to `ram`, which outlives the VM (see above).
+        unsafe {
+            vm.map_memory(MemoryRegion {
+                slot: slot as u32,
+                guest_addr,
+                size,
+                host_addr,
+                read_only: false,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<(), Error> {

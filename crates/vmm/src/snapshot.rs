@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use devices::serial::SerialState;
 use devices::virtio::mmio::TransportState;
 use devices::Persist;
-use hypervisor::{Hypervisor, MemoryRegion, VmConfig};
+use hypervisor::{Hypervisor, VmConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::{build_devices, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
+use crate::{build_devices, map_ram, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
 
 /// The state file and the memory file of a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -165,18 +165,7 @@ impl Vmm {
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
         phase("VM create", &mut since);
         let ram = memory::GuestRam::from_snapshot(&dir.join(MEMORY_FILE), &state.ram)?;
-        for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
-            // SAFETY: the mapping belongs to `ram`, which the Vmm keeps for as long as the VM.
-            unsafe {
-                vm.map_memory(MemoryRegion {
-                    slot: slot as u32,
-                    guest_addr,
-                    size,
-                    host_addr,
-                    read_only: false,
-                })?;
-            }
-        }
+        map_ram(vm.as_ref(), &ram)?;
         phase("memory map", &mut since);
 
         vm.restore_platform(&state.platform)?;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm as KvmSys, VcpuExit as KvmExit, VcpuFd, VmFd};
@@ -355,25 +355,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_x86_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()> {
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs =
-            Msrs::from_entries(&entries).map_err(|e| Error::Invalid(format!("MSR list: {e:?}")))?;
-        let written = self.fd.set_msrs(&msrs).map_err(os("set MSRs"))?;
-        if written != entries.len() {
-            return Err(Error::Invalid(format!(
-                "KVM accepted {written} of {} MSRs (the first refused is {:#x})",
-                entries.len(),
-                entries[written].index
-            )));
-        }
-        Ok(())
+        state::write_msrs(&self.fd, msrs)
     }
 
     fn setup_x86_lapic(&mut self) -> Result<()> {

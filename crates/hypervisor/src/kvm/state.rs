@@ -117,7 +117,8 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>> {
     Ok(values)
 }
 
-fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
+/// Sets MSRs; every one must be accepted.
+pub(super) fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
     for batch in msrs.chunks(MSR_BATCH) {
         let entries: Vec<kvm_msr_entry> = batch
             .iter()
