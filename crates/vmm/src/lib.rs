@@ -829,4 +829,41 @@ mod tests {
         assert!(!parked.join().unwrap(), "a stopped VM's vCPU ends");
         assert_eq!(control.lock().exit, Some(VmExit::Shutdown));
     }
+
+    #[test]
+    fn a_parked_vcpu_saves_its_state_when_asked_and_runs_on_after_resume() {
+        let control = Arc::new(Control::default());
+        control.lock().pause = true;
+        let c = control.clone();
+        let parked = std::thread::spawn(move || {
+            let mut saves = 0;
+            let going_on = c.checkpoint(1, &mut || {
+                saves += 1;
+                Ok(vec![7, 7])
+            });
+            (going_on, saves)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while control.lock().paused != 1 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A snapshot asks both vCPUs; only slot 1 belongs to this thread.
+        control.lock().save = Some(vec![None, None]);
+        control.changed.notify_all();
+        while control.lock().save.as_ref().unwrap()[1].is_none() {
+            assert!(Instant::now() < deadline, "the parked vCPU never saved");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let slots = control.lock().save.take().unwrap();
+        assert!(slots[0].is_none());
+        assert_eq!(slots[1].as_ref().unwrap().as_ref().unwrap(), &vec![7, 7]);
+        control.lock().pause = false;
+        control.changed.notify_all();
+        assert_eq!(
+            parked.join().unwrap(),
+            (true, 1),
+            "saved once, then runs on"
+        );
+    }
 }

@@ -221,3 +221,82 @@ impl Vmm {
 fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hypervisor that must not be reached: a snapshot that does not validate is refused
+    /// before any VM exists.
+    #[derive(Debug)]
+    struct Unreachable;
+
+    impl Hypervisor for Unreachable {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        fn create_vm(&self, _: &VmConfig) -> hypervisor::Result<Box<dyn hypervisor::Vm>> {
+            panic!("a VM was created for a snapshot that does not validate")
+        }
+    }
+
+    fn config(dir: &Path, vcpus: u32, memory_mib: u32) -> VmmConfig {
+        VmmConfig {
+            vcpus,
+            memory_mib,
+            kernel: dir.join("unused"),
+            initramfs: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            agent_channel: None,
+            console_log: dir.join("console.log"),
+            hide_cpuid: Vec::new(),
+        }
+    }
+
+    fn write(dir: &Path, vcpus: usize, memory_mib: u64) -> Vec<u8> {
+        let state = VmState {
+            ram: x86_64::ram_ranges(memory_mib << 20),
+            platform: vec![1, 2, 3],
+            vcpus: vec![vec![4; 16]; vcpus],
+            serial: SerialState::default(),
+            devices: Vec::new(),
+        };
+        let body = bincode::serialize(&state).unwrap();
+        snapshot::file::write_state(&dir.join(STATE_FILE), &body).unwrap();
+        std::fs::read(dir.join(STATE_FILE)).unwrap()
+    }
+
+    fn refusal(dir: &Path, vcpus: u32, memory_mib: u32) -> String {
+        match Vmm::restore(&Unreachable, config(dir, vcpus, memory_mib), dir) {
+            Ok(_) => panic!("restored"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn damaged_missing_or_mismatched_state_is_refused_before_a_vm_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            refusal(dir.path(), 1, 64).contains("state"),
+            "no state file"
+        );
+
+        let sealed = write(dir.path(), 1, 64);
+        let mut flipped = sealed.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        std::fs::write(dir.path().join(STATE_FILE), &flipped).unwrap();
+        assert!(refusal(dir.path(), 1, 64).contains("CRC"));
+
+        std::fs::write(dir.path().join(STATE_FILE), &sealed[..sealed.len() - 3]).unwrap();
+        assert!(refusal(dir.path(), 1, 64).contains("truncated"));
+
+        write(dir.path(), 2, 64);
+        let shape = refusal(dir.path(), 1, 64);
+        assert!(shape.contains("2 vCPUs and 64 MiB"), "{shape}");
+        write(dir.path(), 1, 64);
+        assert!(refusal(dir.path(), 1, 128).contains("restored as 1 vCPUs and 128 MiB"));
+    }
+}
