@@ -309,17 +309,7 @@ impl Engine for QemuEngine {
                     .qmp
                     .as_mut()
                     .ok_or_else(|| EngineError::Control("no QMP".into()))?;
-                qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": [{ "capability": X_IGNORE_SHARED, "state": true }] })),
-            )?;
-                qmp.execute_with_fd(
-                    "getfd",
-                    Some(json!({ "fdname": "snapshot" })),
-                    Some(state.as_raw_fd()),
-                )?;
-                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:snapshot" })))?;
-                qmp.wait_migration(MIGRATION_TIMEOUT)
+                migrate(qmp, "migrate-incoming", &state)
             });
         if let Err(e) = result {
             return Err(vm.failed(e));
@@ -330,6 +320,22 @@ impl Engine for QemuEngine {
         phases.push(Phase::new("resume", resumed.elapsed()));
         Ok((Box::new(vm), phases))
     }
+}
+
+/// Runs QEMU's migration `command` (`migrate` out, `migrate-incoming` in) through `state`,
+/// without guest RAM (x-ignore-shared: RAM is a file both sides map), to its end.
+fn migrate(qmp: &mut Qmp, command: &str, state: &File) -> Result<(), EngineError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": X_IGNORE_SHARED, "state": true }] })),
+    )?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({ "fdname": "snapshot" })),
+        Some(state.as_raw_fd()),
+    )?;
+    qmp.execute(command, Some(json!({ "uri": "fd:snapshot" })))?;
+    qmp.wait_migration(MIGRATION_TIMEOUT)
 }
 
 #[derive(Debug)]
@@ -412,17 +418,7 @@ impl Vm for QemuVm {
             .as_mut()
             .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
         // Device state only: RAM is the memfd, copied next, never streamed.
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": X_IGNORE_SHARED, "state": true }] })),
-        )?;
-        qmp.execute_with_fd(
-            "getfd",
-            Some(json!({ "fdname": "snapshot" })),
-            Some(state.as_raw_fd()),
-        )?;
-        qmp.execute("migrate", Some(json!({ "uri": "fd:snapshot" })))?;
-        qmp.wait_migration(MIGRATION_TIMEOUT)?;
+        migrate(qmp, "migrate", &state)?;
         drop(state);
         let memory = dir.join("memory");
         snapshot::file::copy_sparse(ram, &memory, *size).map_err(io_error(&memory))

@@ -8,11 +8,11 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
 use virtio_queue::Queue;
 
-use super::{drain_queue, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE};
+use super::{drain_queue, Activation, Interrupt, Shared, VirtioDevice, TYPE_CONSOLE};
 use crate::GuestMemory;
 
 const F_MULTIPORT: u64 = 1 << 1;
@@ -172,7 +172,7 @@ pub const AGENT_PORT_NAME: &str = "agent.0";
 #[derive(Debug)]
 pub struct Console {
     socket: UnixStream,
-    shared: Option<Arc<(Mutex<Inner>, Condvar)>>,
+    shared: Option<Arc<Shared<Inner>>>,
 }
 
 impl Console {
@@ -184,7 +184,7 @@ impl Console {
         }
     }
 
-    fn start_reader(&self, shared: Arc<(Mutex<Inner>, Condvar)>) -> std::io::Result<()> {
+    fn start_reader(&self, shared: Arc<Shared<Inner>>) -> std::io::Result<()> {
         let mut socket = self.socket.try_clone()?;
         std::thread::Builder::new()
             .name("virtio-console".into())
@@ -192,8 +192,7 @@ impl Console {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = socket.read(&mut buf).unwrap_or(0);
-                    let (lock, room) = &*shared;
-                    let mut inner = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut inner = shared.lock();
                     if n == 0 {
                         inner.host_open = false;
                         if inner.guest_ready {
@@ -205,7 +204,7 @@ impl Console {
                     inner.rx_pending.extend(&buf[..n]);
                     inner.flush_rx();
                     while inner.rx_pending.len() > RX_BUFFER_LIMIT {
-                        inner = room.wait(inner).unwrap_or_else(|e| e.into_inner());
+                        inner = shared.wait(inner, None);
                     }
                 }
             })?;
@@ -219,9 +218,7 @@ impl VirtioDevice for Console {
     }
 
     fn queue_states(&self) -> Option<Vec<super::QueueState>> {
-        let shared = self.shared.as_ref()?;
-        let inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
-        Some(inner.queues.iter().map(super::QueueState::of).collect())
+        super::queue_states_of(&self.shared, |inner| &inner.queues)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -232,7 +229,7 @@ impl VirtioDevice for Console {
         let Some(shared) = &self.shared else {
             return Vec::new();
         };
-        let inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = shared.lock();
         let state = ConsoleState {
             guest_ready: inner.guest_ready,
             control_out: inner.control_out.iter().cloned().collect(),
@@ -253,7 +250,7 @@ impl VirtioDevice for Console {
                 ConsoleState::default()
             }
         };
-        let mut inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = shared.lock();
         inner.guest_ready = state.guest_ready;
         inner.control_out.extend(state.control_out);
         inner.rx_pending.extend(state.rx_pending);
@@ -272,18 +269,15 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, activation: Activation) {
-        let shared = Arc::new((
-            Mutex::new(Inner {
-                mem: activation.mem,
-                queues: activation.queues,
-                interrupt: activation.interrupt,
-                control_out: VecDeque::new(),
-                rx_pending: VecDeque::new(),
-                host_open: true,
-                guest_ready: false,
-            }),
-            Condvar::new(),
-        ));
+        let shared = Shared::new(Inner {
+            mem: activation.mem,
+            queues: activation.queues,
+            interrupt: activation.interrupt,
+            control_out: VecDeque::new(),
+            rx_pending: VecDeque::new(),
+            host_open: true,
+            guest_ready: false,
+        });
         if let Err(e) = self.start_reader(shared.clone()) {
             log::error!("virtio-console: cannot start the host reader: {e}");
         }
@@ -294,14 +288,13 @@ impl VirtioDevice for Console {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let (lock, room) = &*shared;
-        let mut inner = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = shared.lock();
         match queue as usize {
             CONTROL_TX => inner.handle_control_tx(),
             CONTROL_RX => inner.flush_control(),
             PORT_RX => {
                 inner.flush_rx();
-                room.notify_all();
+                shared.progressed();
             }
             PORT_TX => {
                 let mem = inner.mem.clone();

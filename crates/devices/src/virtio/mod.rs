@@ -13,7 +13,7 @@ pub mod net;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -107,6 +107,58 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
 }
 
 /// A queue's position and addresses, for snapshots.
+/// A running device's state, shared by the vCPU threads that notify it and the device's own
+/// host-side thread, with a condition each side signals when it made room or work for the
+/// other (the guest posted buffers; the host took bytes).
+#[derive(Debug)]
+pub(crate) struct Shared<T> {
+    state: Mutex<T>,
+    progress: Condvar,
+}
+
+impl<T> Shared<T> {
+    pub(crate) fn new(state: T) -> Arc<Self> {
+        Arc::new(Shared {
+            state: Mutex::new(state),
+            progress: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the other side's progress (at most `timeout`, if given).
+    pub(crate) fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: Option<std::time::Duration>,
+    ) -> MutexGuard<'a, T> {
+        match timeout {
+            None => self.progress.wait(guard).unwrap_or_else(|e| e.into_inner()),
+            Some(t) => {
+                self.progress
+                    .wait_timeout(guard, t)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        }
+    }
+
+    pub(crate) fn progressed(&self) {
+        self.progress.notify_all();
+    }
+}
+
+/// A running device's queues, for [`VirtioDevice::queue_states`].
+pub(crate) fn queue_states_of<T>(
+    shared: &Option<Arc<Shared<T>>>,
+    queues: impl Fn(&T) -> &[Queue],
+) -> Option<Vec<QueueState>> {
+    let state = shared.as_ref()?.lock();
+    Some(queues(&state).iter().map(QueueState::of).collect())
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     pub size: u16,

@@ -7,12 +7,12 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{drain_queue, Activation, Interrupt, VirtioDevice};
+use super::{drain_queue, Activation, Interrupt, Shared, VirtioDevice};
 use crate::GuestMemory;
 
 pub const TYPE_NET: u32 = 1;
@@ -39,7 +39,7 @@ struct Inner {
 pub struct Net {
     tap: Option<File>,
     mac: [u8; 6],
-    shared: Option<Arc<(Mutex<Inner>, Condvar)>>,
+    shared: Option<Arc<Shared<Inner>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -56,7 +56,7 @@ impl Net {
         })
     }
 
-    fn start_receiver(&self, shared: Arc<(Mutex<Inner>, Condvar)>) -> std::io::Result<()> {
+    fn start_receiver(&self, shared: Arc<Shared<Inner>>) -> std::io::Result<()> {
         let Some(tap) = &self.tap else {
             return Ok(());
         };
@@ -85,8 +85,7 @@ impl Net {
                     }
                     // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
                     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    let (lock, posted) = &*shared;
-                    let mut inner = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut inner = shared.lock();
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return;
@@ -95,10 +94,7 @@ impl Net {
                             break;
                         }
                         // No receive buffer: wait for the guest to post some.
-                        inner = posted
-                            .wait_timeout(inner, Duration::from_millis(200))
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                        inner = shared.wait(inner, Some(Duration::from_millis(200)));
                     }
                 }
             })?;
@@ -171,9 +167,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_states(&self) -> Option<Vec<super::QueueState>> {
-        let shared = self.shared.as_ref()?;
-        let inner = shared.0.lock().unwrap_or_else(|e| e.into_inner());
-        Some(inner.queues.iter().map(super::QueueState::of).collect())
+        super::queue_states_of(&self.shared, |inner| &inner.queues)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -191,14 +185,11 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) {
-        let shared = Arc::new((
-            Mutex::new(Inner {
-                mem: activation.mem,
-                queues: activation.queues,
-                interrupt: activation.interrupt,
-            }),
-            Condvar::new(),
-        ));
+        let shared = Shared::new(Inner {
+            mem: activation.mem,
+            queues: activation.queues,
+            interrupt: activation.interrupt,
+        });
         if let Err(e) = self.start_receiver(shared.clone()) {
             log::error!("virtio-net: cannot start the receiver: {e}");
         }
@@ -209,11 +200,10 @@ impl VirtioDevice for Net {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let (lock, posted) = &*shared;
         match queue as usize {
-            RX => posted.notify_all(),
+            RX => shared.progressed(),
             TX => {
-                let mut inner = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let mut inner = shared.lock();
                 let mem = inner.mem.clone();
                 let Inner {
                     queues, interrupt, ..
