@@ -109,7 +109,8 @@ pub enum SyncMessage {
 }
 
 /// Signals forwarded to the container's process (all catchable ones but SIGCHLD and
-/// SIGPIPE); SIGWINCH resizes its terminal instead.
+/// SIGPIPE); SIGWINCH resizes its terminal instead. With the builtin engine the VMM's vCPU
+/// threads take `SIGRTMIN` for their kicks (hypervisor::kvm), so that one is not forwarded.
 fn forwarded_signals() -> SigSet {
     let mut set = SigSet::all();
     for s in [

@@ -83,35 +83,42 @@ pub fn kernel_code_speed(
         rflags: 2,
         ..Default::default()
     })?;
+    // The vCPU runs on a thread of its own (the backend may unblock its kick signal there);
+    // this one kicks it once the limit has passed, until it is out.
     let kicker = vcpu.kicker();
     let started = Instant::now();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(limit).is_err() {
-            // Keep kicking until the vCPU thread says it is out.
-            while done_rx.recv_timeout(Duration::from_millis(5)).is_err() {
-                kicker.kick();
-            }
-        }
-    });
-    let result = loop {
-        match vcpu.run() {
-            Ok(VcpuExit::Halt) => break Ok(Some(started.elapsed())),
-            Ok(VcpuExit::Interrupted) => {
-                if started.elapsed() >= limit {
-                    break Ok(None);
+    let runner = std::thread::spawn(move || {
+        let result = loop {
+            match vcpu.run() {
+                Ok(VcpuExit::Halt) => break Ok(Some(started.elapsed())),
+                Ok(VcpuExit::Interrupted) => {
+                    if started.elapsed() >= limit {
+                        break Ok(None);
+                    }
                 }
+                Ok(other) => {
+                    break Err(hypervisor::Error::Invalid(format!(
+                        "probe guest: unexpected exit {other:?}"
+                    )))
+                }
+                Err(e) => break Err(e),
             }
-            Ok(other) => {
-                break Err(hypervisor::Error::Invalid(format!(
-                    "probe guest: unexpected exit {other:?}"
-                )))
+        };
+        (result, vcpu)
+    });
+    let deadline = started + limit;
+    while !runner.is_finished() {
+        match deadline.checked_duration_since(Instant::now()) {
+            Some(left) => std::thread::sleep(left.min(Duration::from_millis(5))),
+            None => {
+                kicker.kick();
+                std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => break Err(e),
         }
-    };
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
+    }
+    let (result, vcpu) = runner
+        .join()
+        .map_err(|_| hypervisor::Error::Invalid("the probe's vCPU thread panicked".into()))?;
     drop(vcpu);
     drop(vm);
     drop(ram);

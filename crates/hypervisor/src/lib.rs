@@ -166,7 +166,9 @@ pub trait Vcpu: Send + fmt::Debug {
     fn id(&self) -> u32;
     /// Runs the guest until it needs the VMM.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
-    /// A handle that makes `run` return [`VcpuExit::Interrupted`] soon.
+    /// A handle that makes `run` return [`VcpuExit::Interrupted`] soon. A backend may take
+    /// over a signal for this in the thread that runs the vCPU (KVM: `SIGRTMIN`, unblocked
+    /// there at the first `run`), so run vCPUs on threads of their own.
     fn kicker(&self) -> Arc<dyn Kick>;
     /// x86: general registers.
     fn x86_regs(&self) -> Result<x86::Regs> {

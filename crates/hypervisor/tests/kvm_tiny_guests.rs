@@ -164,6 +164,38 @@ fn a_loop_is_interrupted_by_a_kick_from_another_thread() {
     assert_eq!(rip, CODE, "the guest was still in its loop");
 }
 
+/// A process that blocks every signal for its own reasons (the monitor forwards them to the
+/// container) still kicks its vCPUs: the thread running a vCPU takes the kick signal.
+#[test]
+fn a_kick_interrupts_a_vcpu_whose_thread_blocked_all_signals() {
+    let code = [0xeb, 0xfe]; // jmp $
+    let Some((_ram, _vm, mut vcpu)) = real_mode(&code) else {
+        return;
+    };
+    let kicker = vcpu.kicker();
+    let runner = std::thread::spawn(move || {
+        // SAFETY: a full sigset_t for this thread's own mask.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        }
+        let exit = format!("{:?}", vcpu.run().expect("run"));
+        (exit, vcpu)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !runner.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kicks never reached the vCPU"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        kicker.kick();
+    }
+    let (exit, _vcpu) = runner.join().expect("vCPU thread");
+    assert_eq!(exit, "Interrupted");
+}
+
 /// A vCPU stopped at a port read is saved with the answer given but not yet taken in; a
 /// second VM restored from that state (and a copy of the RAM) carries on with it.
 #[test]

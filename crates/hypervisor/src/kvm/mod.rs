@@ -74,6 +74,18 @@ impl Kvm {
     }
 }
 
+/// Unblocks the kick signal in the calling thread.
+fn unblock_kick_signal() {
+    // SAFETY: a zeroed sigset_t initialised by sigemptyset, changed by sigaddset, and passed
+    // to pthread_sigmask for the calling thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 fn install_kick_handler() {
     extern "C" fn nothing(_: libc::c_int) {}
     // SAFETY: installs a handler that does nothing for a real-time signal no other part of the
@@ -228,6 +240,10 @@ impl Vcpu for KvmVcpu {
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         if self.thread.thread.load(Ordering::Relaxed) == 0 {
+            // The thread that runs a vCPU takes its kicks: a caller that blocks signals for
+            // its own reasons (a monitor forwarding them to a container) must not block this
+            // one here, or a kick would wait for the guest's next exit to be seen.
+            unblock_kick_signal();
             // SAFETY: pthread_self has no preconditions.
             let me = unsafe { libc::pthread_self() };
             self.thread.thread.store(me as u64, Ordering::Release);
