@@ -140,7 +140,11 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     let out = env.run(&["kill", "c-life", "15"]);
     assert!(out.status.success(), "kill: {}", text(&out.stderr));
     assert_eq!(wait_monitor(pid), 143);
-    let state = env.wait_status("c-life", "stopped", Duration::from_secs(20));
+    let state = env.wait_status(
+        "c-life",
+        "stopped",
+        common::guest_time(Duration::from_secs(20)),
+    );
     assert_eq!(state["pid"], 0);
 
     let out = env.run(&["delete", "c-life"]);
@@ -185,7 +189,8 @@ fn kill_accepts_signal_names_and_delete_force_ends_a_running_container() {
     let out = env.run(&["run", "--detach", "--bundle", bundle.path_str(), "c-kill"]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     // Until the shell has set its trap, USR1 would end it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline =
+        std::time::Instant::now() + common::guest_time(std::time::Duration::from_secs(60));
     while !env
         .run(&["exec", "c-kill", "test", "-e", "/tmp/trapped"])
         .status
@@ -223,7 +228,7 @@ fn exec_runs_in_the_same_vm_and_returns_its_status() {
         .status
         .success());
     // The init may still be writing the file: retry briefly.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
     loop {
         let out = env.run(&["exec", "c-exec", "cat", "/tmp/shared"]);
         if out.status.success() {
@@ -309,7 +314,7 @@ fn console_socket_receives_a_working_pty() {
     master.write_all(b"ping\n").unwrap();
     let mut output = Vec::new();
     let mut buf = [0u8; 1024];
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(20));
     while !text(&output).contains("got-ping") && Instant::now() < deadline {
         match master.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -397,7 +402,7 @@ fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
     while !std::fs::read_to_string(&out_file)
         .unwrap()
         .contains("survived")
@@ -412,7 +417,7 @@ fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
     let text_out = std::fs::read_to_string(&out_file).unwrap();
     assert!(text_out.starts_with("pid=1\nsurvived\n"), "{text_out}");
     // The init execs `sleep` right after its output: wait for that.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
     let exec_out = loop {
         let out = env.run(&[
             "exec",
@@ -435,7 +440,11 @@ fn a_pid_namespace_makes_the_process_pid_1_with_init_semantics() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(env.state("c-pidns")["status"], "running");
     assert!(env.run(&["kill", "c-pidns", "KILL"]).status.success());
-    env.wait_status("c-pidns", "stopped", Duration::from_secs(20));
+    env.wait_status(
+        "c-pidns",
+        "stopped",
+        common::guest_time(Duration::from_secs(20)),
+    );
     assert!(env.run(&["delete", "c-pidns"]).status.success());
     env.assert_clean("c-pidns");
 }

@@ -115,7 +115,7 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     );
 
     // Host → guest.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(20));
     let page = loop {
         let attempt = TcpStream::connect((net.guest_addr.as_str(), 8080)).and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(5)))?;

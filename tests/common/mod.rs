@@ -63,6 +63,18 @@ pub fn busybox_rootfs() -> PathBuf {
         .clone()
 }
 
+/// How long to allow for `d` of guest work. With `SUPERMACHINE_ENGINE=builtin` the guest
+/// may run on a KVM that emulates guest kernel code (one `exec` in the guest takes seconds
+/// there), so deadlines are ten times longer; a test still ends as soon as it sees what it
+/// waits for.
+pub fn guest_time(d: Duration) -> Duration {
+    if std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin") {
+        d * 10
+    } else {
+        d
+    }
+}
+
 /// One test's runtime: its own state root.
 pub struct Env {
     pub state: tempfile::TempDir,
