@@ -222,7 +222,13 @@ fn kill_accepts_signal_names_and_delete_force_ends_a_running_container() {
 fn exec_runs_in_the_same_vm_and_returns_its_status() {
     let Some(env) = Env::new() else { return };
     become_subreaper();
-    let bundle = env.bundle(&["sh", "-c", "echo from-init > /tmp/shared; exec sleep 1000"]);
+    // Written aside and renamed: a redirection creates the file before it writes it, and a
+    // slow guest leaves an exec time to read it empty in between.
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "echo from-init > /tmp/s.tmp; mv /tmp/s.tmp /tmp/shared; exec sleep 1000",
+    ]);
     assert!(env
         .run(&["run", "--detach", "--bundle", bundle.path_str(), "c-exec"])
         .status
