@@ -101,10 +101,7 @@ pub fn launch(
     plan: &Plan,
     cache: Option<&SnapshotCache>,
 ) -> Result<Launched, ContainerError> {
-    let Some(cache) = cache.filter(|_| engine.supports_snapshots()) else {
-        if cache.is_some() {
-            log::debug!("engine {} has no snapshots: booting cold", engine.name());
-        }
+    let Some(cache) = cache else {
         return boot(engine, spec, plan, None);
     };
     let started = Instant::now();

@@ -112,10 +112,6 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn boot_timeout_floor(&self) -> Duration {
         Duration::ZERO
     }
-    /// Whether [`Vm::snapshot`] and [`Engine::restore`] work on this engine.
-    fn supports_snapshots(&self) -> bool {
-        true
-    }
     /// Starts a VM from the snapshot in `dir`, running; also says how long each phase took.
     fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError>;
 }

@@ -94,6 +94,19 @@ pub struct VmmConfig {
     pub hide_cpuid: Vec<String>,
 }
 
+impl VmmConfig {
+    /// The shapes the VMM builds: 1 to 254 vCPUs (the MP table's APIC ids), at least 32 MiB.
+    fn check_shape(&self) -> Result<(), Error> {
+        if self.vcpus == 0 || self.vcpus > 254 || self.memory_mib < 32 {
+            return Err(Error::Config(format!(
+                "a VM needs 1 to 254 vCPUs and at least 32 MiB (asked: {} vCPUs, {} MiB)",
+                self.vcpus, self.memory_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
@@ -220,12 +233,7 @@ pub struct Vmm {
 impl Vmm {
     pub fn boot(hv: &dyn Hypervisor, mut config: VmmConfig) -> Result<Vmm, Error> {
         let started = Instant::now();
-        if config.vcpus == 0 || config.memory_mib < 32 {
-            return Err(Error::Config(format!(
-                "a VM needs at least one vCPU and 32 MiB (asked: {} vCPUs, {} MiB)",
-                config.vcpus, config.memory_mib
-            )));
-        }
+        config.check_shape()?;
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
         let ram_size = u64::from(config.memory_mib) << 20;
         let ram = memory::GuestRam::new(&x86_64::ram_ranges(ram_size))?;
@@ -243,9 +251,6 @@ impl Vmm {
         let mut cmdline = config.cmdline.clone();
         cmdline.push_str(&devices.cmdline);
 
-        if config.vcpus > 254 {
-            return Err(Error::Config("at most 254 vCPUs".into()));
-        }
         x86_64::mptable::write(&ram.mem, config.vcpus as u8)
             .map_err(|e| Error::Config(format!("writing the MP table: {e}")))?;
         let boot_info = x86_64::boot::BootInfo {
@@ -265,23 +270,34 @@ impl Vmm {
             }
         };
 
-        let (control, kickers, threads) =
-            start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
-                vcpu.set_x86_msrs(&boot_msrs())?;
-                vcpu.setup_x86_lapic()?;
-                if id == 0 {
-                    vcpu.set_x86_sregs(&entry_sregs)?;
-                    vcpu.set_x86_regs(&entry_regs)?;
-                }
-                Ok(())
-            })?;
+        let threads = start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
+            vcpu.set_x86_msrs(&boot_msrs())?;
+            vcpu.setup_x86_lapic()?;
+            if id == 0 {
+                vcpu.set_x86_sregs(&entry_sregs)?;
+                vcpu.set_x86_regs(&entry_regs)?;
+            }
+            Ok(())
+        })?;
         log::debug!(
             "builtin VMM: {} vCPUs, {} MiB, kernel entry {entry:#x}, set up in {:?}",
             config.vcpus,
             config.memory_mib,
             started.elapsed()
         );
-        Ok(Vmm {
+        Ok(Vmm::running(vm, ram, devices, threads, config, started))
+    }
+
+    /// The VMM of a VM whose vCPU threads have started.
+    fn running(
+        vm: Arc<dyn hypervisor::Vm>,
+        ram: memory::GuestRam,
+        devices: Devices,
+        (control, kickers, threads): VcpuThreads,
+        config: VmmConfig,
+        started: Instant,
+    ) -> Vmm {
+        Vmm {
             vm,
             ram,
             serial: devices.serial,
@@ -292,7 +308,7 @@ impl Vmm {
             console_log: config.console_log,
             vcpus: config.vcpus,
             started,
-        })
+        }
     }
 
     /// Stops every vCPU between two guest instructions; returns when all are parked.
@@ -512,9 +528,6 @@ fn start_vcpus(
     devices: &Devices,
     mut prepare: impl FnMut(u32, &mut dyn Vcpu) -> Result<(), hypervisor::Error>,
 ) -> Result<VcpuThreads, Error> {
-    if config.vcpus > 254 {
-        return Err(Error::Config("at most 254 vCPUs".into()));
-    }
     let hide: Vec<_> = config
         .hide_cpuid
         .iter()

@@ -134,6 +134,7 @@ impl Vmm {
         dir: &Path,
     ) -> Result<(Vmm, Phases), Error> {
         let started = Instant::now();
+        config.check_shape()?;
         let mut phases = Phases::new();
         let mut phase = |name, since: &mut Instant| {
             phases.push((name, since.elapsed()));
@@ -188,10 +189,9 @@ impl Vmm {
         }
         phase("device state", &mut since);
 
-        let (control, kickers, threads) =
-            start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
-                vcpu.restore_state(&state.vcpus[id as usize])
-            })?;
+        let threads = start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
+            vcpu.restore_state(&state.vcpus[id as usize])
+        })?;
         phase("vCPU state", &mut since);
         log::debug!(
             "builtin VMM: restored {} vCPUs, {} MiB from {} in {:?}",
@@ -201,18 +201,7 @@ impl Vmm {
             started.elapsed()
         );
         Ok((
-            Vmm {
-                vm,
-                ram,
-                serial: devices.serial,
-                virtio: devices.virtio,
-                control,
-                kickers,
-                threads,
-                console_log: config.console_log,
-                vcpus: config.vcpus,
-                started,
-            },
+            Vmm::running(vm, ram, devices, threads, config, started),
             phases,
         ))
     }
