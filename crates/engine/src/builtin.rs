@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hypervisor::{x86, Hypervisor, MemoryRegion, VcpuExit, VmConfig};
+use hypervisor::{x86, Hypervisor, MemoryRegion, VcpuExit};
 use serde::{Deserialize, Serialize};
 
 use crate::{EngineError, Phase, Vm, VmSpec};
@@ -62,7 +62,7 @@ pub fn kernel_code_speed(
     let bytes = unsafe { std::slice::from_raw_parts_mut(ram.0, RAM) };
     bytes.fill(0xf4); // hlt everywhere else
     bytes[0x1000..0x1000 + code.len()].copy_from_slice(&code);
-    let vm = hv.create_vm(&VmConfig { irqchip: false })?;
+    let vm = hv.create_vm()?;
     // SAFETY: `ram` is unmapped at the end of this function, after the VM and its vCPU.
     unsafe {
         vm.map_memory(MemoryRegion {

@@ -3,7 +3,7 @@
 //! guest's work. Skipped (with a message) on hosts without /dev/kvm.
 #![cfg(target_os = "linux")]
 
-use hypervisor::{x86, MemoryRegion, VcpuExit, VmConfig};
+use hypervisor::{x86, MemoryRegion, VcpuExit};
 
 const RAM: usize = 0x4000;
 const CODE: u64 = 0x1000;
@@ -58,13 +58,13 @@ fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
 type Guest = (Ram, Box<dyn hypervisor::Vm>, Box<dyn hypervisor::Vcpu>);
 
 fn real_mode(code: &[u8]) -> Option<Guest> {
-    real_mode_on(code, VmConfig { irqchip: false })
+    real_mode_on(code, false)
 }
 
-fn real_mode_on(code: &[u8], config: VmConfig) -> Option<Guest> {
+fn real_mode_on(code: &[u8], irqchip: bool) -> Option<Guest> {
     let kvm = kvm()?;
     let ram = Ram::new(code);
-    let vm = kvm.create_vm(&config).expect("create VM");
+    let vm = kvm.create_vm().expect("create VM");
     // SAFETY: `ram` outlives the VM in every test (dropped after it).
     unsafe {
         vm.map_memory(MemoryRegion {
@@ -75,6 +75,9 @@ fn real_mode_on(code: &[u8], config: VmConfig) -> Option<Guest> {
             read_only: false,
         })
         .expect("map memory");
+    }
+    if irqchip {
+        vm.create_irqchip().expect("create irqchip");
     }
     let mut vcpu = vm.create_vcpu(0).expect("create vCPU");
     let mut sregs = vcpu.x86_sregs().expect("sregs");
@@ -208,7 +211,7 @@ fn a_vcpu_saved_mid_exit_resumes_in_another_vm() {
         0xe6, 0x11,       // out 0x11, al
         0xeb, 0xfe,       // jmp $
     ];
-    let with_irqchip = VmConfig { irqchip: true };
+    let with_irqchip = true;
     let Some((ram, vm, mut vcpu)) = real_mode_on(&code, with_irqchip) else {
         return;
     };

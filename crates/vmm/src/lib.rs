@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::VirtioDevice;
 use devices::{GuestMemory, IrqLine};
-use hypervisor::{Hypervisor, Kick, MemoryRegion, Vcpu, VcpuExit, VmConfig};
+use hypervisor::{Hypervisor, Kick, MemoryRegion, Vcpu, VcpuExit};
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -234,10 +234,9 @@ impl Vmm {
     pub fn boot(hv: &dyn Hypervisor, mut config: VmmConfig) -> Result<Vmm, Error> {
         let started = Instant::now();
         config.check_shape()?;
-        let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
         let ram_size = u64::from(config.memory_mib) << 20;
         let ram = memory::GuestRam::new(&x86_64::ram_ranges(ram_size))?;
-        map_ram(vm.as_ref(), &ram)?;
+        let vm = create_vm(hv, &ram)?;
         let low_ram_end = ram.ranges[0].1;
 
         let kernel = load_kernel(&ram.mem, &config.kernel)?;
@@ -396,9 +395,14 @@ impl Drop for Vmm {
     }
 }
 
-/// Makes `ram` the VM's guest-physical memory, one slot per region. The caller keeps `ram`
-/// for as long as the VM (the [`Vmm`] holds both).
-fn map_ram(vm: &dyn hypervisor::Vm, ram: &memory::GuestRam) -> Result<(), Error> {
+/// A VM whose guest-physical memory is `ram` (one slot per region), with its interrupt
+/// controller, in the order [`Hypervisor::create_vm`] asks for. The caller keeps `ram` for
+/// as long as the VM (the [`Vmm`] holds both).
+fn create_vm(
+    hv: &dyn Hypervisor,
+    ram: &memory::GuestRam,
+) -> Result<Arc<dyn hypervisor::Vm>, Error> {
+    let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm()?);
     for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
         // SAFETY: the mapping belongs to `ram`, which outlives the VM (see above).
         unsafe {
@@ -411,7 +415,8 @@ fn map_ram(vm: &dyn hypervisor::Vm, ram: &memory::GuestRam) -> Result<(), Error>
             })?;
         }
     }
-    Ok(())
+    vm.create_irqchip()?;
+    Ok(vm)
 }
 
 fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<(), Error> {

@@ -11,16 +11,15 @@
 //! (its own disks, taps and agent socket), then puts each one's saved state back.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::serial::SerialState;
 use devices::virtio::mmio::TransportState;
 use devices::Persist;
-use hypervisor::{Hypervisor, VmConfig};
+use hypervisor::Hypervisor;
 use serde::{Deserialize, Serialize};
 
-use crate::{build_devices, map_ram, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
+use crate::{build_devices, create_vm, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
 
 /// The state file and the memory file of a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -163,11 +162,9 @@ impl Vmm {
         }
         phase("validate state", &mut since);
 
-        let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm(&VmConfig { irqchip: true })?);
-        phase("VM create", &mut since);
         let ram = memory::GuestRam::from_snapshot(&dir.join(MEMORY_FILE), &state.ram)?;
-        map_ram(vm.as_ref(), &ram)?;
-        phase("memory map", &mut since);
+        let vm = create_vm(hv, &ram)?;
+        phase("VM create + memory map", &mut since);
 
         vm.restore_platform(&state.platform)?;
         phase("irq/clock state", &mut since);
@@ -224,7 +221,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "none"
         }
-        fn create_vm(&self, _: &VmConfig) -> hypervisor::Result<Box<dyn hypervisor::Vm>> {
+        fn create_vm(&self) -> hypervisor::Result<Box<dyn hypervisor::Vm>> {
             panic!("a VM was created for a snapshot that does not validate")
         }
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use applevisor_sys as hv;
 
-use crate::{aarch64, Error, Hypervisor, Kick, MemoryRegion, Result, Vcpu, VcpuExit, Vm, VmConfig};
+use crate::{aarch64, Error, Hypervisor, Kick, MemoryRegion, Result, Vcpu, VcpuExit, Vm};
 
 const BACKEND: &str = "hvf";
 
@@ -65,31 +65,11 @@ impl Hypervisor for Hvf {
         BACKEND
     }
 
-    fn create_vm(&self, config: &VmConfig) -> Result<Box<dyn Vm>> {
+    fn create_vm(&self) -> Result<Box<dyn Vm>> {
         // SAFETY: a null configuration asks for the default VM; one per process.
         check("create VM", unsafe {
             hv::hv_vm_create(std::ptr::null_mut())
         })?;
-        if !config.irqchip {
-            return Ok(Box::new(HvfVm));
-        }
-        // SAFETY: creates a configuration object the framework owns until os_release.
-        let config = unsafe { hv::hv_gic_config_create() };
-        // SAFETY: `config` is the live object created above; the bases are aligned guest
-        // addresses outside RAM.
-        unsafe {
-            check(
-                "GIC distributor base",
-                hv::hv_gic_config_set_distributor_base(config, GIC_DISTRIBUTOR_BASE),
-            )?;
-            check(
-                "GIC redistributor base",
-                hv::hv_gic_config_set_redistributor_base(config, GIC_REDISTRIBUTOR_BASE),
-            )?;
-            let created = hv::hv_gic_create(config);
-            hv::os_release(config);
-            check("create GIC", created)?;
-        }
         Ok(Box::new(HvfVm))
     }
 }
@@ -105,6 +85,26 @@ impl Drop for HvfVm {
 }
 
 impl Vm for HvfVm {
+    fn create_irqchip(&self) -> Result<()> {
+        // SAFETY: creates a configuration object the framework owns until os_release.
+        let config = unsafe { hv::hv_gic_config_create() };
+        // SAFETY: `config` is the live object created above; the bases are aligned guest
+        // addresses outside RAM.
+        unsafe {
+            check(
+                "GIC distributor base",
+                hv::hv_gic_config_set_distributor_base(config, GIC_DISTRIBUTOR_BASE),
+            )?;
+            check(
+                "GIC redistributor base",
+                hv::hv_gic_config_set_redistributor_base(config, GIC_REDISTRIBUTOR_BASE),
+            )?;
+            let created = hv::hv_gic_create(config);
+            hv::os_release(config);
+            check("create GIC", created)
+        }
+    }
+
     unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()> {
         let mut flags = hv::HV_MEMORY_READ | hv::HV_MEMORY_EXEC;
         if !region.read_only {

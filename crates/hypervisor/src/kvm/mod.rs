@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm as KvmSys, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{x86, Error, Hypervisor, Kick, MemoryRegion, Result, Vcpu, VcpuExit, Vm, VmConfig};
+use crate::{x86, Error, Hypervisor, Kick, MemoryRegion, Result, Vcpu, VcpuExit, Vm};
 
 mod state;
 
@@ -103,18 +103,10 @@ impl Hypervisor for Kvm {
         BACKEND
     }
 
-    fn create_vm(&self, config: &VmConfig) -> Result<Box<dyn Vm>> {
+    fn create_vm(&self) -> Result<Box<dyn Vm>> {
         let vm = self.kvm.create_vm().map_err(os("create VM"))?;
         vm.set_tss_address(TSS_ADDRESS)
             .map_err(os("set TSS address"))?;
-        if config.irqchip {
-            vm.create_irq_chip().map_err(os("create irqchip"))?;
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            vm.create_pit2(pit).map_err(os("create PIT"))?;
-        }
         // The MSRs a snapshot carries: KVM's list of those it saves and restores.
         let msrs = self
             .kvm
@@ -168,6 +160,15 @@ impl Vm for KvmVm {
         };
         // SAFETY: the caller promises the host range stays mapped for the VM's life.
         unsafe { self.vm.set_user_memory_region(mem) }.map_err(os("map guest memory"))
+    }
+
+    fn create_irqchip(&self) -> Result<()> {
+        self.vm.create_irq_chip().map_err(os("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm.create_pit2(pit).map_err(os("create PIT"))
     }
 
     fn set_irq_line(&self, line: u32, level: bool) -> Result<()> {
