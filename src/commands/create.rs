@@ -74,12 +74,11 @@ fn create_in(
     context: &Context,
 ) -> Result<Child> {
     let started = std::time::Instant::now();
-    let plan = Plan::prepare(
-        &bundle,
-        &context.paths,
-        context.log.debug,
-        context.snapshots,
-    )?;
+    // The agent's debug lines go to the guest console, a port write per byte, so they cost
+    // guest time (seconds where guest kernel code is emulated) and would skew the timings
+    // `--debug` logs: they have their own switch.
+    let guest_debug = std::env::var("SUPERMACHINE_GUEST_DEBUG").is_ok_and(|v| v == "1");
+    let plan = Plan::prepare(&bundle, &context.paths, guest_debug, context.snapshots)?;
     log::debug!("container {}: planned in {:?}", dir.id, started.elapsed());
     for note in &plan.notes {
         log::warn!("container {}: {note}", dir.id);

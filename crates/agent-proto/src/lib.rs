@@ -290,6 +290,15 @@ pub struct RootfsSpec {
     /// The container sees a read-only root (`root.readonly`); otherwise an overlay over the
     /// image with a tmpfs upper layer takes its writes.
     pub readonly: bool,
+    /// Programs the container is expected to run, read into the guest's page cache when the
+    /// root is prepared, so before a snapshot is taken: a VM restored from it starts them
+    /// from memory, not from its disk. Each is searched as `execvp` would in `warm_path`
+    /// (`PATH`, else the default), and an ELF program's interpreter comes with it. Best
+    /// effort: a program that is not found is skipped.
+    #[serde(default)]
+    pub warm: Vec<String>,
+    #[serde(default)]
+    pub warm_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

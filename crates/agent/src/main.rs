@@ -14,6 +14,7 @@ mod procfs;
 mod server;
 mod setup;
 mod spawn;
+mod warm;
 
 use std::time::Duration;
 

@@ -70,7 +70,13 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
         MsFlags::empty(),
         Some(options.as_str()),
     )
-    .map_err(err("mount the root overlay"))
+    .map_err(err("mount the root overlay"))?;
+    crate::warm::read_programs(
+        Path::new(ROOT_DIR),
+        &rootfs.warm,
+        rootfs.warm_path.as_deref(),
+    );
+    Ok(())
 }
 
 /// What the container's first process does itself when it is PID 1 of a new pid namespace:

@@ -22,7 +22,7 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use crate::caps;
 use crate::setup::ProcFinish;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A started (or waiting-to-start) process and the agent's ends of its stdio.
 #[derive(Debug)]

@@ -116,8 +116,10 @@ impl Plan {
             device: VmSpec::guest_disk(0),
             fstype: "ext4".into(),
             readonly: bundle.root_readonly(),
+            warm: Vec::new(),
+            warm_path: None,
         };
-        let (setup, mut notes) = translate::container_setup(&bundle.spec, rootfs)?;
+        let (mut setup, mut notes) = translate::container_setup(&bundle.spec, rootfs)?;
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
         let linux = bundle.spec.linux().as_ref();
         let cgroups_path = linux
@@ -145,6 +147,14 @@ impl Plan {
                 reason: "config.json has no process".into(),
             })?;
         let init = translate::process_spec(process);
+        // The first process's program is read into the guest's page cache with the root, so
+        // a snapshot baked now holds it (the next container of this image usually runs it).
+        setup.rootfs.warm = init.args.first().cloned().into_iter().collect();
+        setup.rootfs.warm_path = init
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .map(String::from);
         let mut kernel_args = Vec::new();
         if guest_debug {
             kernel_args.push("supermachine.debug=1".to_string());
