@@ -249,10 +249,12 @@ impl Monitor {
         let selection = engine::select(choice, &paths.probe_dir())?;
         log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
         // In the container's network namespace (entered above): the tap the VM's network
-        // device sends through.
+        // device sends through. In a namespace of our own it goes with the namespace.
+        let tap_name = format!("{}0", network::TAP_PREFIX);
         let tap = match plan.network {
             NetworkNamespace::Host => None,
-            _ => Some(network::create_tap(&format!("{}0", network::TAP_PREFIX))?),
+            NetworkNamespace::New => Some(network::create_tap(&tap_name, true)?),
+            NetworkNamespace::Join(_) => Some(network::create_tap(&tap_name, false)?),
         };
         let spec = plan.vm_spec(dir.path.clone(), tap.as_ref());
         let cache = if plan.snapshots {

@@ -239,7 +239,10 @@ impl Task {
                 log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
                 let tap = match launch_plan.network {
                     NetworkNamespace::Host => None,
-                    _ => Some(network::create_tap(&format!("{}0", network::TAP_PREFIX))?),
+                    _ => Some(network::create_tap(
+                        &format!("{}0", network::TAP_PREFIX),
+                        false,
+                    )?),
                 };
                 let spec = launch_plan.vm_spec(work_dir, tap.as_ref());
                 let cache = if launch_plan.snapshots {
