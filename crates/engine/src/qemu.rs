@@ -103,9 +103,14 @@ pub fn command_line(
             spec.memory_mib
         ),
     ]);
-    args.extend(["-kernel".into(), escape(&spec.kernel)]);
-    args.extend(["-initrd".into(), escape(&spec.initramfs)]);
-    args.extend(["-append".into(), kernel_cmdline(spec)]);
+    // A restored guest's kernel, initramfs and command line are in its memory already; QEMU
+    // would read both files into firmware config tables the guest never reads again (the
+    // firmware is the same either way, so the RAM blocks match the snapshot's).
+    if !incoming {
+        args.extend(["-kernel".into(), escape(&spec.kernel)]);
+        args.extend(["-initrd".into(), escape(&spec.initramfs)]);
+        args.extend(["-append".into(), kernel_cmdline(spec)]);
+    }
     args.extend(["-serial".into(), format!("file:{}", escape(console))]);
     args.extend(["-chardev".into(), format!("socket,id=qmp,fd={qmp_fd}")]);
     args.extend(["-mon".into(), "chardev=qmp,mode=control".into()]);
@@ -552,6 +557,10 @@ mod tests {
             "{joined}"
         );
         assert!(joined.ends_with("-incoming defer"));
+        assert!(
+            !joined.contains("-kernel") && !joined.contains("-initrd"),
+            "{joined}"
+        );
     }
 
     #[test]
