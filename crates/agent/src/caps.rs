@@ -1,13 +1,20 @@
 //! Linux capabilities by OCI name, applied to a process being started (in the forked child).
 
+use std::sync::OnceLock;
+
 use agent_proto::{Capabilities, CAPABILITY_NAMES as NAMES};
 
-/// The highest capability this guest kernel knows (`/proc/sys/kernel/cap_last_cap`).
-fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(NAMES.len() as u32 - 1)
+/// The highest capability this guest kernel knows (`/proc/sys/kernel/cap_last_cap`), read
+/// once: the agent calls this at start-up, so every forked child (and every VM restored
+/// from a snapshot) has it without reading the file again.
+pub fn last_cap() -> u32 {
+    static LAST_CAP: OnceLock<u32> = OnceLock::new();
+    *LAST_CAP.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(NAMES.len() as u32 - 1)
+    })
 }
 
 /// A capability set as a bit mask; unknown names are ignored, as runc does with a warning.

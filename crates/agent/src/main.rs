@@ -30,6 +30,7 @@ fn main() {
     if let Err(e) = network::loopback_up() {
         agent_log!("lo: {}", e.0);
     }
+    caps::last_cap();
     if std::process::id() != 1 {
         agent_log!("warning: not PID 1; orphans will not be reaped here");
     }

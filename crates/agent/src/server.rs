@@ -24,6 +24,9 @@ use crate::{agent_debug, agent_log, network, procfs, setup, spawn};
 /// before the agent reports the exit anyway.
 const OUTPUT_DRAIN_GRACE: Duration = Duration::from_millis(200);
 
+/// How much one read from the host channel takes at most.
+const CHANNEL_READ_SIZE: usize = 256 << 10;
+
 /// How often to look for a host again while none is connected.
 const RECONNECT_POLL: Duration = Duration::from_millis(5);
 
@@ -74,6 +77,19 @@ pub struct Server {
     dns: Option<network::DnsRelay>,
     shutdown: bool,
     started: Instant,
+    /// One buffer for every read from the channel and from process output, allocated once:
+    /// a buffer allocated (and zeroed) per read would be written all over right after each
+    /// fork, and every page of it copied on write for as long as the child shares it (a
+    /// page fault each, milliseconds where the guest kernel is emulated).
+    scratch: Scratch,
+}
+
+struct Scratch(Box<[u8]>);
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scratch({} bytes)", self.0.len())
+    }
 }
 
 impl Server {
@@ -98,6 +114,7 @@ impl Server {
             dns: None,
             shutdown: false,
             started: Instant::now(),
+            scratch: Scratch(vec![0u8; CHANNEL_READ_SIZE.max(agent_proto::MAX_DATA_CHUNK)].into()),
         })
     }
 
@@ -225,9 +242,8 @@ impl Server {
     }
 
     fn on_channel(&mut self, revents: PollFlags) -> Result<(), AgentError> {
-        let mut buf = vec![0u8; 256 << 10];
         let n = if revents.contains(PollFlags::POLLIN) {
-            match self.channel.read(&mut buf) {
+            match self.channel.read(&mut self.scratch.0[..CHANNEL_READ_SIZE]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
                 Err(e) => return Err(AgentError(format!("channel read: {e}"))),
@@ -242,7 +258,7 @@ impl Server {
             self.decoder.reset();
             return Ok(());
         }
-        self.decoder.push(&buf[..n]);
+        self.decoder.push(&self.scratch.0[..n]);
         loop {
             let frame = match self.decoder.next_frame::<HostMessage>() {
                 Ok(Some(frame)) => frame,
@@ -486,7 +502,7 @@ impl Server {
     }
 
     fn on_output(&mut self, id: ProcessId, slot: usize) -> Result<(), AgentError> {
-        let mut buf = vec![0u8; agent_proto::MAX_DATA_CHUNK];
+        let buf = &mut self.scratch.0[..agent_proto::MAX_DATA_CHUNK];
         let mut out = Vec::new();
         let Some(p) = self.processes.get_mut(&id) else {
             return Ok(());
@@ -498,7 +514,7 @@ impl Server {
         let mut closed = false;
         // Bounded, so that one chatty process cannot starve the loop.
         for _ in 0..16 {
-            match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            match nix::unistd::read(fd.as_raw_fd(), buf) {
                 Ok(0) => {
                     closed = true;
                     break;
