@@ -2,7 +2,7 @@
 //!
 //! A [`Hypervisor`] makes [`Vm`]s; a `Vm` maps guest memory, raises interrupt lines and makes
 //! [`Vcpu`]s; a `Vcpu` runs until the guest needs the VMM and says why as a typed
-//! [`VcpuExit`]. Backends: [`kvm`] (Linux, kvm-ioctls) and [`hvf`] (Apple Hypervisor.framework
+//! [`VcpuExit`]. Backends: `kvm` (Linux, kvm-ioctls, in `sys/linux`) and [`hvf`] (Apple Hypervisor.framework
 //! on aarch64 macOS, applevisor-sys). The VMM above is written against the traits only.
 //!
 //! Register state is described in plain, architecture-named structs ([`x86`], [`aarch64`]) so
@@ -12,9 +12,10 @@
 pub mod aarch64;
 #[cfg(feature = "hvf")]
 pub mod hvf;
-#[cfg(all(feature = "kvm", target_os = "linux"))]
-pub mod kvm;
+mod sys;
 pub mod x86;
+
+pub use sys::open;
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -221,31 +222,5 @@ fn unsupported(what: &'static str) -> Error {
     Error::Unsupported {
         backend: "this hypervisor",
         what,
-    }
-}
-
-/// The hypervisor of this host, if it has one this build knows.
-pub fn open() -> Result<Box<dyn Hypervisor>> {
-    #[cfg(all(feature = "kvm", target_os = "linux"))]
-    {
-        Ok(Box::new(kvm::Kvm::open()?))
-    }
-    #[cfg(all(
-        feature = "hvf",
-        target_os = "macos",
-        not(all(feature = "kvm", target_os = "linux"))
-    ))]
-    {
-        Ok(Box::new(hvf::Hvf::open()?))
-    }
-    #[cfg(not(any(
-        all(feature = "kvm", target_os = "linux"),
-        all(feature = "hvf", target_os = "macos")
-    )))]
-    {
-        Err(Error::Unsupported {
-            backend: "this build",
-            what: "any hypervisor on this host",
-        })
     }
 }
