@@ -130,12 +130,18 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     let out = env.run(&["ps", "--format", "json", "c-life"]);
     let pids: Vec<i32> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(pids[0], pid, "ps lists the monitor first");
-    let out = env.run(&["ps", "c-life"]);
-    assert!(
-        text(&out.stdout).contains("sleep 1000"),
-        "{}",
-        text(&out.stdout)
-    );
+    // `start` returns once the process is told to exec, as runc's does: until the exec is
+    // done the guest lists it without arguments (seconds where guest kernel code is
+    // emulated).
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
+    loop {
+        let out = env.run(&["ps", "c-life"]);
+        if text(&out.stdout).contains("sleep 1000") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stdout));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let out = env.run(&["kill", "c-life", "15"]);
     assert!(out.status.success(), "kill: {}", text(&out.stderr));
