@@ -70,7 +70,7 @@ fn read_all(path: &Path) -> std::io::Result<(usize, Option<String>)> {
 }
 
 /// The `PT_INTERP` path of an ELF image whose program headers are within `head`.
-pub fn elf_interpreter(head: &[u8]) -> Option<String> {
+fn elf_interpreter(head: &[u8]) -> Option<String> {
     if head.get(..4)? != b"\x7fELF" || *head.get(5)? != 1 {
         return None; // not ELF, or not little-endian
     }

@@ -2,8 +2,9 @@
 //!
 //! A [`Hypervisor`] makes [`Vm`]s; a `Vm` maps guest memory, raises interrupt lines and makes
 //! [`Vcpu`]s; a `Vcpu` runs until the guest needs the VMM and says why as a typed
-//! [`VcpuExit`]. Backends: `kvm` (Linux, kvm-ioctls, in `sys/linux`) and [`hvf`] (Apple Hypervisor.framework
-//! on aarch64 macOS, applevisor-sys). The VMM above is written against the traits only.
+//! [`VcpuExit`]. Backends: `kvm` (Linux, kvm-ioctls, in `sys/linux`) and [`hvf`] (Apple
+//! Hypervisor.framework on aarch64 macOS, applevisor-sys); [`open`] picks this host's. The
+//! VMM above is written against the traits only.
 //!
 //! Register state is described in plain, architecture-named structs ([`x86`], [`aarch64`]) so
 //! a backend for one architecture type-checks on a host of the other, and so a snapshot can

@@ -237,6 +237,9 @@ impl Task {
                 launch_plan.network.enter()?;
                 let selection = engine::select(choice, &Paths::new(None).probe_dir())?;
                 log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
+                // Never persistent, unlike the monitor's: this thread stays in a new
+                // namespace after its container has gone (until its next job), so a
+                // persistent tap would outlive the container.
                 let tap = match launch_plan.network {
                     NetworkNamespace::Host => None,
                     _ => Some(network::create_tap(
