@@ -132,14 +132,24 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     assert_eq!(pids[0], pid, "ps lists the monitor first");
     // `start` returns once the process is told to exec, as runc's does: until the exec is
     // done the guest lists it without arguments (seconds where guest kernel code is
-    // emulated).
+    // emulated). The pause first: on the builtin engine over a KVM that emulates guest kernel
+    // code (kvm_pvm, ../shared/HOST.md), a static busybox whose start-up overlaps the agent
+    // serving requests (`ps`, `kill`, anything) sometimes finds its initial TLS zeroed and
+    // segfaults in libc's `__ctype_init` (cold boots and restores alike; never with TCG; not
+    // reproduced by probes of the FS base, brk memory or XMM state). README, known issues.
+    std::thread::sleep(common::guest_time(Duration::from_millis(500)));
     let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
     loop {
         let out = env.run(&["ps", "c-life"]);
         if text(&out.stdout).contains("sleep 1000") {
             break;
         }
-        assert!(Instant::now() < deadline, "{}", text(&out.stdout));
+        assert!(
+            Instant::now() < deadline,
+            "ps: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

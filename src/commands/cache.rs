@@ -23,7 +23,8 @@ enum CacheCommand {
     },
     /// Remove one snapshot
     Rm { key: String },
-    /// Remove least recently used snapshots until the cache fits
+    /// Remove least recently used snapshots until the cache fits, and what an interrupted
+    /// bake or removal left
     Prune {
         /// Target size (e.g. 2G); default: the configured maximum
         #[arg(long)]

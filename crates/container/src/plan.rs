@@ -158,6 +158,7 @@ impl Plan {
         let mut kernel_args = Vec::new();
         if guest_debug {
             kernel_args.push("supermachine.debug=1".to_string());
+            kernel_args.push("loglevel=7".to_string());
         }
         let boot_timeout = match std::env::var("SUPERMACHINE_BOOT_TIMEOUT")
             .ok()

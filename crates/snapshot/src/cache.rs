@@ -314,9 +314,38 @@ impl SnapshotCache {
         infos
     }
 
+    /// Removes what a killed runtime left: a bake's partial directory whose key no one holds
+    /// the lock of (a baker holds it until it publishes or gives up), and an entry that
+    /// `remove` renamed but did not finish deleting.
+    fn sweep_abandoned(&self) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".removed-") {
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
+            let Some(key) = name
+                .split_once(".partial-")
+                .and_then(|(key, _)| SnapshotKey::parse(key))
+            else {
+                continue;
+            };
+            let lock_path = self.dir.join(format!("{key}.lock"));
+            let Ok(file) = OpenOptions::new().write(true).open(&lock_path) else {
+                continue;
+            };
+            if let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                log::debug!("removing {name}, abandoned by a bake that did not finish");
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
     /// Removes least recently used entries until the total is at most `max_bytes`, never
-    /// `keep`. Returns the keys removed.
+    /// `keep`, and anything a killed runtime left half-written. Returns the keys removed.
     pub fn prune(&self, max_bytes: u64, keep: Option<&SnapshotKey>) -> Vec<String> {
+        self.sweep_abandoned();
         let mut entries = self.list();
         let mut total: u64 = entries.iter().map(|e| e.size).sum();
         // Oldest use first.
@@ -545,6 +574,32 @@ mod tests {
         drop(b);
         assert!(!partial.exists());
         assert!(matches!(cache.lookup(&k).unwrap(), Lookup::Bake(_)));
+    }
+
+    #[test]
+    fn prune_removes_what_a_killed_runtime_left_but_not_a_bake_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SnapshotCache::new(dir.path(), limits());
+        let (killed, live) = (key(1), key(2));
+        // What a baker killed before publishing leaves: its partial directory and the key's
+        // lock file, which no process holds any more.
+        let abandoned = dir.path().join(format!("{killed}.partial-4194304"));
+        fs::create_dir(&abandoned).unwrap();
+        fs::write(abandoned.join("state"), b"x").unwrap();
+        File::create(dir.path().join(format!("{killed}.lock"))).unwrap();
+        // And a `cache rm` killed between its rename and its delete.
+        let half_removed = dir.path().join(format!(".removed-{killed}-4194304"));
+        fs::create_dir(&half_removed).unwrap();
+        let Lookup::Bake(in_progress) = cache.lookup(&live).unwrap() else {
+            panic!("expected the right to bake")
+        };
+        cache.prune(u64::MAX, None);
+        assert!(!abandoned.exists());
+        assert!(!half_removed.exists());
+        assert!(
+            in_progress.dir().exists(),
+            "a live bake's directory was removed"
+        );
     }
 
     #[test]
