@@ -277,7 +277,14 @@ impl SnapshotCache {
             .dir
             .join(format!(".removed-{key}-{}", std::process::id()));
         fs::rename(&dir, &doomed).map_err(CacheError::io(&dir))?;
-        fs::remove_dir_all(&doomed).map_err(CacheError::io(&doomed))
+        match fs::remove_dir_all(&doomed) {
+            // A concurrent prune's sweep may be deleting the same tree.
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(CacheError::Io {
+                path: doomed,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn list(&self) -> Vec<EntryInfo> {
@@ -321,8 +328,18 @@ impl SnapshotCache {
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(".removed-") {
-                let _ = fs::remove_dir_all(entry.path());
+            if let Some(rest) = name.strip_prefix(".removed-") {
+                // `.removed-KEY-PID`: left if PID is gone (or the name is not one of ours).
+                let remover = rest
+                    .rsplit_once('-')
+                    .and_then(|(_, pid)| pid.parse::<i32>().ok())
+                    .filter(|&pid| pid > 0);
+                let alive = remover.is_some_and(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                });
+                if !alive {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
                 continue;
             }
             let Some(key) = name
@@ -590,12 +607,18 @@ mod tests {
         // And a `cache rm` killed between its rename and its delete.
         let half_removed = dir.path().join(format!(".removed-{killed}-4194304"));
         fs::create_dir(&half_removed).unwrap();
+        // A removal still under way (this process's) is left to its remover.
+        let being_removed = dir
+            .path()
+            .join(format!(".removed-{live}-{}", std::process::id()));
+        fs::create_dir(&being_removed).unwrap();
         let Lookup::Bake(in_progress) = cache.lookup(&live).unwrap() else {
             panic!("expected the right to bake")
         };
         cache.prune(u64::MAX, None);
         assert!(!abandoned.exists());
         assert!(!half_removed.exists());
+        assert!(being_removed.exists());
         assert!(
             in_progress.dir().exists(),
             "a live bake's directory was removed"
