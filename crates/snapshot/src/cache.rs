@@ -190,6 +190,15 @@ impl SnapshotCache {
                 .map_err(CacheError::io(&lock_path))?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => {
+                    // A prune may have unlinked the file between the open and the lock: a
+                    // lock on a file no longer at the path excludes no one.
+                    let same = match (lock.metadata(), fs::metadata(&lock_path)) {
+                        (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+                        _ => false,
+                    };
+                    if !same {
+                        continue;
+                    }
                     if let Some(entry) = self.get(key) {
                         return Ok(Lookup::Hit(entry));
                     }
@@ -253,6 +262,10 @@ impl SnapshotCache {
         let prefix = format!("{key}.partial-");
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                log::debug!(
+                    "removing {}, left by a bake that did not finish",
+                    entry.file_name().to_string_lossy()
+                );
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -342,19 +355,18 @@ impl SnapshotCache {
                 }
                 continue;
             }
-            let Some(key) = name
-                .split_once(".partial-")
-                .and_then(|(key, _)| SnapshotKey::parse(key))
-            else {
+            // A key's lock file that no process holds: no bake of that key is under way, so
+            // its partial directories are abandoned, and the file itself can go (`lookup`
+            // checks that the file it locked is still the one at the path).
+            let Some(key) = name.strip_suffix(".lock").and_then(SnapshotKey::parse) else {
                 continue;
             };
-            let lock_path = self.dir.join(format!("{key}.lock"));
-            let Ok(file) = OpenOptions::new().write(true).open(&lock_path) else {
+            let Ok(file) = OpenOptions::new().write(true).open(entry.path()) else {
                 continue;
             };
             if let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                log::debug!("removing {name}, abandoned by a bake that did not finish");
-                let _ = fs::remove_dir_all(entry.path());
+                self.remove_partials(&key);
+                let _ = fs::remove_file(entry.path());
             }
         }
     }
@@ -617,12 +629,17 @@ mod tests {
         };
         cache.prune(u64::MAX, None);
         assert!(!abandoned.exists());
+        assert!(!dir.path().join(format!("{killed}.lock")).exists());
         assert!(!half_removed.exists());
         assert!(being_removed.exists());
         assert!(
             in_progress.dir().exists(),
             "a live bake's directory was removed"
         );
+        assert!(dir.path().join(format!("{live}.lock")).exists());
+        // The swept key bakes again.
+        bake(&cache, &killed, b"state");
+        assert!(cache.get(&killed).is_some());
     }
 
     #[test]
