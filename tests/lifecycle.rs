@@ -136,7 +136,7 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     // code (kvm_pvm, ../shared/HOST.md), a static busybox whose start-up overlaps the agent
     // serving requests (`ps`, `kill`, anything) sometimes finds its initial TLS zeroed and
     // segfaults in libc's `__ctype_init` (cold boots and restores alike; never with TCG; not
-    // reproduced by probes of the FS base, brk memory or XMM state). README, known issues.
+    // reproduced by probes of the FS base, brk memory or XMM state; README, "How it works").
     std::thread::sleep(common::guest_time(Duration::from_millis(500)));
     let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
     loop {

@@ -334,9 +334,9 @@ impl SnapshotCache {
         infos
     }
 
-    /// Removes what a killed runtime left: a bake's partial directory whose key no one holds
-    /// the lock of (a baker holds it until it publishes or gives up), and an entry that
-    /// `remove` renamed but did not finish deleting.
+    /// Removes what a killed runtime left: the partial directories and the lock file of a key
+    /// whose lock no one holds (a baker holds it until it publishes or gives up), and an
+    /// entry that `remove` renamed but did not finish deleting.
     fn sweep_abandoned(&self) {
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name();
