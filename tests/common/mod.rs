@@ -63,6 +63,32 @@ pub fn busybox_rootfs() -> PathBuf {
         .clone()
 }
 
+/// A program from `tests/fixtures/NAME.rs`, built once per test binary with `rustc` as a
+/// static executable for a container to run.
+pub fn fixture_program(name: &str) -> PathBuf {
+    let source = workspace().join(format!("tests/fixtures/{name}.rs"));
+    let out = workspace().join(format!("target/sm-test/{name}"));
+    let tmp = workspace().join(format!("target/sm-test/{name}.{}", std::process::id()));
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let status = Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(&source)
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "rustc {} failed", source.display());
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
 /// How long to allow for `d` of guest work. With `SUPERMACHINE_ENGINE=builtin` the guest
 /// may run on a KVM that emulates guest kernel code (one `exec` in the guest takes seconds
 /// there), so deadlines are ten times longer; a test still ends as soon as it sees what it

@@ -49,7 +49,7 @@ pub fn spawn(
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
     }
-    let env = environment(spec);
+    let env = environment(spec, std::env::var(TUNABLES).ok().as_deref());
     let (sync_r, sync_w) = pipe()?;
     let (start_r, start_w) = if wait_for_start {
         let (r, w) = pipe()?;
@@ -182,12 +182,24 @@ fn child_exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+const TUNABLES: &str = "GLIBC_TUNABLES";
+
 /// The environment the process gets: config.json's, plus HOME when it is missing (as runc).
-fn environment(spec: &ProcessSpec) -> Vec<String> {
+/// `tunables` is the agent's own `GLIBC_TUNABLES`, which the engine sets (on the kernel
+/// command line) only where the guest kernel cannot switch the vector state user code may
+/// use: every process gets it, ahead of the container's own so that those win.
+fn environment(spec: &ProcessSpec, tunables: Option<&str>) -> Vec<String> {
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         let home = home_of(spec.uid).unwrap_or_else(|| "/".to_string());
         env.push(format!("HOME={home}"));
+    }
+    if let Some(ours) = tunables.filter(|t| !t.is_empty()) {
+        let prefix = format!("{TUNABLES}=");
+        match env.iter_mut().find(|e| e.starts_with(&prefix)) {
+            Some(theirs) => *theirs = format!("{prefix}{ours}:{}", &theirs[prefix.len()..]),
+            None => env.push(format!("{prefix}{ours}")),
+        }
     }
     env
 }
@@ -395,11 +407,39 @@ mod tests {
             env: vec!["HOME=/h".into()],
             ..Default::default()
         };
-        assert_eq!(environment(&spec), vec!["HOME=/h".to_string()]);
+        assert_eq!(environment(&spec, None), vec!["HOME=/h".to_string()]);
         let spec = ProcessSpec {
             uid: 4242_4242,
             ..Default::default()
         };
-        assert_eq!(environment(&spec), vec!["HOME=/".to_string()]);
+        assert_eq!(environment(&spec, None), vec!["HOME=/".to_string()]);
+    }
+
+    #[test]
+    fn the_agents_glibc_tunables_come_before_the_containers() {
+        let ours = Some("glibc.cpu.hwcaps=-AVX2");
+        let spec = ProcessSpec {
+            env: vec!["HOME=/".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            environment(&spec, ours),
+            ["HOME=/", "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]
+        );
+        let spec = ProcessSpec {
+            env: vec![
+                "GLIBC_TUNABLES=glibc.malloc.check=3".into(),
+                "HOME=/".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            environment(&spec, ours),
+            [
+                "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2:glibc.malloc.check=3",
+                "HOME=/"
+            ]
+        );
+        assert_eq!(environment(&spec, None), spec.env);
     }
 }

@@ -79,11 +79,22 @@ pub fn cache_limits(engine: Option<&dyn Engine>) -> Result<CacheLimits, Containe
     Ok(limits)
 }
 
-/// The snapshot key of a plan on an engine.
-pub fn snapshot_key(plan: &Plan, engine: &dyn Engine, spec: &VmSpec) -> (SnapshotKey, KeyParts) {
+/// The snapshot key of a plan on an engine: with the digest of the kernel the engine boots,
+/// which may be a variant of the plan's.
+pub fn snapshot_key(
+    plan: &Plan,
+    engine: &dyn Engine,
+    spec: &VmSpec,
+) -> Result<(SnapshotKey, KeyParts), ContainerError> {
+    let kernel = engine.kernel(spec);
+    let kernel_digest = if kernel == plan.kernel {
+        plan.kernel_digest.clone()
+    } else {
+        image::file_digest(&kernel)?
+    };
     let parts = KeyParts {
         image_key: plan.image_key.clone(),
-        kernel_digest: plan.kernel_digest.clone(),
+        kernel_digest,
         agent_digest: plan.agent_digest.clone(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
@@ -91,7 +102,7 @@ pub fn snapshot_key(plan: &Plan, engine: &dyn Engine, spec: &VmSpec) -> (Snapsho
         kernel_args: spec.kernel_args.join(" "),
         format: FORMAT_VERSION,
     };
-    (SnapshotKey::new(&parts), parts)
+    Ok((SnapshotKey::new(&parts), parts))
 }
 
 /// A VM for the container, from the cache if possible.
@@ -105,7 +116,7 @@ pub fn launch(
         return boot(engine, spec, plan, None);
     };
     let started = Instant::now();
-    let (key, parts) = snapshot_key(plan, engine, spec);
+    let (key, parts) = snapshot_key(plan, engine, spec)?;
     match cache
         .lookup(&key)
         .map_err(|e| ContainerError::Monitor(e.to_string()))?

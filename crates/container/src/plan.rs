@@ -159,6 +159,8 @@ impl Plan {
         if guest_debug {
             kernel_args.push("supermachine.debug=1".to_string());
             kernel_args.push("loglevel=7".to_string());
+            // A process killed by a signal it does not handle gets its registers on the console.
+            kernel_args.push("print-fatal-signals=1".to_string());
         }
         let boot_timeout = match std::env::var("SUPERMACHINE_BOOT_TIMEOUT")
             .ok()

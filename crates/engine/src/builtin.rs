@@ -28,6 +28,17 @@ pub const BASE_KERNEL_ARGS: &str =
 pub const EMULATED_KERNEL_ARGS: &str =
     "noxsave clearcpuid=cx16,xsave,smap,popcnt nopv no-kvmclock tsc=reliable";
 const EMULATED_HIDDEN_CPUID: [&str; 3] = ["cx16", "xsave", "smap"];
+/// Also on those hosts: user code runs on the hardware with the host's XCR0, so it finds
+/// AVX and AVX-512 usable (CPUID, XGETBV), but the guest kernel, which cannot use XSAVE
+/// there, switches only the x87/SSE state between processes. glibc's string functions keep
+/// data in YMM/ZMM registers across the page faults of a copy, where other processes' values
+/// can take their place: a busybox started while the agent served a request found its TLS
+/// copied wrong and crashed. The kernel passes an unknown `NAME=value` argument on to init's
+/// environment, so the agent's own glibc starts with these features off, and the agent hands
+/// the variable to every process it starts (the agent's `spawn::environment`). Programs that
+/// choose vector code without glibc (Go's runtime, say) are not covered.
+pub const EMULATED_GLIBC_TUNABLES: &str =
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ";
 
 /// A loop the probe may not take longer than to count as native.
 const NATIVE_LIMIT: Duration = Duration::from_millis(100);
@@ -240,7 +251,7 @@ impl BuiltinEngine {
         Ok(vmm::VmmConfig {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            kernel: self.kernel(spec),
+            kernel: crate::Engine::kernel(self, spec),
             initramfs: Some(spec.initramfs.clone()),
             cmdline: kernel_cmdline(spec, self.verdict.native),
             disks: spec
@@ -282,9 +293,36 @@ impl BuiltinEngine {
         };
         Ok((config, vm))
     }
+}
 
-    /// The kernel to boot: on a host that emulates guest kernel code, the variant built for
-    /// it (`vmlinux-pvm` beside the default one, see config/patches/pvm) when there is one.
+/// The boot timeout on hosts that emulate guest kernel code.
+const SLOW_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The file name of the kernel variant for hosts that emulate guest kernel code.
+pub const PVM_KERNEL: &str = "vmlinux-pvm";
+
+pub fn kernel_cmdline(spec: &VmSpec, native: bool) -> String {
+    let mut cmdline = BASE_KERNEL_ARGS.to_string();
+    if !native {
+        cmdline.push(' ');
+        cmdline.push_str(EMULATED_KERNEL_ARGS);
+        cmdline.push(' ');
+        cmdline.push_str(EMULATED_GLIBC_TUNABLES);
+    }
+    for arg in &spec.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
+    cmdline
+}
+
+impl crate::Engine for BuiltinEngine {
+    fn name(&self) -> String {
+        format!("builtin-{}", self.hv.name())
+    }
+
+    /// On a host that emulates guest kernel code, the variant built for it (`vmlinux-pvm`
+    /// beside the default one, see config/patches/pvm) when there is one.
     fn kernel(&self, spec: &VmSpec) -> PathBuf {
         if self.verdict.native {
             return spec.kernel.clone();
@@ -299,31 +337,6 @@ impl BuiltinEngine {
             variant.display()
         );
         spec.kernel.clone()
-    }
-}
-
-/// The boot timeout on hosts that emulate guest kernel code.
-const SLOW_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The file name of the kernel variant for hosts that emulate guest kernel code.
-pub const PVM_KERNEL: &str = "vmlinux-pvm";
-
-pub fn kernel_cmdline(spec: &VmSpec, native: bool) -> String {
-    let mut cmdline = BASE_KERNEL_ARGS.to_string();
-    if !native {
-        cmdline.push(' ');
-        cmdline.push_str(EMULATED_KERNEL_ARGS);
-    }
-    for arg in &spec.kernel_args {
-        cmdline.push(' ');
-        cmdline.push_str(arg);
-    }
-    cmdline
-}
-
-impl crate::Engine for BuiltinEngine {
-    fn name(&self) -> String {
-        format!("builtin-{}", self.hv.name())
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
@@ -346,13 +359,20 @@ impl crate::Engine for BuiltinEngine {
                 .map_or(String::new(), |(_, v)| v.trim().to_string())
         };
         format!(
-            "builtin-{} cpu={} family={} model={} stepping={} native={}",
+            "builtin-{} cpu={} family={} model={} stepping={} native={} cmdline={}",
             self.hv.name(),
             field("model name"),
             field("cpu family"),
             field("model"),
             field("stepping"),
-            self.verdict.native
+            self.verdict.native,
+            // What the engine adds to the kernel command line shapes the baked guest too
+            // (the agent's environment, for one).
+            if self.verdict.native {
+                String::new()
+            } else {
+                format!("{EMULATED_KERNEL_ARGS} {EMULATED_GLIBC_TUNABLES}")
+            }
         )
     }
 

@@ -104,6 +104,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// `qemu-tcg`, `qemu-kvm`, `builtin-kvm`, …
     fn name(&self) -> String;
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+    /// The guest kernel this engine boots for `spec`: `spec.kernel` unless the host needs a
+    /// variant of it. A snapshot depends on this file, so its digest is in the cache key.
+    fn kernel(&self, spec: &VmSpec) -> PathBuf {
+        spec.kernel.clone()
+    }
     /// Everything about the engine a snapshot depends on (kind, version, CPU model), for
     /// the snapshot cache key.
     fn snapshot_identity(&self) -> String;
