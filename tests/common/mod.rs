@@ -63,8 +63,8 @@ pub fn busybox_rootfs() -> PathBuf {
         .clone()
 }
 
-/// A program from `tests/fixtures/NAME.rs`, built once per test binary with `rustc` as a
-/// static executable for a container to run.
+/// A program from `tests/fixtures/NAME.rs`, built with `rustc` (a second or so) as a static
+/// executable for a container to run.
 pub fn fixture_program(name: &str) -> PathBuf {
     let source = workspace().join(format!("tests/fixtures/{name}.rs"));
     let out = workspace().join(format!("target/sm-test/{name}"));
