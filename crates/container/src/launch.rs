@@ -318,3 +318,95 @@ pub fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, Contai
         other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use engine::EngineError;
+
+    use super::*;
+    use crate::plan::BootTimeout;
+
+    /// An engine for the key alone: it boots a given kernel instead of the spec's, and
+    /// starts no VM.
+    #[derive(Debug)]
+    struct KeyOnly {
+        kernel: Option<PathBuf>,
+    }
+
+    impl Engine for KeyOnly {
+        fn name(&self) -> String {
+            "key-only".into()
+        }
+        fn boot(&self, _: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+            Err(EngineError::Control("a key-only engine".into()))
+        }
+        fn kernel(&self, spec: &VmSpec) -> PathBuf {
+            self.kernel.clone().unwrap_or_else(|| spec.kernel.clone())
+        }
+        fn snapshot_identity(&self) -> String {
+            "key-only".into()
+        }
+        fn restore(&self, _: &VmSpec, _: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
+            Err(EngineError::Control("a key-only engine".into()))
+        }
+    }
+
+    fn plan(kernel: &Path) -> Plan {
+        Plan {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: kernel.to_path_buf(),
+            initramfs: "initramfs".into(),
+            rootfs_image: "rootfs.ext4".into(),
+            image_key: "image".into(),
+            image_key_source: "test".into(),
+            kernel_digest: image::file_digest(kernel).unwrap(),
+            agent_digest: "agent".into(),
+            snapshots: true,
+            kernel_args: Vec::new(),
+            setup: Default::default(),
+            init: Default::default(),
+            boot_timeout: BootTimeout::Default(Duration::from_secs(1)),
+            cgroups_path: None,
+            host_limits: Default::default(),
+            network: Default::default(),
+            hooks: Default::default(),
+            file_binds: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_key_digests_the_kernel_the_engine_boots() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("vmlinux");
+        let variant = dir.path().join("vmlinux-pvm");
+        std::fs::write(&default, "default kernel").unwrap();
+        std::fs::write(&variant, "variant kernel").unwrap();
+        let plan = plan(&default);
+        let spec = plan.vm_spec(dir.path().to_path_buf(), None);
+        let key = |kernel: Option<&Path>| {
+            let engine = KeyOnly {
+                kernel: kernel.map(Path::to_path_buf),
+            };
+            snapshot_key(&plan, &engine, &spec).unwrap()
+        };
+        let (on_default, parts) = key(None);
+        assert_eq!(parts.kernel_digest, plan.kernel_digest);
+        let (on_variant, parts) = key(Some(&variant));
+        assert_eq!(parts.kernel_digest, image::file_digest(&variant).unwrap());
+        assert_ne!(on_default, on_variant);
+        // A rebuilt variant is a new key, though the plan's kernel is the same. (Its mtime
+        // moves on past the digest's sidecar, as a build's would: tmpfs times are coarse.)
+        std::fs::write(&variant, "variant kernel, rebuilt").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&variant)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(2))
+            .unwrap();
+        assert_ne!(key(Some(&variant)).0, on_variant);
+    }
+}
