@@ -79,6 +79,36 @@ def memory_of(pids):
     return rss, pss
 
 
+def private_by_kind(pids, memory_file):
+    """Private (unshared) KiB summed over pids, by what the pages are: what each extra VM
+    costs the host, and why."""
+    kinds = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        kind = None
+        for line in lines:
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+                path = fields[5] if len(fields) > 5 else ""
+                if path.endswith(memory_file):
+                    kind = "guest RAM (copy-on-write of the snapshot)"
+                elif path == "" and "x" in fields[1]:
+                    kind = "JIT code (TCG translation cache)"
+                elif path in ("", "[heap]"):
+                    kind = "heap and anonymous"
+                elif path.startswith("/"):
+                    kind = "binaries and libraries (relocations, data)"
+                else:
+                    kind = "stacks and other"
+            elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
+                kinds[kind] = kinds.get(kind, 0) + int(fields[1])
+    return kinds
+
+
 def vm_pids(state_root):
     """Monitor and VMM pids of every container under a state root."""
     pids = []
@@ -177,7 +207,8 @@ def main():
                 restore.setdefault("total to container created", []).append(float(m.group(2)))
         # Host-side restore: from opening the snapshot to the vCPUs running again (every
         # phase before the guest's agent is involved).
-        guest = {"agent reconnect", "container setup + process start", "total to container created"}
+        guest = {"agent reconnect", "guest clock", "guest entropy", "container setup", "process create",
+                 "network attach", "total to container created"}
         host_side = [sum(v) for v in zip(*[values for name, values in restore.items()
                                            if name not in guest])]
         restore["host-side restore (open .. vCPUs run)"] = host_side
@@ -207,6 +238,10 @@ def main():
         print(f"  {1:<6}{rss1 / 1024:>10.1f}{pss1 / 1024:>10.1f}")
         print(f"  {10:<6}{rss10 / 1024:>10.1f}{pss10 / 1024:>10.1f}")
         print(f"  per extra VM (PSS): {(pss10 - pss1) / 9 / 1024:.1f} MiB")
+        kinds = private_by_kind(vm_pids(mem_root), "/memory")
+        print("  private memory per VM, by kind (MiB)")
+        for kind, kib in sorted(kinds.items(), key=lambda item: -item[1]):
+            print(f"    {kind:<46}{kib / 10 / 1024:>8.1f}")
     finally:
         for root in ["mem-state", "sm-state"]:
             path = os.path.join(base, root)

@@ -71,7 +71,10 @@ fn the_second_container_restores_and_restored_vms_do_not_share_randomness() {
         "memory map",
         "device state",
         "agent reconnect",
-        "process start",
+        "guest clock",
+        "guest entropy",
+        "container setup",
+        "process create",
     ] {
         assert!(
             log.contains(phase),

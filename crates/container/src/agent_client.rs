@@ -44,6 +44,13 @@ struct Inner {
 /// Called (on the reader thread) with each DNS query the guest relays.
 pub type DnsHandler = Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>;
 
+/// One reply of a [`AgentClient::pipeline`], and how long after the write it arrived.
+#[derive(Debug)]
+pub struct Answer {
+    pub reply: Result<Reply, ContainerError>,
+    pub after: Duration,
+}
+
 #[derive(Clone)]
 pub struct AgentClient {
     inner: Arc<Inner>,
@@ -183,9 +190,10 @@ impl AgentClient {
 
     /// Sends a request and waits for its response.
     pub fn request(&self, request: Request, timeout: Duration) -> Result<Reply, ContainerError> {
-        self.pipeline(vec![request], timeout)?
-            .pop()
-            .unwrap_or_else(|| Err(ContainerError::Agent("no reply".into())))
+        self.pipeline(vec![request], timeout)?.pop().map_or_else(
+            || Err(ContainerError::Agent("no reply".into())),
+            |a| a.reply,
+        )
     }
 
     /// Sends several requests in one write and then waits for all their replies (in order):
@@ -195,7 +203,7 @@ impl AgentClient {
         &self,
         requests: Vec<Request>,
         timeout: Duration,
-    ) -> Result<Vec<Result<Reply, ContainerError>>, ContainerError> {
+    ) -> Result<Vec<Answer>, ContainerError> {
         let mut bytes = Vec::new();
         let mut waiting = Vec::new();
         for request in requests {
@@ -213,12 +221,17 @@ impl AgentClient {
             }
             return Err(e);
         }
-        let deadline = std::time::Instant::now() + timeout;
+        let sent = Instant::now();
+        let deadline = sent + timeout;
         Ok(waiting
             .into_iter()
             .map(|(id, name, rx)| {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let answer = rx.recv_timeout(left);
+                // Replies come in order and each wait starts once the one before is in,
+                // so this is when this reply arrived.
+                let after = sent.elapsed();
+                let reply = match answer {
                     Ok(Ok(reply)) => Ok(reply),
                     Ok(Err(message)) => Err(ContainerError::Agent(message)),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -230,7 +243,8 @@ impl AgentClient {
                     Err(mpsc::RecvTimeoutError::Disconnected) => Err(ContainerError::Agent(
                         format!("connection lost during {name}"),
                     )),
-                }
+                };
+                Answer { reply, after }
             })
             .collect())
     }

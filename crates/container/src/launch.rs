@@ -282,7 +282,10 @@ fn bake_snapshot(
 
 /// Gives a fresh (booted or restored) VM its own identity, mounts the container and
 /// prepares its first process; returns the process's guest pid.
-pub fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, ContainerError> {
+pub fn prepare_container(
+    agent: &AgentClient,
+    plan: &Plan,
+) -> Result<(i32, Vec<Phase>), ContainerError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -293,7 +296,7 @@ pub fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, Contai
         .and_then(|mut f| f.read_exact(&mut entropy))
         .map_err(ContainerError::io("/dev/urandom"))?;
     // In one round trip; the agent stops at nothing, so each reply is checked in order.
-    let replies = agent.pipeline(
+    let answers = agent.pipeline(
         vec![
             Request::SetClock {
                 unix_secs: now.as_secs() as i64,
@@ -309,12 +312,24 @@ pub fn prepare_container(agent: &AgentClient, plan: &Plan) -> Result<i32, Contai
         ],
         REQUEST_TIMEOUT,
     )?;
+    // The agent handles them one after the other, so the gaps between arrivals are the
+    // guest's time for each.
+    let names = [
+        "guest clock",
+        "guest entropy",
+        "container setup",
+        "process create",
+    ];
+    let mut phases = Vec::new();
+    let mut before = Duration::ZERO;
     let mut last = None;
-    for reply in replies {
-        last = Some(reply?);
+    for (name, answer) in names.into_iter().zip(answers) {
+        phases.push(Phase::new(name, answer.after.saturating_sub(before)));
+        before = answer.after;
+        last = Some(answer.reply?);
     }
     match last {
-        Some(Reply::Created { pid }) => Ok(pid),
+        Some(Reply::Created { pid }) => Ok((pid, phases)),
         other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
     }
 }

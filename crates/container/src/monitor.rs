@@ -276,9 +276,11 @@ impl Monitor {
             guest_uptime_at_ready,
             publisher,
         } = launched;
-        let prepared = Instant::now();
         let guest_pid = match launch::prepare_container(&agent, &plan) {
-            Ok(pid) => pid,
+            Ok((pid, guest_phases)) => {
+                phases.extend(guest_phases);
+                pid
+            }
             Err(e) => {
                 let console = vm.console_tail(15);
                 let _ = vm.stop();
@@ -290,6 +292,7 @@ impl Monitor {
         };
         // CNI-style namespaces are ready before create; docker's are connected between
         // create and start (then `start` attaches).
+        let attaching = Instant::now();
         let mut attachment = Attachment::default();
         if let Err(e) = attachment.attach(&agent, &taps, &plan.file_binds) {
             let console = vm.console_tail(15);
@@ -299,10 +302,7 @@ impl Monitor {
                 console,
             });
         }
-        phases.push(Phase::new(
-            "container setup + process start",
-            prepared.elapsed(),
-        ));
+        phases.push(Phase::new("network attach", attaching.elapsed()));
         log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
         let (events_tx, events) = mpsc::channel();
         let init_exit = events_tx.clone();
