@@ -105,6 +105,24 @@ fn glibc_in_the_container_uses_only_vector_state_the_guest_kernel_switches() {
     assert!(text(&out.stdout).contains("avx: glibc uses it:"));
 }
 
+#[test]
+fn the_guest_keeps_time_with_a_clock_that_lets_it_sleep_when_idle() {
+    let Some(env) = Env::new() else { return };
+    // A kernel that cannot use a real clock source keeps time in jiffies, which needs a
+    // timer tick 100 times a second even when the guest has nothing to do.
+    let bundle = env.bundle(&[
+        "cat",
+        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+    ]);
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-clock"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let clock = text(&out.stdout);
+    assert!(
+        !clock.trim().is_empty() && !clock.contains("jiffies"),
+        "guest clock source: {clock:?}"
+    );
+}
+
 /// Makes this test process the subreaper of what it starts, as containerd's shim is, so
 /// that the monitor (orphaned when `create` exits) can be waited for here.
 fn become_subreaper() {

@@ -51,6 +51,35 @@ pub struct SpeedVerdict {
     /// Guest kernel code runs natively.
     pub native: bool,
     pub reason: String,
+    /// The guests' TSC frequency as the hypervisor reports it, in kHz.
+    pub tsc_khz: Option<u32>,
+}
+
+impl SpeedVerdict {
+    /// What the engine adds to the guest kernel's command line on this host.
+    ///
+    /// Where guest kernel code is emulated the guest also runs without paravirtual clocks,
+    /// and the builtin VMM has no PIT or HPET to calibrate the TSC against: the kernel would
+    /// mark the TSC unstable and keep time in jiffies, which needs a periodic tick, so every
+    /// idle VM took a timer interrupt 100 times a second (each one emulated: about a quarter
+    /// of a host core per idle VM, measured). `tsc_early_khz` gives it the frequency.
+    pub fn kernel_args(&self) -> String {
+        if self.native {
+            return String::new();
+        }
+        let mut args = format!("{EMULATED_KERNEL_ARGS} {EMULATED_GLIBC_TUNABLES}");
+        if let Some(khz) = self.tsc_khz {
+            args.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        args
+    }
+}
+
+/// The TSC frequency the hypervisor gives a new vCPU, if it can say.
+fn guest_tsc_khz(hv: &dyn Hypervisor) -> Option<u32> {
+    let vm = hv.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.x86_tsc_khz().ok().filter(|&khz| khz > 0)
 }
 
 /// Runs 2^20 iterations of `dec ecx; jnz` in real mode and says how long they took, or
@@ -179,6 +208,7 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
     {
         return v;
     }
+    let tsc_khz = guest_tsc_khz(hv);
     let verdict = match kernel_code_speed(hv, PROBE_LIMIT) {
         Ok(Some(t)) if t <= NATIVE_LIMIT => SpeedVerdict {
             native: true,
@@ -186,6 +216,7 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
                 "{} runs guest kernel code natively (probe loop {t:.1?})",
                 hv.name()
             ),
+            tsc_khz,
         },
         Ok(Some(t)) => SpeedVerdict {
             native: false,
@@ -193,6 +224,7 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
                 "{} emulates guest kernel code here (probe loop {t:.1?}, native is about 1 ms)",
                 hv.name()
             ),
+            tsc_khz,
         },
         Ok(None) => SpeedVerdict {
             native: false,
@@ -201,10 +233,12 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
                  about 1 ms)",
                 hv.name()
             ),
+            tsc_khz,
         },
         Err(e) => SpeedVerdict {
             native: false,
             reason: format!("{} cannot run the probe guest: {e}", hv.name()),
+            tsc_khz,
         },
     };
     let probed = !verdict.reason.contains("cannot run the probe");
@@ -219,7 +253,8 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
 
 fn cache_file(dir: &Path) -> PathBuf {
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    dir.join(format!("builtin-{}.json", boot_id.trim()))
+    // v2: the verdict has the TSC frequency.
+    dir.join(format!("builtin-v2-{}.json", boot_id.trim()))
 }
 
 #[derive(Debug)]
@@ -253,7 +288,7 @@ impl BuiltinEngine {
             memory_mib: spec.memory_mib,
             kernel: crate::Engine::kernel(self, spec),
             initramfs: Some(spec.initramfs.clone()),
-            cmdline: kernel_cmdline(spec, self.verdict.native),
+            cmdline: kernel_cmdline(spec, &self.verdict),
             disks: spec
                 .disks
                 .iter()
@@ -301,13 +336,12 @@ const SLOW_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// The file name of the kernel variant for hosts that emulate guest kernel code.
 pub const PVM_KERNEL: &str = "vmlinux-pvm";
 
-pub fn kernel_cmdline(spec: &VmSpec, native: bool) -> String {
+pub fn kernel_cmdline(spec: &VmSpec, verdict: &SpeedVerdict) -> String {
     let mut cmdline = BASE_KERNEL_ARGS.to_string();
-    if !native {
+    let added = verdict.kernel_args();
+    if !added.is_empty() {
         cmdline.push(' ');
-        cmdline.push_str(EMULATED_KERNEL_ARGS);
-        cmdline.push(' ');
-        cmdline.push_str(EMULATED_GLIBC_TUNABLES);
+        cmdline.push_str(&added);
     }
     for arg in &spec.kernel_args {
         cmdline.push(' ');
@@ -367,12 +401,8 @@ impl crate::Engine for BuiltinEngine {
             field("stepping"),
             self.verdict.native,
             // What the engine adds to the kernel command line shapes the baked guest too
-            // (the agent's environment, for one).
-            if self.verdict.native {
-                String::new()
-            } else {
-                format!("{EMULATED_KERNEL_ARGS} {EMULATED_GLIBC_TUNABLES}")
-            }
+            // (the agent's environment and the TSC frequency, for two).
+            self.verdict.kernel_args()
         )
     }
 
@@ -460,5 +490,34 @@ impl Vm for BuiltinVm {
 impl Drop for BuiltinVm {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(native: bool, tsc_khz: Option<u32>) -> SpeedVerdict {
+        SpeedVerdict {
+            native,
+            reason: String::new(),
+            tsc_khz,
+        }
+    }
+
+    #[test]
+    fn an_emulating_host_gives_the_guest_its_tsc_frequency() {
+        let args = verdict(false, Some(2_100_000)).kernel_args();
+        assert!(args.starts_with(EMULATED_KERNEL_ARGS), "{args}");
+        assert!(args.contains(EMULATED_GLIBC_TUNABLES), "{args}");
+        assert!(args.ends_with(" tsc_early_khz=2100000"), "{args}");
+        // A hypervisor that cannot say leaves the kernel to calibrate.
+        assert!(!verdict(false, None).kernel_args().contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn a_native_host_adds_nothing_to_the_kernel_command_line() {
+        // The guest has kvmclock there, which carries the frequency.
+        assert_eq!(verdict(true, Some(2_100_000)).kernel_args(), "");
     }
 }

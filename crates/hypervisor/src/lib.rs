@@ -191,6 +191,10 @@ pub trait Vcpu: Send + fmt::Debug {
     fn setup_x86_lapic(&mut self) -> Result<()> {
         Err(unsupported("local APIC"))
     }
+    /// x86: the frequency of the guest's time-stamp counter, in kHz.
+    fn x86_tsc_khz(&self) -> Result<u32> {
+        Err(unsupported("TSC frequency"))
+    }
     /// x86: queues exception `vector` for delivery on the next `run` (used to repair an
     /// instruction the hypervisor failed to emulate).
     fn inject_x86_exception(&mut self, _vector: u8) -> Result<()> {

@@ -396,6 +396,10 @@ impl Vcpu for KvmVcpu {
         self.fd.set_lapic(&lapic).map_err(os("set local APIC"))
     }
 
+    fn x86_tsc_khz(&self) -> Result<u32> {
+        self.fd.get_tsc_khz().map_err(os("get TSC frequency"))
+    }
+
     fn inject_x86_exception(&mut self, vector: u8) -> Result<()> {
         let mut events = self.fd.get_vcpu_events().map_err(os("get vCPU events"))?;
         events.exception.injected = 1;
