@@ -296,30 +296,34 @@ pub fn prepare_container(
         .and_then(|mut f| f.read_exact(&mut entropy))
         .map_err(ContainerError::io("/dev/urandom"))?;
     // In one round trip; the agent stops at nothing, so each reply is checked in order.
-    let answers = agent.pipeline(
-        vec![
+    // Each request is named for the restore phase it is.
+    let (names, requests): (Vec<&'static str>, Vec<Request>) = [
+        (
+            "guest clock",
             Request::SetClock {
                 unix_secs: now.as_secs() as i64,
                 nanos: now.subsec_nanos(),
             },
-            Request::AddEntropy { bytes: entropy },
+        ),
+        ("guest entropy", Request::AddEntropy { bytes: entropy }),
+        (
+            "container setup",
             Request::SetupContainer(plan.setup.clone()),
+        ),
+        (
+            "process create",
             Request::CreateProcess {
                 process: INIT_PROCESS,
                 spec: plan.init.clone(),
                 start: false,
             },
-        ],
-        REQUEST_TIMEOUT,
-    )?;
+        ),
+    ]
+    .into_iter()
+    .unzip();
+    let answers = agent.pipeline(requests, REQUEST_TIMEOUT)?;
     // The agent handles them one after the other, so the gaps between arrivals are the
     // guest's time for each.
-    let names = [
-        "guest clock",
-        "guest entropy",
-        "container setup",
-        "process create",
-    ];
     let mut phases = Vec::new();
     let mut before = Duration::ZERO;
     let mut last = None;

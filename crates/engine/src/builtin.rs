@@ -208,40 +208,39 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
     {
         return v;
     }
-    let tsc_khz = guest_tsc_khz(hv);
-    let verdict = match kernel_code_speed(hv, PROBE_LIMIT) {
-        Ok(Some(t)) if t <= NATIVE_LIMIT => SpeedVerdict {
-            native: true,
-            reason: format!(
-                "{} runs guest kernel code natively (probe loop {t:.1?})",
-                hv.name()
+    let name = hv.name();
+    let (native, reason, probed) = match kernel_code_speed(hv, PROBE_LIMIT) {
+        Ok(Some(t)) if t <= NATIVE_LIMIT => (
+            true,
+            format!("{name} runs guest kernel code natively (probe loop {t:.1?})"),
+            true,
+        ),
+        Ok(Some(t)) => (
+            false,
+            format!(
+                "{name} emulates guest kernel code here (probe loop {t:.1?}, native is about 1 ms)"
             ),
-            tsc_khz,
-        },
-        Ok(Some(t)) => SpeedVerdict {
-            native: false,
-            reason: format!(
-                "{} emulates guest kernel code here (probe loop {t:.1?}, native is about 1 ms)",
-                hv.name()
+            true,
+        ),
+        Ok(None) => (
+            false,
+            format!(
+                "{name} emulates guest kernel code here (probe loop over {PROBE_LIMIT:?}, native \
+                 is about 1 ms)"
             ),
-            tsc_khz,
-        },
-        Ok(None) => SpeedVerdict {
-            native: false,
-            reason: format!(
-                "{} emulates guest kernel code here (probe loop over {PROBE_LIMIT:?}, native is \
-                 about 1 ms)",
-                hv.name()
-            ),
-            tsc_khz,
-        },
-        Err(e) => SpeedVerdict {
-            native: false,
-            reason: format!("{} cannot run the probe guest: {e}", hv.name()),
-            tsc_khz,
-        },
+            true,
+        ),
+        Err(e) => (
+            false,
+            format!("{name} cannot run the probe guest: {e}"),
+            false,
+        ),
     };
-    let probed = !verdict.reason.contains("cannot run the probe");
+    let verdict = SpeedVerdict {
+        native,
+        reason,
+        tsc_khz: guest_tsc_khz(hv),
+    };
     if probed && fs::create_dir_all(dir).is_ok() {
         let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
         if fs::write(&tmp, serde_json::to_vec(&verdict).unwrap_or_default()).is_ok() {
