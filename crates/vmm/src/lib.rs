@@ -15,6 +15,7 @@ pub mod memory;
 pub mod snapshot;
 pub mod x86_64;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -558,6 +559,7 @@ fn start_vcpus(
     let mut kickers = Vec::new();
     let mut threads = Vec::new();
     let trace = std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some();
+    let profile = std::env::var_os("SUPERMACHINE_VMM_PROFILE").map(PathBuf::from);
     for vcpu in vcpus {
         let id = vcpu.id();
         kickers.push(vcpu.kicker());
@@ -565,6 +567,7 @@ fn start_vcpus(
             vcpu,
             trace,
             exits: 0,
+            profile: profile.as_ref().map(|p| (p.clone(), HashMap::new())),
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             mem: mem.clone(),
@@ -585,7 +588,26 @@ fn start_vcpus(
             }
         }
     }
+    if profile.is_some() {
+        start_sampler(control.clone(), kickers.clone());
+    }
     Ok((control, kickers, threads))
+}
+
+/// SUPERMACHINE_VMM_PROFILE: kicks every vCPU each millisecond so that each records where
+/// the guest was (see [`VcpuWorker::profile`]).
+fn start_sampler(control: Arc<Control>, kickers: Vec<Arc<dyn Kick>>) {
+    let _ = std::thread::Builder::new()
+        .name("sampler".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(1));
+            if control.lock().stop {
+                return;
+            }
+            for k in &kickers {
+                k.kick();
+            }
+        });
 }
 
 /// MSRs a kernel expects firmware to have set: fast strings, write-back default memory type.
@@ -713,6 +735,12 @@ struct VcpuWorker {
     /// vCPU (for a guest that stalls on a slow host).
     trace: bool,
     exits: u64,
+    /// SUPERMACHINE_VMM_PROFILE=<path>: where the sampler's kicks found the guest, counted
+    /// by (CR3, instruction pointer, guessed kernel call chain) and written to
+    /// `<path>.<pid>.vcpu<id>` as `count cr3 rip frames…` lines when the vCPU ends;
+    /// `scripts/guest-profile.py` names the functions. CR3 tells the guest's processes
+    /// apart.
+    profile: Option<(PathBuf, HashMap<Vec<u64>, u64>)>,
     pio: Bus,
     mmio: Bus,
     mem: Arc<GuestMemory>,
@@ -762,6 +790,9 @@ impl VcpuWorker {
                     Next::Continue
                 }
                 Ok(VcpuExit::Interrupted) => {
+                    if self.profile.is_some() {
+                        self.sample();
+                    }
                     if self.trace {
                         if let Ok(r) = self.vcpu.x86_regs() {
                             log::debug!("vCPU {}: kicked at rip {:#x}", self.vcpu.id(), r.rip);
@@ -780,6 +811,7 @@ impl VcpuWorker {
                 Next::Continue => {}
                 Next::End(exit) => {
                     self.control.end(exit);
+                    self.write_profile();
                     return;
                 }
                 Next::Repair(detail) => {
@@ -792,6 +824,59 @@ impl VcpuWorker {
                     }
                 }
             }
+        }
+        self.write_profile();
+    }
+
+    /// One profile sample: the instruction pointer and, in the guest kernel, the words on
+    /// its stack that look like kernel text addresses (a guessed call chain, innermost first).
+    fn sample(&mut self) {
+        const KERNEL_TEXT: std::ops::Range<u64> = 0xffff_ffff_8100_0000..0xffff_ffff_a000_0000;
+        let Ok(r) = self.vcpu.x86_regs() else { return };
+        let cr3 = self.vcpu.x86_sregs().map_or(0, |s| s.cr3);
+        let mut key = vec![cr3, r.rip];
+        if KERNEL_TEXT.contains(&r.rip) {
+            let mut page = [0u8; 4096];
+            let start = r.rsp & !7;
+            let end = (start | 0xfff) + 1;
+            if let Ok(gpa) = self.vcpu.translate(start) {
+                let len = (end - start) as usize;
+                if self
+                    .mem
+                    .read_slice(&mut page[..len], GuestAddress(gpa))
+                    .is_ok()
+                {
+                    key.extend(
+                        page[..len]
+                            .chunks_exact(8)
+                            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+                            .filter(|w| KERNEL_TEXT.contains(w)),
+                    );
+                }
+            }
+        }
+        if let Some((_, samples)) = &mut self.profile {
+            *samples.entry(key).or_default() += 1;
+        }
+    }
+
+    fn write_profile(&mut self) {
+        let Some((path, samples)) = self.profile.take() else {
+            return;
+        };
+        let mut lines: Vec<(u64, Vec<u64>)> = samples.into_iter().map(|(k, n)| (n, k)).collect();
+        lines.sort_unstable_by(|a, b| b.cmp(a));
+        let text: String = lines
+            .iter()
+            .map(|(n, key)| {
+                let words: Vec<String> = key.iter().map(|w| format!("{w:#x}")).collect();
+                format!("{n} {}\n", words.join(" "))
+            })
+            .collect();
+        let mut name = path.into_os_string();
+        name.push(format!(".{}.vcpu{}", std::process::id(), self.vcpu.id()));
+        if let Err(e) = std::fs::write(&name, text) {
+            log::warn!("profile {}: {e}", Path::new(&name).display());
         }
     }
 
