@@ -241,6 +241,26 @@ fn delete_force_of_a_container_still_being_created_stops_its_monitor() {
 }
 
 #[test]
+fn a_program_that_cannot_run_fails_create() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["no-such-program"]);
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c-noprog"],
+        "executable file not found in $PATH",
+    );
+    assert_no_state(&env);
+    // Found, but not something the kernel can run: the failed `exec` fails `create` too.
+    let bundle = env.bundle(&["/etc/passwd"]);
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c-noexec"],
+        "permission denied",
+    );
+    assert_no_state(&env);
+}
+
+#[test]
 fn state_rules_follow_runc() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["sleep", "1000"]);

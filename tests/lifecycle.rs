@@ -209,6 +209,32 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
 }
 
 #[test]
+fn a_created_containers_program_runs_only_at_start() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sh", "-c", "echo ran > /dev/shm/ran; exec sleep 1000"]);
+    let out = env.run(&["create", "--bundle", bundle.path_str(), "c-held"]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let ran = |env: &Env| {
+        let out = env.run(&["exec", "c-held", "cat", "/dev/shm/ran"]);
+        text(&out.stdout).contains("ran\n")
+    };
+    // Long enough for the program to have written its file had it been let run.
+    std::thread::sleep(common::guest_time(Duration::from_secs(2)));
+    assert!(!ran(&env), "the program ran before start");
+    assert!(env.run(&["start", "c-held"]).status.success());
+    let deadline = Instant::now() + common::guest_time(Duration::from_secs(10));
+    while !ran(&env) {
+        assert!(
+            Instant::now() < deadline,
+            "the program did not run after start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(env.run(&["delete", "--force", "c-held"]).status.success());
+    env.assert_clean("c-held");
+}
+
+#[test]
 fn exit_status_comes_back_through_the_monitor_pid() {
     let Some(env) = Env::new() else { return };
     become_subreaper();

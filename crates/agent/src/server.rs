@@ -48,7 +48,9 @@ struct Process {
     /// stdout/stderr pipes, or the pty master as stdout.
     outputs: Vec<(Stream, OwnedFd)>,
     pty: bool,
-    start: Option<OwnedFd>,
+    /// Stopped at its first instruction until `StartProcess` (see `spawn`). Signals other
+    /// than SIGKILL sent meanwhile reach it when it starts, before its first instruction.
+    held: bool,
     exit: Option<(ExitStatus, Instant)>,
 }
 
@@ -358,10 +360,12 @@ impl Server {
             }
             Request::StartProcess { process } => {
                 let p = self.process(process)?;
-                let start = p.start.take().ok_or_else(|| {
-                    AgentError(format!("process {process} has already been started"))
-                })?;
-                nix::unistd::write(&start, &[1])
+                if !std::mem::take(&mut p.held) {
+                    return Err(AgentError(format!(
+                        "process {process} has already been started"
+                    )));
+                }
+                spawn::release(p.pid)
                     .map_err(|e| AgentError(format!("start process {process}: {e}")))?;
                 Ok(Reply::Ok)
             }
@@ -568,7 +572,7 @@ impl Server {
             };
             agent_debug!("process {id} (pid {pid}) ended: {exit:?}");
             p.exit = Some((exit, Instant::now()));
-            p.start = None;
+            p.held = false;
             if id == INIT_PROCESS {
                 // The container ends with its first process, as a pid namespace would.
                 let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
@@ -635,7 +639,7 @@ fn into_process(spawned: spawn::Spawned) -> Process {
         stdin_eof: false,
         outputs,
         pty,
-        start: spawned.start,
+        held: spawned.held,
         exit: None,
     }
 }

@@ -2,8 +2,13 @@
 //! the OCI mounts inside it, and the switch into it.
 //!
 //! The agent starts in the initramfs, which cannot be `pivot_root`ed away from; like
-//! `switch_root`, it moves the new root onto `/` and chroots into it. Everything the agent
-//! does afterwards (process spawns, `/proc` scans) sees the container's filesystem.
+//! `switch_root`, it moves the new root onto `/` and chroots into it, before it mounts
+//! anything for the container. From then on the kernel resolves every path inside the
+//! container root (an image's absolute symlinks point into it, `..` stops at it), so the
+//! OCI mount targets are used as they are: resolving them by hand, one `lstat` per
+//! component, was most of the container setup's system calls, and where the guest kernel
+//! is emulated each costs milliseconds. Everything the agent does afterwards (process
+//! spawns, `/proc` scans) sees the container's filesystem.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -92,15 +97,14 @@ pub struct ProcFinish {
 impl ProcFinish {
     /// Runs in the forked first process, in the container root, before it drops privileges.
     pub fn run(&self) -> Result<(), SetupError> {
-        let root = Path::new("/");
         for m in &self.mounts {
-            mount_one(root, m)?;
+            mount_one(m)?;
         }
         for path in &self.masked {
-            mask_path(root, path)?;
+            mask_path(path)?;
         }
         for path in &self.readonly {
-            readonly_path(root, path)?;
+            readonly_path(path)?;
         }
         Ok(())
     }
@@ -121,7 +125,12 @@ pub fn setup_container(
         prepare_root(&setup.rootfs)?;
     }
     let rootfs = &setup.rootfs;
-    let root = Path::new(ROOT_DIR);
+    // Through the VM's `/proc` (the container's may be mounted only by its first process).
+    for (key, value) in &setup.sysctls {
+        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
+        fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
+    }
+    enter_root(Path::new(ROOT_DIR))?;
     let deferred: Vec<String> = if setup.pid_namespace {
         setup
             .mounts
@@ -136,15 +145,15 @@ pub fn setup_container(
     let mut dev_done = false;
     for m in &setup.mounts {
         if deferred.contains(&m.destination) {
-            mkdir_p(&resolve_in_root(root, &m.destination))?;
+            mkdir_p(&in_root(&m.destination))?;
             finish.mounts.push(m.clone());
             continue;
         }
-        mount_one(root, m)?;
+        mount_one(m)?;
         dev_done |= m.destination == "/dev";
     }
     if !dev_done {
-        let dev = resolve_in_root(root, "/dev");
+        let dev = in_root("/dev");
         mkdir_p(&dev)?;
         mount(
             Some("tmpfs"),
@@ -156,24 +165,20 @@ pub fn setup_container(
         .map_err(err("mount /dev"))?;
         populate_dev(&dev)?;
     }
-    ensure_devpts(root)?;
+    ensure_devpts()?;
     for path in &setup.masked_paths {
         if is_under(path, &deferred) {
             finish.masked.push(path.clone());
         } else {
-            mask_path(root, path)?;
+            mask_path(path)?;
         }
     }
     for path in &setup.readonly_paths {
         if is_under(path, &deferred) {
             finish.readonly.push(path.clone());
         } else {
-            readonly_path(root, path)?;
+            readonly_path(path)?;
         }
-    }
-    for (key, value) in &setup.sysctls {
-        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
-        fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
     }
     if let Some(hostname) = &setup.hostname {
         nix::unistd::sethostname(hostname).map_err(err(format!("sethostname {hostname}")))?;
@@ -181,14 +186,13 @@ pub fn setup_container(
     if rootfs.readonly {
         mount(
             None::<&str>,
-            ROOT_DIR,
+            "/",
             None::<&str>,
             MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
             None::<&str>,
         )
         .map_err(err("remount the root read-only"))?;
     }
-    enter_root(root)?;
     if setup.pid_namespace {
         // The agent stays in the VM's namespace; its next child is PID 1 of the new one,
         // and every later child (exec) joins it.
@@ -208,8 +212,13 @@ fn enter_root(root: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn mount_one(root: &Path, m: &MountSpec) -> Result<(), SetupError> {
-    let target = resolve_in_root(root, &m.destination);
+/// An OCI path (absolute, or relative to the root as runc takes it) in the entered root.
+fn in_root(path: &str) -> PathBuf {
+    Path::new("/").join(path)
+}
+
+fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
+    let target = in_root(&m.destination);
     agent_debug!("mount {} -> {}", m.destination, target.display());
     match &m.kind {
         MountKind::Filesystem {
@@ -265,10 +274,7 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), SetupError> {
             if let Some(parent) = target.parent() {
                 mkdir_p(parent)?;
             }
-            if fs::symlink_metadata(&target)
-                .map(|m| m.is_dir())
-                .unwrap_or(false)
-            {
+            if fs::metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
                 return Err(SetupError(format!(
                     "{} is a directory in the image",
                     m.destination
@@ -310,7 +316,7 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), SetupError> {
 /// Replaces the contents of a file copied in at setup (in the entered container root),
 /// keeping it read-only if it was bound so.
 pub fn update_file(destination: &str, contents: &[u8]) -> Result<(), SetupError> {
-    let target = resolve_in_root(Path::new("/"), destination);
+    let target = in_root(destination);
     match fs::write(&target, contents) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
@@ -383,6 +389,11 @@ pub fn parse_options(options: &[String]) -> (MsFlags, String) {
 }
 
 fn mkdir_p(path: &Path) -> Result<(), SetupError> {
+    // Most targets exist in the image: one `stat` then, where creating first costs a failed
+    // `mkdir` and a `stat`.
+    if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -435,8 +446,8 @@ fn populate_dev(dev: &Path) -> Result<(), SetupError> {
 }
 
 /// Terminals need a devpts instance in the container; add one when config.json has none.
-fn ensure_devpts(root: &Path) -> Result<(), SetupError> {
-    let pts = resolve_in_root(root, "/dev/pts");
+fn ensure_devpts() -> Result<(), SetupError> {
+    let pts = in_root("/dev/pts");
     if pts.join("ptmx").exists() {
         return Ok(());
     }
@@ -451,9 +462,9 @@ fn ensure_devpts(root: &Path) -> Result<(), SetupError> {
     .map_err(err("mount /dev/pts"))
 }
 
-fn mask_path(root: &Path, path: &str) -> Result<(), SetupError> {
-    let target = resolve_in_root(root, path);
-    let Ok(meta) = fs::symlink_metadata(&target) else {
+fn mask_path(path: &str) -> Result<(), SetupError> {
+    let target = in_root(path);
+    let Ok(meta) = fs::metadata(&target) else {
         return Ok(());
     };
     let result = if meta.is_dir() {
@@ -465,9 +476,8 @@ fn mask_path(root: &Path, path: &str) -> Result<(), SetupError> {
             None::<&str>,
         )
     } else {
-        let null = resolve_in_root(root, "/dev/null");
         mount(
-            Some(&null),
+            Some("/dev/null"),
             &target,
             None::<&str>,
             MsFlags::MS_BIND,
@@ -477,9 +487,9 @@ fn mask_path(root: &Path, path: &str) -> Result<(), SetupError> {
     result.map_err(err(format!("mask {path}")))
 }
 
-fn readonly_path(root: &Path, path: &str) -> Result<(), SetupError> {
-    let target = resolve_in_root(root, path);
-    if fs::symlink_metadata(&target).is_err() {
+fn readonly_path(path: &str) -> Result<(), SetupError> {
+    let target = in_root(path);
+    if fs::metadata(&target).is_err() {
         return Ok(());
     }
     mount(
@@ -498,6 +508,8 @@ fn readonly_path(root: &Path, path: &str) -> Result<(), SetupError> {
 
 /// Resolves `path` inside `root` as the container would see it: symlinks are followed with
 /// `root` as `/`, and `..` never climbs above it. Missing components are kept as they are.
+/// For the agent's reads of the image before it enters the root (`warm`); inside, the
+/// kernel does this.
 pub fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
     const MAX_LINKS: usize = 40;
     let mut resolved: Vec<OsString> = Vec::new();

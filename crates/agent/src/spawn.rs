@@ -1,9 +1,19 @@
-//! Starting a container process: fork, apply the OCI process settings in the child, report
-//! setup success or the reason for failure, wait for `start`, exec.
+//! Starting a container process: a child that shares the agent's memory until it execs
+//! (`clone` with `CLONE_VM | CLONE_VFORK`, as `posix_spawn` does), applies the OCI process
+//! settings, and execs; a process that must wait for `start` is held at its first
+//! instruction, stopped under `ptrace`, until the agent lets it go.
 //!
-//! The agent is single-threaded, so the child may allocate and use std freely between fork
-//! and exec. Setup errors (a missing executable, a bad user) reach the host as the reply to
-//! `CreateProcess`, the way runc fails `create` rather than the container's first instant.
+//! A forked child would copy the agent's page tables, take a copy-on-write fault for every
+//! page either side then writes, and tear its copy down again at `exec`. Where the guest
+//! kernel is emulated instruction by instruction each of those costs milliseconds (measured
+//! there: restored create+start+exit of `true`, median 4.31 s with fork, 4.03 s without). The agent is single-threaded and stays suspended while the child runs, so the child
+//! may allocate and use std as the agent would (what it leaves allocated at `exec` stays in
+//! the agent's heap: a few hundred bytes). It must not change state the agent keeps in
+//! memory; the one such switch, debug logging, is put back when the child has gone.
+//!
+//! Setup errors (a missing executable, a bad user, a failed `exec`) reach the host as the
+//! reply to `CreateProcess`, the way runc fails `create` rather than the container's first
+//! instant.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -17,7 +27,8 @@ use agent_proto::ProcessSpec;
 use nix::fcntl::OFlag;
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
-use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Gid, Pid, Uid};
 
 use crate::caps;
 use crate::setup::ProcFinish;
@@ -33,9 +44,19 @@ pub struct Spawned {
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     pub pty_master: Option<OwnedFd>,
-    /// Writing a byte here lets a process created with `wait_for_start` exec.
-    pub start: Option<OwnedFd>,
+    /// Created with `wait_for_start`: stopped at its first instruction until [`release`].
+    pub held: bool,
 }
+
+/// Lets a process held for `start` run.
+pub fn release(pid: Pid) -> Result<(), String> {
+    // The tracee is in the stop that follows its `exec`; detaching without a signal
+    // discards that SIGTRAP and lets the program run.
+    nix::sys::ptrace::detach(pid, None).map_err(|e| format!("release pid {pid}: {e}"))
+}
+
+/// How much stack the child gets for the setup it runs before `exec`.
+const CHILD_STACK: usize = 256 << 10;
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
@@ -50,13 +71,9 @@ pub fn spawn(
         return Err("process.args is empty".to_string());
     }
     let env = environment(spec, std::env::var(TUNABLES).ok().as_deref());
+    // Close-on-exec: the agent reads it to its end, which comes at the child's `exec` (no
+    // bytes: success) or exit (the reason it failed).
     let (sync_r, sync_w) = pipe()?;
-    let (start_r, start_w) = if wait_for_start {
-        let (r, w) = pipe()?;
-        (Some(r), Some(w))
-    } else {
-        (None, None)
-    };
 
     enum ChildStdio {
         Terminal {
@@ -74,7 +91,7 @@ pub fn spawn(
         stdout: None,
         stderr: None,
         pty_master: None,
-        start: start_w,
+        held: wait_for_start,
     };
     let child_stdio = if spec.terminal {
         let size = spec.console_size.map(|(rows, cols)| Winsize {
@@ -102,67 +119,108 @@ pub fn spawn(
         }
     };
 
-    // SAFETY: the agent is single-threaded, so the child is a full copy of a consistent
-    // process: no lock can be held by a thread that does not exist in the child.
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            // The child's stderr becomes the container's: no agent diagnostics from here on.
-            crate::logging::set_debug(false);
-            drop(sync_r);
-            let stdio_fds = match &child_stdio {
-                ChildStdio::Terminal { slave } => {
-                    [slave.as_raw_fd(), slave.as_raw_fd(), slave.as_raw_fd()]
-                }
-                ChildStdio::Pipes {
-                    stdin,
-                    stdout,
-                    stderr,
-                } => [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
-            };
-            let result = child_setup(spec, &env, stdio_fds, spec.terminal, finish);
-            let mut sync = File::from(sync_w);
-            match result {
-                Ok(program) => {
-                    let _ = sync.write_all(&[0]);
-                    drop(sync);
-                    if let Some(start_r) = start_r {
-                        let mut byte = [0u8; 1];
-                        match File::from(start_r).read(&mut byte) {
-                            Ok(1) => {}
-                            // The host deleted the container before starting it.
-                            _ => child_exit(1),
-                        }
-                    }
-                    exec(&program, &spec.args, &env)
-                }
-                Err(message) => {
-                    let mut report = vec![1u8];
-                    report.extend_from_slice(message.as_bytes());
-                    let _ = sync.write_all(&report);
-                    child_exit(127)
-                }
+    let stdio_fds = match &child_stdio {
+        ChildStdio::Terminal { slave } => [slave.as_raw_fd(); 3],
+        ChildStdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+    };
+    let mut child = Child {
+        spec,
+        env: &env,
+        stdio: stdio_fds,
+        finish,
+        hold: wait_for_start,
+        report: sync_w.as_raw_fd(),
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    let debug = crate::logging::debug_enabled();
+    // SAFETY: `child_main` runs on `stack`, which outlives the child's use of it: with
+    // CLONE_VFORK this thread is suspended until the child has exec'd or exited, and only
+    // then is `stack` dropped. The agent is single-threaded, so no other thread of it runs
+    // on the memory the child shares meanwhile; `child` is valid for the same span.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut child as *mut Child).cast(),
+        )
+    };
+    drop(stack);
+    crate::logging::set_debug(debug);
+    if pid < 0 {
+        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    let pid = Pid::from_raw(pid);
+    drop(child_stdio);
+    drop(sync_w);
+    spawned.pid = pid;
+    let mut report = Vec::new();
+    let _ = File::from(sync_r).read_to_end(&mut report);
+    if !report.is_empty() {
+        reap(pid);
+        return Err(String::from_utf8_lossy(&report).into_owned());
+    }
+    if wait_for_start {
+        // Its `exec` has begun; wait for the stop that ends it.
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Stopped(_, _)) => {}
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
+                return Err("the process died before it could be held for start".into())
             }
-        }
-        ForkResult::Parent { child } => {
-            drop(child_stdio);
-            drop(sync_w);
-            drop(start_r);
-            spawned.pid = child;
-            let mut report = Vec::new();
-            let _ = File::from(sync_r).read_to_end(&mut report);
-            match report.split_first() {
-                Some((0, _)) => Ok(spawned),
-                Some((_, message)) => {
-                    reap(child);
-                    Err(String::from_utf8_lossy(message).into_owned())
-                }
-                None => {
-                    reap(child);
-                    Err("the process died while being set up".to_string())
-                }
+            other => {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                reap(pid);
+                return Err(format!("holding the process for start: {other:?}"));
             }
         }
     }
+    Ok(spawned)
+}
+
+/// What the child needs; it lives on the agent's stack while the child runs.
+struct Child<'a> {
+    spec: &'a ProcessSpec,
+    env: &'a [String],
+    stdio: [RawFd; 3],
+    finish: Option<&'a ProcFinish>,
+    hold: bool,
+    /// The write end of the report pipe.
+    report: RawFd,
+}
+
+/// The child's entry point, on its own stack in the agent's memory (see `spawn`).
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn` passes a `Child` that stays valid until this process execs or exits.
+    let child = unsafe { &*(arg as *const Child) };
+    // The child's stderr becomes the container's: no agent diagnostics from here on (`spawn`
+    // turns them back on for the agent).
+    crate::logging::set_debug(false);
+    let failure = match child_setup(child.spec, child.env, child.stdio, child.finish) {
+        Ok(program) => {
+            if child.hold {
+                // The `exec` below then stops before the program's first instruction.
+                if let Err(e) = nix::sys::ptrace::traceme() {
+                    report_and_exit(child.report, &format!("ptrace: {e}"));
+                }
+            }
+            exec(&program, &child.spec.args, child.env)
+        }
+        Err(message) => message,
+    };
+    report_and_exit(child.report, &failure)
+}
+
+fn report_and_exit(report: RawFd, message: &str) -> ! {
+    // SAFETY: `report` is the pipe's write end, open in this process; the `File` is
+    // forgotten, not closed, since `_exit` closes it.
+    let mut out = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(report) });
+    let _ = out.write_all(message.as_bytes());
+    child_exit(127)
 }
 
 fn reap(pid: Pid) {
@@ -217,7 +275,6 @@ fn child_setup(
     spec: &ProcessSpec,
     env: &[String],
     stdio: [RawFd; 3],
-    terminal: bool,
     finish: Option<&ProcFinish>,
 ) -> Result<PathBuf, String> {
     // The agent blocks SIGCHLD for its signalfd and ignores SIGPIPE; the container must not
@@ -231,7 +288,7 @@ fn child_setup(
         }
     }
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    if terminal {
+    if spec.terminal {
         // SAFETY: TIOCSCTTY takes an integer argument; stdio[0] is the pty slave.
         if unsafe { libc::ioctl(stdio[0], libc::TIOCSCTTY, 0) } != 0 {
             return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
@@ -333,7 +390,8 @@ fn find_program(name: &str, env: &[String]) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("exec: {name:?}: executable file not found in $PATH"))
 }
 
-fn exec(program: &Path, args: &[String], env: &[String]) -> ! {
+/// Replaces the process with `program`; returns only why it could not.
+fn exec(program: &Path, args: &[String], env: &[String]) -> String {
     let cstrings = |items: &[String]| -> Vec<CString> {
         items
             .iter()
@@ -347,15 +405,7 @@ fn exec(program: &Path, args: &[String], env: &[String]) -> ! {
         Err(e) => e,
         Ok(infallible) => match infallible {},
     };
-    // SAFETY: fd 2 is the process's stderr, set up above; File takes it only to write once
-    // and the process exits right after.
-    let mut stderr = unsafe { File::from_raw_fd(2) };
-    let _ = writeln!(stderr, "exec {}: {error}", program.display());
-    child_exit(if error == nix::errno::Errno::ENOENT {
-        127
-    } else {
-        126
-    })
+    format!("exec {}: {error}", program.display())
 }
 
 fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
