@@ -41,6 +41,60 @@ pub struct AccelVerdict {
     /// The `-cpu` model that goes with it.
     pub cpu: String,
     pub reason: String,
+    /// Under TCG on an x86 host, the guest's TSC is the host's: its frequency, measured.
+    pub tsc_khz: Option<u32>,
+}
+
+impl AccelVerdict {
+    /// Kernel arguments this accelerator needs. A TCG guest has no paravirtual clock, and
+    /// its calibration of the TSC against the PIT fails when TCG runs the loop unevenly (a
+    /// busy host): the kernel then marks the TSC unstable and keeps time in jiffies, which
+    /// rules out a tickless idle, and a snapshot baked so keeps it for every restore.
+    /// Given the frequency, the guest skips that calibration.
+    pub fn kernel_args(&self) -> String {
+        match (self.accel, self.tsc_khz) {
+            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The host TSC's frequency in kHz, from two readings against `CLOCK_MONOTONIC_RAW` 10 ms
+/// apart (each taken where the clock reads around it were closest); none without a
+/// constant-rate TSC.
+pub fn host_tsc_khz() -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").ok()?;
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+        if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+            return None;
+        }
+        let raw_ns = || {
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_RAW)
+                .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+                .unwrap_or(0)
+        };
+        // (ns between the clock reads around it, ns at the TSC read, TSC)
+        let reading = || {
+            (0..5)
+                .map(|_| {
+                    let before = raw_ns();
+                    // SAFETY: RDTSC has no side effects and is available on every x86_64.
+                    let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+                    let after = raw_ns();
+                    (after - before, (before + after) / 2, tsc)
+                })
+                .min()
+        };
+        let (_, ns0, tsc0) = reading()?;
+        std::thread::sleep(Duration::from_millis(10));
+        let (_, ns1, tsc1) = reading()?;
+        let khz = i128::from(tsc1.wrapping_sub(tsc0)) * 1_000_000 / (ns1 - ns0).max(1);
+        u32::try_from(khz).ok().filter(|k| *k > 100_000)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// The firmware: print 'S', loop 2^20 times, print 'E', halt.
@@ -178,6 +232,7 @@ fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
             accel: Accel::Kvm,
             cpu: cpu.to_string(),
             reason: format!("probe loop {k:.1?} under kvm, {tcg:.1?} under tcg"),
+            tsc_khz: None,
         },
         Ok((k, _)) => AccelVerdict {
             accel: Accel::Tcg,
@@ -186,11 +241,13 @@ fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
                 "kvm emulates guest kernel code here (nested or PVM host): probe loop {k:.1?} \
                  under kvm, {tcg:.1?} under tcg"
             ),
+            tsc_khz: host_tsc_khz(),
         },
         Err(e) => AccelVerdict {
             accel: Accel::Tcg,
             cpu: "max".into(),
             reason: format!("kvm unusable ({e}); probe loop {tcg:.1?} under tcg"),
+            tsc_khz: host_tsc_khz(),
         },
     })
 }
@@ -213,6 +270,7 @@ fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError>
                 accel: Accel::Kvm,
                 cpu: "host".into(),
                 reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
+                tsc_khz: None,
             })
         }
         Ok("tcg") => {
@@ -220,6 +278,7 @@ fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError>
                 accel: Accel::Tcg,
                 cpu: "max".into(),
                 reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
+                tsc_khz: host_tsc_khz(),
             })
         }
         _ => {}
@@ -260,7 +319,8 @@ fn cache_file(qemu: &str, dir: &Path) -> PathBuf {
     for b in format!("{}|{}|{stamp}", boot_id.trim(), qemu_path.display()).bytes() {
         hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    dir.join(format!("accel-{hash:016x}.json"))
+    // v2: verdicts carry the TSC frequency.
+    dir.join(format!("accel-v2-{hash:016x}.json"))
 }
 
 pub(crate) fn which(binary: &str) -> Option<PathBuf> {
@@ -294,5 +354,32 @@ mod tests {
         let v = accel_verdict("/nonexistent/qemu", Path::new("/nonexistent")).unwrap();
         std::env::remove_var("SUPERMACHINE_QEMU_ACCEL");
         assert_eq!(v.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn only_tcg_guests_are_told_the_tsc_frequency() {
+        let mut v = AccelVerdict {
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            reason: String::new(),
+            tsc_khz: Some(2_099_999),
+        };
+        assert_eq!(v.kernel_args(), "tsc_early_khz=2099999");
+        v.tsc_khz = None;
+        assert_eq!(v.kernel_args(), "");
+        v.accel = Accel::Kvm;
+        v.tsc_khz = Some(2_099_999);
+        assert_eq!(v.kernel_args(), "");
+    }
+
+    #[test]
+    fn the_host_tsc_frequency_agrees_with_the_clock() {
+        // Nothing to check on a host without a constant-rate TSC.
+        let Some(khz) = host_tsc_khz() else { return };
+        // Two measurements agree within 0.5%.
+        let again = host_tsc_khz().unwrap();
+        let diff = (i64::from(khz) - i64::from(again)).abs();
+        assert!(diff * 200 < i64::from(khz), "{khz} kHz vs {again} kHz");
+        assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
     }
 }

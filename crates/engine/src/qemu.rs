@@ -109,7 +109,7 @@ pub fn command_line(
     if !incoming {
         args.extend(["-kernel".into(), escape(&spec.kernel)]);
         args.extend(["-initrd".into(), escape(&spec.initramfs)]);
-        args.extend(["-append".into(), kernel_cmdline(spec)]);
+        args.extend(["-append".into(), kernel_cmdline(spec, verdict)]);
     }
     args.extend(["-serial".into(), format!("file:{}", escape(console))]);
     args.extend(["-chardev".into(), format!("socket,id=qmp,fd={qmp_fd}")]);
@@ -153,8 +153,13 @@ pub fn command_line(
 }
 
 /// The guest kernel's command line for `spec`.
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
+pub fn kernel_cmdline(spec: &VmSpec, verdict: &AccelVerdict) -> String {
     let mut cmdline = BASE_KERNEL_ARGS.to_string();
+    let added = verdict.kernel_args();
+    if !added.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&added);
+    }
     for arg in &spec.kernel_args {
         cmdline.push(' ');
         cmdline.push_str(arg);
@@ -269,10 +274,11 @@ impl Engine for QemuEngine {
             .map(|m| format!("{} {}", m.len(), m.mtime()))
             .unwrap_or_default();
         format!(
-            "qemu-{} cpu={} {} {stamp}",
+            "qemu-{} cpu={} {} {stamp} {}",
             self.verdict.accel,
             self.verdict.cpu,
-            path.display()
+            path.display(),
+            self.verdict.kernel_args()
         )
     }
 
@@ -499,6 +505,7 @@ mod tests {
             accel: Accel::Tcg,
             cpu: "max".into(),
             reason: String::new(),
+            tsc_khz: Some(2_100_000),
         };
         let memory = GuestMemory::Shared { fd: 9 };
         let args = command_line(
@@ -528,7 +535,8 @@ mod tests {
         ));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
-            append.ends_with("supermachine.port=agent.0 supermachine.debug=1"),
+            append
+                .ends_with("supermachine.port=agent.0 tsc_early_khz=2100000 supermachine.debug=1"),
             "{append}"
         );
     }
@@ -539,6 +547,7 @@ mod tests {
             accel: Accel::Tcg,
             cpu: "max".into(),
             reason: String::new(),
+            tsc_khz: None,
         };
         let memory = GuestMemory::Private {
             path: "/cache/k/memory".into(),
