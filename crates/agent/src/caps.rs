@@ -1,12 +1,12 @@
-//! Linux capabilities by OCI name, applied to a process being started (in the forked child).
+//! Linux capabilities by OCI name, applied to a process being started (in the child).
 
 use std::sync::OnceLock;
 
 use agent_proto::{Capabilities, CAPABILITY_NAMES as NAMES};
 
 /// The highest capability this guest kernel knows (`/proc/sys/kernel/cap_last_cap`), read
-/// once: the agent calls this at start-up, so every forked child (and every VM restored
-/// from a snapshot) has it without reading the file again.
+/// once: the agent calls this at start-up, so every child (and every VM restored from a
+/// snapshot) has it without reading the file again.
 pub fn last_cap() -> u32 {
     static LAST_CAP: OnceLock<u32> = OnceLock::new();
     *LAST_CAP.get_or_init(|| {

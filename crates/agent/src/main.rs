@@ -3,7 +3,8 @@
 //! It mounts the guest's own filesystems, opens the host channel, says `Ready`, and then
 //! serves the host: it mounts the container root (the image disk under a tmpfs overlay),
 //! pivots into it, and runs, signals, reaps and relays the stdio of the container's processes.
-//! It is single-threaded (one `poll` loop), so forking a child is always safe.
+//! It is single-threaded (one `poll` loop), so a child that shares its memory until `exec`
+//! (see `spawn`) never meets another of its threads.
 
 mod caps;
 mod channel;

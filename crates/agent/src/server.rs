@@ -80,9 +80,8 @@ pub struct Server {
     shutdown: bool,
     started: Instant,
     /// One buffer for every read from the channel and from process output, allocated once:
-    /// a buffer allocated (and zeroed) per read would be written all over right after each
-    /// fork, and every page of it copied on write for as long as the child shares it (a
-    /// page fault each, milliseconds where the guest kernel is emulated).
+    /// a buffer allocated (and zeroed) per read takes a page fault for each page it
+    /// touches, milliseconds each where the guest kernel is emulated.
     scratch: Scratch,
 }
 

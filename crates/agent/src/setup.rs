@@ -95,7 +95,8 @@ pub struct ProcFinish {
 }
 
 impl ProcFinish {
-    /// Runs in the forked first process, in the container root, before it drops privileges.
+    /// Runs in the container's first process, in the container root, before it drops
+    /// privileges.
     pub fn run(&self) -> Result<(), SetupError> {
         for m in &self.mounts {
             mount_one(m)?;

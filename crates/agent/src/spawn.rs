@@ -6,10 +6,12 @@
 //! A forked child would copy the agent's page tables, take a copy-on-write fault for every
 //! page either side then writes, and tear its copy down again at `exec`. Where the guest
 //! kernel is emulated instruction by instruction each of those costs milliseconds (measured
-//! there: restored create+start+exit of `true`, median 4.31 s with fork, 4.03 s without). The agent is single-threaded and stays suspended while the child runs, so the child
-//! may allocate and use std as the agent would (what it leaves allocated at `exec` stays in
-//! the agent's heap: a few hundred bytes). It must not change state the agent keeps in
-//! memory; the one such switch, debug logging, is put back when the child has gone.
+//! there: restored create+start+exit of `true`, median 4.31 s with fork, 4.03 s without).
+//!
+//! The agent is single-threaded and stays suspended while the child runs, so the child may
+//! allocate and use std as the agent would (what it leaves allocated at `exec` stays in the
+//! agent's heap: a few hundred bytes). It must not change state the agent keeps in memory;
+//! the one such switch, debug logging, is put back when the child has gone.
 //!
 //! Setup errors (a missing executable, a bad user, a failed `exec`) reach the host as the
 //! reply to `CreateProcess`, the way runc fails `create` rather than the container's first
@@ -235,8 +237,8 @@ fn set_cloexec(fd: RawFd) {
 }
 
 fn child_exit(code: i32) -> ! {
-    // SAFETY: _exit ends the forked child without running the parent's atexit handlers or
-    // flushing stdio buffers it shares with the agent.
+    // SAFETY: _exit ends the child without running the agent's atexit handlers or flushing
+    // stdio buffers it shares with the agent.
     unsafe { libc::_exit(code) }
 }
 
@@ -270,7 +272,7 @@ fn home_of(uid: u32) -> Option<String> {
     })
 }
 
-/// Runs in the forked child. Returns the program path to exec.
+/// Runs in the child. Returns the program path to exec.
 fn child_setup(
     spec: &ProcessSpec,
     env: &[String],
