@@ -27,7 +27,16 @@ use crate::logging::LogConfig;
 #[command(
     name = "supermachine",
     about = "An OCI runtime that runs every container in its own microVM",
-    disable_version_flag = true
+    disable_version_flag = true,
+    // liboci-cli's own wording names another runtime and a flag runc does not have.
+    mut_arg("log", |a| a.help("Where to write the runtime's log (default: stderr)")),
+    mut_arg("debug", |a| a.help("Log at debug level")),
+    mut_arg("log_format", |a| a.help("The log format: text (default) or json")),
+    mut_arg("root", |a| a.help("Root directory for container state")),
+    mut_arg("systemd_cgroup", |a| a.help(
+        "Accepted for runc compatibility: cgroups are always managed through cgroupfs \
+         (a systemd-style cgroupsPath, slice:prefix:name, is understood)"
+    )),
 )]
 struct Cli {
     #[command(flatten)]
