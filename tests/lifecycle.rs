@@ -232,6 +232,20 @@ fn a_created_containers_program_runs_only_at_start() {
     }
     assert!(env.run(&["delete", "--force", "c-held"]).status.success());
     env.assert_clean("c-held");
+
+    // A signal that would end the program ends a created container, as it ends runc's
+    // waiting init.
+    let out = env.run(&["create", "--bundle", bundle.path_str(), "c-held2"]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let out = env.run(&["kill", "c-held2", "TERM"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    env.wait_status(
+        "c-held2",
+        "stopped",
+        common::guest_time(Duration::from_secs(20)),
+    );
+    assert!(env.run(&["delete", "c-held2"]).status.success());
+    env.assert_clean("c-held2");
 }
 
 #[test]

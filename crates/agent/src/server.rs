@@ -48,8 +48,8 @@ struct Process {
     /// stdout/stderr pipes, or the pty master as stdout.
     outputs: Vec<(Stream, OwnedFd)>,
     pty: bool,
-    /// Stopped at its first instruction until `StartProcess` (see `spawn`). Signals other
-    /// than SIGKILL sent meanwhile reach it when it starts, before its first instruction.
+    /// Stopped at its first instruction until `StartProcess` (see `spawn`). A signal that
+    /// kills by default ends it then; others reach it when it starts.
     held: bool,
     exit: Option<(ExitStatus, Instant)>,
 }
@@ -364,7 +364,7 @@ impl Server {
                         "process {process} has already been started"
                     )));
                 }
-                spawn::release(p.pid)
+                spawn::release(p.pid, None)
                     .map_err(|e| AgentError(format!("start process {process}: {e}")))?;
                 Ok(Reply::Ok)
             }
@@ -385,6 +385,13 @@ impl Server {
                 let p = self.process(process)?;
                 if p.exit.is_some() {
                     return Err(AgentError("process already finished".into()));
+                }
+                if p.held && spawn::fatal_by_default(signal) {
+                    // As runc's init waiting for `start` would, it dies of it: let it go
+                    // with the signal, which it meets before its program's first instruction.
+                    p.held = false;
+                    spawn::release(p.pid, Some(signal)).map_err(AgentError)?;
+                    return Ok(Reply::Ok);
                 }
                 kill(p.pid, signal).map_err(|e| AgentError(format!("kill {}: {e}", p.pid)))?;
                 Ok(Reply::Ok)

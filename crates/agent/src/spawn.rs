@@ -50,11 +50,21 @@ pub struct Spawned {
     pub held: bool,
 }
 
-/// Lets a process held for `start` run.
-pub fn release(pid: Pid) -> Result<(), String> {
-    // The tracee is in the stop that follows its `exec`; detaching without a signal
-    // discards that SIGTRAP and lets the program run.
-    nix::sys::ptrace::detach(pid, None).map_err(|e| format!("release pid {pid}: {e}"))
+/// Lets a process held for `start` run; with `signal`, that signal is the first thing it
+/// gets, before its first instruction.
+pub fn release(pid: Pid, signal: Option<Signal>) -> Result<(), String> {
+    // The tracee is in the stop that follows its `exec`; detaching discards that SIGTRAP
+    // (or delivers `signal` in its place) and lets the program run.
+    nix::sys::ptrace::detach(pid, signal).map_err(|e| format!("release pid {pid}: {e}"))
+}
+
+/// Whether a freshly exec'd program, which has set no handlers, dies of `signal`.
+pub fn fatal_by_default(signal: Signal) -> bool {
+    use Signal::*;
+    !matches!(
+        signal,
+        SIGCHLD | SIGCONT | SIGURG | SIGWINCH | SIGSTOP | SIGTSTP | SIGTTIN | SIGTTOU
+    )
 }
 
 /// How much stack the child gets for the setup it runs before `exec`.
@@ -435,6 +445,16 @@ fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_that_kill_a_program_without_handlers() {
+        assert!(fatal_by_default(Signal::SIGTERM));
+        assert!(fatal_by_default(Signal::SIGKILL));
+        assert!(fatal_by_default(Signal::SIGUSR1));
+        assert!(!fatal_by_default(Signal::SIGCHLD));
+        assert!(!fatal_by_default(Signal::SIGWINCH));
+        assert!(!fatal_by_default(Signal::SIGSTOP));
+    }
 
     #[test]
     fn program_search_uses_the_process_path() {
