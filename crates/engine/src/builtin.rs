@@ -17,10 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{EngineError, Phase, Vm, VmSpec};
 
-/// Guest kernel arguments of every builtin VM (the VMM appends its device list).
-pub const BASE_KERNEL_ARGS: &str =
-    "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
-
 /// On hosts whose KVM emulates guest kernel code, these keep the 6.1 kernel off the
 /// instructions the emulator lacks (XSAVE, CMPXCHG16B, SMAP's CLAC/STAC, POPCNT) and off
 /// paravirtual clocks and hypercalls. The guest reads CPUID from the hardware there (it sees
@@ -287,7 +283,7 @@ impl BuiltinEngine {
             memory_mib: spec.memory_mib,
             kernel: crate::Engine::kernel(self, spec),
             initramfs: Some(spec.initramfs.clone()),
-            cmdline: kernel_cmdline(spec, &self.verdict),
+            cmdline: spec.kernel_cmdline(&self.verdict.kernel_args()),
             disks: spec
                 .disks
                 .iter()
@@ -334,20 +330,6 @@ const SLOW_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The file name of the kernel variant for hosts that emulate guest kernel code.
 pub const PVM_KERNEL: &str = "vmlinux-pvm";
-
-pub fn kernel_cmdline(spec: &VmSpec, verdict: &SpeedVerdict) -> String {
-    let mut cmdline = BASE_KERNEL_ARGS.to_string();
-    let added = verdict.kernel_args();
-    if !added.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&added);
-    }
-    for arg in &spec.kernel_args {
-        cmdline.push(' ');
-        cmdline.push_str(arg);
-    }
-    cmdline
-}
 
 impl crate::Engine for BuiltinEngine {
     fn name(&self) -> String {

@@ -79,7 +79,26 @@ impl VmSpec {
     pub fn guest_disk(index: usize) -> String {
         format!("/dev/vd{}", (b'a' + index as u8) as char)
     }
+
+    /// The guest kernel's command line: what every guest gets, then `engine_args` (what
+    /// the engine adds on this host, may be empty), then this VM's own arguments. (The
+    /// engines append their device lists themselves.)
+    pub fn kernel_cmdline(&self, engine_args: &str) -> String {
+        let mut cmdline = BASE_KERNEL_ARGS.to_string();
+        for arg in std::iter::once(engine_args)
+            .filter(|a| !a.is_empty())
+            .chain(self.kernel_args.iter().map(String::as_str))
+        {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
+        }
+        cmdline
+    }
 }
+
+/// Guest kernel arguments of every VM, whichever engine runs it.
+pub const BASE_KERNEL_ARGS: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
 
 /// A booted VM.
 pub trait Vm: Send + fmt::Debug {

@@ -48,10 +48,6 @@ fn escape(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-/// The kernel command line every guest gets; the spec's arguments follow.
-pub const BASE_KERNEL_ARGS: &str =
-    "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp supermachine.port=agent.0";
-
 /// Where guest RAM lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestMemory {
@@ -109,7 +105,10 @@ pub fn command_line(
     if !incoming {
         args.extend(["-kernel".into(), escape(&spec.kernel)]);
         args.extend(["-initrd".into(), escape(&spec.initramfs)]);
-        args.extend(["-append".into(), kernel_cmdline(spec, verdict)]);
+        args.extend([
+            "-append".into(),
+            spec.kernel_cmdline(&verdict.kernel_args()),
+        ]);
     }
     args.extend(["-serial".into(), format!("file:{}", escape(console))]);
     args.extend(["-chardev".into(), format!("socket,id=qmp,fd={qmp_fd}")]);
@@ -150,21 +149,6 @@ pub fn command_line(
         args.extend(["-incoming".into(), "defer".into()]);
     }
     args
-}
-
-/// The guest kernel's command line for `spec`.
-pub fn kernel_cmdline(spec: &VmSpec, verdict: &AccelVerdict) -> String {
-    let mut cmdline = BASE_KERNEL_ARGS.to_string();
-    let added = verdict.kernel_args();
-    if !added.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&added);
-    }
-    for arg in &spec.kernel_args {
-        cmdline.push(' ');
-        cmdline.push_str(arg);
-    }
-    cmdline
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
