@@ -241,13 +241,13 @@ fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
                 "kvm emulates guest kernel code here (nested or PVM host): probe loop {k:.1?} \
                  under kvm, {tcg:.1?} under tcg"
             ),
-            tsc_khz: host_tsc_khz(),
+            tsc_khz: None,
         },
         Err(e) => AccelVerdict {
             accel: Accel::Tcg,
             cpu: "max".into(),
             reason: format!("kvm unusable ({e}); probe loop {tcg:.1?} under tcg"),
-            tsc_khz: host_tsc_khz(),
+            tsc_khz: None,
         },
     })
 }
@@ -264,38 +264,43 @@ pub fn accel_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError
 }
 
 fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
-    match std::env::var("SUPERMACHINE_QEMU_ACCEL").as_deref() {
-        Ok("kvm") => {
-            return Ok(AccelVerdict {
-                accel: Accel::Kvm,
-                cpu: "host".into(),
-                reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
-                tsc_khz: None,
-            })
-        }
-        Ok("tcg") => {
-            return Ok(AccelVerdict {
-                accel: Accel::Tcg,
-                cpu: "max".into(),
-                reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
-                tsc_khz: host_tsc_khz(),
-            })
-        }
-        _ => {}
-    }
-    let cache = cache_file(qemu, dir);
+    let forced = match std::env::var("SUPERMACHINE_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => Some(Accel::Kvm),
+        Ok("tcg") => Some(Accel::Tcg),
+        _ => None,
+    };
+    // A forced verdict is cached too (apart from the measured one): its TSC measurement
+    // would otherwise cost every command 10 ms.
+    let cache = cache_file(qemu, dir, forced);
     if let Some(verdict) = fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
     {
         return Ok(verdict);
     }
-    fs::create_dir_all(dir).map_err(|source| EngineError::Io {
-        path: dir.into(),
-        source,
-    })?;
-    let verdict = measure(qemu, dir)?;
-    log::debug!("accelerator probe: {} ({})", verdict.accel, verdict.reason);
+    let mut verdict = match forced {
+        Some(accel) => {
+            let _ = fs::create_dir_all(dir);
+            AccelVerdict {
+                accel,
+                cpu: if accel == Accel::Kvm { "host" } else { "max" }.into(),
+                reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
+                tsc_khz: None,
+            }
+        }
+        None => {
+            fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+                path: dir.into(),
+                source,
+            })?;
+            let verdict = measure(qemu, dir)?;
+            log::debug!("accelerator probe: {} ({})", verdict.accel, verdict.reason);
+            verdict
+        }
+    };
+    if verdict.accel == Accel::Tcg {
+        verdict.tsc_khz = host_tsc_khz();
+    }
     let partial = cache.with_extension(format!("partial-{}", std::process::id()));
     if let Ok(bytes) = serde_json::to_vec_pretty(&verdict) {
         if fs::write(&partial, bytes).is_ok() {
@@ -305,8 +310,9 @@ fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError>
     Ok(verdict)
 }
 
-/// Keyed by the boot id (a reboot may change the hypervisor) and the QEMU binary.
-fn cache_file(qemu: &str, dir: &Path) -> PathBuf {
+/// Keyed by the boot id (a reboot may change the hypervisor), the QEMU binary and the
+/// accelerator SUPERMACHINE_QEMU_ACCEL forces, if any.
+fn cache_file(qemu: &str, dir: &Path, forced: Option<Accel>) -> PathBuf {
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let qemu_path = which(qemu).unwrap_or_else(|| PathBuf::from(qemu));
     let stamp = fs::metadata(&qemu_path)
@@ -316,7 +322,14 @@ fn cache_file(qemu: &str, dir: &Path) -> PathBuf {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{}|{}|{stamp}", boot_id.trim(), qemu_path.display()).bytes() {
+    let forced = forced.map(|a| a.to_string()).unwrap_or_default();
+    for b in format!(
+        "{}|{}|{stamp}|{forced}",
+        boot_id.trim(),
+        qemu_path.display()
+    )
+    .bytes()
+    {
         hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     // v2: verdicts carry the TSC frequency.
