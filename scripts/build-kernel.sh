@@ -5,8 +5,8 @@
 #
 #   scripts/build-kernel.sh VARIANT OUT_DIR
 #
-# VARIANT is `default` (config/guest-kernel.config) or `pvm` (the same plus
-# config/guest-kernel-pvm.config and config/patches/pvm/*.patch).
+# VARIANT is `default` (config/guest-kernel.config and config/patches/common/*.patch) or
+# `pvm` (the same plus config/guest-kernel-pvm.config and config/patches/pvm/*.patch).
 # The cache lives outside the clone (SUPERMACHINE_BUILD_CACHE, default ~/.cache/supermachine)
 # so that later clones on the same machine reuse the build.
 set -eu
@@ -19,12 +19,12 @@ cache=${SUPERMACHINE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}
 jobs=$(nproc)
 
 fragments="$root/config/guest-kernel.config"
-patches=""
+patches=$(ls "$root"/config/patches/common/*.patch 2>/dev/null || true)
 case "$variant" in
   default) ;;
   pvm)
     fragments="$fragments $root/config/guest-kernel-pvm.config"
-    patches=$(ls "$root"/config/patches/pvm/*.patch 2>/dev/null || true)
+    patches="$patches $(ls "$root"/config/patches/pvm/*.patch 2>/dev/null || true)"
     ;;
   *) echo "build-kernel.sh: unknown variant '$variant'" >&2; exit 2 ;;
 esac

@@ -50,10 +50,12 @@ impl AccelVerdict {
     /// its calibration of the TSC against the PIT fails when TCG runs the loop unevenly (a
     /// busy host): the kernel then marks the TSC unstable and keeps time in jiffies, which
     /// rules out a tickless idle, and a snapshot baked so keeps it for every restore.
-    /// Given the frequency, the guest skips that calibration.
+    /// Given the frequency, the guest skips that calibration. The TSC it reads is then the
+    /// host's constant-rate one, so it is also `reliable`: no clocksource watchdog comparing
+    /// it against jiffies twice a second in every VM.
     pub fn kernel_args(&self) -> String {
         match (self.accel, self.tsc_khz) {
-            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz}"),
+            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz} tsc=reliable"),
             _ => String::new(),
         }
     }
@@ -377,7 +379,7 @@ mod tests {
             reason: String::new(),
             tsc_khz: Some(2_099_999),
         };
-        assert_eq!(v.kernel_args(), "tsc_early_khz=2099999");
+        assert_eq!(v.kernel_args(), "tsc_early_khz=2099999 tsc=reliable");
         v.tsc_khz = None;
         assert_eq!(v.kernel_args(), "");
         v.accel = Accel::Kvm;

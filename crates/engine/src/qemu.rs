@@ -519,8 +519,9 @@ mod tests {
         ));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
-            append
-                .ends_with("supermachine.port=agent.0 tsc_early_khz=2100000 supermachine.debug=1"),
+            append.ends_with(
+                "supermachine.port=agent.0 tsc_early_khz=2100000 tsc=reliable supermachine.debug=1"
+            ),
             "{append}"
         );
     }
