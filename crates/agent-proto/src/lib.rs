@@ -299,6 +299,12 @@ pub struct RootfsSpec {
     pub warm: Vec<String>,
     #[serde(default)]
     pub warm_path: Option<String>,
+    /// Paths the container's setup will resolve in the image (its mount destinations):
+    /// looked up when the root is prepared, and read if they are small files (a file mount
+    /// copies its lower file up), so a restored VM finds their directory entries, inodes
+    /// and contents cached. Best effort, like `warm`.
+    #[serde(default)]
+    pub warm_lookups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

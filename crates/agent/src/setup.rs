@@ -81,6 +81,11 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
         &rootfs.warm,
         rootfs.warm_path.as_deref(),
     );
+    // The first process reads the password file when its environment has no HOME, as
+    // runc's does.
+    let mut lookups = rootfs.warm_lookups.clone();
+    lookups.push(crate::spawn::PASSWD.to_string());
+    crate::warm::look_up(Path::new(ROOT_DIR), &lookups);
     Ok(())
 }
 

@@ -274,8 +274,11 @@ fn environment(spec: &ProcessSpec, tunables: Option<&str>) -> Vec<String> {
     env
 }
 
+/// Where a process without HOME finds it (`warm` reads it before a snapshot).
+pub const PASSWD: &str = "/etc/passwd";
+
 fn home_of(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let passwd = std::fs::read_to_string(PASSWD).ok()?;
     passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         (fields.len() >= 6 && fields[2].parse() == Ok(uid)).then(|| fields[5].to_string())

@@ -1,9 +1,13 @@
-//! Reading the container's programs into the page cache before a snapshot is taken.
+//! Reading what a container will need from its image into the guest's caches before a
+//! snapshot is taken.
 //!
-//! A VM restored from a snapshot has the page cache the baked VM had. Where the guest kernel
-//! is slow (emulated, or translated by TCG) the disk reads of a first `exec` are a large part
-//! of a restored container's start; reading its program while the root is prepared, before
-//! the snapshot, moves that cost to the bake, paid once per image.
+//! A VM restored from a snapshot has the page cache, directory entries and inodes the baked
+//! VM had. Where the guest kernel is slow (emulated, or translated by TCG) the disk reads of
+//! a first `exec` and of setup's path lookups are a large part of a restored container's
+//! start: each runs the block layer and virtio-blk, and under TCG all of that is new code to
+//! translate in every restored VM. Reading the container's program, its mount destinations
+//! and the password file while the root is prepared, before the snapshot, moves that cost to
+//! the bake, paid once per image.
 
 use std::fs::File;
 use std::io::Read;
@@ -33,6 +37,29 @@ pub fn read_programs(root: &Path, programs: &[String], path: Option<&str>) {
             Err(e) => agent_debug!("warm: {}: {e}", file.display()),
         }
     }
+}
+
+/// Small files are read whole: setup copies them up into the writable layer.
+const LOOKUP_READ_LIMIT: u64 = 64 << 10;
+
+/// Looks up each path (setup's mount destinations) and reads the small files among them;
+/// returns the files read.
+pub fn look_up(root: &Path, paths: &[String]) -> Vec<PathBuf> {
+    let mut read = Vec::new();
+    for path in paths {
+        let resolved = resolve_in_root(root, path);
+        match std::fs::metadata(&resolved) {
+            Ok(meta) if meta.is_file() && meta.len() <= LOOKUP_READ_LIMIT => {
+                match read_all(&resolved) {
+                    Ok(_) => read.push(resolved),
+                    Err(e) => agent_debug!("warm: {}: {e}", resolved.display()),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => agent_debug!("warm: {path}: {e}"),
+        }
+    }
+    read
 }
 
 fn find(root: &Path, program: &str, path: &str) -> Option<PathBuf> {
@@ -168,5 +195,19 @@ mod tests {
             Some(root.path().join("bin/busybox"))
         );
         assert_eq!(find(root.path(), "missing", "/usr/bin:/bin"), None);
+    }
+
+    #[test]
+    fn lookups_read_small_files_only_and_resolve_links_in_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), b"127.0.0.1 localhost\n").unwrap();
+        std::fs::write(etc.join("big"), vec![0u8; LOOKUP_READ_LIMIT as usize + 1]).unwrap();
+        // Absolute, as the image sees it: not the host's /etc/hostname.
+        std::os::unix::fs::symlink("/etc/hosts", etc.join("hostname")).unwrap();
+        let paths = ["/etc/hosts", "/etc/big", "/etc", "/proc", "/etc/hostname"];
+        let read = look_up(root.path(), &paths.map(String::from));
+        assert_eq!(read, vec![etc.join("hosts"), etc.join("hosts")]);
     }
 }

@@ -250,6 +250,14 @@ fn bake_snapshot(
     parts: KeyParts,
     plan: &Plan,
 ) -> Result<(), ContainerError> {
+    // The guest's RNG is initialized from the host before the snapshot, so that restores
+    // start with it ready; each restore still adds its own entropy and reseeds.
+    launched.agent.request(
+        Request::AddEntropy {
+            bytes: host_entropy()?,
+        },
+        REQUEST_TIMEOUT,
+    )?;
     let paused = Instant::now();
     launched.vm.pause()?;
     let saved = launched.vm.snapshot(bake.dir());
@@ -280,6 +288,15 @@ fn bake_snapshot(
     Ok(())
 }
 
+/// Bytes from the host's RNG for the guest's.
+fn host_entropy() -> Result<Vec<u8>, ContainerError> {
+    let mut entropy = vec![0u8; 64];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut entropy))
+        .map_err(ContainerError::io("/dev/urandom"))?;
+    Ok(entropy)
+}
+
 /// Gives a fresh (booted or restored) VM its own identity, mounts the container and
 /// prepares its first process; returns the process's guest pid.
 pub fn prepare_container(
@@ -291,10 +308,7 @@ pub fn prepare_container(
         .unwrap_or_default();
     // Host entropy and a CRNG reseed: VMs restored from one snapshot start with the same
     // RNG state, and must not produce the same numbers.
-    let mut entropy = vec![0u8; 64];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut entropy))
-        .map_err(ContainerError::io("/dev/urandom"))?;
+    let entropy = host_entropy()?;
     // In one round trip; the agent stops at nothing, so each reply is checked in order.
     // Each request is named for the restore phase it is.
     let (names, requests): (Vec<&'static str>, Vec<Request>) = [

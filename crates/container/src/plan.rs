@@ -118,6 +118,7 @@ impl Plan {
             readonly: bundle.root_readonly(),
             warm: Vec::new(),
             warm_path: None,
+            warm_lookups: Vec::new(),
         };
         let (mut setup, mut notes) = translate::container_setup(&bundle.spec, rootfs)?;
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
@@ -155,6 +156,8 @@ impl Plan {
             .iter()
             .find_map(|e| e.strip_prefix("PATH="))
             .map(String::from);
+        // So are the paths its setup resolves, for the same reason.
+        setup.rootfs.warm_lookups = setup.mounts.iter().map(|m| m.destination.clone()).collect();
         let mut kernel_args = Vec::new();
         if guest_debug {
             kernel_args.push("supermachine.debug=1".to_string());
