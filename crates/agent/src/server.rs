@@ -62,9 +62,34 @@ enum Readiness {
     Stdin(ProcessId),
 }
 
+/// What the guest kernel says of itself: the same for the whole boot, and for every VM
+/// restored from a snapshot of it, so read once at start instead of at each host's hello
+/// (where each restored VM would run the code for it anew).
+#[derive(Debug)]
+struct KernelIdentity {
+    /// `uname -r`.
+    release: String,
+    boot_id: String,
+}
+
+impl KernelIdentity {
+    fn read() -> Self {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Reading the boot id also fixes it: the kernel makes it on first read, and a VM
+        // snapshotted before that would give each restored copy its own.
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        KernelIdentity { release, boot_id }
+    }
+}
+
 #[derive(Debug)]
 pub struct Server {
     channel: Channel,
+    kernel: KernelIdentity,
     connected: bool,
     decoder: FrameDecoder,
     signals: SignalFd,
@@ -104,6 +129,7 @@ impl Server {
         agent_debug!("host channel on {}", channel.path().display());
         Ok(Server {
             channel,
+            kernel: KernelIdentity::read(),
             connected: true,
             decoder: FrameDecoder::new(),
             signals,
@@ -120,19 +146,11 @@ impl Server {
     }
 
     fn info(&self) -> AgentInfo {
-        let kernel_release = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // Reading the boot id also fixes it: the kernel makes it on first read, and a VM
-        // snapshotted before that would give each restored copy its own.
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
         AgentInfo {
             version: PROTOCOL_VERSION,
-            kernel_release,
+            kernel_release: self.kernel.release.clone(),
             uptime_ms: uptime_ms(),
-            boot_id,
+            boot_id: self.kernel.boot_id.clone(),
         }
     }
 
