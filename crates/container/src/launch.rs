@@ -252,12 +252,18 @@ fn bake_snapshot(
 ) -> Result<(), ContainerError> {
     // The guest's RNG is initialized from the host before the snapshot, so that restores
     // start with it ready; each restore still adds its own entropy and reseeds.
-    launched.agent.request(
-        Request::AddEntropy {
-            bytes: host_entropy()?,
-        },
-        REQUEST_TIMEOUT,
-    )?;
+    let seeded = host_entropy().and_then(|bytes| {
+        launched
+            .agent
+            .request(Request::AddEntropy { bytes }, REQUEST_TIMEOUT)
+    });
+    if let Err(e) = seeded {
+        log::warn!(
+            "not baking snapshot {}: seeding the guest RNG: {e}",
+            bake.key()
+        );
+        return Ok(());
+    }
     let paused = Instant::now();
     launched.vm.pause()?;
     let saved = launched.vm.snapshot(bake.dir());
