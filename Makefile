@@ -6,7 +6,7 @@ ASSETS := build/share/supermachine
 BIN := build/bin
 CARGO ?= cargo
 
-.PHONY: all deps test-deps guest kernel kernel-variants agent build demo test unit-test vm-test integration-test lint bench install clean
+.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test unit-test vm-test integration-test lint bench install clean
 
 all: build guest
 
@@ -22,7 +22,13 @@ kernel: deps
 agent:
 	scripts/build-agent.sh $(ASSETS)
 
-guest: kernel agent
+# The qemu engine's QEMU: Debian's source, only what a microVM needs, static (fewer pages of
+# its own per VM and a faster start than the distribution's build; that one still works).
+qemu: deps
+	scripts/build-qemu.sh $(ASSETS)
+
+# Everything a VM needs besides the runtime.
+guest: kernel agent qemu
 
 # The kernel variant for hosts whose KVM only emulates guest kernel code (PVM), built only
 # where the builtin engine's probe finds such a host.
@@ -77,6 +83,7 @@ install: build guest
 	install -D -m 0755 $(BIN)/containerd-shim-supermachine-v2 /usr/local/bin/containerd-shim-supermachine-v2
 	install -D -m 0644 $(ASSETS)/vmlinux /usr/local/share/supermachine/vmlinux
 	install -D -m 0755 $(ASSETS)/supermachine-agent /usr/local/share/supermachine/supermachine-agent
+	install -D -m 0755 $(ASSETS)/qemu-system-x86_64 /usr/local/share/supermachine/qemu-system-x86_64
 
 clean:
 	rm -rf build

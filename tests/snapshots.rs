@@ -336,3 +336,80 @@ fn no_bake_below_the_free_space_floor_and_opt_outs_are_honoured() {
     assert!(out.status.success());
     assert!(cache_entries(&env).is_empty());
 }
+
+#[test]
+fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_it() {
+    let Some((env, _cache)) = fresh() else { return };
+    if std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin")
+        || std::env::var_os("SUPERMACHINE_QEMU").is_some()
+    {
+        eprintln!("skipped: the engine or its QEMU is set by the environment");
+        return;
+    }
+    // `make guest` builds it; CI must have it.
+    let bundled = env
+        .assets
+        .canonicalize()
+        .unwrap()
+        .join("qemu-system-x86_64");
+    assert!(
+        bundled.exists() || std::env::var("CI").is_err(),
+        "{} missing: run `make guest`",
+        bundled.display()
+    );
+    if !bundled.exists() || common::which("qemu-system-x86_64").is_none() {
+        eprintln!("skipped: needs the QEMU built for supermachine and one on PATH");
+        return;
+    }
+    let run = |id: &str, qemu: Option<&str>| {
+        let bundle = env.bundle(&["echo", "ran"]);
+        let log = env.root().join(format!("{id}.log"));
+        let mut cmd = env.cmd();
+        if let Some(qemu) = qemu {
+            cmd.env("SUPERMACHINE_QEMU", qemu);
+        }
+        let out = common::output_of(cmd.args([
+            "--debug",
+            "--log",
+            log.to_str().unwrap(),
+            "--engine",
+            "qemu",
+            "run",
+            "--bundle",
+            bundle.path_str(),
+            id,
+        ]));
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ran\n");
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let engine_line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("engine qemu"))
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // The assets' QEMU, unless the user names one.
+    let log = run("b1", None);
+    assert!(
+        engine_line(&log).contains(bundled.to_str().unwrap()),
+        "{log}"
+    );
+    assert!(log.contains("baked snapshot"), "{log}");
+    // The distribution's QEMU does not restore what another QEMU baked: its own bake, then
+    // its own restores.
+    let log = run("d1", Some("qemu-system-x86_64"));
+    assert!(
+        engine_line(&log).contains("qemu-system-x86_64, accel"),
+        "{log}"
+    );
+    assert!(log.contains("baked snapshot"), "{log}");
+    let log = run("d2", Some("qemu-system-x86_64"));
+    assert!(log.contains("restore phases"), "{log}");
+    let log = run("b2", None);
+    assert!(log.contains("restore phases"), "{log}");
+    let entries = cache_entries(&env);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(entries.iter().all(|e| e["hits"] == 1), "{entries:?}");
+}

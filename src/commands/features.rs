@@ -10,7 +10,11 @@ use super::Context;
 
 pub fn run(_args: Features, context: &Context) -> Result<i32> {
     let choice: EngineChoice = context.engine.parse()?;
-    let (engine, reason) = match engine::select(choice, &context.paths.probe_dir()) {
+    let qemu = container::Assets::locate()
+        .ok()
+        .and_then(|assets| assets.qemu);
+    let (engine, reason) = match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref())
+    {
         Ok(selection) => (selection.engine.name(), selection.reason),
         Err(e) => ("none".to_string(), e.to_string()),
     };

@@ -398,6 +398,7 @@ mod tests {
             memory_mib: 256,
             kernel: kernel.to_path_buf(),
             initramfs: "initramfs".into(),
+            qemu: None,
             rootfs_image: "rootfs.ext4".into(),
             image_key: "image".into(),
             image_key_source: "test".into(),

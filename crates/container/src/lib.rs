@@ -29,7 +29,7 @@ pub mod translate;
 
 use std::path::PathBuf;
 
-pub use paths::Paths;
+pub use paths::{Assets, Paths};
 pub use state::{ContainerState, StateStore, Status};
 
 #[derive(Debug, thiserror::Error)]

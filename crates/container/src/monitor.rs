@@ -246,7 +246,7 @@ impl Monitor {
         };
         let paths = Paths::new(Some(args.state_root.clone()));
         let choice: EngineChoice = args.engine.parse()?;
-        let selection = engine::select(choice, &paths.probe_dir())?;
+        let selection = engine::select(choice, &paths.probe_dir(), plan.qemu.as_deref())?;
         log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
         // In the container's network namespace (entered above): the tap the VM's network
         // device sends through. In a namespace of our own it goes with the namespace.

@@ -71,12 +71,15 @@ impl Paths {
     }
 }
 
-/// The guest kernel and agent this runtime boots.
+/// The guest kernel and agent this runtime boots, and the QEMU built for it if there is one.
 #[derive(Debug, Clone)]
 pub struct Assets {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub agent: PathBuf,
+    /// `qemu-system-x86_64` (`scripts/build-qemu.sh`), which the qemu engine prefers to the
+    /// one on PATH.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Assets {
@@ -107,9 +110,11 @@ impl Assets {
             let agent = dir.join("supermachine-agent");
             if kernel.exists() && agent.exists() {
                 let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                let qemu = Some(dir.join(engine::qemu::BINARY_NAME)).filter(|q| q.is_file());
                 return Ok(Assets {
                     kernel: dir.join("vmlinux"),
                     agent: dir.join("supermachine-agent"),
+                    qemu,
                     dir,
                 });
             }

@@ -29,6 +29,9 @@ pub struct Plan {
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The QEMU built for the runtime, if the assets hold one ([`Assets::qemu`]).
+    #[serde(default)]
+    pub qemu: Option<PathBuf>,
     pub rootfs_image: PathBuf,
     pub image_key: String,
     pub image_key_source: String,
@@ -177,6 +180,7 @@ impl Plan {
             memory_mib,
             kernel: assets.kernel,
             initramfs: initramfs.path,
+            qemu: assets.qemu,
             rootfs_image,
             image_key: key.to_string(),
             image_key_source: key.source().to_string(),

@@ -191,8 +191,14 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Picks an engine. `probe_dir` holds the cached probe verdicts (one probe per host boot).
-pub fn select(choice: EngineChoice, probe_dir: &Path) -> Result<Selection, EngineError> {
+/// Picks an engine. `probe_dir` holds the cached probe verdicts (one probe per host boot);
+/// `bundled_qemu` is the QEMU built for the runtime, preferred to the one on PATH
+/// ([`qemu::binary`]).
+pub fn select(
+    choice: EngineChoice,
+    probe_dir: &Path,
+    bundled_qemu: Option<&Path>,
+) -> Result<Selection, EngineError> {
     match choice {
         EngineChoice::Builtin => {
             let hv = hypervisor::open()
@@ -222,22 +228,22 @@ pub fn select(choice: EngineChoice, probe_dir: &Path) -> Result<Selection, Engin
                 }
                 Err(e) => e.to_string(),
             };
-            let mut selection = select_qemu(probe_dir)?;
+            let mut selection = select_qemu(probe_dir, bundled_qemu)?;
             selection.reason = format!("auto: qemu, since {why_not_builtin}; {}", selection.reason);
             Ok(selection)
         }
         EngineChoice::Qemu => {
-            let mut selection = select_qemu(probe_dir)?;
+            let mut selection = select_qemu(probe_dir, bundled_qemu)?;
             selection.reason = format!("requested qemu; {}", selection.reason);
             Ok(selection)
         }
     }
 }
 
-fn select_qemu(probe_dir: &Path) -> Result<Selection, EngineError> {
-    let binary = qemu::binary();
+fn select_qemu(probe_dir: &Path, bundled: Option<&Path>) -> Result<Selection, EngineError> {
+    let binary = qemu::binary(bundled);
     let verdict = probe::accel_verdict(&binary, probe_dir)?;
-    let reason = format!("accel {}: {}", verdict.accel, verdict.reason);
+    let reason = format!("{binary}, accel {}: {}", verdict.accel, verdict.reason);
     Ok(Selection {
         engine: Box::new(qemu::QemuEngine::new(binary, verdict)),
         reason,

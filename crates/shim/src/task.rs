@@ -235,7 +235,11 @@ impl Task {
             .run(move || -> Result<(Launched, Vec<String>), ContainerError> {
                 // This thread starts the VMM, which inherits its network namespace.
                 launch_plan.network.enter()?;
-                let selection = engine::select(choice, &Paths::new(None).probe_dir())?;
+                let selection = engine::select(
+                    choice,
+                    &Paths::new(None).probe_dir(),
+                    launch_plan.qemu.as_deref(),
+                )?;
                 log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
                 // Never persistent, unlike the monitor's: this thread stays in a new
                 // namespace after its container has gone (until its next job), so a
