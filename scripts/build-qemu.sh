@@ -35,7 +35,7 @@ if [ ! -x "$dest/qemu-system-x86_64" ]; then
   rm -rf "$work"
   mkdir -p "$work/lists/partial"
   trap 'rm -rf "$work"' EXIT
-  echo "build-qemu.sh: building QEMU $source_version ($digest; several minutes, once per machine)" >&2
+  echo "build-qemu.sh: building QEMU from Debian's source of qemu-system-x86 $source_version ($digest; a few minutes, once per machine)" >&2
   # Source packages through apt with a private list of deb-src entries, leaving the host's
   # apt configuration as it is; apt checks the archive's signatures and the files' digests.
   keyring=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -48,8 +48,14 @@ if [ ! -x "$dest/qemu-system-x86_64" ]; then
   apt_private="-o Dir::Etc::SourceList=$work/sources.list -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists=$work/lists -o Debug::NoLocking=1 -o APT::Sandbox::User=root"
   # shellcheck disable=SC2086
   apt-get -q $apt_private update >/dev/null
+  # The installed version's source, else (the archive keeps only a suite's newest) the newest.
   # shellcheck disable=SC2086
-  (cd "$work" && apt-get -q $apt_private source --download-only "qemu=$source_version" >/dev/null)
+  if ! (cd "$work" && apt-get -q $apt_private source --download-only "qemu=$source_version" >/dev/null 2>&1); then
+    echo "build-qemu.sh: source of qemu $source_version is gone from the archive; building the newest (upgrade qemu-system-x86 to match its firmware)" >&2
+    # shellcheck disable=SC2086
+    (cd "$work" && apt-get -q $apt_private source --download-only qemu >/dev/null)
+  fi
+  built_version=$(sed -n 's/^Version: //p' "$work"/qemu_*.dsc)
   # Debian's patches (security fixes among them) are applied as the package applies them.
   dpkg-source --no-check -x "$work"/qemu_*.dsc "$work/src" >/dev/null
   for p in $patches; do
@@ -66,14 +72,14 @@ if [ ! -x "$dest/qemu-system-x86_64" ]; then
       --disable-docs --disable-tools --disable-user --disable-install-blobs \
       --disable-debug-info \
       --firmwarepath=/usr/share/qemu:/usr/share/seabios \
-      --with-pkgversion="supermachine build of Debian $source_version" \
+      --with-pkgversion="supermachine build of Debian $built_version" \
       > configure.log 2>&1) || { tail -20 "$work/build/configure.log" >&2; exit 1; }
   ninja -C "$work/build" -j"$jobs" qemu-system-x86_64 > "$work/build/ninja.log" 2>&1 \
     || { tail -20 "$work/build/ninja.log" >&2; exit 1; }
   mkdir -p "$dest.partial"
   cp "$work/build/qemu-system-x86_64" "$dest.partial/qemu-system-x86_64"
   strip "$dest.partial/qemu-system-x86_64"
-  echo "$source_version" > "$dest.partial/source-version"
+  echo "$built_version" > "$dest.partial/source-version"
   rm -rf "$dest"
   mv "$dest.partial" "$dest"
 fi
