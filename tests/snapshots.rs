@@ -351,13 +351,13 @@ fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_i
         .assets
         .canonicalize()
         .unwrap()
-        .join("qemu-system-x86_64");
+        .join(engine::qemu::BINARY_NAME);
     assert!(
         bundled.exists() || std::env::var("CI").is_err(),
         "{} missing: run `make guest`",
         bundled.display()
     );
-    if !bundled.exists() || common::which("qemu-system-x86_64").is_none() {
+    if !bundled.exists() || engine::probe::which(engine::qemu::BINARY_NAME).is_none() {
         eprintln!("skipped: needs the QEMU built for supermachine and one on PATH");
         return;
     }

@@ -18,14 +18,6 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `name` on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
 /// The guest assets, or `None` (test skipped with a message) when they are not built and
 /// nothing requires them. `make test` and CI require them.
 pub fn assets() -> Option<PathBuf> {

@@ -338,7 +338,8 @@ fn cache_file(qemu: &str, dir: &Path, forced: Option<Accel>) -> PathBuf {
     dir.join(format!("accel-v2-{hash:016x}.json"))
 }
 
-pub(crate) fn which(binary: &str) -> Option<PathBuf> {
+/// `binary` as a path if it names one, else where it is on PATH.
+pub fn which(binary: &str) -> Option<PathBuf> {
     if binary.contains('/') {
         return Some(PathBuf::from(binary));
     }
