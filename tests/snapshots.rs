@@ -413,3 +413,91 @@ fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_i
     assert_eq!(entries.len(), 2, "{entries:?}");
     assert!(entries.iter().all(|e| e["hits"] == 1), "{entries:?}");
 }
+
+/// The VMM process a container's monitor started.
+fn vmm_of(monitor: i64) -> Option<i64> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i64 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (comm, rest) = stat.split_once(") ")?;
+            let ppid: i64 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == monitor && comm.contains("qemu-system")).then_some(pid)
+        })
+}
+
+/// KiB resident in a process's anonymous executable mappings: QEMU's translated code.
+fn translated_code_kib(pid: i64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_code = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            in_code = fields.get(1).is_some_and(|p| p.contains('x')) && fields.len() == 5;
+        } else if in_code && fields.first() == Some(&"Rss:") {
+            kib += fields[1].parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn an_idle_restored_vm_gives_back_its_translated_code_and_still_runs() {
+    let Some((env, _cache)) = fresh() else { return };
+    run_logged(&env, "t0", &["true"], |_| {}); // bake
+    let bundle = env.bundle(&["sleep", "1000"]);
+    let log = env.root().join("t1.log");
+    let out = env.run(&[
+        "--debug",
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--detach",
+        "--bundle",
+        bundle.path_str(),
+        "t1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(read_log().contains("restore phases"), "{}", read_log());
+    if !read_log().contains("engine qemu-tcg") {
+        eprintln!("skipped: only QEMU's TCG keeps translated code");
+        assert!(env.run(&["delete", "--force", "t1"]).status.success());
+        return;
+    }
+    let monitor = env.state("t1")["pid"].as_i64().unwrap();
+    let vmm = vmm_of(monitor).expect("the container's QEMU");
+    // A restore and a container start translate ~10 MiB of code; once the guest idles
+    // (in `sleep`), the runtime has QEMU drop it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("trimming") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never trimmed: {}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let kib = translated_code_kib(vmm);
+    assert!(
+        kib < 4096,
+        "{kib} KiB of translated code resident after the trim"
+    );
+    // What runs next is translated again.
+    let out = env.run(&["exec", "t1", "sh", "-c", "echo still running"]);
+    assert_eq!(
+        text(&out.stdout),
+        "still running\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.run(&["delete", "--force", "t1"]).status.success());
+    env.assert_clean("t1");
+}

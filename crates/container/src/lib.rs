@@ -21,6 +21,7 @@ pub mod network;
 pub mod paths;
 pub mod plan;
 pub mod proc;
+pub mod reclaim;
 pub mod relay;
 pub mod rootfs;
 pub mod signal;

@@ -33,7 +33,7 @@ use crate::network::{self, Attachment};
 use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
 use crate::state::{ContainerDir, StateStore, Status};
-use crate::{cgroup, proc, ContainerError, Paths};
+use crate::{cgroup, proc, reclaim, ContainerError, Paths};
 
 /// The container's network connection, attached once its namespace has an interface.
 #[derive(Debug)]
@@ -533,6 +533,7 @@ impl ControlContext {
                     },
                     REQUEST_TIMEOUT,
                 )?;
+                reclaim::watch(&self.vm);
                 self.dir.update(|s| {
                     if s.status == Status::Created {
                         s.status = Status::Running;

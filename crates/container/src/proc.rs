@@ -3,13 +3,38 @@
 
 use std::time::{Duration, Instant};
 
+/// Numeric fields of `/proc/PID/stat`, by their 1-based numbers in proc(5).
+fn stat_fields<const N: usize>(pid: i32, numbers: [usize; N]) -> Option<[u64; N]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) may hold spaces and parentheses: fields resume after its last
+    // `)`, with field 3 (state).
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let mut values = [0; N];
+    for (value, number) in values.iter_mut().zip(numbers) {
+        *value = fields.get(number.checked_sub(3)?)?.parse().ok()?;
+    }
+    Some(values)
+}
+
 /// The start time (clock ticks after boot) of `pid`, field 22 of `/proc/PID/stat`.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = stat.get(stat.rfind(')')? + 1..)?;
-    // Field 3 (state) is the first after the command; start time is field 22.
-    let field = after_comm.split_whitespace().nth(22 - 3)?;
-    field.parse().ok()
+    stat_fields(pid, [22]).map(|[ticks]| ticks)
+}
+
+/// The CPU time `pid` has used so far, user and system (fields 14 and 15).
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let [user, system] = stat_fields(pid, [14, 15])?;
+    // SAFETY: sysconf only reads a system constant.
+    let ticks_per_second = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        hz if hz > 0 => hz as u64,
+        _ => 100,
+    };
+    Some(Duration::from_millis(
+        (user + system) * 1000 / ticks_per_second,
+    ))
 }
 
 /// Whether `pid` is alive, not a zombie, and is the process that started at `started`.
@@ -57,6 +82,19 @@ mod tests {
         assert!(is_alive(me, Some(started)));
         assert!(!is_alive(me, Some(started + 1)));
         assert!(!is_alive(-1, None));
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work_and_is_none_for_no_process() {
+        let me = std::process::id() as i32;
+        let before = cpu_time(me).unwrap();
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(cpu_time(me).unwrap() > before);
+        assert_eq!(cpu_time(-1), None);
     }
 
     #[test]

@@ -117,6 +117,14 @@ pub trait Vm: Send + fmt::Debug {
     fn exited(&mut self) -> Option<String>;
     /// The last `lines` lines of the guest console, to explain a failure.
     fn console_tail(&self, lines: usize) -> String;
+    /// Gives the host back memory the guest can do without, such as a translating
+    /// engine's code for paths the guest ran once (boot, restore, a container's start).
+    /// Best effort; called when the guest idles.
+    fn trim(&mut self) {}
+    /// Whether [`Vm::trim`] gives anything back for this VM.
+    fn trims(&self) -> bool {
+        false
+    }
 }
 
 pub trait Engine: Send + Sync + fmt::Debug {

@@ -174,6 +174,10 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 const X_IGNORE_SHARED: &str = "x-ignore-shared";
 
+/// Drops TCG's translated code and returns its pages to the host (a command of the QEMU
+/// built by scripts/build-qemu.sh; config/qemu/patches).
+const JIT_FLUSH: &str = "x-jit-flush";
+
 impl QemuEngine {
     /// Starts QEMU for `spec` and waits for its control socket.
     fn spawn(
@@ -248,6 +252,7 @@ impl QemuEngine {
             console,
             vmm_log,
             ram: ram.map(|file| (file, u64::from(spec.memory_mib) << 20)),
+            flushes_jit: self.verdict.accel == Accel::Tcg,
             stopped: false,
         };
         match Qmp::handshake(qmp_host, VMM_START_TIMEOUT) {
@@ -359,6 +364,9 @@ pub struct QemuVm {
     vmm_log: PathBuf,
     /// Guest RAM and its size, when this process holds it (booted VMs; not restored ones).
     ram: Option<(File, u64)>,
+    /// Whether QEMU translates guest code (TCG, rather than KVM or HVF running it) and
+    /// can be asked to drop the translations; until it says it cannot.
+    flushes_jit: bool,
     stopped: bool,
 }
 
@@ -441,6 +449,23 @@ impl Vm for QemuVm {
             Ok(Some(status)) => Some(format!("qemu exited ({status})")),
             _ => None,
         }
+    }
+
+    fn trim(&mut self) {
+        // TCG keeps every block it translated until its 1 GiB buffer fills: ~10 MiB of
+        // kernel code after a restore and a container start, most of which does not run
+        // again. What runs again is translated again. A QEMU without the command (the
+        // distribution's) keeps its code.
+        if self.flushes_jit {
+            if let Err(e) = self.qmp(JIT_FLUSH) {
+                log::debug!("{JIT_FLUSH}: {e}");
+                self.flushes_jit = false;
+            }
+        }
+    }
+
+    fn trims(&self) -> bool {
+        self.flushes_jit
     }
 
     fn console_tail(&self, lines: usize) -> String {

@@ -15,7 +15,7 @@ use container::netns::NetworkNamespace;
 use container::network::{self, Attachment};
 use container::paths::{Paths, VmDefaults};
 use container::plan::Plan;
-use container::{hooks, proc, ContainerError};
+use container::{hooks, proc, reclaim, ContainerError};
 use engine::{EngineChoice, Vm};
 use serde::{Deserialize, Serialize};
 use snapshot::SnapshotCache;
@@ -135,7 +135,7 @@ pub struct Task {
     pub id: String,
     pub bundle: PathBuf,
     pub plan: Plan,
-    pub vm: Mutex<Box<dyn Vm>>,
+    pub vm: Arc<Mutex<Box<dyn Vm>>>,
     pub agent: AgentClient,
     pub vmm_pid: u32,
     pub init: Arc<Proc>,
@@ -282,7 +282,7 @@ impl Task {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
             plan,
-            vm: Mutex::new(vm),
+            vm: Arc::new(Mutex::new(vm)),
             agent,
             vmm_pid,
             init: Arc::clone(&init),
@@ -424,6 +424,7 @@ impl Task {
                 REQUEST_TIMEOUT,
             )?;
             lock(&process.state).status = ProcStatus::Running;
+            reclaim::watch(&self.vm);
             let running = self.oci_state("running");
             if let Err(e) = hooks::run("poststart", &self.plan.hooks.poststart, &running) {
                 log::warn!("{e}");
