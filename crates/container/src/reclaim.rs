@@ -18,7 +18,7 @@ use engine::Vm;
 use crate::proc;
 
 /// How often the VMM's CPU time is sampled.
-pub const SAMPLE: Duration = Duration::from_millis(500);
+const SAMPLE: Duration = Duration::from_millis(500);
 /// Below this much CPU time in a sample (2%), the VM is idle.
 const IDLE: Duration = Duration::from_millis(10);
 /// The work since the last trim that makes another worth it: about what translating a
@@ -28,6 +28,7 @@ const WORTH_TRIMMING: Duration = Duration::from_millis(50);
 /// When to trim, from successive samples of the VMM's total CPU time.
 #[derive(Debug, Default)]
 struct Policy {
+    /// The last sample; zero at first, so that the boot or restore counts as work.
     last: Duration,
     work_since_trim: Duration,
 }
@@ -77,10 +78,16 @@ fn watch_process(vmm_pid: u32, mut trim: impl FnMut() -> bool + Send + 'static) 
     let spawned = std::thread::Builder::new()
         .name("reclaim".into())
         .spawn(move || {
+            let pid = vmm_pid as i32;
+            let started = proc::start_time(pid);
             let mut policy = Policy::default();
             loop {
                 std::thread::sleep(SAMPLE);
-                let Some(cpu_time) = proc::cpu_time(vmm_pid as i32) else {
+                // Another process may have the pid once the VMM has gone.
+                if !proc::is_alive(pid, started) {
+                    return;
+                }
+                let Some(cpu_time) = proc::cpu_time(pid) else {
                     return;
                 };
                 if policy.sample(cpu_time) {
