@@ -69,7 +69,7 @@ vm-test: guest
 integration-test: guest build
 	@for t in integration/*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) "$$t" $(CURDIR)/$(BIN)/supermachine || exit 1; done
 
-bench: deps guest build
+bench: deps guest kernel-variants build
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine
 	# The builtin engine's cold boots take minutes where KVM emulates guest kernel code: one.
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine --engine builtin --cold-runs 1
