@@ -79,12 +79,15 @@ fn watch_process(vmm_pid: u32, mut trim: impl FnMut() -> bool + Send + 'static) 
         .name("reclaim".into())
         .spawn(move || {
             let pid = vmm_pid as i32;
-            let started = proc::start_time(pid);
+            // Without its start time, a recycled pid could not be told from the VMM.
+            let Some(started) = proc::start_time(pid) else {
+                return;
+            };
             let mut policy = Policy::default();
             loop {
                 std::thread::sleep(SAMPLE);
                 // Another process may have the pid once the VMM has gone.
-                if !proc::is_alive(pid, started) {
+                if !proc::is_alive(pid, Some(started)) {
                     return;
                 }
                 let Some(cpu_time) = proc::cpu_time(pid) else {
