@@ -592,7 +592,10 @@ impl ControlContext {
         let Ok(writer) = stream.try_clone() else {
             return;
         };
-        let writer = Arc::new(Mutex::new(writer));
+        let writer = Arc::new(Mutex::new(SessionWriter {
+            stream: writer,
+            held: Some(Held::default()),
+        }));
         self.agent.register(
             process,
             Box::new(SessionOutput {
@@ -616,7 +619,7 @@ impl ControlContext {
         if failed {
             self.agent.unregister(process);
         }
-        if agent_proto::write_message(&mut *lock(&writer), &reply).is_err() || failed {
+        if lock(&writer).start(&reply).is_err() || failed {
             return;
         }
         let mut reader = stream;
@@ -658,16 +661,64 @@ impl ControlContext {
     }
 }
 
+/// An exec session's connection. The agent reports a process's output and exit on its
+/// reader thread, which can run before the session's thread has written the `ExecStarted`
+/// reply that the client reads first (a fast process's output would then be skipped as
+/// frames before the reply): until the reply is written, they are held.
+struct SessionWriter {
+    stream: UnixStream,
+    /// What came before the reply; `None` once it is written.
+    held: Option<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    frames: Vec<u8>,
+    exited: bool,
+}
+
+impl SessionWriter {
+    /// Writes the reply to the exec request, then what was held for after it.
+    fn start(&mut self, reply: &ControlReply) -> Result<(), agent_proto::ProtoError> {
+        agent_proto::write_message(&mut self.stream, reply)?;
+        let held = self.held.take().unwrap_or_default();
+        self.stream.write_all(&held.frames)?;
+        if held.exited {
+            self.stream.shutdown(std::net::Shutdown::Write)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, frames: &[u8]) {
+        match &mut self.held {
+            Some(held) => held.frames.extend_from_slice(frames),
+            None => {
+                let _ = self.stream.write_all(frames);
+            }
+        }
+    }
+
+    /// Ends the session's output after the exit status.
+    fn finish(&mut self) {
+        match &mut self.held {
+            Some(held) => held.exited = true,
+            None => {
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+}
+
 /// An exec'd process's output and exit, framed onto its session connection.
 struct SessionOutput {
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Mutex<SessionWriter>>,
 }
 
 impl ProcessEvents for SessionOutput {
     fn output(&mut self, stream: Stream, bytes: &[u8]) {
         let mut out = Vec::new();
         encode_data(0, stream, bytes, &mut out);
-        let _ = lock(&self.writer).write_all(&out);
+        lock(&self.writer).write(&out);
     }
 
     fn exited(&mut self, status: ExitStatus) {
@@ -681,8 +732,8 @@ impl ProcessEvents for SessionOutput {
         .is_ok()
         {
             let mut writer = lock(&self.writer);
-            let _ = writer.write_all(&out);
-            let _ = writer.shutdown(std::net::Shutdown::Write);
+            writer.write(&out);
+            writer.finish();
         }
     }
 }
@@ -710,4 +761,84 @@ pub fn take_sync_fd() -> Option<OwnedFd> {
 /// True when `path` is the state dir of a container whose monitor answers.
 pub fn monitor_answers(dir: &Path) -> bool {
     control::connect(dir).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_proto::{read_frame, Frame, ProtoError};
+
+    fn frames(mut stream: UnixStream) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match read_frame::<ControlReply, _>(&mut stream) {
+                Ok(Frame::Message(reply)) => seen.push(format!("{reply:?}")),
+                Ok(Frame::Data { bytes, .. }) => seen.push(text(&bytes)),
+                Err(ProtoError::Closed) => return seen,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    #[test]
+    fn an_exec_sessions_output_and_exit_come_after_its_start_reply() {
+        let (ours, client) = UnixStream::pair().unwrap();
+        let writer = Arc::new(Mutex::new(SessionWriter {
+            stream: ours,
+            held: Some(Held::default()),
+        }));
+        let mut output = SessionOutput {
+            writer: Arc::clone(&writer),
+        };
+        // A fast process: all of it is reported before the session writes its reply.
+        output.output(Stream::Stdout, b"exec-out");
+        output.output(Stream::Stderr, b"exec-err");
+        output.exited(ExitStatus::Exited(5));
+        lock(&writer)
+            .start(&ControlReply::ExecStarted { pid: 7 })
+            .unwrap();
+        // Then more output would go straight through (none here: the stream is shut).
+        drop(output);
+        drop(writer);
+        assert_eq!(
+            frames(client),
+            [
+                format!("{:?}", ControlReply::ExecStarted { pid: 7 }),
+                "exec-out".to_string(),
+                "exec-err".to_string(),
+                format!("{:?}", ControlReply::Exited { code: 5 }),
+            ]
+        );
+    }
+
+    #[test]
+    fn output_after_the_start_reply_is_written_at_once() {
+        let (ours, client) = UnixStream::pair().unwrap();
+        let writer = Arc::new(Mutex::new(SessionWriter {
+            stream: ours,
+            held: Some(Held::default()),
+        }));
+        lock(&writer)
+            .start(&ControlReply::ExecStarted { pid: 7 })
+            .unwrap();
+        let mut output = SessionOutput {
+            writer: Arc::clone(&writer),
+        };
+        output.output(Stream::Stdout, b"later");
+        output.exited(ExitStatus::Exited(0));
+        drop(output);
+        drop(writer);
+        assert_eq!(
+            frames(client),
+            [
+                format!("{:?}", ControlReply::ExecStarted { pid: 7 }),
+                "later".to_string(),
+                format!("{:?}", ControlReply::Exited { code: 0 }),
+            ]
+        );
+    }
 }
