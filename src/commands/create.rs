@@ -9,8 +9,9 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use container::bundle::Bundle;
-use container::hooks;
+use container::lifecycle;
 use container::monitor::{self, SyncMessage};
+use container::monitored::MonitoredContainer;
 use container::plan::Plan;
 use container::state::{rfc3339_now, write_atomic, ContainerDir, ContainerState, Status};
 use liboci_cli::Create;
@@ -160,22 +161,21 @@ fn create_in(
             bail!("the monitor process exited before the container was created ({status})");
         }
     }
-    let finish = || -> Result<()> {
-        // The monitor (and the container's network namespace) exists: the hooks that
-        // prepare the container from the host run now, as runc runs them during create.
-        let state = dir.load()?;
-        let creating = state.oci_state_as(Status::Creating);
-        hooks::run("createRuntime", &plan.hooks.create_runtime, &creating)?;
-        hooks::run("prestart", &plan.hooks.prestart, &creating)?;
-        if let Some(path) = pid_file {
-            write_atomic(&absolute(path)?, child.id().to_string().as_bytes())?;
-        }
-        Ok(())
-    };
-    if let Err(e) = finish() {
-        let _ = child.kill();
+    // The monitor (and the container's network namespace) exists: the hooks that prepare
+    // the container from the host run now. If one fails, the container is gone.
+    let container = MonitoredContainer { dir: dir.clone() };
+    if let Err(e) = lifecycle::created(&container) {
         let _ = child.wait();
-        return Err(e);
+        return Err(e.into());
+    }
+    if let Some(path) = pid_file {
+        if let Err(e) = absolute(path).and_then(|path| {
+            write_atomic(&path, child.id().to_string().as_bytes()).map_err(Into::into)
+        }) {
+            let _ = lifecycle::delete(&container, true);
+            let _ = child.wait();
+            return Err(e);
+        }
     }
     Ok(child)
 }

@@ -13,8 +13,9 @@ use std::process::{Command, Stdio};
 use agent_proto::ProcessSpec;
 use anyhow::{anyhow, bail, Context as _, Result};
 use container::exec_client::ExecSession;
+use container::state::Verb;
 use container::state::{write_atomic, ContainerState};
-use container::{translate, Status};
+use container::translate;
 use liboci_cli::Exec;
 use nix::fcntl::OFlag;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
@@ -35,13 +36,9 @@ enum RelaySync {
 
 pub fn run(args: Exec, context: &Context) -> Result<i32> {
     let (dir, state) = context.open(&args.container_id)?;
-    match state.current_status() {
-        Status::Stopped | Status::Creating => bail!("cannot exec in a stopped container"),
-        Status::Paused if !args.ignore_paused => {
-            bail!("cannot exec in a paused container (use --ignore-paused to override)")
-        }
-        _ => {}
-    }
+    state.current_status().allows(Verb::Exec {
+        ignore_paused: args.ignore_paused,
+    })?;
     let spec = process_spec(&args, &state)?;
     let console_socket = args.console_socket.as_deref().map(absolute).transpose()?;
     if args.detach {

@@ -15,7 +15,7 @@ pub fn run(args: List, context: &Context) -> Result<i32> {
     }
     match args.format.as_str() {
         "json" => {
-            let list: Vec<serde_json::Value> = states.iter().map(|s| s.oci_state()).collect();
+            let list: Vec<_> = states.iter().map(|s| s.oci_state()).collect();
             outln!("{}", serde_json::to_string(&list)?);
         }
         "table" => {
@@ -32,7 +32,7 @@ pub fn run(args: List, context: &Context) -> Result<i32> {
                 outln!(
                     "{:<24} {:<8} {:<10} {:<40} {:<32} root",
                     state.id,
-                    oci["pid"],
+                    oci.pid,
                     state.current_status(),
                     state.bundle.display(),
                     state.created

@@ -19,6 +19,7 @@ pub mod update;
 pub mod version;
 
 use anyhow::Result;
+use container::monitored::MonitoredContainer;
 use container::state::ContainerDir;
 use container::{ContainerState, Paths, StateStore};
 use liboci_cli::GlobalOpts;
@@ -48,6 +49,11 @@ impl Context {
             log,
             snapshots: true,
         }
+    }
+
+    /// An existing container, as the lifecycle acts on it.
+    pub fn container(&self, id: &str) -> Result<MonitoredContainer> {
+        Ok(MonitoredContainer::open(&self.store, id)?)
     }
 
     /// An existing container and its state.

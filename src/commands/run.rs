@@ -1,18 +1,16 @@
 //! `run`: create, start, and (unless `--detach`) wait for the container, forwarding signals
 //! to its monitor, then delete it (unless `--keep`). Exits with the container's status.
 
-use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
-
 use anyhow::{bail, Result};
 use container::bundle::Bundle;
-use container::control::{self, ControlRequest};
+use container::lifecycle;
+use container::monitored::MonitoredContainer;
 use liboci_cli::Run;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
+use std::os::unix::process::ExitStatusExt;
 
 use super::create::create_container;
-use super::delete::destroy;
 use super::Context;
 use crate::terminal::ForegroundTerminal;
 
@@ -65,23 +63,22 @@ pub fn run(args: Run, context: &Context) -> Result<i32> {
         args.pid_file.as_deref(),
         context,
     )?;
+    let container = MonitoredContainer {
+        dir: created.dir.clone(),
+    };
     let attached = match foreground {
         Some(f) => match f.attach() {
             Ok(t) => Some(t),
             Err(e) => {
-                let _ = destroy(&created.dir, &created.dir.load()?);
+                let _ = lifecycle::delete(&container, true);
                 let _ = created.monitor.wait();
                 return Err(e);
             }
         },
         None => None,
     };
-    if let Err(e) = control::call(
-        &created.dir.path,
-        ControlRequest::Start,
-        Duration::from_secs(30),
-    ) {
-        let _ = destroy(&created.dir, &created.dir.load()?);
+    if let Err(e) = lifecycle::start(&container) {
+        let _ = lifecycle::delete(&container, true);
         let _ = created.monitor.wait();
         return Err(e.into());
     }
@@ -109,8 +106,7 @@ pub fn run(args: Run, context: &Context) -> Result<i32> {
         t.finish();
     }
     if !args.keep {
-        let state = created.dir.load()?;
-        destroy(&created.dir, &state)?;
+        lifecycle::delete(&container, true)?;
     }
     Ok(code)
 }

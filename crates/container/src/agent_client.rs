@@ -19,6 +19,10 @@ use agent_proto::{
 
 use crate::ContainerError;
 
+/// How long a request to the agent may take before the host gives up on it. Requests are
+/// small and the agent answers each in turn; under TCG a container set-up is the slowest.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where a process's output and exit go.
 pub trait ProcessEvents: Send {
     /// Output bytes; an empty slice means the stream closed.

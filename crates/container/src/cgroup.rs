@@ -124,8 +124,11 @@ pub fn relative_path(cgroups_path: &str) -> PathBuf {
 }
 
 /// Host limits from an OCI `LinuxResources` document (`update`, the shim's Update). The
-/// guest's memory is fixed when the VM boots: a memory limit that cannot hold it (with the
-/// VMM's overhead) is refused with that reason, not left to the host's OOM killer.
+/// guest's memory is fixed when the VM boots, and the container cannot use more than it: a
+/// new limit at least that large is honoured, and the host cgroup is given the VMM's
+/// overhead on top where the limit cannot hold both (as at create). A limit below the
+/// guest's memory cannot be enforced from the host without the VM failing under the host's
+/// OOM killer, so it is refused with that reason.
 pub fn limits_from_resources(
     resources: &serde_json::Value,
     guest_mib: u32,
@@ -144,17 +147,19 @@ pub fn limits_from_resources(
             .filter(|s| !s.is_empty())
             .map(String::from)
     };
-    let memory_bytes = int("/memory/limit");
+    let mut memory_bytes = int("/memory/limit");
     if let Some(bytes) = memory_bytes {
-        let needed = i64::from(guest_mib + vmm_overhead_mib) << 20;
-        if bytes < needed {
+        let guest = i64::from(guest_mib) << 20;
+        if bytes < guest {
             return Err(ContainerError::InvalidState(format!(
                 "cannot lower the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
-                 of guest memory, and with its VMM needs {} MiB; recreate the container to shrink it",
+                 of guest memory, which the host cannot take back from it; recreate the \
+                 container to shrink it",
                 bytes >> 20,
-                needed >> 20
             )));
         }
+        let needed = i64::from(guest_mib + vmm_overhead_mib) << 20;
+        memory_bytes = Some(bytes.max(needed));
     }
     Ok(HostLimits {
         memory_bytes,
@@ -385,6 +390,23 @@ mod tests {
         assert_eq!(
             (limits.cpu_quota, limits.cpu_period),
             (Some(50000), Some(100000))
+        );
+    }
+
+    #[test]
+    fn raising_a_limit_that_was_below_the_smallest_vm_is_accepted() {
+        // `docker run --memory 64m` got the smallest VM (128 MiB guest) and a host limit
+        // raised to hold it; `docker update --memory 128m` is a raise.
+        let raised = serde_json::json!({ "memory": { "limit": 128 << 20 } });
+        let limits = limits_from_resources(&raised, 128, 64).unwrap();
+        assert_eq!(limits.memory_bytes, Some((128 + 64) << 20));
+        let lower = serde_json::json!({ "memory": { "limit": 100 << 20 } });
+        let err = limits_from_resources(&lower, 128, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot lower the memory limit to 100 MiB"),
+            "{err}"
         );
     }
 

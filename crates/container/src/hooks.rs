@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::Hook;
 use serde::{Deserialize, Serialize};
 
-use crate::ContainerError;
+use crate::{ContainerError, OciState};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostHooks {
@@ -75,11 +75,7 @@ impl HostHooks {
 }
 
 /// Runs `hooks` in order with `state` on stdin; the first failure stops and is returned.
-pub fn run(
-    kind: &str,
-    hooks: &[HookSpec],
-    state: &serde_json::Value,
-) -> Result<(), ContainerError> {
+pub fn run(kind: &str, hooks: &[HookSpec], state: &OciState) -> Result<(), ContainerError> {
     let input = serde_json::to_vec(state).unwrap_or_default();
     for hook in hooks {
         let fail =
@@ -143,20 +139,28 @@ mod tests {
         }
     }
 
+    fn state() -> OciState {
+        OciState::new(
+            "c1",
+            crate::Status::Created,
+            Some(42),
+            std::path::Path::new("/bundle"),
+            "",
+            Default::default(),
+        )
+    }
+
     #[test]
     fn hooks_get_the_state_on_stdin_and_their_env() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let script = format!("cat > {}; echo \" $X\" >> {}", out.display(), out.display());
-        run(
-            "prestart",
-            &[hook(&script)],
-            &serde_json::json!({"id": "c1", "pid": 42}),
-        )
-        .unwrap();
+        run("prestart", &[hook(&script)], &state()).unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
-        assert!(text.starts_with(r#"{"id":"c1","pid":42}"#), "{text}");
-        assert!(text.ends_with(" 1\n"), "{text}");
+        let (json, rest) = text.split_at(text.rfind('}').unwrap() + 1);
+        let seen: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!((&seen["id"], &seen["pid"]), (&"c1".into(), &42.into()));
+        assert_eq!(rest, " 1\n");
     }
 
     #[test]
@@ -169,7 +173,7 @@ mod tests {
                 hook("echo broken >&2; exit 3"),
                 hook(&format!("touch {}", marker.display())),
             ],
-            &serde_json::json!({}),
+            &state(),
         )
         .unwrap_err()
         .to_string();
@@ -185,9 +189,7 @@ mod tests {
         let mut slow = hook("sleep 10");
         slow.timeout = Some(1);
         let started = Instant::now();
-        let err = run("prestart", &[slow], &serde_json::json!({}))
-            .unwrap_err()
-            .to_string();
+        let err = run("prestart", &[slow], &state()).unwrap_err().to_string();
         assert!(err.contains("timed out"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

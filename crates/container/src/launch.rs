@@ -18,13 +18,12 @@ use snapshot::{
     Bake, CacheLimits, Entry, KeyParts, Lookup, SnapshotCache, SnapshotKey, FORMAT_VERSION,
 };
 
-use crate::agent_client::{self, AgentClient};
+use crate::agent_client::{self, AgentClient, REQUEST_TIMEOUT};
 use crate::plan::Plan;
 use crate::ContainerError;
 
 /// How long a restored agent may take to answer; beyond it the snapshot is presumed bad.
 const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the VM came from.
 #[derive(Debug)]

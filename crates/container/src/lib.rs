@@ -11,11 +11,14 @@ pub mod bundle;
 pub mod cgroup;
 pub mod console;
 pub mod control;
+mod error;
 pub mod exec_client;
 pub mod hooks;
 pub mod id;
 pub mod launch;
+pub mod lifecycle;
 pub mod monitor;
+pub mod monitored;
 pub mod netns;
 pub mod network;
 pub mod paths;
@@ -25,54 +28,10 @@ pub mod reclaim;
 pub mod relay;
 pub mod rootfs;
 pub mod signal;
+pub mod startup;
 pub mod state;
 pub mod translate;
 
-use std::path::PathBuf;
-
+pub use error::{ContainerError, Result};
 pub use paths::{Assets, Paths};
-pub use state::{ContainerState, StateStore, Status};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ContainerError {
-    #[error("invalid container id format: {0:?}")]
-    InvalidId(String),
-    #[error("container \"{0}\" does not exist")]
-    NotFound(String),
-    #[error("container with id exists: {0}")]
-    AlreadyExists(String),
-    #[error("bundle {path}: {reason}")]
-    Bundle { path: PathBuf, reason: String },
-    #[error("{0}")]
-    InvalidState(String),
-    #[error("container not running")]
-    NotRunning,
-    #[error("{0}")]
-    Assets(String),
-    #[error(transparent)]
-    Engine(#[from] engine::EngineError),
-    #[error(transparent)]
-    Image(#[from] image::ImageError),
-    #[error("agent: {0}")]
-    Agent(String),
-    #[error("{message}; last guest console lines:\n{console}")]
-    Boot { message: String, console: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("monitor: {0}")]
-    Monitor(String),
-    #[error("unknown signal {0:?}")]
-    UnknownSignal(String),
-}
-
-impl ContainerError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ContainerError {
-        let path = path.into();
-        move |source| ContainerError::Io { path, source }
-    }
-}
-
-pub type Result<T, E = ContainerError> = std::result::Result<T, E>;
+pub use state::{ContainerState, OciState, StateStore, Status};

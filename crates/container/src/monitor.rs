@@ -13,83 +13,25 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agent_proto::{
     encode_data, encode_message, read_frame, ExitStatus, Frame, ProcessId, Reply, Request, Stream,
     INIT_PROCESS,
 };
-use engine::{EngineChoice, Phase, Vm};
+use engine::Vm;
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
-use snapshot::SnapshotCache;
 
-use crate::agent_client::{AgentClient, ProcessEvents};
+use crate::agent_client::{AgentClient, ProcessEvents, REQUEST_TIMEOUT};
 use crate::console::{self, HostConsole};
 use crate::control::{self, ControlReply, ControlRequest};
-use crate::launch::{self, Launched, Origin};
-use crate::netns::NetworkNamespace;
-use crate::network::{self, Attachment};
+use crate::lifecycle::VM_DIED_STATUS;
 use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
-use crate::state::{ContainerDir, StateStore, Status};
+use crate::startup::{self, RunningVm, TapLifetime, VmNetwork, VmStartup};
+use crate::state::{ContainerDir, StateStore, Status, Verb};
 use crate::{cgroup, proc, reclaim, ContainerError, Paths};
-
-/// The container's network connection, attached once its namespace has an interface.
-#[derive(Debug)]
-struct NetworkState {
-    attachment: Attachment,
-    taps: Vec<String>,
-    files: Vec<crate::translate::FileBind>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// One debug line with the launch's phases, each in ms from the monitor's start for cold
-/// boots (the boot timeline) and as durations for restores.
-fn log_phases(origin: &Origin, phases: &[Phase], uptime: Option<Duration>, total: Duration) {
-    match origin {
-        Origin::Booted { baked } => {
-            let at = |name: &str| {
-                phases
-                    .iter()
-                    .find(|p| p.name == name)
-                    .map_or(0.0, |p| ms(p.duration))
-            };
-            let agent = at("agent ready");
-            // The guest's uptime at READY dates the kernel's entry on the host clock.
-            let kernel = uptime.map_or(0.0, |u| (agent - ms(u)).max(0.0));
-            let bake = phases
-                .iter()
-                .find(|p| p.name.starts_with("bake"))
-                .map_or(0.0, |p| ms(p.duration));
-            log::debug!(
-                "boot phases: vmm={:.1}ms kernel={kernel:.1}ms agent={agent:.1}ms bake={bake:.1}ms created={:.1}ms{}",
-                at("vmm"),
-                ms(total),
-                baked.as_ref().map(|k| format!(" (baked snapshot {k})")).unwrap_or_default()
-            );
-        }
-        Origin::Restored { key } => {
-            let list: Vec<String> = phases
-                .iter()
-                .map(|p| format!("{}={:.2}ms", p.name, ms(p.duration)))
-                .collect();
-            log::debug!(
-                "restore phases: {}; created={:.1}ms (snapshot {key})",
-                list.join(", "),
-                ms(total)
-            );
-        }
-    }
-}
-
-/// Exit status of a monitor whose VM died under the container.
-pub const VM_DIED_STATUS: i32 = 255;
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `create` passes to the monitor it starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,7 +162,7 @@ struct Monitor {
     listener: UnixListener,
     engine_name: String,
     next_exec: Arc<Mutex<ProcessId>>,
-    network: Arc<Mutex<NetworkState>>,
+    network: Arc<Mutex<VmNetwork>>,
 }
 
 impl Monitor {
@@ -236,7 +178,6 @@ impl Monitor {
             let placement = cgroup::place(std::process::id(), path, &plan.host_limits)?;
             dir.update(|s| s.cgroups = placement)?;
         }
-        plan.network.enter()?;
         let console = match &args.console_socket {
             Some(socket) => Some(HostConsole::create_and_send(
                 socket,
@@ -244,78 +185,43 @@ impl Monitor {
             )?),
             None => None,
         };
-        let paths = Paths::new(Some(args.state_root.clone()));
-        let choice: EngineChoice = args.engine.parse()?;
-        let selection = engine::select(choice, &paths.probe_dir(), plan.qemu.as_deref())?;
-        log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
-        // In the container's network namespace (entered above): the tap the VM's network
-        // device sends through. In a namespace of our own it goes with the namespace.
-        let tap_name = format!("{}0", network::TAP_PREFIX);
-        let tap = match plan.network {
-            NetworkNamespace::Host => None,
-            NetworkNamespace::New => Some(network::create_tap(&tap_name, true)?),
-            NetworkNamespace::Join(_) => Some(network::create_tap(&tap_name, false)?),
-        };
-        let spec = plan.vm_spec(dir.path.clone(), tap.as_ref());
-        let cache = if plan.snapshots {
-            Some(SnapshotCache::new(
-                paths.snapshots_dir(),
-                launch::cache_limits(Some(&*selection.engine))?,
-            ))
-        } else {
-            None
-        };
-        let launched = launch::launch(&*selection.engine, &spec, &plan, cache.as_ref())?;
-        // The VMM holds the tap now; it goes when the VMM does.
-        let taps: Vec<String> = tap.into_iter().map(|t| t.name).collect();
-        let Launched {
-            mut vm,
-            agent,
-            origin,
-            mut phases,
-            guest_uptime_at_ready,
-            publisher,
-        } = launched;
-        let guest_pid = match launch::prepare_container(&agent, &plan) {
-            Ok((pid, guest_phases)) => {
-                phases.extend(guest_phases);
-                pid
-            }
-            Err(e) => {
-                let console = vm.console_tail(15);
-                let _ = vm.stop();
-                return Err(ContainerError::Boot {
-                    message: e.to_string(),
-                    console,
-                });
-            }
-        };
-        // CNI-style namespaces are ready before create; docker's are connected between
-        // create and start (then `start` attaches).
-        let attaching = Instant::now();
-        let mut attachment = Attachment::default();
-        if let Err(e) = attachment.attach(&agent, &taps, &plan.file_binds) {
-            let console = vm.console_tail(15);
-            let _ = vm.stop();
-            return Err(ContainerError::Boot {
-                message: e.to_string(),
-                console,
-            });
-        }
-        phases.push(Phase::new("network attach", attaching.elapsed()));
-        log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
         let (events_tx, events) = mpsc::channel();
         let init_exit = events_tx.clone();
         let (out, err) = match &console {
             Some(c) => (c.slave.as_raw_fd(), c.slave.as_raw_fd()),
             None => (1, 2),
         };
-        agent.register(
-            INIT_PROCESS,
-            Box::new(FdOutput::new(out, err, move |status| {
-                let _ = init_exit.send(Event::InitExited(status));
-            })),
+        let init_events = Box::new(FdOutput::new(out, err, move |status| {
+            let _ = init_exit.send(Event::InitExited(status));
+        }));
+        // Bound before the VM starts, so that nothing can fail between its start and `created`
+        // but the state's update.
+        let listener = control::bind_unix(&dir.file(control::SOCKET_NAME))
+            .map_err(ContainerError::io(dir.file(control::SOCKET_NAME)))?;
+        // This process owns the VMM: the start-up enters the container's network namespace
+        // here, where the tap can go with the namespace.
+        let running = startup::start_vm(VmStartup {
+            plan,
+            engine: args.engine.parse()?,
+            paths: Paths::new(Some(args.state_root.clone())),
+            work_dir: dir.path.clone(),
+            tap_lifetime: TapLifetime::WithNamespace,
+            init_events,
+        })?;
+        log::debug!(
+            "container {} created in {:.1}ms",
+            dir.id,
+            started.elapsed().as_secs_f64() * 1000.0
         );
+        let RunningVm {
+            vm,
+            agent,
+            engine_name,
+            guest_pid,
+            network,
+            publisher,
+            ..
+        } = running;
         let gone = events_tx.clone();
         agent.on_close(move || {
             let _ = gone.send(Event::AgentGone);
@@ -331,17 +237,22 @@ impl Monitor {
                 stdin_agent.send_stdin(INIT_PROCESS, bytes).is_ok()
             });
         }
-        let listener = control::bind_unix(&dir.file(control::SOCKET_NAME))
-            .map_err(ContainerError::io(dir.file(control::SOCKET_NAME)))?;
-        let engine_name = selection.engine.name();
         let pid = std::process::id() as i32;
-        dir.update(|s| {
+        let recorded = dir.update(|s| {
             s.status = Status::Created;
             s.pid = Some(pid);
             s.pid_start_time = proc::start_time(pid);
             s.engine = engine_name.clone();
             s.guest_pid = Some(guest_pid);
-        })?;
+        });
+        if let Err(e) = recorded {
+            let mut vm = vm;
+            let _ = vm.stop();
+            if let Some(publisher) = publisher {
+                let _ = publisher.join();
+            }
+            return Err(e);
+        }
         Ok(Monitor {
             dir: dir.clone(),
             publisher,
@@ -353,11 +264,7 @@ impl Monitor {
             listener,
             engine_name,
             next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
-            network: Arc::new(Mutex::new(NetworkState {
-                attachment,
-                taps,
-                files: plan.file_binds.clone(),
-            })),
+            network: Arc::new(Mutex::new(network)),
         })
     }
 
@@ -390,7 +297,7 @@ impl Monitor {
             let _ = publisher.join();
         }
         self.agent.shutdown();
-        lock(&self.network).attachment.detach();
+        lock(&self.network).detach();
         if let Err(e) = lock(&self.vm).stop() {
             log::warn!("stopping the VM: {e}");
         }
@@ -479,7 +386,7 @@ struct ControlContext {
     dir: ContainerDir,
     vm: Arc<Mutex<Box<dyn Vm>>>,
     agent: AgentClient,
-    network: Arc<Mutex<NetworkState>>,
+    network: Arc<Mutex<VmNetwork>>,
     events: mpsc::Sender<Event>,
     next_exec: Arc<Mutex<ProcessId>>,
 }
@@ -504,41 +411,13 @@ impl ControlContext {
     fn apply(&self, request: ControlRequest) -> Result<ControlReply, ContainerError> {
         match request {
             ControlRequest::Start => {
-                let state = self.dir.load()?;
-                match state.status {
-                    Status::Created => {}
-                    Status::Running | Status::Paused => {
-                        return Err(ContainerError::InvalidState(
-                            "cannot start an already running container".into(),
-                        ))
-                    }
-                    _ => {
-                        return Err(ContainerError::InvalidState(
-                            "cannot start a container that has stopped".into(),
-                        ))
-                    }
+                self.dir.load()?.current_status().allows(Verb::Start)?;
+                if let Err(e) = self.start_process() {
+                    // As with runc, a container whose start failed is stopped: the VM goes
+                    // now, and the caller's `delete` finds nothing running.
+                    let _ = self.events.send(Event::Stop);
+                    return Err(e);
                 }
-                {
-                    let mut network = lock(&self.network);
-                    let NetworkState {
-                        attachment,
-                        taps,
-                        files,
-                    } = &mut *network;
-                    attachment.attach(&self.agent, taps, files)?;
-                }
-                self.agent.request(
-                    Request::StartProcess {
-                        process: INIT_PROCESS,
-                    },
-                    REQUEST_TIMEOUT,
-                )?;
-                reclaim::watch(&self.vm);
-                self.dir.update(|s| {
-                    if s.status == Status::Created {
-                        s.status = Status::Running;
-                    }
-                })?;
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Signal { signal, all } => {
@@ -579,6 +458,25 @@ impl ControlContext {
                 "request only valid in an exec session".into(),
             )),
         }
+    }
+
+    /// Connects the network (docker connects it between create and start), lets the
+    /// container's first process run, and records `running`.
+    fn start_process(&self) -> Result<(), ContainerError> {
+        lock(&self.network).attach(&self.agent)?;
+        self.agent.request(
+            Request::StartProcess {
+                process: INIT_PROCESS,
+            },
+            REQUEST_TIMEOUT,
+        )?;
+        reclaim::watch(&self.vm);
+        self.dir.update(|s| {
+            if s.status == Status::Created {
+                s.status = Status::Running;
+            }
+        })?;
+        Ok(())
     }
 
     /// Runs one exec'd process for the connection's lifetime.

@@ -39,6 +39,139 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// A lifecycle verb, as far as the container's status decides whether it may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Start,
+    Kill,
+    Pause,
+    Resume,
+    /// `ignore_paused`: runc's `exec --ignore-paused`.
+    Exec {
+        ignore_paused: bool,
+    },
+    Delete {
+        force: bool,
+    },
+}
+
+impl Status {
+    pub fn can_start(self) -> bool {
+        self == Status::Created
+    }
+
+    /// A paused container can be killed: SIGKILL ends its VM from outside.
+    pub fn can_kill(self) -> bool {
+        matches!(self, Status::Created | Status::Running | Status::Paused)
+    }
+
+    pub fn can_pause(self) -> bool {
+        self == Status::Running
+    }
+
+    pub fn can_resume(self) -> bool {
+        self == Status::Paused
+    }
+
+    pub fn can_exec(self, ignore_paused: bool) -> bool {
+        match self {
+            Status::Created | Status::Running => true,
+            Status::Paused => ignore_paused,
+            Status::Creating | Status::Stopped => false,
+        }
+    }
+
+    /// As runc: a created container is deleted without `--force` (its process never ran);
+    /// a running or paused one only with it.
+    pub fn can_delete(self, force: bool) -> bool {
+        force || !matches!(self, Status::Running | Status::Paused)
+    }
+
+    /// Whether `verb` may run on a container in this status; if not, the error runc gives.
+    pub fn allows(self, verb: Verb) -> Result<(), ContainerError> {
+        let refused = |message: String| Err(ContainerError::InvalidState(message));
+        match verb {
+            Verb::Start if self.can_start() => Ok(()),
+            Verb::Start => refused(match self {
+                Status::Running | Status::Paused => {
+                    "cannot start an already running container".into()
+                }
+                Status::Creating => "cannot start a container that is still being created".into(),
+                _ => "cannot start a container that has stopped".into(),
+            }),
+            Verb::Kill if self.can_kill() => Ok(()),
+            Verb::Kill => Err(ContainerError::NotRunning),
+            Verb::Pause if self.can_pause() => Ok(()),
+            Verb::Pause if self == Status::Paused => refused("container is already paused".into()),
+            Verb::Pause => refused(format!("container not running (status {self})")),
+            Verb::Resume if self.can_resume() => Ok(()),
+            Verb::Resume => refused("container not paused".into()),
+            Verb::Exec { ignore_paused } if self.can_exec(ignore_paused) => Ok(()),
+            Verb::Exec { .. } if self == Status::Paused => refused(
+                "cannot exec in a paused container (use --ignore-paused to override)".into(),
+            ),
+            Verb::Exec { .. } => refused("cannot exec in a stopped container".into()),
+            Verb::Delete { force } if self.can_delete(force) => Ok(()),
+            Verb::Delete { .. } => refused(format!(
+                "cannot delete a container that is not stopped: {self}"
+            )),
+        }
+    }
+}
+
+/// The OCI state document: what `state` prints and what every hook reads on stdin, built
+/// the same way for the CLI and the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OciState {
+    pub oci_version: String,
+    pub id: String,
+    pub status: Status,
+    /// The container's host process (0 once it stopped).
+    pub pid: i32,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    /// RFC 3339.
+    pub created: String,
+    pub owner: String,
+    pub annotations: HashMap<String, String>,
+}
+
+/// The runtime spec version the state documents follow.
+pub const OCI_VERSION: &str = "1.2.0";
+
+impl OciState {
+    /// The state of a container with host process `pid` (ignored once it stopped).
+    pub fn new(
+        id: &str,
+        status: Status,
+        pid: Option<i32>,
+        bundle: &Path,
+        created: &str,
+        annotations: HashMap<String, String>,
+    ) -> Self {
+        OciState {
+            oci_version: OCI_VERSION.into(),
+            id: id.into(),
+            status,
+            pid: match status {
+                Status::Stopped => 0,
+                _ => pid.unwrap_or(0),
+            },
+            bundle: bundle.to_path_buf(),
+            rootfs: bundle.join("rootfs"),
+            created: created.into(),
+            owner: String::new(),
+            annotations,
+        }
+    }
+
+    pub fn with_rootfs(mut self, rootfs: &Path) -> Self {
+        self.rootfs = rootfs.to_path_buf();
+        self
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerState {
     pub id: String,
@@ -74,27 +207,21 @@ impl ContainerState {
     }
 
     /// The OCI state document (`state` verb), with runc's fields.
-    pub fn oci_state(&self) -> serde_json::Value {
+    pub fn oci_state(&self) -> OciState {
         self.oci_state_as(self.current_status())
     }
 
     /// The OCI state document with a given status (hooks get the status of their moment).
-    pub fn oci_state_as(&self, status: Status) -> serde_json::Value {
-        let pid = match status {
-            Status::Stopped => 0,
-            _ => self.pid.unwrap_or(0),
-        };
-        serde_json::json!({
-            "ociVersion": "1.2.0",
-            "id": self.id,
-            "pid": pid,
-            "status": status.to_string(),
-            "bundle": self.bundle,
-            "rootfs": self.rootfs,
-            "created": self.created,
-            "owner": "",
-            "annotations": self.annotations,
-        })
+    pub fn oci_state_as(&self, status: Status) -> OciState {
+        OciState::new(
+            &self.id,
+            status,
+            self.pid,
+            &self.bundle,
+            &self.created,
+            self.annotations.clone(),
+        )
+        .with_rootfs(&self.rootfs)
     }
 }
 
@@ -371,7 +498,7 @@ mod tests {
         assert_eq!(state.current_status(), Status::Created);
         state.pid_start_time = state.pid_start_time.map(|t| t + 1);
         assert_eq!(state.current_status(), Status::Stopped);
-        assert_eq!(state.oci_state()["pid"], 0);
+        assert_eq!(state.oci_state().pid, 0);
     }
 
     #[test]

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use container::ContainerError;
+use container::agent_client::REQUEST_TIMEOUT;
+use container::lifecycle;
+use container::{ContainerError, Status};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
@@ -21,7 +23,7 @@ use containerd_shim::{DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext
 use crate::io::StdioPaths;
 use crate::launcher::Launcher;
 use crate::options::ShimOptions;
-use crate::task::{self, CreateArgs, Proc, ProcStatus, Task};
+use crate::task::{self, CreateArgs, Proc, Task};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -279,7 +281,7 @@ impl containerd_shim::Task for Service {
         let process = self.process(&task, &req.exec_id)?;
         if !req.exec_id.is_empty() {
             let state = lock(&process.state);
-            if state.status == ProcStatus::Running {
+            if state.status == Status::Running {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
                     "cannot delete a running process",
@@ -300,14 +302,8 @@ impl containerd_shim::Task for Service {
             .take()
             .ok_or_else(|| status(Code::NOT_FOUND, "no task"))?;
         let pid = task.vmm_pid;
-        match Arc::try_unwrap(task) {
-            Ok(task) => task.destroy().map_err(rpc_error)?,
-            Err(shared) => {
-                // A request still holds it: end the VM now, the rest goes with the shim.
-                shared.stop_vm();
-                task::cleanup(&shared.bundle, &shared.record);
-            }
-        }
+        // containerd deletes a task it has killed or seen exit; whatever still runs goes.
+        lifecycle::delete(&*task, true).map_err(rpc_error)?;
         let (code, at) = lock(&process.state)
             .exit
             .unwrap_or((128 + libc::SIGKILL, SystemTime::now()));
@@ -334,7 +330,7 @@ impl containerd_shim::Task for Service {
         let task = self.task()?;
         let reply = task
             .agent
-            .request(agent_proto::Request::ListProcesses, task::REQUEST_TIMEOUT)
+            .request(agent_proto::Request::ListProcesses, REQUEST_TIMEOUT)
             .map_err(rpc_error)?;
         let agent_proto::Reply::Processes(list) = reply else {
             return Err(status(Code::INTERNAL, "unexpected agent reply"));
@@ -354,8 +350,7 @@ impl containerd_shim::Task for Service {
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let task = self.task()?;
-        lock(&task.vm).pause().map_err(|e| rpc_error(e.into()))?;
-        *lock(&task.paused) = true;
+        lifecycle::pause(&*task).map_err(rpc_error)?;
         self.events.publish(
             topics::TASK_PAUSED_EVENT_TOPIC,
             Box::new(TaskPaused {
@@ -368,8 +363,7 @@ impl containerd_shim::Task for Service {
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let task = self.task()?;
-        lock(&task.vm).resume().map_err(|e| rpc_error(e.into()))?;
-        *lock(&task.paused) = false;
+        lifecycle::resume(&*task).map_err(rpc_error)?;
         self.events.publish(
             topics::TASK_RESUMED_EVENT_TOPIC,
             Box::new(TaskResumed {
@@ -429,7 +423,7 @@ impl containerd_shim::Task for Service {
             cols: req.width.min(u16::MAX as u32) as u16,
         };
         task.agent
-            .request(request, task::REQUEST_TIMEOUT)
+            .request(request, REQUEST_TIMEOUT)
             .map_err(rpc_error)?;
         Ok(api::Empty::new())
     }
@@ -493,14 +487,13 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::StateResponse> {
         let task = self.task()?;
         let process = self.process(&task, &req.exec_id)?;
-        let state = lock(&process.state);
-        let paused = *lock(&task.paused);
-        let status = match state.status {
-            ProcStatus::Created => api::Status::CREATED,
-            ProcStatus::Running if paused => api::Status::PAUSED,
-            ProcStatus::Running => api::Status::RUNNING,
-            ProcStatus::Stopped => api::Status::STOPPED,
+        let status = match task.process_status(&process) {
+            Status::Creating | Status::Created => api::Status::CREATED,
+            Status::Running => api::Status::RUNNING,
+            Status::Paused => api::Status::PAUSED,
+            Status::Stopped => api::Status::STOPPED,
         };
+        let state = lock(&process.state);
         let (code, at) = state
             .exit
             .map(|(c, at)| (c as u32, Some(timestamp(at))))

@@ -1,48 +1,41 @@
 //! One container as the shim holds it: its VM, the agent session, and its processes (the
-//! init and every exec), with their stdio and exit statuses.
+//! init and every exec), with their stdio and exit statuses. The container's lifecycle
+//! (which verb may act when, and the hooks) is `container::lifecycle`'s: [`Task`] is its
+//! [`Holder`] here, as the monitor process is for the CLI.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use agent_proto::{ExitStatus, ProcessId, ProcessSpec, Reply, Request, INIT_PROCESS};
-use container::agent_client::AgentClient;
+use container::agent_client::{AgentClient, REQUEST_TIMEOUT};
 use container::bundle::Bundle;
 use container::cgroup::{self, Placement};
-use container::launch::{self, Launched};
-use container::netns::NetworkNamespace;
-use container::network::{self, Attachment};
+use container::hooks::HostHooks;
+use container::lifecycle::{self, Holder, VM_DIED_STATUS};
 use container::paths::{Paths, VmDefaults};
 use container::plan::Plan;
-use container::{hooks, proc, reclaim, ContainerError};
+use container::startup::{self, RunningVm, TapLifetime, VmNetwork, VmStartup};
+use container::state::rfc3339_now;
+use container::{proc, reclaim, ContainerError, OciState, Status};
 use engine::{EngineChoice, Vm};
 use serde::{Deserialize, Serialize};
-use snapshot::SnapshotCache;
 
 use crate::io::{FifoOutput, StdinRelay, StdioPaths};
 use crate::launcher::Launcher;
 use crate::options::ShimOptions;
 
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Exit status reported for processes whose VM died under them.
-pub const VM_DIED_STATUS: i32 = 255;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcStatus {
-    Created,
-    Running,
-    Stopped,
-}
-
+/// A process's status: the container's statuses but `creating` (the init's is the
+/// container's; an exec is never paused itself, its container is).
 #[derive(Debug)]
 pub struct ProcState {
-    pub status: ProcStatus,
+    pub status: Status,
     pub pid: u32,
     pub exit: Option<(i32, SystemTime)>,
 }
@@ -74,7 +67,7 @@ impl Proc {
             stdio,
             spec: Mutex::new(spec),
             state: Mutex::new(ProcState {
-                status: ProcStatus::Created,
+                status: Status::Created,
                 pid: 0,
                 exit: None,
             }),
@@ -89,7 +82,7 @@ impl Proc {
         if state.exit.is_some() {
             return false;
         }
-        state.status = ProcStatus::Stopped;
+        state.status = Status::Stopped;
         state.exit = Some((code, SystemTime::now()));
         self.exited.notify_all();
         true
@@ -135,21 +128,21 @@ pub struct Task {
     pub id: String,
     pub bundle: PathBuf,
     pub plan: Plan,
+    /// For the OCI state the hooks read, as the CLI's state.json has them.
+    created: String,
+    annotations: HashMap<String, String>,
     pub vm: Arc<Mutex<Box<dyn Vm>>>,
     pub agent: AgentClient,
     pub vmm_pid: u32,
     pub init: Arc<Proc>,
     pub execs: Arc<Mutex<HashMap<String, Arc<Proc>>>>,
     next_process: Mutex<ProcessId>,
-    pub paused: Mutex<bool>,
     pub record: ShimRecord,
-    publisher: Option<std::thread::JoinHandle<()>>,
+    publisher: Mutex<Option<JoinHandle<()>>>,
     on_exit: ExitHook,
     /// The container's network, attached from the launcher thread (which is in the
     /// container's network namespace).
-    network: Arc<Mutex<Attachment>>,
-    taps: Vec<String>,
-    files: Vec<container::translate::FileBind>,
+    network: Arc<Mutex<VmNetwork>>,
     launcher: Arc<Launcher>,
 }
 
@@ -172,22 +165,27 @@ pub struct CreateArgs {
 }
 
 impl Task {
-    /// Mounts the rootfs, starts the VM (restored or booted), prepares the init process and
-    /// runs the host hooks. On failure nothing is left: no VM, mount or cgroup.
+    /// Mounts the rootfs, starts the VM (restored or booted) with the init process created,
+    /// and runs the create hooks. On failure nothing is left: no VM, mount or cgroup.
     pub fn create(
         args: CreateArgs,
         launcher: &Arc<Launcher>,
         on_exit: ExitHook,
     ) -> Result<Task, ContainerError> {
         let mut record = ShimRecord::default();
-        let result = Self::create_inner(&args, launcher, on_exit, &mut record);
-        if result.is_err() {
-            cleanup(&args.bundle, &record);
-        }
-        result
+        let task = match Self::start_vm(&args, launcher, on_exit, &mut record) {
+            Ok(task) => task,
+            Err(e) => {
+                cleanup(&args.bundle, &record);
+                return Err(e);
+            }
+        };
+        // On failure the lifecycle has stopped and removed it.
+        lifecycle::created(&task)?;
+        Ok(task)
     }
 
-    fn create_inner(
+    fn start_vm(
         args: &CreateArgs,
         launcher: &Arc<Launcher>,
         on_exit: ExitHook,
@@ -228,89 +226,55 @@ impl Task {
         }
         write_record(&args.bundle, record);
 
-        let choice: EngineChoice = args.options.engine.parse()?;
-        let launch_plan = plan.clone();
-        let work_dir = args.bundle.clone();
-        let (launched, taps) = launcher
-            .run(move || -> Result<(Launched, Vec<String>), ContainerError> {
-                // This thread starts the VMM, which inherits its network namespace.
-                launch_plan.network.enter()?;
-                let selection = engine::select(
-                    choice,
-                    &Paths::new(None).probe_dir(),
-                    launch_plan.qemu.as_deref(),
-                )?;
-                log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
-                // Never persistent, unlike the monitor's: this thread stays in a new
-                // namespace after its container has gone (until its next job), so a
-                // persistent tap would outlive the container.
-                let tap = match launch_plan.network {
-                    NetworkNamespace::Host => None,
-                    _ => Some(network::create_tap(
-                        &format!("{}0", network::TAP_PREFIX),
-                        false,
-                    )?),
-                };
-                let spec = launch_plan.vm_spec(work_dir, tap.as_ref());
-                let cache = if launch_plan.snapshots {
-                    Some(SnapshotCache::new(
-                        Paths::new(None).snapshots_dir(),
-                        launch::cache_limits(Some(&*selection.engine))?,
-                    ))
-                } else {
-                    None
-                };
-                let launched =
-                    launch::launch(&*selection.engine, &spec, &launch_plan, cache.as_ref())?;
-                Ok((launched, tap.into_iter().map(|t| t.name).collect()))
-            })
+        let init = Proc::new(String::new(), INIT_PROCESS, args.stdio.clone(), None);
+        let init_events = Box::new(exit_reporter(&init, &on_exit)?);
+        let startup = VmStartup {
+            plan: plan.clone(),
+            engine: args.options.engine.parse::<EngineChoice>()?,
+            paths,
+            work_dir: args.bundle.clone(),
+            tap_lifetime: TapLifetime::WithVmm,
+            init_events,
+        };
+        // The launcher thread starts the VMM, which inherits its network namespace.
+        let running = launcher
+            .run(move || startup::start_vm(startup))
             .ok_or_else(|| ContainerError::Monitor("the VM launcher is gone".into()))??;
-        let Launched {
+        let RunningVm {
             vm,
             agent,
+            network,
             publisher,
             ..
-        } = launched;
+        } = running;
         let vmm_pid = vm.vmm_pid().unwrap_or(std::process::id());
         record.vmm_pid = Some(vmm_pid);
         record.vmm_start_time = proc::start_time(vmm_pid as i32);
         write_record(&args.bundle, record);
-
-        let init = Proc::new(String::new(), INIT_PROCESS, args.stdio.clone(), None);
-        let plan_files = plan.file_binds.clone();
+        // The VMM (in the container's network namespace) is the task's host process.
+        lock(&init.state).pid = vmm_pid;
         let task = Task {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
             plan,
+            created: rfc3339_now(),
+            annotations: bundle.annotations(),
             vm: Arc::new(Mutex::new(vm)),
             agent,
             vmm_pid,
             init: Arc::clone(&init),
             execs: Arc::new(Mutex::new(HashMap::new())),
             next_process: Mutex::new(INIT_PROCESS + 1),
-            paused: Mutex::new(false),
             record: record.clone(),
-            publisher,
+            publisher: Mutex::new(publisher),
             on_exit,
-            network: Arc::new(Mutex::new(Attachment::default())),
-            files: plan_files,
-            taps,
+            network: Arc::new(Mutex::new(network)),
             launcher: Arc::clone(launcher),
         };
-        if let Err(e) = task.prepare_init().and_then(|()| task.attach_network()) {
-            let mut vm = lock(&task.vm);
-            let console = vm.console_tail(15);
-            let _ = vm.stop();
-            return Err(ContainerError::Boot {
-                message: e.to_string(),
-                console,
-            });
+        if let Err(e) = task.start_stdin(&task.init) {
+            let _ = task.stop();
+            return Err(e);
         }
-        lock(&init.state).pid = vmm_pid;
-        // The VMM (in the container's network namespace) is the task's host process.
-        let state = task.oci_state("creating");
-        hooks::run("createRuntime", &task.plan.hooks.create_runtime, &state)?;
-        hooks::run("prestart", &task.plan.hooks.prestart, &state)?;
         let agent = task.agent.clone();
         let procs = task.all_procs_handle();
         let hook = Arc::clone(&task.on_exit);
@@ -336,21 +300,6 @@ impl Task {
         }
     }
 
-    /// Routes the process's output and exit; before the agent creates it.
-    fn register_output(&self, process: &Arc<Proc>) -> Result<(), ContainerError> {
-        let proc = Arc::clone(process);
-        let hook = Arc::clone(&self.on_exit);
-        let output = FifoOutput::open(&process.stdio, move |status: ExitStatus| {
-            let code = status.code();
-            if proc.set_exited(code) {
-                hook(&proc, code);
-            }
-        })
-        .map_err(|e| ContainerError::Monitor(format!("open stdio FIFOs: {e}")))?;
-        self.agent.register(process.agent_id, Box::new(output));
-        Ok(())
-    }
-
     /// Starts relaying stdin; after the agent created the process (it drops input for
     /// processes it does not know).
     fn start_stdin(&self, process: &Arc<Proc>) -> Result<(), ContainerError> {
@@ -365,37 +314,12 @@ impl Task {
         Ok(())
     }
 
-    fn prepare_init(&self) -> Result<(), ContainerError> {
-        self.register_output(&self.init)?;
-        launch::prepare_container(&self.agent, &self.plan)?;
-        self.start_stdin(&self.init)
-    }
-
     /// Connects the network namespace's interfaces to the VM, if there are any yet.
-    pub fn attach_network(&self) -> Result<(), ContainerError> {
-        if self.taps.is_empty() {
-            return Ok(());
-        }
-        let (network, agent, taps, files) = (
-            Arc::clone(&self.network),
-            self.agent.clone(),
-            self.taps.clone(),
-            self.files.clone(),
-        );
+    fn attach_network(&self) -> Result<(), ContainerError> {
+        let (network, agent) = (Arc::clone(&self.network), self.agent.clone());
         self.launcher
-            .run(move || lock(&network).attach(&agent, &taps, &files))
+            .run(move || lock(&network).attach(&agent))
             .ok_or_else(|| ContainerError::Monitor("the VM launcher is gone".into()))?
-    }
-
-    pub fn oci_state(&self, status: &str) -> serde_json::Value {
-        serde_json::json!({
-            "ociVersion": "1.2.0",
-            "id": self.id,
-            "status": status,
-            "pid": self.vmm_pid,
-            "bundle": self.bundle,
-            "annotations": serde_json::Value::Object(Default::default()),
-        })
     }
 
     pub fn process(&self, exec_id: &str) -> Option<Arc<Proc>> {
@@ -406,35 +330,42 @@ impl Task {
         }
     }
 
-    /// Starts the init or an exec; returns its pid.
+    /// The status containerd sees for a process: an exec that runs in a paused container is
+    /// paused too.
+    pub fn process_status(&self, process: &Proc) -> Status {
+        let own = lock(&process.state).status;
+        match (own, self.status_now()) {
+            (Status::Running, Status::Paused) => Status::Paused,
+            _ => own,
+        }
+    }
+
+    fn status_now(&self) -> Status {
+        lock(&self.init.state).status
+    }
+
+    /// Starts the init (through the lifecycle) or an exec; returns its pid.
     pub fn start(&self, exec_id: &str) -> Result<u32, ContainerError> {
+        if exec_id.is_empty() {
+            lifecycle::start(self)?;
+            return Ok(self.vmm_pid);
+        }
         let process = self
             .process(exec_id)
             .ok_or_else(|| ContainerError::NotFound(exec_id.to_string()))?;
-        if lock(&process.state).status != ProcStatus::Created {
+        if lock(&process.state).status != Status::Created {
             return Err(ContainerError::InvalidState(format!(
                 "process {exec_id:?} was already started"
             )));
         }
-        if exec_id.is_empty() {
-            self.agent.request(
-                Request::StartProcess {
-                    process: INIT_PROCESS,
-                },
-                REQUEST_TIMEOUT,
-            )?;
-            lock(&process.state).status = ProcStatus::Running;
-            reclaim::watch(&self.vm);
-            let running = self.oci_state("running");
-            if let Err(e) = hooks::run("poststart", &self.plan.hooks.poststart, &running) {
-                log::warn!("{e}");
-            }
-            return Ok(self.vmm_pid);
-        }
+        self.status_now().allows(container::state::Verb::Exec {
+            ignore_paused: false,
+        })?;
         let spec = lock(&process.spec)
             .take()
             .ok_or_else(|| ContainerError::InvalidState("no process spec".into()))?;
-        self.register_output(&process)?;
+        let events = exit_reporter(&process, &self.on_exit)?;
+        self.agent.register(process.agent_id, Box::new(events));
         let reply = self.agent.request(
             Request::CreateProcess {
                 process: process.agent_id,
@@ -447,7 +378,7 @@ impl Task {
             Ok(Reply::Created { pid }) => {
                 {
                     let mut state = lock(&process.state);
-                    state.status = ProcStatus::Running;
+                    state.status = Status::Running;
                     state.pid = pid as u32;
                 }
                 self.start_stdin(&process)?;
@@ -456,7 +387,7 @@ impl Task {
             Ok(other) => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
             Err(e) => {
                 self.agent.unregister(process.agent_id);
-                lock(&process.state).status = ProcStatus::Stopped;
+                lock(&process.state).status = Status::Stopped;
                 Err(e)
             }
         }
@@ -486,17 +417,16 @@ impl Task {
         Ok(())
     }
 
+    /// Signals the init (through the lifecycle) or an exec.
     pub fn kill(&self, exec_id: &str, signal: i32, all: bool) -> Result<(), ContainerError> {
+        if exec_id.is_empty() {
+            return lifecycle::kill(self, signal, all);
+        }
         let process = self
             .process(exec_id)
             .ok_or_else(|| ContainerError::NotFound(exec_id.to_string()))?;
         if lock(&process.state).exit.is_some() {
             return Err(ContainerError::NotRunning);
-        }
-        if *lock(&self.paused) && signal == libc::SIGKILL && exec_id.is_empty() {
-            // A paused VM cannot deliver it; SIGKILL ends the VM from outside.
-            self.stop_vm();
-            return Ok(());
         }
         self.agent
             .request(
@@ -510,35 +440,124 @@ impl Task {
             .map(|_| ())
     }
 
-    pub fn stop_vm(&self) {
-        let mut vm = lock(&self.vm);
-        if let Err(e) = vm.stop() {
-            log::warn!("stopping the VM: {e}");
+    /// Ends every process of the VM with `code` (the first exit recorded wins).
+    fn end_processes(&self, code: i32) {
+        for p in std::iter::once(Arc::clone(&self.init)).chain(lock(&self.execs).values().cloned())
+        {
+            if p.set_exited(code) {
+                (self.on_exit)(&p, code);
+            }
         }
     }
+}
 
-    /// Ends the VM and removes what the container holds on the host.
-    pub fn destroy(self) -> Result<(), ContainerError> {
+impl Holder for Task {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn status(&self) -> Result<Status, ContainerError> {
+        Ok(self.status_now())
+    }
+
+    fn oci_state(&self, status: Status) -> Result<OciState, ContainerError> {
+        Ok(OciState::new(
+            &self.id,
+            status,
+            Some(self.vmm_pid as i32),
+            &self.bundle,
+            &self.created,
+            self.annotations.clone(),
+        ))
+    }
+
+    fn hooks(&self) -> Result<HostHooks, ContainerError> {
+        Ok(self.plan.hooks.clone())
+    }
+
+    fn start_process(&self) -> Result<(), ContainerError> {
+        self.attach_network()?;
+        self.agent.request(
+            Request::StartProcess {
+                process: INIT_PROCESS,
+            },
+            REQUEST_TIMEOUT,
+        )?;
+        {
+            let mut state = lock(&self.init.state);
+            if state.status == Status::Created {
+                state.status = Status::Running;
+            }
+        }
+        reclaim::watch(&self.vm);
+        Ok(())
+    }
+
+    fn signal(&self, signal: i32, all: bool) -> Result<(), ContainerError> {
+        self.agent
+            .request(
+                Request::Signal {
+                    process: INIT_PROCESS,
+                    signal,
+                    all,
+                },
+                REQUEST_TIMEOUT,
+            )
+            .map(|_| ())
+    }
+
+    fn pause_vm(&self) -> Result<(), ContainerError> {
+        lock(&self.vm).pause()?;
+        let mut state = lock(&self.init.state);
+        if state.status == Status::Running {
+            state.status = Status::Paused;
+        }
+        Ok(())
+    }
+
+    fn resume_vm(&self) -> Result<(), ContainerError> {
+        lock(&self.vm).resume()?;
+        let mut state = lock(&self.init.state);
+        if state.status == Status::Paused {
+            state.status = Status::Running;
+        }
+        Ok(())
+    }
+
+    /// Ends the VM; processes still running end as killed (SIGKILL from outside).
+    fn stop(&self) -> Result<(), ContainerError> {
         self.agent.shutdown();
         let network = Arc::clone(&self.network);
         let _ = self.launcher.run(move || lock(&network).detach());
-        self.stop_vm();
-        for p in std::iter::once(Arc::clone(&self.init)).chain(lock(&self.execs).values().cloned())
-        {
-            if p.set_exited(VM_DIED_STATUS) {
-                (self.on_exit)(&p, VM_DIED_STATUS);
-            }
+        if let Err(e) = lock(&self.vm).stop() {
+            log::warn!("stopping the VM: {e}");
         }
-        if let Some(publisher) = self.publisher {
+        self.end_processes(128 + libc::SIGKILL);
+        // A bake being sealed finishes (or fails) before the container is gone.
+        if let Some(publisher) = lock(&self.publisher).take() {
             let _ = publisher.join();
         }
-        let stopped = serde_json::json!({ "ociVersion": "1.2.0", "id": self.id, "status": "stopped", "pid": 0, "bundle": self.bundle });
-        if let Err(e) = hooks::run("poststop", &self.plan.hooks.poststop, &stopped) {
-            log::warn!("{e}");
-        }
+        Ok(())
+    }
+
+    fn remove(&self) -> Result<(), ContainerError> {
         cleanup(&self.bundle, &self.record);
         Ok(())
     }
+}
+
+/// Routes a process's output to its FIFOs and reports its exit; registered before the agent
+/// creates the process.
+fn exit_reporter(process: &Arc<Proc>, on_exit: &ExitHook) -> Result<FifoOutput, ContainerError> {
+    let proc = Arc::clone(process);
+    let hook = Arc::clone(on_exit);
+    FifoOutput::open(&process.stdio, move |status: ExitStatus| {
+        let code = status.code();
+        if proc.set_exited(code) {
+            hook(&proc, code);
+        }
+    })
+    .map_err(|e| ContainerError::Monitor(format!("open stdio FIFOs: {e}")))
 }
 
 fn write_record(bundle: &Path, record: &ShimRecord) {

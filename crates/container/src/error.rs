@@ -1,0 +1,47 @@
+//! The container layer's error: one variant per cause a caller may need to tell apart.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("invalid container id format: {0:?}")]
+    InvalidId(String),
+    #[error("container \"{0}\" does not exist")]
+    NotFound(String),
+    #[error("container with id exists: {0}")]
+    AlreadyExists(String),
+    #[error("bundle {path}: {reason}")]
+    Bundle { path: PathBuf, reason: String },
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("container not running")]
+    NotRunning,
+    #[error("{0}")]
+    Assets(String),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("agent: {0}")]
+    Agent(String),
+    #[error("{message}; last guest console lines:\n{console}")]
+    Boot { message: String, console: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("monitor: {0}")]
+    Monitor(String),
+    #[error("unknown signal {0:?}")]
+    UnknownSignal(String),
+}
+
+impl ContainerError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ContainerError {
+        let path = path.into();
+        move |source| ContainerError::Io { path, source }
+    }
+}
+
+pub type Result<T, E = ContainerError> = std::result::Result<T, E>;

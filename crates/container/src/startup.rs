@@ -1,0 +1,242 @@
+//! One VM start-up for both front doors: from a plan to a running VM whose agent is
+//! connected and whose container process is created, held for `start`.
+//!
+//! The monitor (CLI) and the shim call [`start_vm`] from the thread that will own the VMM
+//! (it enters the container's network namespace, which the VMM and its tap inherit). It
+//! picks the engine, makes the tap, restores a snapshot or boots (and bakes), gives the VM
+//! its identity, creates the container's first process and attaches the network. Whatever
+//! fails after the VM exists stops it and returns the guest console's last lines; nothing
+//! of it is left. Each step a container start-up gains (shares, a pool checkout, limits)
+//! is added here once.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agent_proto::INIT_PROCESS;
+use engine::{EngineChoice, Phase, Vm};
+use snapshot::SnapshotCache;
+
+use crate::agent_client::{AgentClient, ProcessEvents};
+use crate::launch::{self, Launched, Origin};
+use crate::netns::NetworkNamespace;
+use crate::network::{self, Attachment};
+use crate::plan::Plan;
+use crate::translate::FileBind;
+use crate::{ContainerError, Paths};
+
+/// How long a tap in a network namespace of the container's own lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapLifetime {
+    /// Persistent: it goes with the namespace, which the kernel tears down in the background
+    /// (closing a tap unregisters it synchronously, 15-30 ms of every container's exit).
+    /// For a process that leaves the namespace with its container (the monitor).
+    WithNamespace,
+    /// Gone when the VMM closes it. For a thread that stays in the namespace after its
+    /// container has gone (the shim's launcher), where a persistent tap would outlive it.
+    WithVmm,
+}
+
+/// What a VM start-up needs.
+pub struct VmStartup {
+    pub plan: Plan,
+    pub engine: EngineChoice,
+    pub paths: Paths,
+    /// Where the VM keeps its console log and other per-VM files.
+    pub work_dir: PathBuf,
+    pub tap_lifetime: TapLifetime,
+    /// Where the container's first process's output and exit go; registered before the
+    /// process is created.
+    pub init_events: Box<dyn ProcessEvents>,
+}
+
+impl std::fmt::Debug for VmStartup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmStartup")
+            .field("engine", &self.engine)
+            .field("work_dir", &self.work_dir)
+            .field("tap_lifetime", &self.tap_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The container's network connection: its namespace's interfaces bridged to the VM's taps,
+/// once the namespace has them (docker connects it between `create` and `start`).
+#[derive(Debug, Default)]
+pub struct VmNetwork {
+    pub attachment: Attachment,
+    pub taps: Vec<String>,
+    /// Host files bound into the container, copied in again when the network connects.
+    pub files: Vec<FileBind>,
+}
+
+impl VmNetwork {
+    /// Connects the namespace's interfaces if there are any yet; in the namespace.
+    pub fn attach(&mut self, agent: &AgentClient) -> Result<(), ContainerError> {
+        self.attachment.attach(agent, &self.taps, &self.files)
+    }
+
+    pub fn detach(&mut self) {
+        self.attachment.detach();
+    }
+}
+
+/// A running VM with its container created in it.
+#[derive(Debug)]
+pub struct RunningVm {
+    pub vm: Box<dyn Vm>,
+    pub agent: AgentClient,
+    pub engine_name: String,
+    pub origin: Origin,
+    /// Phases from the start of the launch.
+    pub phases: Vec<Phase>,
+    /// The guest pid of the container's first process.
+    pub guest_pid: i32,
+    pub network: VmNetwork,
+    /// The thread sealing a fresh bake; join it before the process exits.
+    pub publisher: Option<JoinHandle<()>>,
+}
+
+/// Starts the container's VM (see the module doc). Runs on the thread that will own the
+/// VMM.
+pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
+    let started = Instant::now();
+    let VmStartup {
+        plan,
+        engine: choice,
+        paths,
+        work_dir,
+        tap_lifetime,
+        init_events,
+    } = startup;
+    plan.network.enter()?;
+    let selection = engine::select(choice, &paths.probe_dir(), plan.qemu.as_deref())?;
+    log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
+    let tap_name = format!("{}0", network::TAP_PREFIX);
+    let tap = match (&plan.network, tap_lifetime) {
+        (NetworkNamespace::Host, _) => None,
+        (NetworkNamespace::New, TapLifetime::WithNamespace) => {
+            Some(network::create_tap(&tap_name, true)?)
+        }
+        _ => Some(network::create_tap(&tap_name, false)?),
+    };
+    let spec = plan.vm_spec(work_dir, tap.as_ref());
+    let cache = if plan.snapshots {
+        Some(SnapshotCache::new(
+            paths.snapshots_dir(),
+            launch::cache_limits(Some(&*selection.engine))?,
+        ))
+    } else {
+        None
+    };
+    let launched = launch::launch(&*selection.engine, &spec, &plan, cache.as_ref())?;
+    // The VMM holds the tap now; it goes when the VMM does.
+    let network = VmNetwork {
+        attachment: Attachment::default(),
+        taps: tap.into_iter().map(|t| t.name).collect(),
+        files: plan.file_binds.clone(),
+    };
+    let engine_name = selection.engine.name();
+    let Launched {
+        mut vm,
+        agent,
+        origin,
+        mut phases,
+        guest_uptime_at_ready,
+        publisher,
+    } = launched;
+    match create_container(&agent, &plan, init_events, network, &mut phases) {
+        Ok((guest_pid, network)) => {
+            log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
+            Ok(RunningVm {
+                vm,
+                agent,
+                engine_name,
+                origin,
+                phases,
+                guest_pid,
+                network,
+                publisher,
+            })
+        }
+        Err(e) => {
+            let console = vm.console_tail(15);
+            agent.shutdown();
+            if let Err(stop) = vm.stop() {
+                log::warn!("stopping the VM after a failed start-up: {stop}");
+            }
+            // A bake being sealed finishes (or fails) before the caller goes.
+            if let Some(publisher) = publisher {
+                let _ = publisher.join();
+            }
+            Err(ContainerError::Boot {
+                message: e.to_string(),
+                console,
+            })
+        }
+    }
+}
+
+/// Gives the fresh VM its identity, creates the container's first process (held for
+/// `start`) and connects the network if the namespace has one yet; returns the process's
+/// guest pid.
+fn create_container(
+    agent: &AgentClient,
+    plan: &Plan,
+    init_events: Box<dyn ProcessEvents>,
+    mut network: VmNetwork,
+    phases: &mut Vec<Phase>,
+) -> Result<(i32, VmNetwork), ContainerError> {
+    agent.register(INIT_PROCESS, init_events);
+    let (guest_pid, guest_phases) = launch::prepare_container(agent, plan)?;
+    phases.extend(guest_phases);
+    // CNI-style namespaces are ready before create; docker's are connected between create
+    // and start (then `start` attaches).
+    let attaching = Instant::now();
+    network.attach(agent)?;
+    phases.push(Phase::new("network attach", attaching.elapsed()));
+    Ok((guest_pid, network))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One debug line with the start-up's phases, each in ms from its start for cold boots (the
+/// boot timeline) and as durations for restores.
+fn log_phases(origin: &Origin, phases: &[Phase], uptime: Option<Duration>, total: Duration) {
+    match origin {
+        Origin::Booted { baked } => {
+            let at = |name: &str| {
+                phases
+                    .iter()
+                    .find(|p| p.name == name)
+                    .map_or(0.0, |p| ms(p.duration))
+            };
+            let agent = at("agent ready");
+            // The guest's uptime at READY dates the kernel's entry on the host clock.
+            let kernel = uptime.map_or(0.0, |u| (agent - ms(u)).max(0.0));
+            let bake = phases
+                .iter()
+                .find(|p| p.name.starts_with("bake"))
+                .map_or(0.0, |p| ms(p.duration));
+            log::debug!(
+                "boot phases: vmm={:.1}ms kernel={kernel:.1}ms agent={agent:.1}ms bake={bake:.1}ms created={:.1}ms{}",
+                at("vmm"),
+                ms(total),
+                baked.as_ref().map(|k| format!(" (baked snapshot {k})")).unwrap_or_default()
+            );
+        }
+        Origin::Restored { key } => {
+            let list: Vec<String> = phases
+                .iter()
+                .map(|p| format!("{}={:.2}ms", p.name, ms(p.duration)))
+                .collect();
+            log::debug!(
+                "restore phases: {}; created={:.1}ms (snapshot {key})",
+                list.join(", "),
+                ms(total)
+            );
+        }
+    }
+}
