@@ -2,9 +2,11 @@
 //!
 //! This crate owns a container's life on the host: validating the bundle, the state store
 //! (one directory per id with `state.json`, guarded by a lock), the plan of the VM (image
-//! disk, shape, what the agent mounts and runs), the monitor process that holds the VM and
-//! the container's stdio, and the control socket through which the CLI verbs reach it.
-//! Both front doors (the runc-style CLI and the containerd shim) use it.
+//! disk, shape, what the agent mounts and runs), the lifecycle (which verb may act in which
+//! status, and its hooks: [`lifecycle`]), the VM start-up from a plan to a created container
+//! ([`startup`]), the monitor process that holds the VM and the container's stdio for the
+//! CLI, and the control socket through which the CLI verbs reach it. Both front doors (the
+//! runc-style CLI and the containerd shim) use it.
 
 pub mod agent_client;
 pub mod bundle;

@@ -493,6 +493,40 @@ mod tests {
     }
 
     #[test]
+    fn each_verb_is_allowed_in_the_statuses_runc_allows_it_in() {
+        use Status::*;
+        let allowed = |verb: Verb| -> Vec<Status> {
+            [Creating, Created, Running, Paused, Stopped]
+                .into_iter()
+                .filter(|s| s.allows(verb).is_ok())
+                .collect()
+        };
+        assert_eq!(allowed(Verb::Start), [Created]);
+        assert_eq!(allowed(Verb::Kill), [Created, Running, Paused]);
+        assert_eq!(allowed(Verb::Pause), [Running]);
+        assert_eq!(allowed(Verb::Resume), [Paused]);
+        assert_eq!(
+            allowed(Verb::Exec {
+                ignore_paused: false
+            }),
+            [Created, Running]
+        );
+        assert_eq!(
+            allowed(Verb::Delete { force: false }),
+            [Creating, Created, Stopped]
+        );
+        assert_eq!(allowed(Verb::Delete { force: true }).len(), 5);
+        assert_eq!(
+            Stopped.allows(Verb::Start).unwrap_err().to_string(),
+            "cannot start a container that has stopped"
+        );
+        assert_eq!(
+            Stopped.allows(Verb::Kill).unwrap_err().to_string(),
+            "container not running"
+        );
+    }
+
+    #[test]
     fn dead_monitor_means_stopped() {
         let mut state = sample("c1");
         assert_eq!(state.current_status(), Status::Created);
