@@ -11,6 +11,7 @@ mod channel;
 mod cmdline;
 mod logging;
 mod network;
+mod paths;
 mod procfs;
 mod server;
 mod setup;

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
-use crate::{agent_debug, agent_log, network, procfs, setup, spawn};
+use crate::{agent_debug, agent_log, network, procfs, setup, spawn, warm};
 
 /// How long an exited process's output may stay open (held by its own background children)
 /// before the agent reports the exit anyway.
@@ -335,26 +335,24 @@ impl Server {
                 if self.prepared_root.is_some() || self.container_ready {
                     return Err(AgentError("the root is already prepared".into()));
                 }
-                setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
-                self.prepared_root = Some(rootfs);
+                self.prepare_root(rootfs)?;
                 Ok(Reply::Ok)
             }
             Request::SetupContainer(config) => {
                 if self.container_ready {
                     return Err(AgentError("the container is already set up".into()));
                 }
-                let prepared = match &self.prepared_root {
-                    Some(rootfs) if rootfs.device == config.rootfs.device => true,
+                match &self.prepared_root {
+                    Some(rootfs) if rootfs.device == config.rootfs.device => {}
                     Some(rootfs) => {
                         return Err(AgentError(format!(
                             "the root was prepared from {}, not {}",
                             rootfs.device, config.rootfs.device
                         )))
                     }
-                    None => false,
-                };
-                self.proc_finish =
-                    setup::setup_container(&config, prepared).map_err(|e| AgentError(e.0))?;
+                    None => self.prepare_root(config.rootfs.clone())?,
+                }
+                self.proc_finish = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -471,6 +469,15 @@ impl Server {
                 Ok(Reply::Ok)
             }
         }
+    }
+
+    /// Mounts the container root and reads what the container will need from it: before a
+    /// snapshot when the host asks (`PrepareRoot`), else as the first step of the setup.
+    fn prepare_root(&mut self, rootfs: agent_proto::RootfsSpec) -> Result<(), AgentError> {
+        let root = setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
+        warm::warm_root(root, &rootfs);
+        self.prepared_root = Some(rootfs);
+        Ok(())
     }
 
     fn process(&mut self, id: ProcessId) -> Result<&mut Process, AgentError> {

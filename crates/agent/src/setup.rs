@@ -10,12 +10,10 @@
 //! is emulated each costs milliseconds. Everything the agent does afterwards (process
 //! spawns, `/proc` scans) sees the container's filesystem.
 
-use std::collections::VecDeque;
-use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use agent_proto::{ContainerSetup, MountKind, MountSpec, RootfsSpec};
 use nix::mount::{mount, MsFlags};
@@ -40,8 +38,9 @@ fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> 
     move |e| SetupError(format!("{what}: {e}"))
 }
 
-/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two.
-pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
+/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two; returns
+/// where the container root is, not yet entered.
+pub fn prepare_root(rootfs: &RootfsSpec) -> Result<&'static Path, SetupError> {
     for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
         fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
     }
@@ -76,17 +75,7 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
         Some(options.as_str()),
     )
     .map_err(err("mount the root overlay"))?;
-    crate::warm::read_programs(
-        Path::new(ROOT_DIR),
-        &rootfs.warm,
-        rootfs.warm_path.as_deref(),
-    );
-    // The first process reads the password file when its environment has no HOME, as
-    // runc's does.
-    let mut lookups = rootfs.warm_lookups.clone();
-    lookups.push(crate::spawn::PASSWD.to_string());
-    crate::warm::look_up(Path::new(ROOT_DIR), &lookups);
-    Ok(())
+    Ok(Path::new(ROOT_DIR))
 }
 
 /// What the container's first process does itself when it is PID 1 of a new pid namespace:
@@ -121,15 +110,9 @@ fn is_under(path: &str, dirs: &[String]) -> bool {
         .any(|d| path == d || path.starts_with(&format!("{}/", d.trim_end_matches('/'))))
 }
 
-/// Mounts everything and enters the container root; after this `/` is the container's.
-/// With a pid namespace, returns the part the first process must do itself.
-pub fn setup_container(
-    setup: &ContainerSetup,
-    root_prepared: bool,
-) -> Result<Option<ProcFinish>, SetupError> {
-    if !root_prepared {
-        prepare_root(&setup.rootfs)?;
-    }
+/// Mounts everything in the root [`prepare_root`] made and enters it; after this `/` is the
+/// container's. With a pid namespace, returns the part the first process must do itself.
+pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
@@ -512,51 +495,6 @@ fn readonly_path(path: &str) -> Result<(), SetupError> {
     )
 }
 
-/// Resolves `path` inside `root` as the container would see it: symlinks are followed with
-/// `root` as `/`, and `..` never climbs above it. Missing components are kept as they are.
-/// For the agent's reads of the image before it enters the root (`warm`); inside, the
-/// kernel does this.
-pub fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
-    const MAX_LINKS: usize = 40;
-    let mut resolved: Vec<OsString> = Vec::new();
-    let mut pending: VecDeque<OsString> = components(Path::new(path));
-    let mut links = 0;
-    while let Some(name) = pending.pop_front() {
-        if name == OsStr::new("..") {
-            resolved.pop();
-            continue;
-        }
-        let candidate: PathBuf = root.join(resolved.iter().collect::<PathBuf>()).join(&name);
-        let is_link = fs::symlink_metadata(&candidate)
-            .map(|m| m.file_type().is_symlink())
-            .unwrap_or(false);
-        if is_link && links < MAX_LINKS {
-            links += 1;
-            if let Ok(target) = fs::read_link(&candidate) {
-                if target.is_absolute() {
-                    resolved.clear();
-                }
-                for part in components(&target).into_iter().rev() {
-                    pending.push_front(part);
-                }
-                continue;
-            }
-        }
-        resolved.push(name);
-    }
-    root.join(resolved.iter().collect::<PathBuf>())
-}
-
-fn components(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name.to_os_string()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,26 +532,5 @@ mod tests {
     fn later_option_overrides_earlier() {
         let (flags, _) = parse_options(&["ro".to_string(), "rw".to_string()]);
         assert!(!flags.contains(MsFlags::MS_RDONLY));
-    }
-
-    #[test]
-    fn resolution_follows_symlinks_without_leaving_the_root() {
-        let dir = std::env::temp_dir().join(format!("sm-resolve-{}", std::process::id()));
-        let root = dir.join("root");
-        fs::create_dir_all(root.join("run/systemd")).unwrap();
-        fs::create_dir_all(root.join("etc")).unwrap();
-        symlink("../run/systemd/resolv.conf", root.join("etc/resolv.conf")).unwrap();
-        symlink("/../../../etc", root.join("escape")).unwrap();
-
-        assert_eq!(
-            resolve_in_root(&root, "/etc/resolv.conf"),
-            root.join("run/systemd/resolv.conf")
-        );
-        assert_eq!(
-            resolve_in_root(&root, "/escape/hosts"),
-            root.join("etc/hosts")
-        );
-        assert_eq!(resolve_in_root(&root, "/../../x/./y"), root.join("x/y"));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
