@@ -52,7 +52,7 @@ fn read_programs(root: &Path, programs: &[String], path: Option<&str>) {
     }
 }
 
-/// Small files are read whole: setup copies them up into the writable layer.
+/// Small files are read whole: the container is likely to read those it does not cover.
 const LOOKUP_READ_LIMIT: u64 = 64 << 10;
 
 /// Looks up each path (setup's mount destinations) and reads the small files among them;
