@@ -181,7 +181,7 @@ impl BoundFiles {
     ) -> Result<(), SetupError> {
         let name_c = CString::new(name).map_err(err("backing file name"))?;
         let target_c =
-            CString::new(target.as_os_str().as_bytes()).map_err(err(format!("{destination}")))?;
+            CString::new(target.as_os_str().as_bytes()).map_err(err(destination.to_string()))?;
         // SAFETY: open_tree reads a NUL-terminated path relative to a directory fd this
         // struct owns; it returns a new descriptor or -1.
         let tree = unsafe {

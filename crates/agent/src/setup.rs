@@ -316,6 +316,7 @@ fn bind_file(
             fs::OpenOptions::new()
                 .write(true)
                 .create(true)
+                .truncate(false)
                 .mode(0o644)
                 .open(&target)
                 .map_err(err(format!("create {}", m.destination)))?;
