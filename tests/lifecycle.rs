@@ -634,3 +634,42 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
     let _ = std::fs::remove_dir(memory.parent().unwrap());
     env.assert_clean("c-hooks");
 }
+
+#[test]
+fn file_binds_are_mounts_over_a_read_only_root() {
+    let Some(env) = Env::new() else { return };
+    // docker's own files, on a root (busybox) that has neither: the targets are made before
+    // the root turns read-only, and the files are binds, not writes into the image.
+    let files = tempfile::tempdir().unwrap();
+    let hostname = files.path().join("hostname");
+    let resolv = files.path().join("resolv.conf");
+    std::fs::write(&hostname, "bound-host\n").unwrap();
+    std::fs::write(&resolv, "nameserver 10.9.8.7\n").unwrap();
+    let mut bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "cat /etc/hostname /etc/resolv.conf; \
+         touch /new 2>/dev/null && echo root-rw || echo root-ro; \
+         echo x > /etc/resolv.conf 2>/dev/null && echo resolv-rw || echo resolv-ro; \
+         echo c2 > /etc/hostname && cat /etc/hostname",
+    ]);
+    bundle.edit(|c| {
+        c["root"]["readonly"] = true.into();
+        let mounts = c["mounts"].as_array_mut().unwrap();
+        mounts.push(
+            serde_json::json!({ "destination": "/etc/hostname", "type": "bind",
+            "source": hostname, "options": ["rbind", "rprivate"] }),
+        );
+        mounts.push(
+            serde_json::json!({ "destination": "/etc/resolv.conf", "type": "bind",
+            "source": resolv, "options": ["rbind", "rprivate", "ro"] }),
+        );
+    });
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-file-binds"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "bound-host\nnameserver 10.9.8.7\nroot-ro\nresolv-ro\nc2\n"
+    );
+    env.assert_clean("c-file-binds");
+}

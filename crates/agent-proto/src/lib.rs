@@ -132,8 +132,9 @@ pub enum Request {
     /// Attaches the guest's network interfaces (held detached until now) and configures
     /// them as the container's host-side interfaces are.
     ConfigureNetwork(NetworkConfig),
-    /// New contents for files copied in at setup (docker rewrites resolv.conf and hosts when
-    /// it connects the network, after create): `(destination, contents)`.
+    /// New contents for [`MountKind::File`] binds (docker rewrites resolv.conf and hosts when
+    /// it connects the network, after create): `(destination, contents)`. The agent rewrites
+    /// the file it keeps, in place, and only if the contents changed.
     UpdateFiles(Vec<(String, Vec<u8>)>),
     /// The answer to a [`AgentMessage::DnsQuery`] the host relayed.
     DnsAnswer {
@@ -300,9 +301,8 @@ pub struct RootfsSpec {
     #[serde(default)]
     pub warm_path: Option<String>,
     /// Paths the container's setup will resolve in the image (its mount destinations):
-    /// looked up when the root is prepared, and read if they are small files (a file mount
-    /// copies its lower file up), so a restored VM finds their directory entries, inodes
-    /// and contents cached. Best effort, like `warm`.
+    /// looked up when the root is prepared, and read if they are small files, so a restored
+    /// VM finds their directory entries, inodes and contents cached. Best effort, like `warm`.
     #[serde(default)]
     pub warm_lookups: Vec<String>,
 }
@@ -322,7 +322,10 @@ pub enum MountKind {
         source: String,
         options: Vec<String>,
     },
-    /// A small host file bind (`/etc/hosts`, `/etc/resolv.conf`, …), copied in.
+    /// A small host file bind (`/etc/hosts`, `/etc/resolv.conf`, docker's init binary, …):
+    /// the agent keeps the contents in a file of its own, outside the container root, and
+    /// binds it over the destination (made an empty file if the image has none), so the
+    /// image is never written and a read-only root works.
     File {
         contents: Vec<u8>,
         mode: u32,

@@ -6,11 +6,14 @@
 //! It is single-threaded (one `poll` loop), so a child that shares its memory until `exec`
 //! (see `spawn`) never meets another of its threads.
 
+mod bound_files;
 mod caps;
 mod channel;
 mod cmdline;
+mod error;
 mod logging;
 mod network;
+mod paths;
 mod procfs;
 mod server;
 mod setup;

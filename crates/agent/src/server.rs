@@ -16,9 +16,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::bound_files::BoundFiles;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
-use crate::{agent_debug, agent_log, network, procfs, setup, spawn};
+use crate::{agent_debug, agent_log, network, procfs, setup, spawn, warm};
 
 /// How long an exited process's output may stay open (held by its own background children)
 /// before the agent reports the exit anyway.
@@ -99,6 +100,8 @@ pub struct Server {
     prepared_root: Option<agent_proto::RootfsSpec>,
     /// Work left for the container's first process (PID 1 of its pid namespace).
     proc_finish: Option<setup::ProcFinish>,
+    /// The host files bound into the container, once it is set up.
+    bound_files: Option<BoundFiles>,
     /// virtio-net devices held detached until the host connects them.
     detached_nics: network::DetachedNics,
     dns: Option<network::DnsRelay>,
@@ -137,6 +140,7 @@ impl Server {
             container_ready: false,
             prepared_root: None,
             proc_finish: None,
+            bound_files: None,
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
             shutdown: false,
@@ -335,26 +339,26 @@ impl Server {
                 if self.prepared_root.is_some() || self.container_ready {
                     return Err(AgentError("the root is already prepared".into()));
                 }
-                setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
-                self.prepared_root = Some(rootfs);
+                self.prepare_root(rootfs)?;
                 Ok(Reply::Ok)
             }
             Request::SetupContainer(config) => {
                 if self.container_ready {
                     return Err(AgentError("the container is already set up".into()));
                 }
-                let prepared = match &self.prepared_root {
-                    Some(rootfs) if rootfs.device == config.rootfs.device => true,
+                match &self.prepared_root {
+                    Some(rootfs) if rootfs.device == config.rootfs.device => {}
                     Some(rootfs) => {
                         return Err(AgentError(format!(
                             "the root was prepared from {}, not {}",
                             rootfs.device, config.rootfs.device
                         )))
                     }
-                    None => false,
-                };
-                self.proc_finish =
-                    setup::setup_container(&config, prepared).map_err(|e| AgentError(e.0))?;
+                    None => self.prepare_root(config.rootfs.clone())?,
+                }
+                let root = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                self.proc_finish = root.proc_finish;
+                self.bound_files = Some(root.bound_files);
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -452,11 +456,14 @@ impl Server {
                 Ok(Reply::Ok)
             }
             Request::UpdateFiles(files) => {
-                if !self.container_ready {
+                let Some(bound) = &mut self.bound_files else {
                     return Err(AgentError("the container is not set up".into()));
-                }
+                };
                 for (destination, contents) in files {
-                    setup::update_file(&destination, &contents).map_err(|e| AgentError(e.0))?;
+                    let changed = bound
+                        .update(&destination, &contents)
+                        .map_err(|e| AgentError(e.0))?;
+                    agent_debug!("update {destination}: changed {changed}");
                 }
                 Ok(Reply::Ok)
             }
@@ -471,6 +478,15 @@ impl Server {
                 Ok(Reply::Ok)
             }
         }
+    }
+
+    /// Mounts the container root and reads what the container will need from it: before a
+    /// snapshot when the host asks (`PrepareRoot`), else as the first step of the setup.
+    fn prepare_root(&mut self, rootfs: agent_proto::RootfsSpec) -> Result<(), AgentError> {
+        let root = setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
+        warm::warm_root(root, &rootfs);
+        self.prepared_root = Some(rootfs);
+        Ok(())
     }
 
     fn process(&mut self, id: ProcessId) -> Result<&mut Process, AgentError> {

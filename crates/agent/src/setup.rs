@@ -10,38 +10,26 @@
 //! is emulated each costs milliseconds. Everything the agent does afterwards (process
 //! spawns, `/proc` scans) sees the container's filesystem.
 
-use std::collections::VecDeque;
-use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use agent_proto::{ContainerSetup, MountKind, MountSpec, RootfsSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
+use crate::bound_files::{BoundFiles, BACKING_DIR};
+use crate::error::{err, SetupError};
 use crate::{agent_debug, agent_log};
 
 const IMAGE_DIR: &str = "/sm/image";
 const RW_DIR: &str = "/sm/rw";
 const ROOT_DIR: &str = "/sm/root";
 
-#[derive(Debug)]
-pub struct SetupError(pub String);
-
-impl std::fmt::Display for SetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> SetupError {
-    move |e| SetupError(format!("{what}: {e}"))
-}
-
-/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two.
-pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
+/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two; returns
+/// where the container root is, not yet entered.
+pub fn prepare_root(rootfs: &RootfsSpec) -> Result<&'static Path, SetupError> {
     for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
         fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
     }
@@ -67,6 +55,7 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
     for dir in ["upper", "work"] {
         fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
     }
+    fs::create_dir(BACKING_DIR).map_err(err(format!("mkdir {BACKING_DIR}")))?;
     let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
     mount(
         Some("overlay"),
@@ -76,17 +65,7 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<(), SetupError> {
         Some(options.as_str()),
     )
     .map_err(err("mount the root overlay"))?;
-    crate::warm::read_programs(
-        Path::new(ROOT_DIR),
-        &rootfs.warm,
-        rootfs.warm_path.as_deref(),
-    );
-    // The first process reads the password file when its environment has no HOME, as
-    // runc's does.
-    let mut lookups = rootfs.warm_lookups.clone();
-    lookups.push(crate::spawn::PASSWD.to_string());
-    crate::warm::look_up(Path::new(ROOT_DIR), &lookups);
-    Ok(())
+    Ok(Path::new(ROOT_DIR))
 }
 
 /// What the container's first process does itself when it is PID 1 of a new pid namespace:
@@ -121,21 +100,25 @@ fn is_under(path: &str, dirs: &[String]) -> bool {
         .any(|d| path == d || path.starts_with(&format!("{}/", d.trim_end_matches('/'))))
 }
 
-/// Mounts everything and enters the container root; after this `/` is the container's.
-/// With a pid namespace, returns the part the first process must do itself.
-pub fn setup_container(
-    setup: &ContainerSetup,
-    root_prepared: bool,
-) -> Result<Option<ProcFinish>, SetupError> {
-    if !root_prepared {
-        prepare_root(&setup.rootfs)?;
-    }
+/// The container root, entered and set up.
+#[derive(Debug)]
+pub struct ContainerRoot {
+    /// The host files bound into it, for later updates.
+    pub bound_files: BoundFiles,
+    /// With a pid namespace, the part the first process must do itself.
+    pub proc_finish: Option<ProcFinish>,
+}
+
+/// Mounts everything in the root [`prepare_root`] made and enters it; after this `/` is the
+/// container's.
+pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
         let file = Path::new("/proc/sys").join(key.replace('.', "/"));
         fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
     }
+    let mut bound_files = BoundFiles::open()?;
     enter_root(Path::new(ROOT_DIR))?;
     let deferred: Vec<String> = if setup.pid_namespace {
         setup
@@ -155,7 +138,14 @@ pub fn setup_container(
             finish.mounts.push(m.clone());
             continue;
         }
-        mount_one(m)?;
+        match &m.kind {
+            MountKind::File {
+                contents,
+                mode,
+                readonly,
+            } => bind_file(&mut bound_files, m, contents, *mode, *readonly)?,
+            _ => mount_one(m)?,
+        }
         dev_done |= m.destination == "/dev";
     }
     if !dev_done {
@@ -189,6 +179,7 @@ pub fn setup_container(
     if let Some(hostname) = &setup.hostname {
         nix::unistd::sethostname(hostname).map_err(err(format!("sethostname {hostname}")))?;
     }
+    // Last, as runc does: every mount target missing from the image was made above.
     if rootfs.readonly {
         mount(
             None::<&str>,
@@ -204,9 +195,11 @@ pub fn setup_container(
         // and every later child (exec) joins it.
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
             .map_err(err("new pid namespace"))?;
-        return Ok(Some(finish));
     }
-    Ok(None)
+    Ok(ContainerRoot {
+        bound_files,
+        proc_finish: setup.pid_namespace.then_some(finish),
+    })
 }
 
 fn enter_root(root: &Path) -> Result<(), SetupError> {
@@ -272,34 +265,12 @@ fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
                 remount_readonly(&target, flags)?;
             }
         }
-        MountKind::File {
-            contents,
-            mode,
-            readonly,
-        } => {
-            if let Some(parent) = target.parent() {
-                mkdir_p(parent)?;
-            }
-            if fs::metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
-                return Err(SetupError(format!(
-                    "{} is a directory in the image",
-                    m.destination
-                )));
-            }
-            fs::write(&target, contents).map_err(err(format!("write {}", m.destination)))?;
-            fs::set_permissions(&target, fs::Permissions::from_mode(*mode & 0o7777))
-                .map_err(err(format!("chmod {}", m.destination)))?;
-            if *readonly {
-                mount(
-                    Some(&target),
-                    &target,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(err(format!("bind {}", m.destination)))?;
-                remount_readonly(&target, MsFlags::MS_BIND)?;
-            }
+        // Made by `bind_file` in the setup, never deferred to the first process.
+        MountKind::File { .. } => {
+            return Err(SetupError(format!(
+                "file bind on {} outside the container setup",
+                m.destination
+            )))
         }
         MountKind::EmptyDirectory { readonly } => {
             mkdir_p(&target)?;
@@ -319,29 +290,40 @@ fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Replaces the contents of a file copied in at setup (in the entered container root),
-/// keeping it read-only if it was bound so.
-pub fn update_file(destination: &str, contents: &[u8]) -> Result<(), SetupError> {
-    let target = in_root(destination);
-    match fs::write(&target, contents) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-            // A read-only bind of the file over itself: lift it, write, bind again.
-            nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(err(format!("unmount {destination}")))?;
-            fs::write(&target, contents).map_err(err(format!("write {destination}")))?;
-            mount(
-                Some(&target),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(err(format!("bind {destination}")))?;
-            remount_readonly(&target, MsFlags::MS_BIND)
+/// Binds a host file (kept by the agent) over its destination, made an empty file first if
+/// the image has none, while the root is still writable.
+fn bind_file(
+    files: &mut BoundFiles,
+    m: &MountSpec,
+    contents: &[u8],
+    mode: u32,
+    readonly: bool,
+) -> Result<(), SetupError> {
+    let target = in_root(&m.destination);
+    agent_debug!("bind file {}", m.destination);
+    match fs::metadata(&target) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(SetupError(format!(
+                "{} is a directory in the image",
+                m.destination
+            )))
         }
-        Err(e) => Err(SetupError(format!("write {destination}: {e}"))),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = target.parent() {
+                mkdir_p(parent)?;
+            }
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(&target)
+                .map_err(err(format!("create {}", m.destination)))?;
+        }
+        Err(e) => return Err(SetupError(format!("stat {}: {e}", m.destination))),
     }
+    files.bind(&m.destination, &target, contents, mode, readonly)
 }
 
 fn remount_readonly(target: &Path, flags: MsFlags) -> Result<(), SetupError> {
@@ -512,51 +494,6 @@ fn readonly_path(path: &str) -> Result<(), SetupError> {
     )
 }
 
-/// Resolves `path` inside `root` as the container would see it: symlinks are followed with
-/// `root` as `/`, and `..` never climbs above it. Missing components are kept as they are.
-/// For the agent's reads of the image before it enters the root (`warm`); inside, the
-/// kernel does this.
-pub fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
-    const MAX_LINKS: usize = 40;
-    let mut resolved: Vec<OsString> = Vec::new();
-    let mut pending: VecDeque<OsString> = components(Path::new(path));
-    let mut links = 0;
-    while let Some(name) = pending.pop_front() {
-        if name == OsStr::new("..") {
-            resolved.pop();
-            continue;
-        }
-        let candidate: PathBuf = root.join(resolved.iter().collect::<PathBuf>()).join(&name);
-        let is_link = fs::symlink_metadata(&candidate)
-            .map(|m| m.file_type().is_symlink())
-            .unwrap_or(false);
-        if is_link && links < MAX_LINKS {
-            links += 1;
-            if let Ok(target) = fs::read_link(&candidate) {
-                if target.is_absolute() {
-                    resolved.clear();
-                }
-                for part in components(&target).into_iter().rev() {
-                    pending.push_front(part);
-                }
-                continue;
-            }
-        }
-        resolved.push(name);
-    }
-    root.join(resolved.iter().collect::<PathBuf>())
-}
-
-fn components(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name.to_os_string()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,26 +531,5 @@ mod tests {
     fn later_option_overrides_earlier() {
         let (flags, _) = parse_options(&["ro".to_string(), "rw".to_string()]);
         assert!(!flags.contains(MsFlags::MS_RDONLY));
-    }
-
-    #[test]
-    fn resolution_follows_symlinks_without_leaving_the_root() {
-        let dir = std::env::temp_dir().join(format!("sm-resolve-{}", std::process::id()));
-        let root = dir.join("root");
-        fs::create_dir_all(root.join("run/systemd")).unwrap();
-        fs::create_dir_all(root.join("etc")).unwrap();
-        symlink("../run/systemd/resolv.conf", root.join("etc/resolv.conf")).unwrap();
-        symlink("/../../../etc", root.join("escape")).unwrap();
-
-        assert_eq!(
-            resolve_in_root(&root, "/etc/resolv.conf"),
-            root.join("run/systemd/resolv.conf")
-        );
-        assert_eq!(
-            resolve_in_root(&root, "/escape/hosts"),
-            root.join("etc/hosts")
-        );
-        assert_eq!(resolve_in_root(&root, "/../../x/./y"), root.join("x/y"));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

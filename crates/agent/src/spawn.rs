@@ -33,9 +33,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::caps;
+use crate::paths::{DEFAULT_PATH, PASSWD};
 use crate::setup::ProcFinish;
-
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A started (or waiting-to-start) process and the agent's ends of its stdio.
 #[derive(Debug)]
@@ -273,9 +272,6 @@ fn environment(spec: &ProcessSpec, tunables: Option<&str>) -> Vec<String> {
     }
     env
 }
-
-/// Where a process without HOME finds it (`warm` reads it before a snapshot).
-pub const PASSWD: &str = "/etc/passwd";
 
 fn home_of(uid: u32) -> Option<String> {
     let passwd = std::fs::read_to_string(PASSWD).ok()?;

@@ -9,16 +9,29 @@
 //! and the password file while the root is prepared, before the snapshot, moves that cost to
 //! the bake, paid once per image.
 
-use std::fs::File;
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+
+use agent_proto::RootfsSpec;
 
 use crate::agent_debug;
-use crate::setup::resolve_in_root;
-use crate::spawn::DEFAULT_PATH;
+use crate::paths::{DEFAULT_PATH, PASSWD};
+
+/// Reads what the container will need from the prepared (not yet entered) `root`: its
+/// programs, the paths its setup looks up, and the password file the first process reads
+/// when its environment has no HOME (as runc's does).
+pub fn warm_root(root: &Path, rootfs: &RootfsSpec) {
+    read_programs(root, &rootfs.warm, rootfs.warm_path.as_deref());
+    let mut lookups = rootfs.warm_lookups.clone();
+    lookups.push(PASSWD.to_string());
+    look_up(root, &lookups);
+}
 
 /// Reads each program (searched as `execvp` would, in `path`) and its ELF interpreter.
-pub fn read_programs(root: &Path, programs: &[String], path: Option<&str>) {
+fn read_programs(root: &Path, programs: &[String], path: Option<&str>) {
     for program in programs {
         let Some(file) = find(root, program, path.unwrap_or(DEFAULT_PATH)) else {
             agent_debug!("warm: {program} not found in the image");
@@ -39,12 +52,12 @@ pub fn read_programs(root: &Path, programs: &[String], path: Option<&str>) {
     }
 }
 
-/// Small files are read whole: setup copies them up into the writable layer.
+/// Small files are read whole: the container is likely to read those it does not cover.
 const LOOKUP_READ_LIMIT: u64 = 64 << 10;
 
 /// Looks up each path (setup's mount destinations) and reads the small files among them;
 /// returns the files read.
-pub fn look_up(root: &Path, paths: &[String]) -> Vec<PathBuf> {
+fn look_up(root: &Path, paths: &[String]) -> Vec<PathBuf> {
     let mut read = Vec::new();
     for path in paths {
         let resolved = resolve_in_root(root, path);
@@ -134,6 +147,50 @@ fn elf_interpreter(head: &[u8]) -> Option<String> {
     None
 }
 
+/// Resolves `path` inside `root` as the container would see it: symlinks are followed with
+/// `root` as `/`, and `..` never climbs above it. Missing components are kept as they are.
+/// For the reads of the image before the agent enters the root; inside, the kernel does this.
+fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut pending: VecDeque<OsString> = components(Path::new(path));
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == OsStr::new("..") {
+            resolved.pop();
+            continue;
+        }
+        let candidate: PathBuf = root.join(resolved.iter().collect::<PathBuf>()).join(&name);
+        let is_link = fs::symlink_metadata(&candidate)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        if is_link && links < MAX_LINKS {
+            links += 1;
+            if let Ok(target) = fs::read_link(&candidate) {
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for part in components(&target).into_iter().rev() {
+                    pending.push_front(part);
+                }
+                continue;
+            }
+        }
+        resolved.push(name);
+    }
+    root.join(resolved.iter().collect::<PathBuf>())
+}
+
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +266,26 @@ mod tests {
         let paths = ["/etc/hosts", "/etc/big", "/etc", "/proc", "/etc/hostname"];
         let read = look_up(root.path(), &paths.map(String::from));
         assert_eq!(read, vec![etc.join("hosts"), etc.join("hosts")]);
+    }
+
+    #[test]
+    fn resolution_follows_symlinks_without_leaving_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let symlink = std::os::unix::fs::symlink::<&str, PathBuf>;
+        fs::create_dir_all(root.join("run/systemd")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("../run/systemd/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        symlink("/../../../etc", root.join("escape")).unwrap();
+
+        assert_eq!(
+            resolve_in_root(&root, "/etc/resolv.conf"),
+            root.join("run/systemd/resolv.conf")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/escape/hosts"),
+            root.join("etc/hosts")
+        );
+        assert_eq!(resolve_in_root(&root, "/../../x/./y"), root.join("x/y"));
     }
 }

@@ -225,8 +225,9 @@ pub struct Attachment {
 impl Attachment {
     /// Connects the namespace's interfaces (up to the VM's `taps`) and configures the guest.
     /// Nothing to connect is not an error (`--network none`); it is tried again later.
-    /// The files bound from the host are copied in again first: docker writes the
-    /// container's resolv.conf and hosts when it connects the network.
+    /// The files bound from the host that changed since setup are copied in again first:
+    /// docker writes the container's resolv.conf and hosts when it connects the network (and
+    /// never its init binary, which may be running by now).
     pub fn attach(
         &mut self,
         agent: &AgentClient,
@@ -247,7 +248,9 @@ impl Attachment {
             if file.destination == "/etc/resolv.conf" {
                 dns_relay = wants_dns_relay(&contents);
             }
-            updates.push((file.destination.clone(), contents));
+            if file.changed_since_setup(&contents) {
+                updates.push((file.destination.clone(), contents));
+            }
         }
         if !updates.is_empty() {
             agent.request(Request::UpdateFiles(updates), Duration::from_secs(30))?;

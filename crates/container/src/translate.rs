@@ -14,7 +14,8 @@ use crate::cgroup::HostLimits;
 use crate::paths::VmDefaults;
 use crate::ContainerError;
 
-/// Host files bound into the container are copied into the guest; this bounds the copy.
+/// Host files bound into the container are copied into the guest (the agent keeps them and
+/// binds them over their destinations); this bounds the copy.
 const MAX_FILE_BIND: u64 = 1 << 20;
 
 /// Filesystems the guest kernel makes itself.
@@ -230,15 +231,36 @@ pub fn container_setup(
     Ok((setup, notes))
 }
 
-/// A host file bound into the container (copied into the guest, and copied again at `start`:
-/// docker rewrites resolv.conf and hosts when it connects the network, after `create`).
+/// A host file bound into the container: its contents are copied into the guest at setup
+/// ([`MountKind::File`]), and again at `start` if they changed (docker rewrites resolv.conf
+/// and hosts when it connects the network, after `create`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileBind {
     pub destination: String,
     pub source: std::path::PathBuf,
+    /// [`contents_digest`] of the source when the plan was made, the contents the guest got
+    /// at setup. A state written without it (0) makes the file be sent again, which is
+    /// harmless: the agent compares too.
+    #[serde(default)]
+    pub digest: u64,
 }
 
-/// The file bind mounts of config.json.
+impl FileBind {
+    /// Whether `contents` (the source's now) differ from those the guest got at setup.
+    pub fn changed_since_setup(&self, contents: &[u8]) -> bool {
+        contents_digest(contents) != self.digest
+    }
+}
+
+/// A digest of a file bind's contents (64-bit FNV-1a: it tells a rewritten file from an
+/// unchanged one, with no adversary to resist).
+pub fn contents_digest(contents: &[u8]) -> u64 {
+    contents.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The file bind mounts of config.json, as [`container_setup`] copies them into the guest.
 pub fn file_binds(spec: &Spec) -> Vec<FileBind> {
     spec.mounts()
         .iter()
@@ -252,13 +274,16 @@ pub fn file_binds(spec: &Spec) -> Vec<FileBind> {
         })
         .filter_map(|m| {
             let source = m.source().clone()?;
-            std::fs::metadata(&source)
-                .ok()?
-                .is_file()
-                .then(|| FileBind {
-                    destination: m.destination().to_string_lossy().into_owned(),
-                    source,
-                })
+            let meta = std::fs::metadata(&source).ok()?;
+            if !meta.is_file() || meta.len() > MAX_FILE_BIND {
+                return None;
+            }
+            let contents = std::fs::read(&source).ok()?;
+            Some(FileBind {
+                destination: m.destination().to_string_lossy().into_owned(),
+                source,
+                digest: contents_digest(&contents),
+            })
         })
         .collect()
 }
@@ -435,6 +460,57 @@ mod tests {
         );
         assert_eq!(notes.len(), 1);
         assert!(notes[0].contains("/data"));
+    }
+
+    #[test]
+    fn file_binds_carry_the_digest_of_what_the_guest_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 10.0.0.1\n").unwrap();
+        let json = format!(
+            r#"{{"ociVersion":"1.0.2","mounts":[
+                {{"destination":"/etc/resolv.conf","type":"bind","source":"{}","options":["rbind","rprivate"]}},
+                {{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
+            resolv.display(),
+            dir.path().display()
+        );
+        let binds = file_binds(&spec(&json));
+        assert_eq!(binds.len(), 1, "directories are not file binds");
+        assert_eq!(binds[0].destination, "/etc/resolv.conf");
+        assert_eq!(binds[0].digest, contents_digest(b"nameserver 10.0.0.1\n"));
+        assert!(!binds[0].changed_since_setup(b"nameserver 10.0.0.1\n"));
+        // docker rewrites it when it connects the network.
+        assert!(binds[0].changed_since_setup(b"nameserver 127.0.0.11\n"));
+    }
+
+    #[test]
+    fn file_binds_keep_their_mode_and_writability() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let init = dir.path().join("docker-init");
+        std::fs::write(&init, b"\x7fELF").unwrap();
+        std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let hostname = dir.path().join("hostname");
+        std::fs::write(&hostname, b"c1\n").unwrap();
+        let json = format!(
+            r#"{{"ociVersion":"1.0.2","mounts":[
+                {{"destination":"/sbin/docker-init","type":"bind","source":"{}","options":["rbind","ro"]}},
+                {{"destination":"/etc/hostname","type":"bind","source":"{}","options":["rbind","rprivate"]}}]}}"#,
+            init.display(),
+            hostname.display()
+        );
+        let (setup, _) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
+        assert!(matches!(&setup.mounts[0].kind,
+            MountKind::File { mode, readonly: true, .. } if mode & 0o7777 == 0o755));
+        assert!(matches!(&setup.mounts[1].kind,
+            MountKind::File { contents, readonly: false, .. } if contents == b"c1\n"));
+    }
+
+    #[test]
+    fn digests_tell_contents_apart() {
+        assert_ne!(contents_digest(b"a"), contents_digest(b"b"));
+        assert_ne!(contents_digest(b""), contents_digest(b"\0"));
+        assert_eq!(contents_digest(b"hosts"), contents_digest(b"hosts"));
     }
 
     #[test]
