@@ -526,6 +526,7 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
+            diagnostics: crate::VmDiagnostics::default(),
             vcpus: 2,
             memory_mib: 192,
             kernel: "/k/vmlinux".into(),
