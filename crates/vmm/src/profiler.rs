@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use devices::GuestMemory;
 use hypervisor::{Kick, Vcpu};
+use lock_ext::LockExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vcpu::{Control, RunState};
@@ -84,7 +85,7 @@ pub(crate) fn start_sampler(control: Arc<Control>, kickers: Vec<Arc<dyn Kick>>) 
         .name("sampler".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(1));
-            if matches!(*control.lock(), RunState::Ended(_)) {
+            if matches!(*control.state.lock_unpoisoned(), RunState::Ended(_)) {
                 return;
             }
             for k in &kickers {

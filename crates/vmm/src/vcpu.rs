@@ -36,7 +36,7 @@ pub(crate) enum RunState {
 /// The run state and the condition every change of it is signalled on.
 #[derive(Debug)]
 pub(crate) struct Control {
-    state: Mutex<RunState>,
+    pub(crate) state: Mutex<RunState>,
     changed: Condvar,
     /// Numbers the pauses (see [`RunState::Paused`]).
     pauses: std::sync::atomic::AtomicU64,
@@ -53,10 +53,6 @@ impl Default for Control {
 }
 
 impl Control {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, RunState> {
-        self.state.lock_unpoisoned()
-    }
-
     /// Sets the state and wakes everyone waiting on it.
     fn set(&self, mut state: MutexGuard<'_, RunState>, next: RunState) {
         *state = next;
@@ -69,7 +65,7 @@ impl Control {
         deadline: Instant,
         mut done: impl FnMut(&RunState) -> bool,
     ) -> MutexGuard<'_, RunState> {
-        let mut state = self.lock();
+        let mut state = self.state.lock_unpoisoned();
         while !done(&state) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
@@ -81,7 +77,7 @@ impl Control {
 
     /// Asks the vCPUs to park (a no-op once the VM ended or while already paused).
     pub(crate) fn pause(&self) {
-        let state = self.lock();
+        let state = self.state.lock_unpoisoned();
         if matches!(*state, RunState::Running) {
             let pause = self
                 .pauses
@@ -99,7 +95,7 @@ impl Control {
     }
 
     pub(crate) fn resume(&self) {
-        let state = self.lock();
+        let state = self.state.lock_unpoisoned();
         if matches!(*state, RunState::Paused { .. }) {
             self.set(state, RunState::Running);
         }
@@ -107,14 +103,14 @@ impl Control {
 
     /// Ends the VM with `exit` unless it has ended already (the first reason stays).
     pub(crate) fn end(&self, exit: VmExit) {
-        let state = self.lock();
+        let state = self.state.lock_unpoisoned();
         if !matches!(*state, RunState::Ended(_)) {
             self.set(state, RunState::Ended(exit));
         }
     }
 
     pub(crate) fn exit(&self) -> Option<VmExit> {
-        match &*self.lock() {
+        match &*self.state.lock_unpoisoned() {
             RunState::Ended(exit) => Some(exit.clone()),
             _ => None,
         }
@@ -128,7 +124,7 @@ impl Control {
         id: usize,
         save: &mut dyn FnMut() -> Result<Vec<u8>, String>,
     ) -> bool {
-        let mut state = self.lock();
+        let mut state = self.state.lock_unpoisoned();
         let mut counted_in = None;
         loop {
             match &mut *state {
@@ -150,7 +146,7 @@ impl Control {
                     if asked {
                         drop(state);
                         let saved = save();
-                        state = self.lock();
+                        state = self.state.lock_unpoisoned();
                         if let RunState::Paused {
                             snapshot: Some(slots),
                             ..
@@ -171,7 +167,7 @@ impl Control {
 
     /// Each vCPU's state, read by its own parked thread; `vcpus` must all be parked.
     pub(crate) fn save_vcpus(&self, vcpus: u32, timeout: Duration) -> Result<Vec<Vec<u8>>, Error> {
-        let mut state = self.lock();
+        let mut state = self.state.lock_unpoisoned();
         match &mut *state {
             RunState::Paused {
                 parked, snapshot, ..
@@ -411,7 +407,7 @@ mod tests {
     use super::*;
 
     fn parked(control: &Control) -> u32 {
-        match &*control.lock() {
+        match &*control.state.lock_unpoisoned() {
             RunState::Paused { parked, .. } => *parked,
             _ => 0,
         }
@@ -484,7 +480,7 @@ mod tests {
         wait_parked(&control, 1);
         // Resume and pause again at once, before the thread gets to run.
         {
-            let state = control.lock();
+            let state = control.state.lock_unpoisoned();
             let next = RunState::Paused {
                 pause: 99,
                 parked: 0,

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use lock_ext::LockExt;
 use virtio_queue::Queue;
 
 use super::{drain_queue, Activation, DeviceState, Interrupt, Shared, VirtioDevice, TYPE_CONSOLE};
@@ -176,7 +177,7 @@ impl Persist for Console {
         let Some(shared) = &self.shared else {
             return ConsoleState::default();
         };
-        let inner = shared.lock();
+        let inner = shared.state.lock_unpoisoned();
         ConsoleState {
             guest_ready: inner.guest_ready,
             control_out: inner.control_out.iter().cloned().collect(),
@@ -193,7 +194,7 @@ impl Persist for Console {
             // device state after activation).
             return Err(PersistError::UnexpectedDeviceState);
         };
-        let mut inner = shared.lock();
+        let mut inner = shared.state.lock_unpoisoned();
         inner.guest_ready = state.guest_ready;
         inner.control_out.extend(state.control_out);
         inner.rx_pending.extend(state.rx_pending);
@@ -229,7 +230,7 @@ impl Console {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = socket.read(&mut buf).unwrap_or(0);
-                    let mut inner = shared.lock();
+                    let mut inner = shared.state.lock_unpoisoned();
                     if n == 0 {
                         inner.host_open = false;
                         if inner.guest_ready {
@@ -303,7 +304,7 @@ impl VirtioDevice for Console {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let mut inner = shared.lock();
+        let mut inner = shared.state.lock_unpoisoned();
         match queue as usize {
             CONTROL_TX => inner.handle_control_tx(),
             CONTROL_RX => inner.flush_control(),

@@ -140,7 +140,7 @@ impl DeviceState {
 /// other (the guest posted buffers; the host took bytes).
 #[derive(Debug)]
 pub(crate) struct Shared<T> {
-    state: Mutex<T>,
+    pub(crate) state: Mutex<T>,
     progress: Condvar,
 }
 
@@ -150,10 +150,6 @@ impl<T> Shared<T> {
             state: Mutex::new(state),
             progress: Condvar::new(),
         })
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        self.state.lock_unpoisoned()
     }
 
     /// Waits for the other side's progress (at most `timeout`, if given).
@@ -178,7 +174,7 @@ pub(crate) fn queue_states_of<T>(
     shared: &Option<Arc<Shared<T>>>,
     queues: impl Fn(&T) -> &[Queue],
 ) -> Option<Vec<QueueState>> {
-    let state = shared.as_ref()?.lock();
+    let state = shared.as_ref()?.state.lock_unpoisoned();
     Some(queues(&state).iter().map(QueueState::of).collect())
 }
 

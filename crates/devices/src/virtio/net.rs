@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 
+use lock_ext::LockExt;
 use serde::{Deserialize, Serialize};
 
 use super::{drain_queue, Activation, DeviceState, Interrupt, Shared, VirtioDevice};
@@ -114,7 +115,7 @@ impl Net {
                     }
                     // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
                     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    let mut inner = shared.lock();
+                    let mut inner = shared.state.lock_unpoisoned();
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return;
@@ -243,7 +244,7 @@ impl VirtioDevice for Net {
         match queue as usize {
             RX => shared.progressed(),
             TX => {
-                let mut inner = shared.lock();
+                let mut inner = shared.state.lock_unpoisoned();
                 let mem = inner.mem.clone();
                 let Inner {
                     queues, interrupt, ..
