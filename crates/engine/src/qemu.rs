@@ -526,7 +526,6 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
-            diagnostics: crate::VmDiagnostics::default(),
             vcpus: 2,
             memory_mib: 192,
             kernel: "/k/vmlinux".into(),
@@ -541,6 +540,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
             }],
             work_dir: "/run/x".into(),
+            diagnostics: crate::VmDiagnostics::default(),
         }
     }
 

@@ -273,4 +273,82 @@ mod tests {
         write(dir.path(), 1, 64);
         assert!(refusal(dir.path(), 1, 128).contains("restored as 1 vCPUs and 128 MiB"));
     }
+
+    /// A VM without a hypervisor behind it: enough for devices to raise their lines on.
+    #[derive(Debug)]
+    struct LinesOnly;
+
+    impl hypervisor::Vm for LinesOnly {
+        unsafe fn map_memory(&self, _region: hypervisor::MemoryRegion) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn create_irqchip(&self) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_irq_line(&self, _line: u32, _level: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn create_vcpu(&self, _id: u32) -> hypervisor::Result<Box<dyn hypervisor::Vcpu>> {
+            panic!("no vCPUs here")
+        }
+    }
+
+    /// The devices of a VM with one disk and an agent channel, and their saved states.
+    fn devices(dir: &Path) -> (builder::Devices, SerialState, Vec<TransportState>) {
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let mut config = config(dir, 1, 64);
+        config.disks.push(crate::Disk {
+            path: disk,
+            read_only: true,
+        });
+        let (_host, device) = std::os::unix::net::UnixStream::pair().unwrap();
+        config.agent_channel = Some(device);
+        let vm: std::sync::Arc<dyn hypervisor::Vm> = std::sync::Arc::new(LinesOnly);
+        let ram = memory::GuestRam::new(&[(0, 1 << 20)]).unwrap();
+        let devices = builder::build_devices(&vm, &ram.mem, &mut config).unwrap();
+        let serial = devices.serial.lock_unpoisoned().save();
+        let transports = devices
+            .virtio
+            .iter()
+            .map(|t| t.lock_unpoisoned().save())
+            .collect();
+        (devices, serial, transports)
+    }
+
+    #[test]
+    fn saved_device_states_restore_and_a_device_that_refuses_its_state_fails_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (devices, serial, transports) = devices(dir.path());
+        assert_eq!(transports.len(), 3, "the disk, the console, the RNG");
+        restore_devices(&devices, serial.clone(), transports.clone()).unwrap();
+
+        // The disk's state given to the console, the console's to the disk.
+        let mut swapped = transports.clone();
+        swapped.swap(0, 1);
+        match restore_devices(&devices, serial.clone(), swapped) {
+            Err(Error::DeviceState { device, source }) => {
+                assert_eq!(device, "virtio device 0");
+                assert!(
+                    matches!(source, devices::PersistError::WrongDevice { .. }),
+                    "{source}"
+                );
+            }
+            other => panic!("restored: {other:?}"),
+        }
+
+        let mut overfull = serial.clone();
+        overfull.in_buffer = vec![0; 1000];
+        assert!(matches!(
+            restore_devices(&devices, overfull, transports.clone()),
+            Err(Error::DeviceState { .. })
+        ));
+
+        let mut fewer = transports;
+        fewer.pop();
+        assert!(matches!(
+            restore_devices(&devices, serial, fewer),
+            Err(Error::Snapshot(_))
+        ));
+    }
 }
