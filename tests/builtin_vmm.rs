@@ -74,6 +74,7 @@ fn boot_to_root_disk(
             agent_channel: Some(device),
             console_log: console.clone(),
             hide_cpuid: Vec::new(),
+            diagnostics: vmm::Diagnostics::default(),
         },
     )
     .expect("boot");

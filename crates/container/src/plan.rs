@@ -224,6 +224,16 @@ impl Plan {
                 mac: GUEST_MAC.to_string(),
             }],
             work_dir,
+            diagnostics: vm_diagnostics(),
         }
+    }
+}
+
+/// `SUPERMACHINE_VMM_TRACE` (set: on) and `SUPERMACHINE_VMM_PROFILE` (a path prefix): the
+/// builtin VMM's diagnostics, read here at the runtime's edge like the boot timeout.
+fn vm_diagnostics() -> engine::VmDiagnostics {
+    engine::VmDiagnostics {
+        trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
+        profile: std::env::var_os("SUPERMACHINE_VMM_PROFILE").map(PathBuf::from),
     }
 }

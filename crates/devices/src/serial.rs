@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::{BusDevice, Irq};
+use crate::{BusDevice, Irq, Persist, PersistError};
 
 /// COM1's port range and interrupt line.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -20,9 +20,17 @@ impl vm_superio::Trigger for Trigger {
     }
 }
 
+type Uart<W> = vm_superio::Serial<Trigger, vm_superio::serial::NoEvents, W>;
+
+/// The most bytes of guest input the UART holds (its FIFO).
+const FIFO_CAPACITY: usize = 64;
+
 /// A serial port whose output goes to `out` (the console log).
 pub struct Serial<W: Write + Send> {
-    uart: vm_superio::Serial<Trigger, vm_superio::serial::NoEvents, W>,
+    irq: Irq,
+    /// Always there but while [`Persist::restore`] rebuilds it around the same writer
+    /// (vm-superio builds a port in a given state only by value).
+    uart: Option<Uart<W>>,
 }
 
 impl<W: Write + Send> std::fmt::Debug for Serial<W> {
@@ -34,41 +42,24 @@ impl<W: Write + Send> std::fmt::Debug for Serial<W> {
 impl<W: Write + Send> Serial<W> {
     pub fn new(irq: Irq, out: W) -> Self {
         Serial {
-            uart: vm_superio::Serial::new(Trigger(irq), out),
+            uart: Some(vm_superio::Serial::new(Trigger(irq.clone()), out)),
+            irq,
         }
     }
 
-    pub fn output(&self) -> &W {
-        self.uart.writer()
+    pub fn output(&self) -> Option<&W> {
+        self.uart.as_ref().map(|u| u.writer())
     }
+}
 
-    /// A serial port in a saved state (the guest driver's registers and unread input).
-    pub fn restored(irq: Irq, out: W, state: &SerialState) -> std::io::Result<Self> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
+impl<W: Write + Send> Persist for Serial<W> {
+    type State = SerialState;
+
+    fn save(&self) -> SerialState {
+        let Some(uart) = &self.uart else {
+            return SerialState::default();
         };
-        let uart =
-            vm_superio::Serial::from_state(&state, Trigger(irq), vm_superio::serial::NoEvents, out)
-                .map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("serial state: {e:?}"),
-                    )
-                })?;
-        Ok(Serial { uart })
-    }
-
-    pub fn state(&self) -> SerialState {
-        let s = self.uart.state();
+        let s = uart.state();
         SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -81,6 +72,42 @@ impl<W: Write + Send> Serial<W> {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         }
+    }
+
+    /// The guest driver's registers and unread input.
+    fn restore(&mut self, state: SerialState) -> Result<(), PersistError> {
+        // Checked first so that the rebuild below cannot fail and lose the writer.
+        if state.in_buffer.len() > FIFO_CAPACITY {
+            return Err(PersistError::Serial(format!(
+                "{} bytes of input, the FIFO holds {FIFO_CAPACITY}",
+                state.in_buffer.len()
+            )));
+        }
+        let uart = self
+            .uart
+            .take()
+            .ok_or_else(|| PersistError::Serial("the port was lost by a failed restore".into()))?;
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        };
+        let uart = vm_superio::Serial::from_state(
+            &saved,
+            Trigger(self.irq.clone()),
+            vm_superio::serial::NoEvents,
+            uart.into_writer(),
+        )
+        .map_err(|e| PersistError::Serial(e.to_string()))?;
+        self.uart = Some(uart);
+        Ok(())
     }
 }
 
@@ -101,14 +128,14 @@ pub struct SerialState {
 
 impl<W: Write + Send> BusDevice for Serial<W> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let Some(first) = data.first_mut() {
-            *first = self.uart.read(offset as u8);
+        if let (Some(first), Some(uart)) = (data.first_mut(), self.uart.as_mut()) {
+            *first = uart.read(offset as u8);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some(&value) = data.first() {
-            if let Err(e) = self.uart.write(offset as u8, value) {
+        if let (Some(&value), Some(uart)) = (data.first(), self.uart.as_mut()) {
+            if let Err(e) = uart.write(offset as u8, value) {
                 log::debug!("serial: {e:?}");
             }
         }
@@ -138,12 +165,31 @@ mod tests {
         serial.write(3, &[0x83]); // LCR: DLAB, 8N1
         serial.write(0, &[0x01]); // divisor low
         serial.write(7, &[0x5a]); // scratch
-        let state = serial.state();
-        let mut restored = Serial::restored(irq, Vec::new(), &state).unwrap();
-        assert_eq!(restored.state(), state);
+        let state = serial.save();
+        let mut restored = Serial::new(irq, Vec::new());
+        restored.restore(state.clone()).unwrap();
+        assert_eq!(restored.save(), state);
         let mut byte = [0u8];
         restored.read(7, &mut byte);
         assert_eq!(byte, [0x5a]);
+        // The writer survives the restore.
+        restored.write(3, &[0x03]); // LCR: DLAB off
+        restored.write(0, b"x");
+        assert_eq!(restored.output().unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_state_with_more_input_than_the_fifo_holds_is_refused_and_the_port_kept() {
+        let irq = Arc::new(Count::default());
+        let mut serial = Serial::new(irq, Vec::new());
+        let state = SerialState {
+            in_buffer: vec![b'a'; FIFO_CAPACITY + 1],
+            ..SerialState::default()
+        };
+        let err = serial.restore(state).unwrap_err();
+        assert!(matches!(err, PersistError::Serial(_)), "{err}");
+        serial.write(0, b"y");
+        assert_eq!(serial.output().unwrap(), b"y");
     }
 
     #[test]
@@ -153,7 +199,7 @@ mod tests {
         for b in b"hi\n" {
             serial.write(0, &[*b]);
         }
-        assert_eq!(serial.output(), b"hi\n");
+        assert_eq!(serial.output().unwrap(), b"hi\n");
         // Line status: transmitter empty.
         let mut lsr = [0];
         serial.read(5, &mut lsr);

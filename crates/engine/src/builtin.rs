@@ -197,13 +197,18 @@ impl Drop for PageAligned {
 /// The verdict for this host, cached per boot in `dir` (a probe that could not run is not
 /// cached).
 pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
-    let cache = cache_file(dir);
-    if let Some(v) = fs::read(&cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        return v;
+    // v2: the verdict has the TSC frequency.
+    let measured =
+        crate::probe::BootCache::this_boot(dir).get_or_measure("builtin-v2", hv.name(), || {
+            Ok::<_, std::convert::Infallible>(measure_speed(hv))
+        });
+    match measured {
+        Ok(verdict) => verdict,
+        Err(never) => match never {},
     }
+}
+
+fn measure_speed(hv: &dyn Hypervisor) -> crate::probe::Measured<SpeedVerdict> {
     let name = hv.name();
     let (native, reason, probed) = match kernel_code_speed(hv, PROBE_LIMIT) {
         Ok(Some(t)) if t <= NATIVE_LIMIT => (
@@ -237,19 +242,11 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
         reason,
         tsc_khz: guest_tsc_khz(hv),
     };
-    if probed && fs::create_dir_all(dir).is_ok() {
-        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
-        if fs::write(&tmp, serde_json::to_vec(&verdict).unwrap_or_default()).is_ok() {
-            let _ = fs::rename(&tmp, &cache);
-        }
+    if probed {
+        crate::probe::Measured::Keep(verdict)
+    } else {
+        crate::probe::Measured::Once(verdict)
     }
-    verdict
-}
-
-fn cache_file(dir: &Path) -> PathBuf {
-    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    // v2: the verdict has the TSC frequency.
-    dir.join(format!("builtin-v2-{}.json", boot_id.trim()))
 }
 
 #[derive(Debug)]
@@ -302,6 +299,10 @@ impl BuiltinEngine {
                     .iter()
                     .map(|s| s.to_string())
                     .collect()
+            },
+            diagnostics: vmm::Diagnostics {
+                trace: spec.diagnostics.trace,
+                profile: spec.diagnostics.profile.clone(),
             },
         })
     }
@@ -374,8 +375,10 @@ impl crate::Engine for BuiltinEngine {
                 .map_or(String::new(), |(_, v)| v.trim().to_string())
         };
         format!(
-            "builtin-{} cpu={} family={} model={} stepping={} native={} cmdline={}",
+            "builtin-{} state={} cpu={} family={} model={} stepping={} native={} cmdline={}",
             self.hv.name(),
+            // The VMM's state file layout: a snapshot of another layout is a miss.
+            vmm::snapshot::STATE_FORMAT,
             field("model name"),
             field("cpu family"),
             field("model"),
@@ -400,7 +403,7 @@ impl crate::Engine for BuiltinEngine {
     fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<(Box<dyn Vm>, Vec<Phase>), EngineError> {
         let (config, mut vm) = self.prepare(spec)?;
         let (vmm, phases) = vmm::Vmm::restore(self.hv.as_ref(), config, dir)
-            .map_err(|e| EngineError::VmmExited { log: e.to_string() })?;
+            .map_err(|e| EngineError::Restore(e.to_string()))?;
         let phases = phases
             .into_iter()
             .map(|(name, duration)| Phase::new(name, duration))

@@ -32,6 +32,10 @@ pub enum EngineError {
     VmmExited { log: String },
     #[error("VMM control: {0}")]
     Control(String),
+    /// The snapshot could not be restored (unreadable, of another shape, or a device refused
+    /// its saved state); the caller treats the snapshot as corrupt.
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,6 +76,18 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     /// Where the VM keeps its console log and other per-VM files; it outlives the VM.
     pub work_dir: PathBuf,
+    pub diagnostics: VmDiagnostics,
+}
+
+/// Ways to watch a slow or stalling guest, for engines that have them (the builtin VMM);
+/// all off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmDiagnostics {
+    /// Log one vCPU exit in a thousand and where each kick finds a vCPU (with `--debug`).
+    pub trace: bool,
+    /// A path prefix: sample each vCPU every millisecond and write `<prefix>.<pid>.vcpu<n>`
+    /// when the VM ends.
+    pub profile: Option<PathBuf>,
 }
 
 impl VmSpec {

@@ -257,7 +257,7 @@ fn measure(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
 /// The cached verdict for this boot of this host and this QEMU, measuring it if needed.
 /// `SUPERMACHINE_QEMU_ACCEL=kvm|tcg` overrides the probe.
 pub fn accel_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
-    let mut verdict = measured_verdict(qemu, dir)?;
+    let mut verdict = measured_verdict(qemu, &BootCache::this_boot(dir))?;
     if let Ok(cpu) = std::env::var("SUPERMACHINE_QEMU_CPU") {
         verdict.reason = format!("{}; cpu {cpu} set by SUPERMACHINE_QEMU_CPU", verdict.reason);
         verdict.cpu = cpu;
@@ -265,57 +265,42 @@ pub fn accel_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError
     Ok(verdict)
 }
 
-fn measured_verdict(qemu: &str, dir: &Path) -> Result<AccelVerdict, EngineError> {
+fn measured_verdict(qemu: &str, cache: &BootCache) -> Result<AccelVerdict, EngineError> {
     let forced = match std::env::var("SUPERMACHINE_QEMU_ACCEL").as_deref() {
         Ok("kvm") => Some(Accel::Kvm),
         Ok("tcg") => Some(Accel::Tcg),
         _ => None,
     };
     // A forced verdict is cached too (apart from the measured one): its TSC measurement
-    // would otherwise cost every command 10 ms.
-    let cache = cache_file(qemu, dir, forced);
-    if let Some(verdict) = fs::read(&cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        return Ok(verdict);
-    }
-    let mut verdict = match forced {
-        Some(accel) => {
-            let _ = fs::create_dir_all(dir);
-            AccelVerdict {
+    // would otherwise cost every command 10 ms. v2: verdicts carry the TSC frequency.
+    cache.get_or_measure("accel-v2", &cache_key(qemu, forced), || {
+        let mut verdict = match forced {
+            Some(accel) => AccelVerdict {
                 accel,
                 cpu: if accel == Accel::Kvm { "host" } else { "max" }.into(),
                 reason: "set by SUPERMACHINE_QEMU_ACCEL".into(),
                 tsc_khz: None,
+            },
+            None => {
+                fs::create_dir_all(&cache.dir).map_err(|source| EngineError::Io {
+                    path: cache.dir.clone(),
+                    source,
+                })?;
+                let verdict = measure(qemu, &cache.dir)?;
+                log::debug!("accelerator probe: {} ({})", verdict.accel, verdict.reason);
+                verdict
             }
+        };
+        if verdict.accel == Accel::Tcg {
+            verdict.tsc_khz = host_tsc_khz();
         }
-        None => {
-            fs::create_dir_all(dir).map_err(|source| EngineError::Io {
-                path: dir.into(),
-                source,
-            })?;
-            let verdict = measure(qemu, dir)?;
-            log::debug!("accelerator probe: {} ({})", verdict.accel, verdict.reason);
-            verdict
-        }
-    };
-    if verdict.accel == Accel::Tcg {
-        verdict.tsc_khz = host_tsc_khz();
-    }
-    let partial = cache.with_extension(format!("partial-{}", std::process::id()));
-    if let Ok(bytes) = serde_json::to_vec_pretty(&verdict) {
-        if fs::write(&partial, bytes).is_ok() {
-            let _ = fs::rename(&partial, &cache);
-        }
-    }
-    Ok(verdict)
+        Ok(Measured::Keep(verdict))
+    })
 }
 
-/// Keyed by the boot id (a reboot may change the hypervisor), the QEMU binary and the
-/// accelerator SUPERMACHINE_QEMU_ACCEL forces, if any.
-fn cache_file(qemu: &str, dir: &Path, forced: Option<Accel>) -> PathBuf {
-    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+/// What the accelerator verdict depends on besides the boot: the QEMU binary (its path and
+/// modification time) and the accelerator SUPERMACHINE_QEMU_ACCEL forces, if any.
+fn cache_key(qemu: &str, forced: Option<Accel>) -> String {
     let qemu_path = which(qemu).unwrap_or_else(|| PathBuf::from(qemu));
     let stamp = fs::metadata(&qemu_path)
         .and_then(|m| m.modified())
@@ -323,19 +308,94 @@ fn cache_file(qemu: &str, dir: &Path, forced: Option<Accel>) -> PathBuf {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let forced = forced.map(|a| a.to_string()).unwrap_or_default();
-    for b in format!(
-        "{}|{}|{stamp}|{forced}",
-        boot_id.trim(),
-        qemu_path.display()
-    )
-    .bytes()
-    {
-        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    format!("{}|{stamp}|{forced}", qemu_path.display())
+}
+
+/// Verdicts measured once per host boot (a reboot may change the hypervisor, its modules or
+/// the CPU's microcode), kept as JSON files in a directory: `<name>-<hash>.json`, the hash
+/// over the boot id and what else the verdict depends on. Both engines' probes go through
+/// it. A file that does not parse is measured again; writes are atomic (a temporary file
+/// renamed), so concurrent commands never read half a verdict.
+#[derive(Debug, Clone)]
+pub struct BootCache {
+    dir: PathBuf,
+    boot_id: String,
+}
+
+/// What a measurement gives: a verdict to keep for this boot, or one to use once (a probe
+/// that could not run says nothing lasting about the host).
+#[derive(Debug)]
+pub enum Measured<T> {
+    Keep(T),
+    Once(T),
+}
+
+impl BootCache {
+    /// The cache in `dir` for this boot of this host.
+    pub fn this_boot(dir: &Path) -> Self {
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        BootCache::new(dir, boot_id.trim())
     }
-    // v2: verdicts carry the TSC frequency.
-    dir.join(format!("accel-v2-{hash:016x}.json"))
+
+    pub fn new(dir: &Path, boot_id: &str) -> Self {
+        BootCache {
+            dir: dir.to_path_buf(),
+            boot_id: boot_id.to_string(),
+        }
+    }
+
+    /// The file of verdict `name` (its kind and format version, e.g. `accel-v2`) that
+    /// depends on `key` besides the boot.
+    pub fn file(&self, name: &str, key: &str) -> PathBuf {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in format!("{}|{key}", self.boot_id).bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.dir.join(format!("{name}-{hash:016x}.json"))
+    }
+
+    /// The kept verdict `name` for `key`, or `measure`'s (kept if it says so). An error is
+    /// not kept.
+    pub fn get_or_measure<T, E>(
+        &self,
+        name: &str,
+        key: &str,
+        measure: impl FnOnce() -> Result<Measured<T>, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let file = self.file(name, key);
+        if let Some(kept) = fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return Ok(kept);
+        }
+        match measure()? {
+            Measured::Once(verdict) => Ok(verdict),
+            Measured::Keep(verdict) => {
+                self.keep(&file, &verdict);
+                Ok(verdict)
+            }
+        }
+    }
+
+    /// Best effort: without a cache the next command measures again.
+    fn keep<T: Serialize>(&self, file: &Path, verdict: &T) {
+        let Ok(bytes) = serde_json::to_vec_pretty(verdict) else {
+            return;
+        };
+        if let Err(e) = fs::create_dir_all(&self.dir) {
+            log::debug!("probe cache {}: {e}", self.dir.display());
+            return;
+        }
+        let partial = file.with_extension(format!("partial-{}", std::process::id()));
+        if fs::write(&partial, bytes).is_ok() && fs::rename(&partial, file).is_err() {
+            let _ = fs::remove_file(&partial);
+        }
+    }
 }
 
 /// `binary` as a path if it names one, else where it is on PATH.
@@ -399,5 +459,68 @@ mod tests {
         let diff = (i64::from(khz) - i64::from(again)).abs();
         assert!(diff * 200 < i64::from(khz), "{khz} kHz vs {again} kHz");
         assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Verdict(u32);
+
+    #[test]
+    fn a_kept_verdict_is_measured_once_per_boot_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let measures = std::cell::Cell::new(0);
+        let measure = |v| {
+            measures.set(measures.get() + 1);
+            Ok::<_, String>(Measured::Keep(Verdict(v)))
+        };
+        let boot = BootCache::new(dir.path(), "boot-1");
+        assert_eq!(
+            boot.get_or_measure("v1", "k", || measure(1)),
+            Ok(Verdict(1))
+        );
+        assert_eq!(
+            boot.get_or_measure("v1", "k", || measure(2)),
+            Ok(Verdict(1))
+        );
+        assert_eq!(measures.get(), 1, "the second call read the file");
+        assert_eq!(
+            boot.get_or_measure("v1", "other", || measure(3)),
+            Ok(Verdict(3))
+        );
+        assert_eq!(
+            boot.get_or_measure("v2", "k", || measure(4)),
+            Ok(Verdict(4))
+        );
+        let next_boot = BootCache::new(dir.path(), "boot-2");
+        assert_eq!(
+            next_boot.get_or_measure("v1", "k", || measure(5)),
+            Ok(Verdict(5))
+        );
+        assert_eq!(measures.get(), 4);
+        // Every file is a finished verdict: no temporary left behind.
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert!(names.iter().all(|n| n.ends_with(".json")), "{names:?}");
+    }
+
+    #[test]
+    fn verdicts_to_use_once_errors_and_unreadable_files_are_measured_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BootCache::new(&dir.path().join("made-on-demand"), "boot");
+        let once = cache.get_or_measure("v1", "k", || Ok::<_, String>(Measured::Once(Verdict(1))));
+        assert_eq!(once, Ok(Verdict(1)));
+        let failed = cache.get_or_measure::<Verdict, _>("v1", "k", || Err("no probe".to_string()));
+        assert_eq!(failed, Err("no probe".to_string()));
+        assert!(!cache.file("v1", "k").exists(), "neither was kept");
+
+        fs::write(cache.file("v1", "k"), b"{ half a verdi").ok();
+        let again = cache.get_or_measure("v1", "k", || Ok::<_, String>(Measured::Keep(Verdict(2))));
+        assert_eq!(again, Ok(Verdict(2)));
+        assert_eq!(
+            cache.get_or_measure("v1", "k", || Ok::<_, String>(Measured::Keep(Verdict(3)))),
+            Ok(Verdict(2))
+        );
     }
 }

@@ -540,6 +540,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
             }],
             work_dir: "/run/x".into(),
+            diagnostics: crate::VmDiagnostics::default(),
         }
     }
 

@@ -48,6 +48,7 @@ fn main() {
             agent_channel: None,
             console_log: console.clone(),
             hide_cpuid: vec![],
+            diagnostics: vmm::Diagnostics::default(),
         },
     )
     .expect("boot");

@@ -15,6 +15,12 @@ fn main() {
     let log = dir.path().join("console.log");
     let hv = hypervisor::open().expect("hypervisor");
     let hide = std::env::var("HIDE_CPUID").unwrap_or_default();
+    // The diagnostics settings are read here, at the binary's edge, as the runtime does.
+    let diagnostics = vmm::Diagnostics {
+        trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
+        profile: std::env::var_os("SUPERMACHINE_VMM_PROFILE").map(Into::into),
+    };
+    let trace = diagnostics.trace;
     let vmm = vmm::Vmm::boot(
         hv.as_ref(),
         vmm::VmmConfig {
@@ -32,6 +38,7 @@ fn main() {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
+            diagnostics,
         },
     )
     .expect("boot");
@@ -41,7 +48,7 @@ fn main() {
         if exit.is_some() {
             break;
         }
-        if std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some() {
+        if trace {
             vmm.pause();
             vmm.resume();
         }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use devices::BusDevice;
+use lock_ext::LockExt;
 
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -51,7 +52,8 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, device)) => {
-                lock(device).read(offset, data);
+                // A device whose handler panicked is still the best answer we have.
+                device.lock_unpoisoned().read(offset, data);
                 true
             }
             None => {
@@ -64,17 +66,12 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, device)) => {
-                lock(device).write(offset, data);
+                device.lock_unpoisoned().write(offset, data);
                 true
             }
             None => false,
         }
     }
-}
-
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    // A device whose handler panicked is still the best answer we have; keep serving.
-    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

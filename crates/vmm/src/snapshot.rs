@@ -17,16 +17,27 @@ use devices::serial::SerialState;
 use devices::virtio::mmio::TransportState;
 use devices::Persist;
 use hypervisor::Hypervisor;
+use lock_ext::LockExt;
 use serde::{Deserialize, Serialize};
 
-use crate::{build_devices, create_vm, memory, start_vcpus, x86_64, Error, Vmm, VmmConfig};
+use crate::{builder, memory, x86_64, Error, Vmm, VmmConfig};
 
 /// The state file and the memory file of a snapshot directory.
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
+/// The layout of [`VmState`]; part of the builtin engine's snapshot identity, so that a
+/// snapshot of another layout is never found, and checked again on restore.
+/// 2: device states are typed ([`devices::virtio::DeviceState`]), with the device's type.
+pub const STATE_FORMAT: u32 = 2;
+
+/// How long the parked vCPU threads may take to save their state.
+const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Serialize, Deserialize)]
 struct VmState {
+    /// [`STATE_FORMAT`].
+    format: u32,
     /// (guest address, size) of each RAM region, in memory-file order.
     ram: Vec<(u64, u64)>,
     /// The interrupt controllers and clock (hypervisor-defined bytes).
@@ -34,8 +45,8 @@ struct VmState {
     /// One per vCPU, in id order (hypervisor-defined bytes).
     vcpus: Vec<Vec<u8>>,
     serial: SerialState,
-    /// Each virtio-mmio device: its type and its transport's (and device's) state.
-    devices: Vec<(u32, TransportState)>,
+    /// Each virtio-mmio transport with its device's state, in device order.
+    devices: Vec<TransportState>,
 }
 
 /// Named durations of a restore's phases, for `--debug` logs and the benchmark.
@@ -50,18 +61,19 @@ impl Vmm {
             .file
             .as_ref()
             .ok_or_else(|| Error::Snapshot("only a booted VM can be snapshotted".into()))?;
-        let vcpus = self.save_vcpus()?;
+        let vcpus = self
+            .vcpus
+            .control
+            .save_vcpus(self.vcpu_count, VCPU_SAVE_TIMEOUT)?;
         let platform = self.vm.save_platform()?;
-        let serial = lock(&self.serial).state();
+        let serial = self.serial.lock_unpoisoned().save();
         let devices = self
             .virtio
             .iter()
-            .map(|t| {
-                let t = lock(t);
-                (t.device().device_type(), t.save())
-            })
+            .map(|t| t.lock_unpoisoned().save())
             .collect();
         let state = VmState {
+            format: STATE_FORMAT,
             ram: self.ram.ranges.clone(),
             platform,
             vcpus,
@@ -82,51 +94,10 @@ impl Vmm {
         })
     }
 
-    /// Each vCPU's state, read by its own (parked) thread.
-    fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, Error> {
-        let mut state = self.control.lock();
-        if state.stop || state.paused != self.vcpus {
-            return Err(Error::Snapshot(
-                "the VM must be paused (and running) to be snapshotted".into(),
-            ));
-        }
-        state.save = Some((0..self.vcpus).map(|_| None).collect());
-        self.control.changed.notify_all();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let done = state
-                .save
-                .as_ref()
-                .is_some_and(|slots| slots.iter().all(Option::is_some));
-            if done || state.stop {
-                break;
-            }
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            state = self
-                .control
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        let slots = state.save.take().unwrap_or_default();
-        drop(state);
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(id, slot)| match slot {
-                Some(Ok(bytes)) => Ok(bytes),
-                Some(Err(e)) => Err(Error::Snapshot(format!("vCPU {id}: {e}"))),
-                None => Err(Error::Snapshot(format!("vCPU {id} did not save its state"))),
-            })
-            .collect()
-    }
-
     /// Starts a VM from the snapshot in `dir`, with `config`'s devices (disks, taps, agent
     /// channel, console log) in the saved devices' states. `config` must have the shape the
-    /// snapshot was taken with; its kernel, initramfs and command line are not used.
+    /// snapshot was taken with; its kernel, initramfs and command line are not used. A
+    /// device whose saved state does not fit fails the restore ([`Error::DeviceState`]).
     pub fn restore(
         hv: &dyn Hypervisor,
         mut config: VmmConfig,
@@ -150,6 +121,12 @@ impl Vmm {
             .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))?;
         let state: VmState =
             bincode::deserialize(body).map_err(|e| Error::Snapshot(format!("decoding: {e}")))?;
+        if state.format != STATE_FORMAT {
+            return Err(Error::Snapshot(format!(
+                "state layout {} (this VMM reads {STATE_FORMAT})",
+                state.format
+            )));
+        }
         let ram_ranges = x86_64::ram_ranges(u64::from(config.memory_mib) << 20);
         if state.ram != ram_ranges || state.vcpus.len() != config.vcpus as usize {
             return Err(Error::Snapshot(format!(
@@ -163,30 +140,17 @@ impl Vmm {
         phase("validate state", &mut since);
 
         let ram = memory::GuestRam::from_snapshot(&dir.join(MEMORY_FILE), &state.ram)?;
-        let vm = create_vm(hv, &ram)?;
+        let vm = builder::create_vm(hv, &ram)?;
         phase("VM create + memory map", &mut since);
 
         vm.restore_platform(&state.platform)?;
         phase("irq/clock state", &mut since);
 
-        let devices = build_devices(&vm, &ram.mem, &mut config, Some(&state.serial))?;
-        let kinds: Vec<u32> = devices
-            .virtio
-            .iter()
-            .map(|t| lock(t).device().device_type())
-            .collect();
-        let saved_kinds: Vec<u32> = state.devices.iter().map(|(kind, _)| *kind).collect();
-        if kinds != saved_kinds {
-            return Err(Error::Snapshot(format!(
-                "the snapshot has devices {saved_kinds:?}, this VM {kinds:?}"
-            )));
-        }
-        for (transport, (_, saved)) in devices.virtio.iter().zip(state.devices) {
-            lock(transport).restore(saved);
-        }
+        let devices = builder::build_devices(&vm, &ram.mem, &mut config)?;
+        restore_devices(&devices, state.serial, state.devices)?;
         phase("device state", &mut since);
 
-        let threads = start_vcpus(hv, &vm, &config, &ram.mem, &devices, |id, vcpu| {
+        let vcpus = builder::create_vcpus(hv, &vm, &config, |id, vcpu| {
             vcpu.restore_state(&state.vcpus[id as usize])
         })?;
         phase("vCPU state", &mut since);
@@ -197,15 +161,37 @@ impl Vmm {
             dir.display(),
             started.elapsed()
         );
-        Ok((
-            Vmm::running(vm, ram, devices, threads, config, started),
-            phases,
-        ))
+        let vmm = builder::start(vm, ram, devices, vcpus, config, started)?;
+        Ok((vmm, phases))
     }
 }
 
-fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Puts the saved states into freshly built devices (the same devices in the same order).
+fn restore_devices(
+    devices: &builder::Devices,
+    serial: SerialState,
+    transports: Vec<TransportState>,
+) -> Result<(), Error> {
+    let refused = |device: String| move |source| Error::DeviceState { device, source };
+    devices
+        .serial
+        .lock_unpoisoned()
+        .restore(serial)
+        .map_err(refused("the serial port".into()))?;
+    if transports.len() != devices.virtio.len() {
+        return Err(Error::Snapshot(format!(
+            "the snapshot has {} virtio devices, this VM {}",
+            transports.len(),
+            devices.virtio.len()
+        )));
+    }
+    for (i, (transport, saved)) in devices.virtio.iter().zip(transports).enumerate() {
+        transport
+            .lock_unpoisoned()
+            .restore(saved)
+            .map_err(refused(format!("virtio device {i}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -238,11 +224,13 @@ mod tests {
             agent_channel: None,
             console_log: dir.join("console.log"),
             hide_cpuid: Vec::new(),
+            diagnostics: crate::Diagnostics::default(),
         }
     }
 
     fn write(dir: &Path, vcpus: usize, memory_mib: u64) -> Vec<u8> {
         let state = VmState {
+            format: STATE_FORMAT,
             ram: x86_64::ram_ranges(memory_mib << 20),
             platform: vec![1, 2, 3],
             vcpus: vec![vec![4; 16]; vcpus],
@@ -284,5 +272,83 @@ mod tests {
         assert!(shape.contains("2 vCPUs and 64 MiB"), "{shape}");
         write(dir.path(), 1, 64);
         assert!(refusal(dir.path(), 1, 128).contains("restored as 1 vCPUs and 128 MiB"));
+    }
+
+    /// A VM without a hypervisor behind it: enough for devices to raise their lines on.
+    #[derive(Debug)]
+    struct LinesOnly;
+
+    impl hypervisor::Vm for LinesOnly {
+        unsafe fn map_memory(&self, _region: hypervisor::MemoryRegion) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn create_irqchip(&self) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_irq_line(&self, _line: u32, _level: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn create_vcpu(&self, _id: u32) -> hypervisor::Result<Box<dyn hypervisor::Vcpu>> {
+            panic!("no vCPUs here")
+        }
+    }
+
+    /// The devices of a VM with one disk and an agent channel, and their saved states.
+    fn devices(dir: &Path) -> (builder::Devices, SerialState, Vec<TransportState>) {
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let mut config = config(dir, 1, 64);
+        config.disks.push(crate::Disk {
+            path: disk,
+            read_only: true,
+        });
+        let (_host, device) = std::os::unix::net::UnixStream::pair().unwrap();
+        config.agent_channel = Some(device);
+        let vm: std::sync::Arc<dyn hypervisor::Vm> = std::sync::Arc::new(LinesOnly);
+        let ram = memory::GuestRam::new(&[(0, 1 << 20)]).unwrap();
+        let devices = builder::build_devices(&vm, &ram.mem, &mut config).unwrap();
+        let serial = devices.serial.lock_unpoisoned().save();
+        let transports = devices
+            .virtio
+            .iter()
+            .map(|t| t.lock_unpoisoned().save())
+            .collect();
+        (devices, serial, transports)
+    }
+
+    #[test]
+    fn saved_device_states_restore_and_a_device_that_refuses_its_state_fails_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (devices, serial, transports) = devices(dir.path());
+        assert_eq!(transports.len(), 3, "the disk, the console, the RNG");
+        restore_devices(&devices, serial.clone(), transports.clone()).unwrap();
+
+        // The disk's state given to the console, the console's to the disk.
+        let mut swapped = transports.clone();
+        swapped.swap(0, 1);
+        match restore_devices(&devices, serial.clone(), swapped) {
+            Err(Error::DeviceState { device, source }) => {
+                assert_eq!(device, "virtio device 0");
+                assert!(
+                    matches!(source, devices::PersistError::WrongDevice { .. }),
+                    "{source}"
+                );
+            }
+            other => panic!("restored: {other:?}"),
+        }
+
+        let mut overfull = serial.clone();
+        overfull.in_buffer = vec![0; 1000];
+        assert!(matches!(
+            restore_devices(&devices, overfull, transports.clone()),
+            Err(Error::DeviceState { .. })
+        ));
+
+        let mut fewer = transports;
+        fewer.pop();
+        assert!(matches!(
+            restore_devices(&devices, serial, fewer),
+            Err(Error::Snapshot(_))
+        ));
     }
 }

@@ -6,8 +6,10 @@ use std::os::unix::fs::FileExt;
 
 use virtio_queue::{DescriptorChain, Queue};
 
-use super::{drain_queue, Activation, Interrupt, VirtioDevice, TYPE_BLOCK};
-use crate::GuestMemory;
+use serde::{Deserialize, Serialize};
+
+use super::{drain_queue, Activation, DeviceState, Interrupt, VirtioDevice, TYPE_BLOCK};
+use crate::{GuestMemory, Persist, PersistError};
 
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
@@ -30,6 +32,33 @@ struct Running {
     mem: std::sync::Arc<GuestMemory>,
     queue: Queue,
     interrupt: Interrupt,
+}
+
+/// What the guest's driver knows of the disk: a restored VM must get a disk of the same
+/// shape (its page cache and file system hold the old one's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub sectors: u64,
+    pub read_only: bool,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            sectors: self.sectors,
+            read_only: self.read_only,
+        }
+    }
+
+    fn restore(&mut self, state: BlockState) -> Result<(), PersistError> {
+        let actual = self.save();
+        if state != actual {
+            return Err(PersistError::mismatch("the disk", state, actual));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -184,6 +213,17 @@ impl VirtioDevice for Block {
         let running = self.running.as_ref()?;
         Some(vec![super::QueueState::of(&running.queue)])
     }
+
+    fn save_device(&self) -> DeviceState {
+        DeviceState::Block(self.save())
+    }
+
+    fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Block(state) => self.restore(state),
+            other => Err(other.refused_by(TYPE_BLOCK)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -314,5 +354,37 @@ mod tests {
             assert_eq!((saved[0].next_avail, saved[0].next_used), (3, 3));
             assert_eq!(irq.count(), 1, "one interrupt for the batch");
         }
+    }
+
+    #[test]
+    fn a_disk_of_the_saved_shape_restores_and_another_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 4 * SECTOR as usize]).unwrap();
+        let open = || File::open(&path).unwrap();
+        let saved = Block::new(open(), true, "rootfs").unwrap().save();
+        assert_eq!(
+            saved,
+            BlockState {
+                sectors: 4,
+                read_only: true
+            }
+        );
+        let mut same = Block::new(open(), true, "rootfs").unwrap();
+        same.restore_device(DeviceState::Block(saved)).unwrap();
+        assert_eq!(same.save(), saved);
+
+        let mut writable = Block::new(open(), false, "rootfs").unwrap();
+        let err = writable.restore(saved).unwrap_err();
+        assert!(matches!(err, PersistError::Mismatch { .. }), "{err}");
+        std::fs::write(&path, vec![0u8; 8 * SECTOR as usize]).unwrap();
+        let mut bigger = Block::new(open(), true, "rootfs").unwrap();
+        assert!(bigger.restore(saved).is_err(), "a disk of another size");
+        let err = bigger
+            .restore_device(DeviceState::Net(crate::virtio::net::NetState {
+                mac: [0; 6],
+            }))
+            .unwrap_err();
+        assert!(matches!(err, PersistError::WrongDevice { .. }), "{err}");
     }
 }

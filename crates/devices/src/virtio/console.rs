@@ -10,10 +10,11 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use lock_ext::LockExt;
 use virtio_queue::Queue;
 
-use super::{drain_queue, Activation, Interrupt, Shared, VirtioDevice, TYPE_CONSOLE};
-use crate::GuestMemory;
+use super::{drain_queue, Activation, DeviceState, Interrupt, Shared, VirtioDevice, TYPE_CONSOLE};
+use crate::{GuestMemory, Persist, PersistError};
 
 const F_MULTIPORT: u64 = 1 << 1;
 
@@ -159,11 +160,48 @@ fn fill_queue(
 }
 
 /// What a running console holds beyond its queues.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct ConsoleState {
-    guest_ready: bool,
-    control_out: Vec<Vec<u8>>,
-    rx_pending: Vec<u8>,
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    /// The guest's driver has opened the port.
+    pub guest_ready: bool,
+    /// Control messages for the guest not yet delivered.
+    pub control_out: Vec<Vec<u8>>,
+    /// Bytes from the host not yet delivered.
+    pub rx_pending: Vec<u8>,
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+
+    fn save(&self) -> ConsoleState {
+        let Some(shared) = &self.shared else {
+            return ConsoleState::default();
+        };
+        let inner = shared.state.lock_unpoisoned();
+        ConsoleState {
+            guest_ready: inner.guest_ready,
+            control_out: inner.control_out.iter().cloned().collect(),
+            rx_pending: inner.rx_pending.iter().copied().collect(),
+        }
+    }
+
+    /// The port stays open to the guest: the restored VM's socket is a new host end, and the
+    /// agent simply hears a new host on it (nothing in the guest relies on a connection
+    /// surviving a snapshot).
+    fn restore(&mut self, state: ConsoleState) -> Result<(), PersistError> {
+        let Some(shared) = &self.shared else {
+            // Only a running console has anything to restore into (the transport restores
+            // device state after activation).
+            return Err(PersistError::UnexpectedDeviceState);
+        };
+        let mut inner = shared.state.lock_unpoisoned();
+        inner.guest_ready = state.guest_ready;
+        inner.control_out.extend(state.control_out);
+        inner.rx_pending.extend(state.rx_pending);
+        inner.flush_control();
+        inner.flush_rx();
+        Ok(())
+    }
 }
 
 /// The name the agent looks for.
@@ -192,7 +230,7 @@ impl Console {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = socket.read(&mut buf).unwrap_or(0);
-                    let mut inner = shared.lock();
+                    let mut inner = shared.state.lock_unpoisoned();
                     if n == 0 {
                         inner.host_open = false;
                         if inner.guest_ready {
@@ -225,37 +263,15 @@ impl VirtioDevice for Console {
         &[QUEUE_SIZE; 2 + 2 * MAX_PORTS as usize]
     }
 
-    fn save_state(&self) -> Vec<u8> {
-        let Some(shared) = &self.shared else {
-            return Vec::new();
-        };
-        let inner = shared.lock();
-        let state = ConsoleState {
-            guest_ready: inner.guest_ready,
-            control_out: inner.control_out.iter().cloned().collect(),
-            rx_pending: inner.rx_pending.iter().copied().collect(),
-        };
-        bincode::serialize(&state).unwrap_or_default()
+    fn save_device(&self) -> DeviceState {
+        DeviceState::Console(self.save())
     }
 
-    /// The port stays open to the guest: the restored VM's socket is a new host end, and the
-    /// agent simply hears a new host on it (nothing in the guest relies on a connection
-    /// surviving a snapshot).
-    fn restore_state(&mut self, state: &[u8]) {
-        let Some(shared) = &self.shared else { return };
-        let state: ConsoleState = match bincode::deserialize(state) {
-            Ok(state) => state,
-            Err(e) => {
-                log::warn!("virtio-console: saved state unreadable ({e}); starting fresh");
-                ConsoleState::default()
-            }
-        };
-        let mut inner = shared.lock();
-        inner.guest_ready = state.guest_ready;
-        inner.control_out.extend(state.control_out);
-        inner.rx_pending.extend(state.rx_pending);
-        inner.flush_control();
-        inner.flush_rx();
+    fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Console(state) => self.restore(state),
+            other => Err(other.refused_by(TYPE_CONSOLE)),
+        }
     }
 
     fn features(&self) -> u64 {
@@ -288,7 +304,7 @@ impl VirtioDevice for Console {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let mut inner = shared.lock();
+        let mut inner = shared.state.lock_unpoisoned();
         match queue as usize {
             CONTROL_TX => inner.handle_control_tx(),
             CONTROL_RX => inner.flush_control(),
@@ -437,7 +453,8 @@ mod tests {
 
         // A console restored from this one's state and queue positions, on a new host
         // socket (as after a snapshot), carries on where it was.
-        let saved = console.save_state();
+        let saved = console.save();
+        assert!(saved.guest_ready);
         let queues = console.queue_states().unwrap();
         let (host2, device2) = UnixStream::pair().unwrap();
         let mut restored = Console::new(device2);
@@ -446,15 +463,17 @@ mod tests {
             queues: vqs
                 .iter()
                 .zip(&queues)
-                .map(|(q, state)| {
+                .enumerate()
+                .map(|(i, (q, state))| {
                     let mut queue = q.create_queue::<Queue>().unwrap();
-                    state.apply(&mut queue);
+                    state.apply(i, &mut queue, &mem).unwrap();
                     queue
                 })
                 .collect(),
             interrupt: Interrupt::new(irq.clone()),
         });
-        restored.restore_state(&saved);
+        restored.restore(saved.clone()).unwrap();
+        assert_eq!(restored.save(), saved);
         write(&mem, 0x60100, b"again");
         add_chain(
             &mem,
@@ -480,5 +499,26 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         drop(host);
+    }
+
+    #[test]
+    fn a_console_refuses_another_devices_state_and_state_before_it_runs() {
+        let (_host, device_end) = UnixStream::pair().unwrap();
+        let mut console = Console::new(device_end);
+        let err = console
+            .restore_device(DeviceState::Rng(crate::virtio::rng::RngState {}))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PersistError::WrongDevice {
+                    saved: 4,
+                    actual: 3
+                }
+            ),
+            "{err}"
+        );
+        let err = console.restore(ConsoleState::default()).unwrap_err();
+        assert!(matches!(err, PersistError::UnexpectedDeviceState), "{err}");
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
-use super::{Activation, Interrupt, QueueState, VirtioDevice, F_VERSION_1};
-use crate::{BusDevice, GuestMemory, Irq, Persist};
+use super::{Activation, DeviceState, Interrupt, QueueState, VirtioDevice, F_VERSION_1};
+use crate::{BusDevice, GuestMemory, Irq, Persist, PersistError};
 
 /// The size of one device's register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -22,6 +22,8 @@ const STATUS_FAILED: u32 = 128;
 /// The registers the driver has written, for snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
+    /// The type of the device behind the transport.
+    pub device_type: u32,
     pub status: u32,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
@@ -29,8 +31,8 @@ pub struct TransportState {
     pub queue_sel: u32,
     pub interrupt_status: u32,
     pub queues: Vec<QueueState>,
-    /// The device's own state ([`VirtioDevice::save_state`]).
-    pub device: Vec<u8>,
+    /// The device's own state, once the driver has started it.
+    pub device: Option<DeviceState>,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,7 @@ impl Persist for MmioTransport {
             _ => self.queues.iter().map(QueueState::of).collect(),
         };
         TransportState {
+            device_type: self.device.device_type(),
             status: self.status,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -126,20 +129,30 @@ impl Persist for MmioTransport {
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
             queues,
-            device: if self.activated {
-                self.device.save_state()
-            } else {
-                Vec::new()
-            },
+            device: self.activated.then(|| self.device.save_device()),
         }
     }
 
     /// Puts the registers and queues back and, if the driver had started the device,
-    /// activates it on the restored queues (so it carries on where the saved one was).
-    fn restore(&mut self, state: TransportState) {
+    /// activates it on the restored queues and restores its own state (so it carries on
+    /// where the saved one was).
+    fn restore(&mut self, state: TransportState) -> Result<(), PersistError> {
+        let actual = self.device.device_type();
+        if state.device_type != actual {
+            return Err(PersistError::WrongDevice {
+                saved: state.device_type,
+                actual,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(PersistError::QueueCount {
+                saved: state.queues.len(),
+                actual: self.queues.len(),
+            });
+        }
         self.reset();
-        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
-            saved.apply(queue);
+        for (index, (queue, saved)) in self.queues.iter_mut().zip(&state.queues).enumerate() {
+            saved.apply(index, queue, &self.mem)?;
         }
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;
@@ -148,8 +161,11 @@ impl Persist for MmioTransport {
         self.interrupt.ack(u32::MAX);
         self.interrupt.raise(state.interrupt_status);
         self.set_status(state.status);
-        if self.activated {
-            self.device.restore_state(&state.device);
+        match (self.activated, state.device) {
+            (true, Some(device)) => self.device.restore_device(device),
+            (true, None) => Err(PersistError::MissingDeviceState),
+            (false, Some(_)) => Err(PersistError::UnexpectedDeviceState),
+            (false, None) => Ok(()),
         }
     }
 }
@@ -162,9 +178,27 @@ fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
         .collect()
 }
 
+/// A copy of `queue` for the device to own once activated; the transport keeps its own (it
+/// is the driver's view of the registers).
 fn copy_queue(queue: &Queue) -> Queue {
     let mut copy = Queue::new(queue.max_size()).expect("the size of an existing queue");
-    QueueState::of(queue).apply(&mut copy);
+    let state = QueueState::of(queue);
+    copy.set_size(state.size);
+    copy.set_desc_table_address(
+        Some(state.desc_table as u32),
+        Some((state.desc_table >> 32) as u32),
+    );
+    copy.set_avail_ring_address(
+        Some(state.avail_ring as u32),
+        Some((state.avail_ring >> 32) as u32),
+    );
+    copy.set_used_ring_address(
+        Some(state.used_ring as u32),
+        Some((state.used_ring >> 32) as u32),
+    );
+    copy.set_next_avail(state.next_avail);
+    copy.set_next_used(state.next_used);
+    copy.set_ready(state.ready);
     copy
 }
 
@@ -284,6 +318,7 @@ mod tests {
     struct Probe {
         activated: Option<usize>,
         notified: Vec<u16>,
+        restored: bool,
     }
 
     #[derive(Debug)]
@@ -307,6 +342,18 @@ mod tests {
         }
         fn notify(&mut self, queue: u16) {
             self.0.lock().unwrap().notified.push(queue);
+        }
+        fn save_device(&self) -> DeviceState {
+            DeviceState::Rng(crate::virtio::rng::RngState {})
+        }
+        fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError> {
+            match state {
+                DeviceState::Rng(_) => {
+                    self.0.lock().unwrap().restored = true;
+                    Ok(())
+                }
+                other => Err(other.refused_by(42)),
+            }
         }
     }
 
@@ -366,8 +413,12 @@ mod tests {
             memory(),
             Arc::new(CountingIrq::default()),
         );
-        restored.restore(state.clone());
+        restored.restore(state.clone()).unwrap();
         assert_eq!(restored.save(), state);
+        assert!(
+            probe2.lock().unwrap().restored,
+            "the device got its own state"
+        );
         assert_eq!(read32(&mut restored, 0x70), 1 | 2 | 8 | 4);
         assert_eq!(probe2.lock().unwrap().activated, Some(2));
         write32(&mut restored, 0x50, 0);
@@ -395,5 +446,97 @@ mod tests {
         assert_eq!(read32(&mut t, 0x60), 1);
         write32(&mut t, 0x64, 1);
         assert_eq!(read32(&mut t, 0x60), 0);
+    }
+
+    /// A started transport's state, for the refusal tests to damage.
+    fn started() -> (MmioTransport, TransportState) {
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let mut t = MmioTransport::new(
+            Box::new(FakeDevice(probe)),
+            memory(),
+            Arc::new(CountingIrq::default()),
+        );
+        for q in 0..2 {
+            write32(&mut t, 0x30, q);
+            write32(&mut t, 0x38, 8);
+            write32(&mut t, 0x80, 0x1000 * (q + 1));
+            write32(&mut t, 0x90, 0x1000 * (q + 1) + 0x400);
+            write32(&mut t, 0xa0, 0x1000 * (q + 1) + 0x800);
+            write32(&mut t, 0x44, 1);
+        }
+        write32(&mut t, 0x70, 1 | 2 | 8 | 4);
+        let state = t.save();
+        (t, state)
+    }
+
+    fn refusal(state: TransportState) -> PersistError {
+        let (mut fresh, _) = started();
+        fresh.restore(state).unwrap_err()
+    }
+
+    #[test]
+    fn corrupt_or_mismatched_transport_state_is_refused() {
+        let (_, good) = started();
+        assert!(good.device.is_some());
+
+        let mut other_type = good.clone();
+        other_type.device_type = 2;
+        assert!(matches!(
+            refusal(other_type),
+            PersistError::WrongDevice {
+                saved: 2,
+                actual: 42
+            }
+        ));
+
+        let mut one_queue = good.clone();
+        one_queue.queues.pop();
+        assert!(matches!(
+            refusal(one_queue),
+            PersistError::QueueCount {
+                saved: 1,
+                actual: 2
+            }
+        ));
+
+        let mut bad_size = good.clone();
+        bad_size.queues[1].size = 3;
+        assert!(matches!(
+            refusal(bad_size),
+            PersistError::Queue { index: 1, .. }
+        ));
+
+        let mut outside_memory = good.clone();
+        outside_memory.queues[0].used_ring = 0x1_0000_0000;
+        assert!(matches!(
+            refusal(outside_memory),
+            PersistError::Queue { index: 0, .. }
+        ));
+
+        let mut no_device = good.clone();
+        no_device.device = None;
+        assert!(matches!(
+            refusal(no_device),
+            PersistError::MissingDeviceState
+        ));
+
+        let mut wrong_device = good.clone();
+        wrong_device.device = Some(DeviceState::Net(crate::virtio::net::NetState {
+            mac: [0; 6],
+        }));
+        assert!(matches!(
+            refusal(wrong_device),
+            PersistError::WrongDevice {
+                saved: 1,
+                actual: 42
+            }
+        ));
+
+        let mut not_started = good;
+        not_started.status = 1 | 2 | 8;
+        assert!(matches!(
+            refusal(not_started),
+            PersistError::UnexpectedDeviceState
+        ));
     }
 }

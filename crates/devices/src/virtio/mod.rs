@@ -15,11 +15,12 @@ pub mod rng;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use lock_ext::{CondvarExt, LockExt};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use crate::{GuestMemory, Irq};
+use crate::{GuestMemory, Irq, PersistError};
 
 /// Device ids (virtio 1.2, 5).
 pub const TYPE_BLOCK: u32 = 2;
@@ -96,23 +97,50 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn queue_states(&self) -> Option<Vec<QueueState>> {
         None
     }
-    /// What the running device holds beyond its queues (buffered bytes, negotiated port
-    /// state), for snapshots; empty for devices that hold nothing.
-    fn save_state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    /// Puts back what [`VirtioDevice::save_state`] gave; called after the transport has
+    /// The device's [`crate::Persist`] state (what it holds beyond the queues, which the transport
+    /// saves), for snapshots.
+    fn save_device(&self) -> DeviceState;
+    /// Puts back what [`VirtioDevice::save_device`] gave; called after the transport has
     /// activated the device on its restored queues.
-    fn restore_state(&mut self, _state: &[u8]) {}
+    fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError>;
 }
 
-/// A queue's position and addresses, for snapshots.
+/// The [`crate::Persist`] state of each kind of virtio device, so that the transport can save the
+/// device it holds (a trait object) and a state is never given to a device of another kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(blk::BlockState),
+    Console(console::ConsoleState),
+    Net(net::NetState),
+    Rng(rng::RngState),
+}
+
+impl DeviceState {
+    /// The virtio device type the state was saved from.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            DeviceState::Block(_) => TYPE_BLOCK,
+            DeviceState::Console(_) => TYPE_CONSOLE,
+            DeviceState::Net(_) => net::TYPE_NET,
+            DeviceState::Rng(_) => TYPE_RNG,
+        }
+    }
+
+    /// The refusal of this state by a device of type `actual`.
+    pub(crate) fn refused_by(&self, actual: u32) -> PersistError {
+        PersistError::WrongDevice {
+            saved: self.device_type(),
+            actual,
+        }
+    }
+}
+
 /// A running device's state, shared by the vCPU threads that notify it and the device's own
 /// host-side thread, with a condition each side signals when it made room or work for the
 /// other (the guest posted buffers; the host took bytes).
 #[derive(Debug)]
 pub(crate) struct Shared<T> {
-    state: Mutex<T>,
+    pub(crate) state: Mutex<T>,
     progress: Condvar,
 }
 
@@ -124,10 +152,6 @@ impl<T> Shared<T> {
         })
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Waits for the other side's progress (at most `timeout`, if given).
     pub(crate) fn wait<'a>(
         &self,
@@ -135,13 +159,8 @@ impl<T> Shared<T> {
         timeout: Option<std::time::Duration>,
     ) -> MutexGuard<'a, T> {
         match timeout {
-            None => self.progress.wait(guard).unwrap_or_else(|e| e.into_inner()),
-            Some(t) => {
-                self.progress
-                    .wait_timeout(guard, t)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-            }
+            None => self.progress.wait_unpoisoned(guard),
+            Some(t) => self.progress.wait_timeout_unpoisoned(guard, t).0,
         }
     }
 
@@ -155,7 +174,7 @@ pub(crate) fn queue_states_of<T>(
     shared: &Option<Arc<Shared<T>>>,
     queues: impl Fn(&T) -> &[Queue],
 ) -> Option<Vec<QueueState>> {
-    let state = shared.as_ref()?.lock();
+    let state = shared.as_ref()?.state.lock_unpoisoned();
     Some(queues(&state).iter().map(QueueState::of).collect())
 }
 
@@ -183,14 +202,41 @@ impl QueueState {
         }
     }
 
-    pub fn apply(&self, queue: &mut Queue) {
-        queue.set_size(self.size);
-        let _ = queue.try_set_desc_table_address(GuestAddress(self.desc_table));
-        let _ = queue.try_set_avail_ring_address(GuestAddress(self.avail_ring));
-        let _ = queue.try_set_used_ring_address(GuestAddress(self.used_ring));
+    /// Puts this position and these addresses into `queue` (queue `index` of its device); a
+    /// size or an address the queue refuses is an error, as is a ready queue whose rings are
+    /// not in `mem`.
+    pub fn apply(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<(), PersistError> {
+        let refused = |what: &str, e: virtio_queue::Error| PersistError::Queue {
+            index,
+            reason: format!("{what}: {e}"),
+        };
+        queue
+            .try_set_size(self.size)
+            .map_err(|e| refused("size", e))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc_table))
+            .map_err(|e| refused("descriptor table", e))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail_ring))
+            .map_err(|e| refused("available ring", e))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used_ring))
+            .map_err(|e| refused("used ring", e))?;
         queue.set_next_avail(self.next_avail);
         queue.set_next_used(self.next_used);
         queue.set_ready(self.ready);
+        if self.ready && !queue.is_valid(mem) {
+            return Err(PersistError::Queue {
+                index,
+                reason: "ready, but its rings are not in guest memory".into(),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -12,8 +12,11 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{drain_queue, Activation, Interrupt, Shared, VirtioDevice};
-use crate::GuestMemory;
+use lock_ext::LockExt;
+use serde::{Deserialize, Serialize};
+
+use super::{drain_queue, Activation, DeviceState, Interrupt, Shared, VirtioDevice};
+use crate::{GuestMemory, Persist, PersistError};
 
 pub const TYPE_NET: u32 = 1;
 const F_MAC: u64 = 1 << 5;
@@ -33,6 +36,33 @@ struct Inner {
     mem: Arc<GuestMemory>,
     queues: Vec<Queue>,
     interrupt: Interrupt,
+}
+
+/// What the guest's driver knows of the NIC beyond its queues: its MAC address (the
+/// guest's network configuration was made for it). Frames in flight are not saved: a
+/// restored VM's network is a new one, and the guest's stack retransmits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+}
+
+impl Persist for Net {
+    type State = NetState;
+
+    fn save(&self) -> NetState {
+        NetState { mac: self.mac }
+    }
+
+    fn restore(&mut self, state: NetState) -> Result<(), PersistError> {
+        if state.mac != self.mac {
+            return Err(PersistError::mismatch(
+                "the MAC address",
+                state.mac,
+                self.mac,
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -85,7 +115,7 @@ impl Net {
                     }
                     // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
                     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    let mut inner = shared.lock();
+                    let mut inner = shared.state.lock_unpoisoned();
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return;
@@ -170,6 +200,17 @@ impl VirtioDevice for Net {
         super::queue_states_of(&self.shared, |inner| &inner.queues)
     }
 
+    fn save_device(&self) -> DeviceState {
+        DeviceState::Net(self.save())
+    }
+
+    fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Net(state) => self.restore(state),
+            other => Err(other.refused_by(TYPE_NET)),
+        }
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 2]
     }
@@ -203,7 +244,7 @@ impl VirtioDevice for Net {
         match queue as usize {
             RX => shared.progressed(),
             TX => {
-                let mut inner = shared.lock();
+                let mut inner = shared.state.lock_unpoisoned();
                 let mem = inner.mem.clone();
                 let Inner {
                     queues, interrupt, ..
@@ -350,5 +391,18 @@ mod tests {
         // num_buffers is 1 for a frame in one buffer.
         assert_eq!(read(&mem, 0x30000 + 10, 2), [1, 0]);
         drop(net);
+    }
+
+    #[test]
+    fn a_nic_restores_its_mac_and_refuses_another() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let saved = Net::new(None, mac).unwrap().save_device();
+        assert_eq!(saved, DeviceState::Net(NetState { mac }));
+        let mut same = Net::new(None, mac).unwrap();
+        same.restore_device(saved.clone()).unwrap();
+        assert_eq!(same.save(), NetState { mac });
+        let mut other = Net::new(None, [2, 0, 0, 0, 0, 2]).unwrap();
+        let err = other.restore_device(saved).unwrap_err();
+        assert!(matches!(err, PersistError::Mismatch { .. }), "{err}");
     }
 }

@@ -4,8 +4,26 @@ use std::io::Write;
 
 use virtio_queue::Queue;
 
-use super::{drain_queue, Activation, Interrupt, VirtioDevice, TYPE_RNG};
-use crate::GuestMemory;
+use serde::{Deserialize, Serialize};
+
+use super::{drain_queue, Activation, DeviceState, Interrupt, VirtioDevice, TYPE_RNG};
+use crate::{GuestMemory, Persist, PersistError};
+
+/// An RNG holds nothing beyond its queue: every buffer is filled when the guest posts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {}
+
+impl Persist for Rng {
+    type State = RngState;
+
+    fn save(&self) -> RngState {
+        RngState {}
+    }
+
+    fn restore(&mut self, _state: RngState) -> Result<(), PersistError> {
+        Ok(())
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Rng {
@@ -74,6 +92,17 @@ impl VirtioDevice for Rng {
         let (_, queue, _) = self.running.as_ref()?;
         Some(vec![super::QueueState::of(queue)])
     }
+
+    fn save_device(&self) -> DeviceState {
+        DeviceState::Rng(self.save())
+    }
+
+    fn restore_device(&mut self, state: DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::Rng(state) => self.restore(state),
+            other => Err(other.refused_by(TYPE_RNG)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,5 +151,25 @@ mod tests {
         assert_eq!(irq.count(), 1);
         let (_, queue, _) = rng.running.as_ref().unwrap();
         assert_eq!(queue.next_used(), 2);
+    }
+
+    #[test]
+    fn an_rng_restores_its_own_state_and_refuses_another_devices() {
+        let mut rng = Rng::default();
+        let saved = rng.save_device();
+        assert_eq!(saved, DeviceState::Rng(RngState {}));
+        rng.restore_device(saved).unwrap();
+        let console = DeviceState::Console(crate::virtio::console::ConsoleState::default());
+        let err = rng.restore_device(console).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PersistError::WrongDevice {
+                    saved: 3,
+                    actual: 4
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,495 @@
+//! The vCPU threads: how they are steered (run, pause, snapshot, end) and the loop each runs,
+//! serving its exits on the device buses.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::GuestMemory;
+use hypervisor::{Kick, Vcpu, VcpuExit};
+use lock_ext::{CondvarExt, LockExt};
+
+use crate::bus::Bus;
+use crate::profiler::Profiler;
+use crate::{repair, Diagnostics, Error, VmExit};
+
+/// A vCPU's saved state once its thread has read it.
+pub(crate) type SavedVcpu = Option<Result<Vec<u8>, String>>;
+
+/// Where the VM is, as its vCPU threads see it.
+#[derive(Debug)]
+pub(crate) enum RunState {
+    /// The vCPUs run guest code.
+    Running,
+    /// The vCPUs are asked to park. `parked` threads have parked since the pause numbered
+    /// `pause` began (a thread still parked from an earlier pause counts itself again);
+    /// `snapshot`, when there, has one slot per vCPU for its parked thread to fill.
+    Paused {
+        pause: u64,
+        parked: u32,
+        snapshot: Option<Vec<SavedVcpu>>,
+    },
+    /// The VM ended; every thread leaves.
+    Ended(VmExit),
+}
+
+/// The run state and the condition every change of it is signalled on.
+#[derive(Debug)]
+pub(crate) struct Control {
+    pub(crate) state: Mutex<RunState>,
+    changed: Condvar,
+    /// Numbers the pauses (see [`RunState::Paused`]).
+    pauses: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            state: Mutex::new(RunState::Running),
+            changed: Condvar::new(),
+            pauses: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Control {
+    /// Sets the state and wakes everyone waiting on it.
+    fn set(&self, mut state: MutexGuard<'_, RunState>, next: RunState) {
+        *state = next;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `done` holds for the state or `deadline` passes; the state either way.
+    pub(crate) fn wait_until(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&RunState) -> bool,
+    ) -> MutexGuard<'_, RunState> {
+        let mut state = self.state.lock_unpoisoned();
+        while !done(&state) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = self.changed.wait_timeout_unpoisoned(state, left).0;
+        }
+        state
+    }
+
+    /// Asks the vCPUs to park (a no-op once the VM ended or while already paused).
+    pub(crate) fn pause(&self) {
+        let state = self.state.lock_unpoisoned();
+        if matches!(*state, RunState::Running) {
+            let pause = self
+                .pauses
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            self.set(
+                state,
+                RunState::Paused {
+                    pause,
+                    parked: 0,
+                    snapshot: None,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn resume(&self) {
+        let state = self.state.lock_unpoisoned();
+        if matches!(*state, RunState::Paused { .. }) {
+            self.set(state, RunState::Running);
+        }
+    }
+
+    /// Ends the VM with `exit` unless it has ended already (the first reason stays).
+    pub(crate) fn end(&self, exit: VmExit) {
+        let state = self.state.lock_unpoisoned();
+        if !matches!(*state, RunState::Ended(_)) {
+            self.set(state, RunState::Ended(exit));
+        }
+    }
+
+    pub(crate) fn exit(&self) -> Option<VmExit> {
+        match &*self.state.lock_unpoisoned() {
+            RunState::Ended(exit) => Some(exit.clone()),
+            _ => None,
+        }
+    }
+
+    /// Called by vCPU `id`'s thread between runs: parks while paused, saving the vCPU's state
+    /// with `save` when a snapshot asks for it (vCPU state is read on the vCPU's own thread);
+    /// false when it must end.
+    pub(crate) fn checkpoint(
+        &self,
+        id: usize,
+        save: &mut dyn FnMut() -> Result<Vec<u8>, String>,
+    ) -> bool {
+        let mut state = self.state.lock_unpoisoned();
+        let mut counted_in = None;
+        loop {
+            match &mut *state {
+                RunState::Running => return true,
+                RunState::Ended(_) => return false,
+                RunState::Paused {
+                    pause,
+                    parked,
+                    snapshot,
+                } => {
+                    if counted_in != Some(*pause) {
+                        counted_in = Some(*pause);
+                        *parked += 1;
+                        self.changed.notify_all();
+                    }
+                    let asked = snapshot
+                        .as_ref()
+                        .is_some_and(|slots| slots.get(id).is_some_and(Option::is_none));
+                    if asked {
+                        drop(state);
+                        let saved = save();
+                        state = self.state.lock_unpoisoned();
+                        if let RunState::Paused {
+                            snapshot: Some(slots),
+                            ..
+                        } = &mut *state
+                        {
+                            if let Some(slot) = slots.get_mut(id) {
+                                *slot = Some(saved);
+                            }
+                        }
+                        self.changed.notify_all();
+                        continue;
+                    }
+                }
+            }
+            state = self.changed.wait_unpoisoned(state);
+        }
+    }
+
+    /// Each vCPU's state, read by its own parked thread; `vcpus` must all be parked.
+    pub(crate) fn save_vcpus(&self, vcpus: u32, timeout: Duration) -> Result<Vec<Vec<u8>>, Error> {
+        let mut state = self.state.lock_unpoisoned();
+        match &mut *state {
+            RunState::Paused {
+                parked, snapshot, ..
+            } if *parked == vcpus => *snapshot = Some((0..vcpus).map(|_| None).collect()),
+            _ => {
+                return Err(Error::Snapshot(
+                    "the VM must be paused (and running) to be snapshotted".into(),
+                ))
+            }
+        }
+        self.changed.notify_all();
+        drop(state);
+        let mut state = self.wait_until(Instant::now() + timeout, |state| match state {
+            RunState::Paused {
+                snapshot: Some(slots),
+                ..
+            } => slots.iter().all(Option::is_some),
+            _ => true,
+        });
+        let slots = match &mut *state {
+            RunState::Paused { snapshot, .. } => snapshot.take().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        drop(state);
+        if slots.is_empty() {
+            return Err(Error::Snapshot("the VM ended during the snapshot".into()));
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(id, slot)| match slot {
+                Some(Ok(bytes)) => Ok(bytes),
+                Some(Err(e)) => Err(Error::Snapshot(format!("vCPU {id}: {e}"))),
+                None => Err(Error::Snapshot(format!("vCPU {id} did not save its state"))),
+            })
+            .collect()
+    }
+}
+
+/// The running vCPU threads of a VM.
+#[derive(Debug)]
+pub(crate) struct Vcpus {
+    pub(crate) control: Arc<Control>,
+    kickers: Vec<Arc<dyn Kick>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Vcpus {
+    /// One thread per vCPU, serving its exits on `pio` and `mmio`.
+    pub(crate) fn start(
+        vcpus: Vec<Box<dyn Vcpu>>,
+        pio: &Bus,
+        mmio: &Bus,
+        mem: &Arc<GuestMemory>,
+        diagnostics: &Diagnostics,
+    ) -> Result<Vcpus, Error> {
+        let control = Arc::new(Control::default());
+        let mut kickers = Vec::new();
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            kickers.push(vcpu.kicker());
+            let worker = VcpuWorker {
+                vcpu,
+                trace: diagnostics.trace,
+                exits: 0,
+                profiler: diagnostics
+                    .profile
+                    .as_ref()
+                    .map(|p| Profiler::new(p.clone())),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                control: control.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || worker.run());
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    control.end(VmExit::Failed(e.to_string()));
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(Error::Thread(e));
+                }
+            }
+        }
+        if diagnostics.profile.is_some() {
+            crate::profiler::start_sampler(control.clone(), kickers.clone());
+        }
+        Ok(Vcpus {
+            control,
+            kickers,
+            threads,
+        })
+    }
+
+    pub(crate) fn kick(&self) {
+        for k in &self.kickers {
+            k.kick();
+        }
+    }
+
+    /// Stops every vCPU between two guest instructions; returns when all `count` are parked
+    /// (or the VM ended, or `timeout` passed).
+    pub(crate) fn pause(&self, count: u32, timeout: Duration) {
+        self.control.pause();
+        let deadline = Instant::now() + timeout;
+        let all_parked = |state: &RunState| match state {
+            RunState::Paused { parked, .. } => *parked == count,
+            _ => true,
+        };
+        loop {
+            // A vCPU in guest code parks only once kicked out of it.
+            self.kick();
+            let step = (Instant::now() + Duration::from_millis(10)).min(deadline);
+            if all_parked(&self.control.wait_until(step, all_parked)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!("builtin VMM: not every vCPU parked within {timeout:?}");
+                return;
+            }
+        }
+    }
+
+    /// Ends the VM (if it has not ended) and joins the threads.
+    pub(crate) fn stop(&mut self) {
+        self.control.end(VmExit::Shutdown);
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct VcpuWorker {
+    vcpu: Box<dyn Vcpu>,
+    /// [`Diagnostics::trace`]: log one exit in a thousand and where each kick found the vCPU.
+    trace: bool,
+    exits: u64,
+    profiler: Option<Profiler>,
+    pio: Bus,
+    mmio: Bus,
+    mem: Arc<GuestMemory>,
+    control: Arc<Control>,
+}
+
+/// What the run loop does after an exit (the exit borrows the vCPU; this does not).
+enum Next {
+    Continue,
+    End(VmExit),
+    Repair(String),
+}
+
+impl VcpuWorker {
+    fn run(mut self) {
+        let id = self.vcpu.id();
+        while self.control.checkpoint(id as usize, &mut || {
+            self.vcpu.save_state().map_err(|e| e.to_string())
+        }) {
+            let exit = self.vcpu.run();
+            if self.trace {
+                self.exits += 1;
+                if self.exits.is_multiple_of(1000) {
+                    log::debug!("vCPU {id}: exit #{}: {exit:?}", self.exits);
+                }
+            }
+            let next = match exit {
+                Ok(VcpuExit::IoIn { port, data }) => {
+                    self.pio.read(u64::from(port), data);
+                    Next::Continue
+                }
+                Ok(VcpuExit::IoOut { port, data }) => {
+                    // The i8042 reset line: the guest asked for a reboot.
+                    if port == 0x64 && data.first() == Some(&0xfe) {
+                        Next::End(VmExit::Shutdown)
+                    } else {
+                        self.pio.write(u64::from(port), data);
+                        Next::Continue
+                    }
+                }
+                Ok(VcpuExit::MmioRead { addr, data }) => {
+                    self.mmio.read(addr, data);
+                    Next::Continue
+                }
+                Ok(VcpuExit::MmioWrite { addr, data }) => {
+                    self.mmio.write(addr, data);
+                    Next::Continue
+                }
+                Ok(VcpuExit::Interrupted) => {
+                    if let Some(profiler) = &mut self.profiler {
+                        profiler.sample(self.vcpu.as_ref(), &self.mem);
+                    }
+                    if self.trace {
+                        if let Ok(r) = self.vcpu.x86_regs() {
+                            log::debug!("vCPU {id}: kicked at rip {:#x}", r.rip);
+                        }
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::Halt) | Ok(VcpuExit::Shutdown) => Next::End(VmExit::Shutdown),
+                Ok(VcpuExit::EmulationFailure { detail }) => Next::Repair(detail),
+                Ok(VcpuExit::Other(what)) => {
+                    Next::End(VmExit::Failed(format!("vCPU {id}: {what}")))
+                }
+                Err(e) => Next::End(VmExit::Failed(format!("vCPU {id}: {e}"))),
+            };
+            match next {
+                Next::Continue => {}
+                Next::End(exit) => {
+                    self.control.end(exit);
+                    break;
+                }
+                Next::Repair(detail) => {
+                    if let Err(e) = repair::apply(self.vcpu.as_mut(), &self.mem) {
+                        self.control
+                            .end(VmExit::Failed(format!("vCPU {id}: {detail}: {e}")));
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(profiler) = self.profiler.take() {
+            profiler.write(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parked(control: &Control) -> u32 {
+        match &*control.state.lock_unpoisoned() {
+            RunState::Paused { parked, .. } => *parked,
+            _ => 0,
+        }
+    }
+
+    fn wait_parked(control: &Control, count: u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while parked(control) != count {
+            assert!(Instant::now() < deadline, "the vCPU never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_paused_vcpu_parks_until_resumed_and_stop_releases_it() {
+        let control = Arc::new(Control::default());
+        control.pause();
+        let c = control.clone();
+        let parked = std::thread::spawn(move || c.checkpoint(0, &mut || Ok(Vec::new())));
+        wait_parked(&control, 1);
+        control.end(VmExit::Shutdown);
+        assert!(!parked.join().unwrap(), "a stopped VM's vCPU ends");
+        assert_eq!(control.exit(), Some(VmExit::Shutdown));
+        control.end(VmExit::Failed("later".into()));
+        assert_eq!(
+            control.exit(),
+            Some(VmExit::Shutdown),
+            "the first reason stays"
+        );
+    }
+
+    #[test]
+    fn a_parked_vcpu_saves_its_state_when_asked_and_runs_on_after_resume() {
+        let control = Arc::new(Control::default());
+        control.pause();
+        let c = control.clone();
+        let parked = std::thread::spawn(move || {
+            let mut saves = 0;
+            let going_on = c.checkpoint(0, &mut || {
+                saves += 1;
+                Ok(vec![7, 7])
+            });
+            (going_on, saves)
+        });
+        wait_parked(&control, 1);
+        let saved = control.save_vcpus(1, Duration::from_secs(5)).unwrap();
+        assert_eq!(saved, vec![vec![7, 7]]);
+        control.resume();
+        assert_eq!(
+            parked.join().unwrap(),
+            (true, 1),
+            "saved once, then runs on"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_of_a_vm_not_fully_parked_is_refused() {
+        let control = Control::default();
+        assert!(control.save_vcpus(1, Duration::from_millis(10)).is_err());
+        control.pause();
+        assert!(control.save_vcpus(1, Duration::from_millis(10)).is_err());
+    }
+
+    #[test]
+    fn a_vcpu_still_parked_from_a_previous_pause_counts_itself_in_the_next() {
+        let control = Arc::new(Control::default());
+        control.pause();
+        let c = control.clone();
+        let parked = std::thread::spawn(move || c.checkpoint(0, &mut || Ok(Vec::new())));
+        wait_parked(&control, 1);
+        // Resume and pause again at once, before the thread gets to run.
+        {
+            let state = control.state.lock_unpoisoned();
+            let next = RunState::Paused {
+                pause: 99,
+                parked: 0,
+                snapshot: None,
+            };
+            control.set(state, next);
+        }
+        wait_parked(&control, 1);
+        control.resume();
+        assert!(parked.join().unwrap());
+    }
+}
