@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use lock_ext::LockExt;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +40,7 @@ impl Log for Logger {
             return;
         }
         let line = format_line(self.format, record.level(), &record.args().to_string());
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sink = self.sink.lock_unpoisoned();
         let _ = match &mut *sink {
             Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
             Sink::File(f) => f.write_all(line.as_bytes()),

@@ -99,7 +99,7 @@ fn create_in(
         cgroups: Default::default(),
     };
     write_atomic(&dir.file("plan.json"), &serde_json::to_vec(&plan)?)?;
-    let lock = dir.lock()?;
+    let lock = dir.lock_state()?;
     dir.save(&state, &lock)?;
     drop(lock);
 

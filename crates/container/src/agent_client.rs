@@ -9,13 +9,14 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_proto::{
     encode_data, encode_message, read_frame, AgentInfo, AgentMessage, ExitStatus, Frame,
     FrameDecoder, HostMessage, ProcessId, ProtoError, Reply, Request, Stream, PROTOCOL_VERSION,
 };
+use lock_ext::LockExt;
 
 use crate::ContainerError;
 
@@ -66,12 +67,6 @@ impl std::fmt::Debug for AgentClient {
             .field("closed", &self.is_closed())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking holder cannot leave these maps half-updated in a way that matters more
-    // than losing the connection; keep going with the data.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Waits for the agent's `Ready` on a freshly booted VM. `alive` is polled between reads so
@@ -179,10 +174,10 @@ impl AgentClient {
             f();
             return;
         }
-        *lock(&self.inner.on_close) = Some(Box::new(f));
+        *self.inner.on_close.lock_unpoisoned() = Some(Box::new(f));
         // The reader may have closed in between; it takes the callback only if it saw it.
         if self.is_closed() {
-            if let Some(f) = lock(&self.inner.on_close).take() {
+            if let Some(f) = self.inner.on_close.lock_unpoisoned().take() {
                 f();
             }
         }
@@ -213,13 +208,13 @@ impl AgentClient {
         for request in requests {
             let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
             let (tx, rx) = mpsc::channel();
-            lock(&self.inner.pending).insert(id, tx);
+            self.inner.pending.lock_unpoisoned().insert(id, tx);
             waiting.push((id, request.name(), rx));
             encode_message(&HostMessage { id, request }, &mut bytes)
                 .map_err(|e| ContainerError::Agent(e.to_string()))?;
         }
         if let Err(e) = self.write(&bytes) {
-            let mut pending = lock(&self.inner.pending);
+            let mut pending = self.inner.pending.lock_unpoisoned();
             for (id, _, _) in &waiting {
                 pending.remove(id);
             }
@@ -239,7 +234,7 @@ impl AgentClient {
                     Ok(Ok(reply)) => Ok(reply),
                     Ok(Err(message)) => Err(ContainerError::Agent(message)),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        lock(&self.inner.pending).remove(&id);
+                        self.inner.pending.lock_unpoisoned().remove(&id);
                         Err(ContainerError::Agent(format!(
                             "no answer to {name} within {timeout:?}"
                         )))
@@ -257,7 +252,9 @@ impl AgentClient {
         if self.is_closed() {
             return Err(ContainerError::Agent("connection closed".into()));
         }
-        lock(&self.inner.writer)
+        self.inner
+            .writer
+            .lock_unpoisoned()
             .write_all(bytes)
             .map_err(|e| ContainerError::Agent(format!("channel write: {e}")))
     }
@@ -272,25 +269,34 @@ impl AgentClient {
     /// Routes a process's output and exit to `events`. Register before creating the process;
     /// an exit that already arrived is delivered at once.
     pub fn register(&self, process: ProcessId, mut events: Box<dyn ProcessEvents>) {
-        if let Some(status) = lock(&self.inner.unclaimed_exits).remove(&process) {
+        if let Some(status) = self
+            .inner
+            .unclaimed_exits
+            .lock_unpoisoned()
+            .remove(&process)
+        {
             events.exited(status);
             return;
         }
-        lock(&self.inner.sinks).insert(process, events);
+        self.inner.sinks.lock_unpoisoned().insert(process, events);
     }
 
     pub fn unregister(&self, process: ProcessId) {
-        lock(&self.inner.sinks).remove(&process);
+        self.inner.sinks.lock_unpoisoned().remove(&process);
     }
 
     /// Handles the guest's relayed DNS queries.
     pub fn on_dns_query(&self, handler: DnsHandler) {
-        *lock(&self.inner.dns) = Some(handler);
+        *self.inner.dns.lock_unpoisoned() = Some(handler);
     }
 
     /// Closes the channel; the reader thread ends and pending requests fail.
     pub fn shutdown(&self) {
-        let _ = lock(&self.inner.writer).shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .inner
+            .writer
+            .lock_unpoisoned()
+            .shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -306,22 +312,25 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
         };
         match frame {
             Frame::Message(AgentMessage::Response { id, result }) => {
-                if let Some(tx) = lock(&inner.pending).remove(&id) {
+                if let Some(tx) = inner.pending.lock_unpoisoned().remove(&id) {
                     let _ = tx.send(result);
                 }
             }
             Frame::Message(AgentMessage::Exited { process, status }) => {
-                let sink = lock(&inner.sinks).remove(&process);
+                let sink = inner.sinks.lock_unpoisoned().remove(&process);
                 match sink {
                     Some(mut sink) => sink.exited(status),
                     None => {
-                        lock(&inner.unclaimed_exits).insert(process, status);
+                        inner
+                            .unclaimed_exits
+                            .lock_unpoisoned()
+                            .insert(process, status);
                     }
                 }
             }
             Frame::Message(AgentMessage::Ready(_)) => {}
             Frame::Message(AgentMessage::DnsQuery { id, payload }) => {
-                let handler = lock(&inner.dns).clone();
+                let handler = inner.dns.lock_unpoisoned().clone();
                 match handler {
                     Some(handler) => handler(id, payload),
                     None => log::debug!("DNS query {id} with no relay on the host"),
@@ -332,15 +341,15 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 stream,
                 bytes,
             } => {
-                if let Some(sink) = lock(&inner.sinks).get_mut(&process) {
+                if let Some(sink) = inner.sinks.lock_unpoisoned().get_mut(&process) {
                     sink.output(stream, &bytes);
                 }
             }
         }
     }
     inner.closed.store(true, Ordering::SeqCst);
-    lock(&inner.pending).clear();
-    if let Some(f) = lock(&inner.on_close).take() {
+    inner.pending.lock_unpoisoned().clear();
+    if let Some(f) = inner.on_close.lock_unpoisoned().take() {
         f();
     }
 }

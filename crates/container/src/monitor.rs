@@ -20,6 +20,7 @@ use agent_proto::{
     INIT_PROCESS,
 };
 use engine::Vm;
+use lock_ext::LockExt;
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
@@ -275,7 +276,7 @@ impl Monitor {
             Ok(Event::InitExited(status)) => status.code(),
             Ok(Event::Stop) => 128 + libc::SIGKILL,
             Ok(Event::AgentGone) | Err(_) => {
-                let mut vm = lock(&self.vm);
+                let mut vm = self.vm.lock_unpoisoned();
                 let why = vm
                     .exited()
                     .unwrap_or_else(|| "the agent connection closed".into());
@@ -297,8 +298,8 @@ impl Monitor {
             let _ = publisher.join();
         }
         self.agent.shutdown();
-        lock(&self.network).detach();
-        if let Err(e) = lock(&self.vm).stop() {
+        self.network.lock_unpoisoned().detach();
+        if let Err(e) = self.vm.lock_unpoisoned().stop() {
             log::warn!("stopping the VM: {e}");
         }
         let _ = std::fs::remove_file(self.dir.file(control::SOCKET_NAME));
@@ -377,10 +378,6 @@ impl Monitor {
     }
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[derive(Clone)]
 struct ControlContext {
     dir: ContainerDir,
@@ -432,12 +429,12 @@ impl ControlContext {
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Pause => {
-                lock(&self.vm).pause()?;
+                self.vm.lock_unpoisoned().pause()?;
                 self.dir.update(|s| s.status = Status::Paused)?;
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Resume => {
-                lock(&self.vm).resume()?;
+                self.vm.lock_unpoisoned().resume()?;
                 self.dir.update(|s| s.status = Status::Running)?;
                 Ok(ControlReply::Ok)
             }
@@ -463,7 +460,7 @@ impl ControlContext {
     /// Connects the network (docker connects it between create and start), lets the
     /// container's first process run, and records `running`.
     fn start_process(&self) -> Result<(), ContainerError> {
-        lock(&self.network).attach(&self.agent)?;
+        self.network.lock_unpoisoned().attach(&self.agent)?;
         self.agent.request(
             Request::StartProcess {
                 process: INIT_PROCESS,
@@ -482,7 +479,7 @@ impl ControlContext {
     /// Runs one exec'd process for the connection's lifetime.
     fn exec_session(&self, stream: UnixStream, spec: agent_proto::ProcessSpec) {
         let process = {
-            let mut next = lock(&self.next_exec);
+            let mut next = self.next_exec.lock_unpoisoned();
             let id = *next;
             *next += 1;
             id
@@ -517,7 +514,7 @@ impl ControlContext {
         if failed {
             self.agent.unregister(process);
         }
-        if lock(&writer).start(&reply).is_err() || failed {
+        if writer.lock_unpoisoned().start(&reply).is_err() || failed {
             return;
         }
         let mut reader = stream;
@@ -616,7 +613,7 @@ impl ProcessEvents for SessionOutput {
     fn output(&mut self, stream: Stream, bytes: &[u8]) {
         let mut out = Vec::new();
         encode_data(0, stream, bytes, &mut out);
-        lock(&self.writer).write(&out);
+        self.writer.lock_unpoisoned().write(&out);
     }
 
     fn exited(&mut self, status: ExitStatus) {
@@ -629,7 +626,7 @@ impl ProcessEvents for SessionOutput {
         )
         .is_ok()
         {
-            let mut writer = lock(&self.writer);
+            let mut writer = self.writer.lock_unpoisoned();
             writer.write(&out);
             writer.finish();
         }
@@ -696,7 +693,8 @@ mod tests {
         output.output(Stream::Stdout, b"exec-out");
         output.output(Stream::Stderr, b"exec-err");
         output.exited(ExitStatus::Exited(5));
-        lock(&writer)
+        writer
+            .lock_unpoisoned()
             .start(&ControlReply::ExecStarted { pid: 7 })
             .unwrap();
         // Then more output would go straight through (none here: the stream is shut).
@@ -720,7 +718,8 @@ mod tests {
             stream: ours,
             held: Some(Held::default()),
         }));
-        lock(&writer)
+        writer
+            .lock_unpoisoned()
             .start(&ControlReply::ExecStarted { pid: 7 })
             .unwrap();
         let mut output = SessionOutput {

@@ -10,10 +10,11 @@
 //!
 //! [`Vm::trim`]: engine::Vm::trim
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::Vm;
+use lock_ext::LockExt;
 
 use crate::proc;
 
@@ -55,7 +56,7 @@ impl Policy {
 /// with the VM; nothing to do for a VM that trimming gives nothing back for.
 pub fn watch(vm: &Arc<Mutex<Box<dyn Vm>>>) {
     let pid = {
-        let vm = vm.lock().unwrap_or_else(PoisonError::into_inner);
+        let vm = vm.lock_unpoisoned();
         match vm.vmm_pid() {
             Some(pid) if vm.trims() => pid,
             _ => return,
@@ -64,7 +65,7 @@ pub fn watch(vm: &Arc<Mutex<Box<dyn Vm>>>) {
     let vm = Arc::downgrade(vm);
     watch_process(pid, move || match vm.upgrade() {
         Some(vm) => {
-            vm.lock().unwrap_or_else(PoisonError::into_inner).trim();
+            vm.lock_unpoisoned().trim();
             true
         }
         None => false,

@@ -308,7 +308,8 @@ impl StateStore {
 }
 
 impl ContainerDir {
-    pub fn lock(&self) -> Result<StateLock, ContainerError> {
+    /// Takes the directory's exclusive `flock`, held while a transition reads and writes state.
+    pub fn lock_state(&self) -> Result<StateLock, ContainerError> {
         let path = self.path.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -352,7 +353,7 @@ impl ContainerDir {
         &self,
         change: impl FnOnce(&mut ContainerState),
     ) -> Result<ContainerState, ContainerError> {
-        let lock = self.lock()?;
+        let lock = self.lock_state()?;
         let mut state = self.load()?;
         change(&mut state);
         self.save(&state, &lock)?;
@@ -478,7 +479,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = StateStore::new(root.path());
         let dir = store.create("c1").unwrap();
-        let lock = dir.lock().unwrap();
+        let lock = dir.lock_state().unwrap();
         dir.save(&sample("c1"), &lock).unwrap();
         drop(lock);
         let state = dir.update(|s| s.status = Status::Running).unwrap();

@@ -1,7 +1,7 @@
 //! The shim v2 Task service over [`Task`].
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use container::agent_client::REQUEST_TIMEOUT;
@@ -19,15 +19,12 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult};
+use lock_ext::LockExt;
 
 use crate::io::StdioPaths;
 use crate::launcher::Launcher;
 use crate::options::ShimOptions;
 use crate::task::{self, CreateArgs, Proc, Task};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn status(code: Code, message: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
@@ -146,7 +143,8 @@ impl containerd_shim::Shim for Service {
 
 impl Service {
     fn task(&self) -> TtrpcResult<Arc<Task>> {
-        lock(&self.task)
+        self.task
+            .lock_unpoisoned()
             .clone()
             .ok_or_else(|| status(Code::NOT_FOUND, "no task in this shim"))
     }
@@ -161,7 +159,7 @@ impl Service {
         let events = self.events.clone();
         let container_id = self.id.clone();
         Arc::new(move |p: &Proc, code: i32| {
-            let state = lock(&p.state);
+            let state = p.state.lock_unpoisoned();
             let exited_at = state.exit.map(|(_, at)| at).unwrap_or_else(SystemTime::now);
             let event = TaskExit {
                 container_id: container_id.clone(),
@@ -187,7 +185,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if lock(&self.task).is_some() {
+        if self.task.lock_unpoisoned().is_some() {
             return Err(status(
                 Code::ALREADY_EXISTS,
                 format!("task {} already exists", req.id),
@@ -214,7 +212,7 @@ impl containerd_shim::Task for Service {
         };
         let task = Task::create(args, &launcher, self.exit_hook()).map_err(rpc_error)?;
         let pid = task.vmm_pid;
-        *lock(&self.task) = Some(Arc::new(task));
+        *self.task.lock_unpoisoned() = Some(Arc::new(task));
         self.events.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -280,7 +278,7 @@ impl containerd_shim::Task for Service {
         let task = self.task()?;
         let process = self.process(&task, &req.exec_id)?;
         if !req.exec_id.is_empty() {
-            let state = lock(&process.state);
+            let state = process.state.lock_unpoisoned();
             if state.status == Status::Running {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
@@ -290,7 +288,7 @@ impl containerd_shim::Task for Service {
             let (code, at) = state.exit.unwrap_or((0, SystemTime::now()));
             let pid = state.pid;
             drop(state);
-            lock(&task.execs).remove(&req.exec_id);
+            task.execs.lock_unpoisoned().remove(&req.exec_id);
             return Ok(api::DeleteResponse {
                 pid,
                 exit_status: code as u32,
@@ -298,13 +296,17 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             });
         }
-        let task = lock(&self.task)
+        let task = self
+            .task
+            .lock_unpoisoned()
             .take()
             .ok_or_else(|| status(Code::NOT_FOUND, "no task"))?;
         let pid = task.vmm_pid;
         // containerd deletes a task it has killed or seen exit; whatever still runs goes.
         lifecycle::delete(&*task, true).map_err(rpc_error)?;
-        let (code, at) = lock(&process.state)
+        let (code, at) = process
+            .state
+            .lock_unpoisoned()
             .exit
             .unwrap_or((128 + libc::SIGKILL, SystemTime::now()));
         self.events.publish(
@@ -493,7 +495,7 @@ impl containerd_shim::Task for Service {
             Status::Paused => api::Status::PAUSED,
             Status::Stopped => api::Status::STOPPED,
         };
-        let state = lock(&process.state);
+        let state = process.state.lock_unpoisoned();
         let (code, at) = state
             .exit
             .map(|(c, at)| (c as u32, Some(timestamp(at))))
@@ -519,7 +521,12 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = lock(&self.task).as_ref().map(|t| t.vmm_pid).unwrap_or(0);
+        let task_pid = self
+            .task
+            .lock_unpoisoned()
+            .as_ref()
+            .map(|t| t.vmm_pid)
+            .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -530,7 +537,7 @@ impl containerd_shim::Task for Service {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // The shim ends with its last (only) container.
-        if lock(&self.task).is_none() {
+        if self.task.lock_unpoisoned().is_none() {
             self.exit.signal();
         }
         Ok(api::Empty::new())

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -21,15 +21,12 @@ use container::startup::{self, RunningVm, TapLifetime, VmNetwork, VmStartup};
 use container::state::rfc3339_now;
 use container::{proc, reclaim, ContainerError, OciState, Status};
 use engine::{EngineChoice, Vm};
+use lock_ext::{CondvarExt, LockExt};
 use serde::{Deserialize, Serialize};
 
 use crate::io::{FifoOutput, StdinRelay, StdioPaths};
 use crate::launcher::Launcher;
 use crate::options::ShimOptions;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A process's status: the container's statuses but `creating` (the init's is the
 /// container's; an exec is never paused itself, its container is).
@@ -78,7 +75,7 @@ impl Proc {
 
     /// Records the exit (the first one wins) and wakes waiters; true if this call did.
     pub fn set_exited(&self, code: i32) -> bool {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock_unpoisoned();
         if state.exit.is_some() {
             return false;
         }
@@ -89,17 +86,17 @@ impl Proc {
     }
 
     pub fn wait(&self) -> (i32, SystemTime) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock_unpoisoned();
         loop {
             if let Some(exit) = state.exit {
                 return exit;
             }
-            state = self.exited.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = self.exited.wait_unpoisoned(state);
         }
     }
 
     pub fn close_stdin(&self, agent: &AgentClient) {
-        if let Some(relay) = lock(&self.stdin).take() {
+        if let Some(relay) = self.stdin.lock_unpoisoned().take() {
             relay.close(agent, self.agent_id);
         } else {
             let _ = agent.send_stdin(self.agent_id, &[]);
@@ -252,7 +249,7 @@ impl Task {
         record.vmm_start_time = proc::start_time(vmm_pid as i32);
         write_record(&args.bundle, record);
         // The VMM (in the container's network namespace) is the task's host process.
-        lock(&init.state).pid = vmm_pid;
+        init.state.lock_unpoisoned().pid = vmm_pid;
         let task = Task {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
@@ -295,7 +292,7 @@ impl Task {
         let execs = Arc::clone(&self.execs);
         move || {
             let mut all = vec![Arc::clone(&init)];
-            all.extend(lock(&execs).values().cloned());
+            all.extend(execs.lock_unpoisoned().values().cloned());
             all
         }
     }
@@ -310,7 +307,7 @@ impl Task {
             process.stdio.terminal,
         )
         .map_err(|e| ContainerError::Monitor(format!("open stdin FIFO: {e}")))?;
-        *lock(&process.stdin) = Some(relay);
+        *process.stdin.lock_unpoisoned() = Some(relay);
         Ok(())
     }
 
@@ -318,7 +315,7 @@ impl Task {
     fn attach_network(&self) -> Result<(), ContainerError> {
         let (network, agent) = (Arc::clone(&self.network), self.agent.clone());
         self.launcher
-            .run(move || lock(&network).attach(&agent))
+            .run(move || network.lock_unpoisoned().attach(&agent))
             .ok_or_else(|| ContainerError::Monitor("the VM launcher is gone".into()))?
     }
 
@@ -326,14 +323,14 @@ impl Task {
         if exec_id.is_empty() {
             Some(Arc::clone(&self.init))
         } else {
-            lock(&self.execs).get(exec_id).cloned()
+            self.execs.lock_unpoisoned().get(exec_id).cloned()
         }
     }
 
     /// The status containerd sees for a process: an exec that runs in a paused container is
     /// paused too.
     pub fn process_status(&self, process: &Proc) -> Status {
-        let own = lock(&process.state).status;
+        let own = process.state.lock_unpoisoned().status;
         match (own, self.status_now()) {
             (Status::Running, Status::Paused) => Status::Paused,
             _ => own,
@@ -341,7 +338,7 @@ impl Task {
     }
 
     fn status_now(&self) -> Status {
-        lock(&self.init.state).status
+        self.init.state.lock_unpoisoned().status
     }
 
     /// Starts the init (through the lifecycle) or an exec; returns its pid.
@@ -353,7 +350,7 @@ impl Task {
         let process = self
             .process(exec_id)
             .ok_or_else(|| ContainerError::NotFound(exec_id.to_string()))?;
-        if lock(&process.state).status != Status::Created {
+        if process.state.lock_unpoisoned().status != Status::Created {
             return Err(ContainerError::InvalidState(format!(
                 "process {exec_id:?} was already started"
             )));
@@ -361,7 +358,9 @@ impl Task {
         self.status_now().allows(container::state::Verb::Exec {
             ignore_paused: false,
         })?;
-        let spec = lock(&process.spec)
+        let spec = process
+            .spec
+            .lock_unpoisoned()
             .take()
             .ok_or_else(|| ContainerError::InvalidState("no process spec".into()))?;
         let events = exit_reporter(&process, &self.on_exit)?;
@@ -377,7 +376,7 @@ impl Task {
         match reply {
             Ok(Reply::Created { pid }) => {
                 {
-                    let mut state = lock(&process.state);
+                    let mut state = process.state.lock_unpoisoned();
                     state.status = Status::Running;
                     state.pid = pid as u32;
                 }
@@ -387,7 +386,7 @@ impl Task {
             Ok(other) => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
             Err(e) => {
                 self.agent.unregister(process.agent_id);
-                lock(&process.state).status = Status::Stopped;
+                process.state.lock_unpoisoned().status = Status::Stopped;
                 Err(e)
             }
         }
@@ -400,12 +399,12 @@ impl Task {
         spec: ProcessSpec,
         stdio: StdioPaths,
     ) -> Result<(), ContainerError> {
-        let mut execs = lock(&self.execs);
+        let mut execs = self.execs.lock_unpoisoned();
         if execs.contains_key(exec_id) {
             return Err(ContainerError::AlreadyExists(exec_id.to_string()));
         }
         let agent_id = {
-            let mut next = lock(&self.next_process);
+            let mut next = self.next_process.lock_unpoisoned();
             let id = *next;
             *next += 1;
             id
@@ -425,7 +424,7 @@ impl Task {
         let process = self
             .process(exec_id)
             .ok_or_else(|| ContainerError::NotFound(exec_id.to_string()))?;
-        if lock(&process.state).exit.is_some() {
+        if process.state.lock_unpoisoned().exit.is_some() {
             return Err(ContainerError::NotRunning);
         }
         self.agent
@@ -442,7 +441,8 @@ impl Task {
 
     /// Ends every process of the VM with `code` (the first exit recorded wins).
     fn end_processes(&self, code: i32) {
-        for p in std::iter::once(Arc::clone(&self.init)).chain(lock(&self.execs).values().cloned())
+        for p in std::iter::once(Arc::clone(&self.init))
+            .chain(self.execs.lock_unpoisoned().values().cloned())
         {
             if p.set_exited(code) {
                 (self.on_exit)(&p, code);
@@ -484,7 +484,7 @@ impl Holder for Task {
             REQUEST_TIMEOUT,
         )?;
         {
-            let mut state = lock(&self.init.state);
+            let mut state = self.init.state.lock_unpoisoned();
             if state.status == Status::Created {
                 state.status = Status::Running;
             }
@@ -507,8 +507,8 @@ impl Holder for Task {
     }
 
     fn pause_vm(&self) -> Result<(), ContainerError> {
-        lock(&self.vm).pause()?;
-        let mut state = lock(&self.init.state);
+        self.vm.lock_unpoisoned().pause()?;
+        let mut state = self.init.state.lock_unpoisoned();
         if state.status == Status::Running {
             state.status = Status::Paused;
         }
@@ -516,8 +516,8 @@ impl Holder for Task {
     }
 
     fn resume_vm(&self) -> Result<(), ContainerError> {
-        lock(&self.vm).resume()?;
-        let mut state = lock(&self.init.state);
+        self.vm.lock_unpoisoned().resume()?;
+        let mut state = self.init.state.lock_unpoisoned();
         if state.status == Status::Paused {
             state.status = Status::Running;
         }
@@ -528,13 +528,15 @@ impl Holder for Task {
     fn stop(&self) -> Result<(), ContainerError> {
         self.agent.shutdown();
         let network = Arc::clone(&self.network);
-        let _ = self.launcher.run(move || lock(&network).detach());
-        if let Err(e) = lock(&self.vm).stop() {
+        let _ = self
+            .launcher
+            .run(move || network.lock_unpoisoned().detach());
+        if let Err(e) = self.vm.lock_unpoisoned().stop() {
             log::warn!("stopping the VM: {e}");
         }
         self.end_processes(128 + libc::SIGKILL);
         // A bake being sealed finishes (or fails) before the container is gone.
-        if let Some(publisher) = lock(&self.publisher).take() {
+        if let Some(publisher) = self.publisher.lock_unpoisoned().take() {
             let _ = publisher.join();
         }
         Ok(())
