@@ -114,7 +114,7 @@ case_read_only_etc_files() {
 }
 case_init_true() { run_ "$1" --rm --init "$IMG" true; }
 case_init_output() {
-  run_ "$1" --rm --init "$IMG" sh -c 'echo from-init-child; ps -o pid,args | awk "NR > 1 && \$2 !~ /^(ps|awk)/ { print \$1, \$2 }"; exit 5'
+  run_ "$1" --rm --init "$IMG" sh -c 'echo from-init-child; tr "\0" " " < /proc/1/cmdline; echo; exit 5'
 }
 # processes_mentioning TEXT: host processes (any name) whose command line holds TEXT.
 processes_mentioning() {
@@ -122,7 +122,7 @@ processes_mentioning() {
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
     grep -qF -- "$1" "/proc/$pid/cmdline" 2> /dev/null || continue
     grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2> /dev/null && continue
-    echo "$pid: $(tr '\0' ' ' < "/proc/$pid/cmdline")"
+    echo "$pid: $(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline")"
   done
 }
 case_failed_start() {

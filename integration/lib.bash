@@ -334,7 +334,7 @@ assert_no_leftovers() {
   own=" ${PIDS_TO_STOP[*]} $$ $BASHPID "
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
     case "$own" in *" $pid "*) continue ;; esac
-    cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null) || continue
+    cmdline=$(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline") || continue
     case "$cmdline" in *"$WORK"*) ;; *) continue ;; esac
     # Zombies are gone already (their parent has yet to reap them).
     grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2> /dev/null && continue
