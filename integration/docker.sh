@@ -11,8 +11,9 @@ if builtin_engine_usable "builtin engine cases"; then
   BUILTIN_ARGS=(--add-runtime "supermachine-builtin=$(builtin_runtime)")
 fi
 start_dockerd_bridged 10.213.9.1/24 -- "${BUILTIN_ARGS[@]}"
-# The runtimes' state roots (`--root`): docker gives each runtime its own under exec-root.
-sm_root() { printf '%s/docker-exec/runtime-%s/moby' "$WORK" "${1:-supermachine}"; }
+# The runtimes' state root (`--root`): docker 20.10 runs a runtime added by path through
+# containerd's runc shim, whose root is the same for runc and supermachine.
+sm_root() { printf '%s/docker-exec/runtime-runc/moby' "$WORK"; }
 busybox_image
 docker_ load -i "$WORK/busybox.tar" > /dev/null
 IMG=smtest/busybox
@@ -136,7 +137,7 @@ case_failed_start() {
   docker_ inspect -f '{{.State.Status}}' "$name"
   docker_ rm "$name" > /dev/null; echo "rm rc=$?"
   docker_ ps -aq --no-trunc | grep -c "$id"
-  local state_dir; state_dir=$(sm_root "$1")/$id
+  local state_dir; state_dir=$(sm_root)/$id
   [ -e "$state_dir" ] && echo "state dir left: $state_dir"
   local left; left=$(processes_mentioning "$id")
   [ -n "$left" ] && echo "processes left: $left"
@@ -180,11 +181,15 @@ top_and_stats() {
   local top; top=$(docker_ top "$id")
   # top lists the monitor (the runtime's pid for the container) and every process under it
   # (an external VMM, whatever its name), nothing else.
-  local monitor; monitor=$(monitor_pid "$(sm_root)" "$id") || { echo "no monitor in state"; return 1; }
-  local listed tree
+  local monitor listed tree
+  monitor=$(monitor_pid "$(sm_root)" "$id") || { echo "no monitor in state"; docker_ rm -f "$id" > /dev/null; return 1; }
   listed=$(echo "$top" | awk 'NR > 1 { print $2 }' | sort -n | tr '\n' ' ')
   tree=$(descendants "$monitor" | sort -n | tr '\n' ' ')
-  [ "$listed" = "$tree" ] || { echo "top lists $listed, the monitor's tree is $tree"; echo "$top"; return 1; }
+  if [ "$listed" != "$tree" ]; then
+    echo "top lists $listed, the monitor's tree is $tree"; echo "$top"
+    docker_ rm -f "$id" > /dev/null
+    return 1
+  fi
   local mem; mem=$(docker_ stats --no-stream --format '{{.MemUsage}}' "$id")
   case "$mem" in 0B*) echo "stats: $mem"; return 1 ;; esac
   docker_ rm -f "$id" > /dev/null
@@ -204,9 +209,9 @@ check "update below the VM's memory: refused" update_below_vm
 
 vm_died() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
-  local vm; vm=$(vm_pids "$(sm_root)" "$id") || { echo "no monitor in state"; return 1; }
+  local vm; vm=$(vm_pids "$(sm_root)" "$id") || { echo "no monitor in state"; docker_ rm -f "$id" > /dev/null; return 1; }
   # shellcheck disable=SC2086
-  kill -KILL $vm || return 1
+  kill -KILL $vm || { docker_ rm -f "$id" > /dev/null; return 1; }
   docker_ wait "$id" > /dev/null
   local state; state=$(docker_ inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")
   docker_ rm "$id" > /dev/null
