@@ -53,7 +53,7 @@ demo: deps guest build
 # Everything CI runs, then the list of what was skipped (also when a step failed).
 test:
 	@mkdir -p target && : > $(SKIP_LOG)
-	@$(MAKE) --no-print-directory test-steps; rc=$$?; \
+	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) test-steps; rc=$$?; \
 	  echo "== skipped tests ($(SKIP_LOG))"; \
 	  if [ -s $(SKIP_LOG) ]; then cat $(SKIP_LOG); else echo "skipped: none"; fi; \
 	  exit $$rc

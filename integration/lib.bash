@@ -121,6 +121,9 @@ cleanup() {
   done
   # Leftover shims (and their containers) of our containerd.
   pkill -f -- "-address $CTRD_SOCK" 2>/dev/null
+  # Monitors and VMs a failed case left (assert_no_leftovers reported them): whatever still
+  # refers to this work dir was started by this script.
+  for pid in $(processes_under_work); do kill -KILL "$pid" 2>/dev/null; done
   grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   for hook in "${AFTER_CLEANUP[@]}"; do "$hook"; done
   rm -rf "$WORK"
@@ -329,8 +332,10 @@ counter_stops_while_paused() {
 # No VM, monitor or state may outlive the tests: no process but the daemons this script
 # started may refer to its work dir (state roots, consoles, sockets are all under it),
 # whatever its name or engine.
-assert_no_leftovers() {
-  local left="" pid cmdline own
+# processes_under_work [-v]: pids (with -v, and command lines) of live processes other than
+# the daemons this script started whose command line refers to its work dir.
+processes_under_work() {
+  local pid cmdline own
   own=" ${PIDS_TO_STOP[*]} $$ $BASHPID "
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
     case "$own" in *" $pid "*) continue ;; esac
@@ -338,9 +343,13 @@ assert_no_leftovers() {
     case "$cmdline" in *"$WORK"*) ;; *) continue ;; esac
     # Zombies are gone already (their parent has yet to reap them).
     grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2> /dev/null && continue
-    left+="$pid: $cmdline"$'\n'
+    if [ "${1:-}" = -v ]; then echo "$pid: $cmdline"; else echo "$pid"; fi
   done
-  left=${left%$'\n'}
+}
+
+assert_no_leftovers() {
+  local left
+  left=$(processes_under_work -v)
   if [ -n "$left" ]; then
     FAILED=$((FAILED + 1)); log "--- leftover processes:"; log "$left"
     TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "no leftover VM or monitor" "-" "$(short "$left")" FAIL)")
