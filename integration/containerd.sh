@@ -32,14 +32,14 @@ metrics_and_ps() {
   ctr_ tasks ps "$id" | grep -qw "$pid" || { echo "ps does not list $pid"; return 1; }
   # Metrics are the VM's host cgroup: its memory in use and the container's limit.
   local metrics; metrics=$(ctr_ tasks metrics "$id")
-  echo "$metrics" | awk '$1 == "memory.limit_in_bytes" { exit !($2 == 536870912) }' || { echo "$metrics"; return 1; }
-  echo "$metrics" | awk '$1 == "memory.usage_in_bytes" { exit !($2 > 1048576) }' || { echo "$metrics"; return 1; }
-  grep -qx "$pid" "/sys/fs/cgroup/memory/smtest/$id/cgroup.procs" || { echo "monitor not in its memory cgroup"; return 1; }
+  echo "$metrics" | awk -v k="$METRIC_MEMORY_LIMIT" '$1 == k { exit !($2 == 536870912) }' || { echo "$metrics"; return 1; }
+  echo "$metrics" | awk -v k="$METRIC_MEMORY_USAGE" '$1 == k { exit !($2 > 1048576) }' || { echo "$metrics"; return 1; }
+  grep -qx "$pid" "$(memory_cgroup "smtest/$id")/cgroup.procs" || { echo "monitor not in its memory cgroup"; return 1; }
   ctr_ tasks kill -s SIGKILL "$id"
   wait_status "$id" STOPPED
   ctr_ tasks delete "$id" > /dev/null
   ctr_ containers rm "$id"
-  [ ! -e "/sys/fs/cgroup/memory/smtest/$id" ] || { echo "cgroup left behind"; return 1; }
+  [ ! -e "$(memory_cgroup "smtest/$id")" ] || { echo "cgroup left behind"; return 1; }
   echo "metrics: limit 512 MiB, usage > 1 MiB; cgroup removed"
 }
 check "ctr task metrics, ps (VM cgroup)" metrics_and_ps
@@ -50,8 +50,10 @@ vm_died() {
   ctr_ run $(rt supermachine) "$IMAGE" "$id" sleep 1000 &
   local pid=$!
   wait_status "$id" RUNNING
-  # Kill the VMM under the container: it must be reported stopped with a non-zero status.
-  pkill -KILL -f "qemu-system.*$WORK/sm-root/smtest/$id/" || return 1
+  # Kill the VM under the container: it must be reported stopped with a non-zero status.
+  local vm; vm=$(vm_pids "$WORK/sm-root/smtest" "$id") || { echo "no monitor in state"; return 1; }
+  # shellcheck disable=SC2086
+  kill -KILL $vm || return 1
   local rc=0; wait "$pid" || rc=$?
   ctr_ containers rm "$id"
   [ "$rc" != 0 ] || { echo "exit status 0 after the VM died"; return 1; }
@@ -65,6 +67,34 @@ no_state_left() {
   echo none
 }
 check "no state left in --root" no_state_left
+
+# The builtin engine through the runc shim: one run that boots and bakes a snapshot
+# (minutes where KVM emulates guest kernel code), one that restores from it.
+builtin_cache_entries() {
+  SUPERMACHINE_CACHE_DIR=$WORK/builtin-cache "$SM_BIN" cache ls --format json | jq length
+}
+builtin_run() { # WORD
+  local out start; start=$(date +%s)
+  out=$(ctr_ run --rm --runc-binary "$(builtin_runtime)" --runc-root "$WORK/sm-builtin-root" \
+    "$IMAGE" "builtin-$1" sh -c "echo $1; uname -r" 2>&1 | clean_output) || { echo "$out"; return 1; }
+  [ "$(echo "$out" | head -1)" = "$1" ] || { echo "$out"; return 1; }
+  echo "$1 in $(($(date +%s) - start)) s, guest $(echo "$out" | tail -1), $(builtin_cache_entries) snapshot(s)"
+}
+builtin_bakes() {
+  [ "$(builtin_cache_entries)" = 0 ] || { echo "the builtin cache is not empty"; return 1; }
+  builtin_run baked || return 1
+  [ "$(builtin_cache_entries)" -ge 1 ] || { echo "no snapshot baked"; return 1; }
+}
+builtin_restores() {
+  local before; before=$(builtin_cache_entries)
+  [ "$before" -ge 1 ] || { echo "nothing to restore from"; return 1; }
+  builtin_run restored || return 1
+  [ "$(builtin_cache_entries)" = "$before" ] || { echo "baked again instead of restoring"; return 1; }
+}
+if builtin_engine_usable "builtin engine cases"; then
+  check "builtin: ctr run boots, bakes" builtin_bakes
+  check "builtin: ctr run restores" builtin_restores
+fi
 assert_no_leftovers
 print_table
 [ "$FAILED" = 0 ]

@@ -73,7 +73,7 @@ case_kill_all() {
 case_exec_ps_pause() {
   local id; id=$(next_id "$1")
   # shellcheck disable=SC2046
-  ctr_ run -d $(rt "$1") "$IMAGE" "$id" sh -c 'echo from-init > /tmp/f; exec sleep 1000' > /dev/null
+  ctr_ run -d $(rt "$1") "$IMAGE" "$id" sh -c "echo from-init > /tmp/f; $COUNTER_LOOP" > /dev/null
   wait_status "$id" RUNNING
   sleep 0.5
   # stdout and stderr reach ctr through separate FIFOs: their relative order is
@@ -81,15 +81,18 @@ case_exec_ps_pause() {
   ctr_ tasks exec --exec-id e1 "$id" sh -c 'cat /tmp/f; echo exec-err >&2; exit 4' 2> "$WORK/exec-err-$1"
   echo "exec rc=$?"
   cat "$WORK/exec-err-$1"
-  ctr_ tasks exec --exec-id e2 "$id" sh -c 'cat /proc/1/cmdline | tr "\0" " "; echo'
-  ctr_ tasks pause "$id"
-  ctr_ tasks ls | awk -v id="$id" '$1 == id { print $3 }'
-  ctr_ tasks resume "$id"
-  ctr_ tasks ls | awk -v id="$id" '$1 == id { print $3 }'
+  ctr_ tasks exec --exec-id e2 "$id" sh -c 'cat /proc/1/cmdline | tr "\0" " " | cut -c1-20; echo'
+  PAUSED_ID=$id
+  read_() { ctr_ tasks exec --exec-id "n$RANDOM" "$PAUSED_ID" cat /tmp/n; }
+  pause_() { ctr_ tasks pause "$PAUSED_ID" && ctr_ tasks ls | awk -v id="$PAUSED_ID" '$1 == id { print $3 }'; }
+  resume_() { ctr_ tasks resume "$PAUSED_ID" && ctr_ tasks ls | awk -v id="$PAUSED_ID" '$1 == id { print $3 }'; }
+  local rc=0
+  counter_stops_while_paused read_ pause_ resume_ || rc=1
   ctr_ tasks kill -s SIGKILL "$id"
   wait_status "$id" STOPPED
   ctr_ tasks delete "$id" > /dev/null
   ctr_ containers rm "$id"
+  return "$rc"
 }
 case_concurrent_execs() {
   local id; id=$(next_id "$1")

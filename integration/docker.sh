@@ -1,11 +1,19 @@
 #!/bin/bash
-# dockerd 20.10 (on its own containerd, both under a temp dir, no network) with supermachine
-# registered as a runtime (`--add-runtime`), each case compared with runc in the same run.
+# dockerd 20.10 (on its own containerd, both under a temp dir, on its own bridge network)
+# with supermachine registered as a runtime (`--add-runtime`), each case compared with runc
+# in the same run; then a few cases once more on the builtin engine where /dev/kvm allows.
 #   integration/docker.sh /path/to/supermachine
 . "$(dirname "$0")/lib.bash"
 
 start_containerd
-start_dockerd
+BUILTIN_ARGS=()
+if builtin_engine_usable "builtin engine cases"; then
+  BUILTIN_ARGS=(--add-runtime "supermachine-builtin=$(builtin_runtime)")
+fi
+start_dockerd_bridged 10.213.9.1/24 -- "${BUILTIN_ARGS[@]}"
+# The runtimes' state root (`--root`): docker 20.10 runs a runtime added by path through
+# containerd's runc shim, whose root is the same for runc and supermachine.
+sm_root() { printf '%s/docker-exec/runtime-runc/moby' "$WORK"; }
 busybox_image
 docker_ load -i "$WORK/busybox.tar" > /dev/null
 IMG=smtest/busybox
@@ -48,11 +56,16 @@ case_detach_logs_exec() {
   docker_ rm -f "$id" > /dev/null
 }
 case_pause() {
-  local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
-  docker_ pause "$id" > /dev/null; docker_ inspect -f '{{.State.Status}}' "$id"
-  docker_ unpause "$id" > /dev/null; docker_ inspect -f '{{.State.Status}}' "$id"
+  local id; id=$(run_ "$1" -d "$IMG" sh -c "$COUNTER_LOOP")
+  PAUSED_ID=$id
+  read_() { docker_ exec "$PAUSED_ID" cat /tmp/n; }
+  pause_() { docker_ pause "$PAUSED_ID" > /dev/null && docker_ inspect -f '{{.State.Status}}' "$PAUSED_ID"; }
+  unpause_() { docker_ unpause "$PAUSED_ID" > /dev/null && docker_ inspect -f '{{.State.Status}}' "$PAUSED_ID"; }
+  local rc=0
+  counter_stops_while_paused read_ pause_ unpause_ || rc=1
   docker_ exec "$id" echo alive
   docker_ rm -f "$id" > /dev/null
+  return "$rc"
 }
 case_stop_kills_after_timeout() {
   # PID 1 ignores SIGTERM without a handler: stop waits, then SIGKILL.
@@ -92,7 +105,50 @@ case_update_memory() {
 }
 case_memory_limit_in_cgroup() {
   local id; id=$(run_ "$1" -d -m 384m "$IMG" sleep 1000)
-  cat "/sys/fs/cgroup/memory/docker/$id/memory.limit_in_bytes"
+  local pid; pid=$(docker_ inspect -f '{{.State.Pid}}' "$id")
+  cat "$(memory_cgroup_of "$pid")/$MEMORY_LIMIT_FILE"
+  docker_ rm -f "$id" > /dev/null
+}
+case_read_only_etc_files() {
+  run_ "$1" --rm --read-only "$IMG" sh -c \
+    'cat /etc/resolv.conf; echo "hostname: $(wc -c < /etc/hostname) bytes, is $(hostname): $([ "$(cat /etc/hostname)" = "$(hostname)" ] && echo yes || echo no)"'
+}
+case_init_true() { run_ "$1" --rm --init "$IMG" true; }
+case_init_output() {
+  run_ "$1" --rm --init "$IMG" sh -c 'echo from-init-child; tr "\0" " " < /proc/1/cmdline; echo; exit 5'
+}
+# processes_mentioning TEXT: host processes (any name) whose command line holds TEXT.
+processes_mentioning() {
+  local pid
+  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    grep -qF -- "$1" "/proc/$pid/cmdline" 2> /dev/null || continue
+    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2> /dev/null && continue
+    echo "$pid: $(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline")"
+  done
+}
+case_failed_start() {
+  # The image has no such program: the runtime's start fails, docker reports it (127) and
+  # keeps the container, which must then be removable leaving nothing behind.
+  local name=failstart-$1 out rc=0 id
+  out=$(run_ "$1" --name "$name" "$IMG" no-such-command 2>&1) || rc=$?
+  echo "run rc=$rc"
+  echo "$out" | grep -o 'executable file not found in $PATH' || echo "$out"
+  id=$(docker_ inspect -f '{{.Id}}' "$name")
+  docker_ inspect -f '{{.State.Status}}' "$name"
+  docker_ rm "$name" > /dev/null; echo "rm rc=$?"
+  docker_ ps -aq --no-trunc | grep -c "$id"
+  local state_dir; state_dir=$(sm_root)/$id
+  [ -e "$state_dir" ] && echo "state dir left: $state_dir"
+  local left; left=$(processes_mentioning "$id")
+  [ -n "$left" ] && echo "processes left: $left"
+  return 0
+}
+case_update_memory_raise() {
+  local id; id=$(run_ "$1" -d --memory 64m "$IMG" sleep 1000)
+  local out rc=0
+  out=$(docker_ update --memory 128m "$id" 2>&1) || rc=$?
+  echo "update rc=$rc"; [ "$rc" = 0 ] || echo "$out"
+  docker_ inspect -f '{{.HostConfig.Memory}}' "$id"
   docker_ rm -f "$id" > /dev/null
 }
 
@@ -113,17 +169,31 @@ compare "docker kill -s USR1, KILL" case_kill_signal
 compare "docker rm -f" case_rm_force
 compare "docker update --memory" case_update_memory
 compare "docker run -m: host cgroup limit" case_memory_limit_in_cgroup
+compare "--read-only: resolv.conf, hostname" case_read_only_etc_files
+compare "docker run --init true" case_init_true
+compare "docker run --init: output, status" case_init_output
+compare "failed start: reported, removable" case_failed_start
+compare "update --memory 64m -> 128m" case_update_memory_raise
 
 # Properties without a runc counterpart to compare against.
 top_and_stats() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
   local top; top=$(docker_ top "$id")
-  echo "$top" | grep -q "supermachine.* monitor --id $id" || { echo "$top"; return 1; }
-  echo "$top" | grep -q "qemu-system" || { echo "$top"; return 1; }
+  # top lists the monitor (the runtime's pid for the container) and every process under it
+  # (an external VMM, whatever its name), nothing else.
+  local monitor listed tree
+  monitor=$(monitor_pid "$(sm_root)" "$id") || { echo "no monitor in state"; docker_ rm -f "$id" > /dev/null; return 1; }
+  listed=$(echo "$top" | awk 'NR > 1 { print $2 }' | sort -n | tr '\n' ' ')
+  tree=$(descendants "$monitor" | sort -n | tr '\n' ' ')
+  if [ "$listed" != "$tree" ]; then
+    echo "top lists $listed, the monitor's tree is $tree"; echo "$top"
+    docker_ rm -f "$id" > /dev/null
+    return 1
+  fi
   local mem; mem=$(docker_ stats --no-stream --format '{{.MemUsage}}' "$id")
   case "$mem" in 0B*) echo "stats: $mem"; return 1 ;; esac
   docker_ rm -f "$id" > /dev/null
-  echo "top: monitor + VMM; stats: $mem"
+  echo "top: the monitor's tree ($tree); stats: $mem"
 }
 check "docker top, stats (the VM's host cost)" top_and_stats
 
@@ -139,7 +209,9 @@ check "update below the VM's memory: refused" update_below_vm
 
 vm_died() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
-  pkill -KILL -f "qemu-system.*$id" || return 1
+  local vm; vm=$(vm_pids "$(sm_root)" "$id") || { echo "no monitor in state"; docker_ rm -f "$id" > /dev/null; return 1; }
+  # shellcheck disable=SC2086
+  kill -KILL $vm || { docker_ rm -f "$id" > /dev/null; return 1; }
   docker_ wait "$id" > /dev/null
   local state; state=$(docker_ inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")
   docker_ rm "$id" > /dev/null
@@ -166,11 +238,38 @@ disk_reused() {
 check "same image: disk image reused" disk_reused
 
 no_state_left() {
-  local left; left=$(ls -A "$WORK/docker-exec/runtime-runc/moby" 2>/dev/null || true)
+  local left; left=$(ls -A "$(sm_root)" 2>/dev/null || true)
   [ -z "$left" ] || { echo "left: $left"; return 1; }
   echo none
 }
 check "no state left in --root" no_state_left
+
+# The builtin engine: one run that boots and bakes a snapshot (minutes where KVM emulates
+# guest kernel code), one that restores from it.
+builtin_cache_entries() {
+  SUPERMACHINE_CACHE_DIR=$WORK/builtin-cache "$SM_BIN" cache ls --format json | jq length
+}
+builtin_run() { # WORD
+  local out start; start=$(date +%s)
+  out=$(run_ supermachine-builtin --rm "$IMG" sh -c "echo $1; uname -r" 2>&1) || { echo "$out"; return 1; }
+  [ "$(echo "$out" | head -1)" = "$1" ] || { echo "$out"; return 1; }
+  echo "$1 in $(($(date +%s) - start)) s, guest $(echo "$out" | tail -1), $(builtin_cache_entries) snapshot(s)"
+}
+builtin_bakes() {
+  [ "$(builtin_cache_entries)" = 0 ] || { echo "the builtin cache is not empty"; return 1; }
+  builtin_run baked || return 1
+  [ "$(builtin_cache_entries)" -ge 1 ] || { echo "no snapshot baked"; return 1; }
+}
+builtin_restores() {
+  local before; before=$(builtin_cache_entries)
+  [ "$before" -ge 1 ] || { echo "nothing to restore from"; return 1; }
+  builtin_run restored || return 1
+  [ "$(builtin_cache_entries)" = "$before" ] || { echo "baked again instead of restoring"; return 1; }
+}
+if [ "${#BUILTIN_ARGS[@]}" != 0 ]; then
+  check "builtin: docker run boots, bakes" builtin_bakes
+  check "builtin: docker run restores" builtin_restores
+fi
 assert_no_leftovers
 print_table
 [ "$FAILED" = 0 ]

@@ -18,6 +18,9 @@ CTRD_SOCK=$WORK/containerd/containerd.sock
 DOCKER_SOCK=$WORK/docker.sock
 IMAGE=docker.io/smtest/busybox:latest
 FAILED=0
+SCRIPT_NAME=integration/$(basename "$0")
+# Cases that cannot run here are listed in this file (`make test` prints it at its end).
+SKIP_LOG=${SUPERMACHINE_SKIP_LOG:-$REPO/target/skipped-tests.log}
 PIDS_TO_STOP=()
 
 log() { printf '%s\n' "$*" >&2; }
@@ -53,18 +56,21 @@ start_dockerd() {
   run_dockerd --iptables=false --ip-masq=false --bridge=none --userland-proxy=false "$@"
 }
 
-# start_dockerd_bridged BIP/24 [SUBNET/24...]: dockerd with its bridge, iptables NAT and port
-# publishing, docker0 on BIP; SUBNETs are for networks the script creates. Bridges and rules a
-# killed dockerd left on these subnets are removed before and after (a stale bridge keeps its
-# address and a stale MASQUERADE rule rewrites bridged traffic).
+# start_dockerd_bridged BIP/24 [SUBNET/24...] [-- DOCKERD-ARGS...]: dockerd with its bridge,
+# iptables NAT and port publishing, docker0 on BIP; SUBNETs are for networks the script
+# creates. Bridges and rules a killed dockerd left on these subnets are removed before and
+# after (a stale bridge keeps its address and a stale MASQUERADE rule rewrites bridged
+# traffic).
 BRIDGED_SUBNETS=()
 start_dockerd_bridged() {
   local bip=$1
   shift
-  BRIDGED_SUBNETS=("${bip%.*/*}.0/24" "$@")
+  BRIDGED_SUBNETS=("${bip%.*/*}.0/24")
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do BRIDGED_SUBNETS+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
   purge_stale_network
   AFTER_CLEANUP+=(purge_stale_network)
-  run_dockerd --bip "$bip"
+  run_dockerd --bip "$bip" "$@"
 }
 
 purge_stale_network() {
@@ -115,6 +121,9 @@ cleanup() {
   done
   # Leftover shims (and their containers) of our containerd.
   pkill -f -- "-address $CTRD_SOCK" 2>/dev/null
+  # Monitors and VMs a failed case left (assert_no_leftovers reported them): whatever still
+  # refers to this work dir was started by this script.
+  for pid in $(processes_under_work); do kill -KILL "$pid" 2>/dev/null; done
   grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   for hook in "${AFTER_CLEANUP[@]}"; do "$hook"; done
   rm -rf "$WORK"
@@ -183,10 +192,164 @@ print_table() {
   printf '\n%d case(s) failed\n' "$FAILED"
 }
 
-# No VM, monitor or state may outlive the tests.
+# --- cases that cannot run here ---------------------------------------------------------
+
+# cannot_run CASE REASON [in-ci|never]: CASE's prerequisite is missing. A failure under
+# CI=true (unless `never`: a host property CI need not have), elsewhere a skip appended to
+# SKIP_LOG.
+cannot_run() {
+  local name=$1 reason=$2 fails=${3:-in-ci}
+  if [ "${CI:-}" = true ] && [ "$fails" = in-ci ]; then
+    FAILED=$((FAILED + 1))
+    log "--- $name cannot run: $reason"
+    TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "-" "$(short "$reason")" FAIL)")
+    return 0
+  fi
+  mkdir -p "$(dirname "$SKIP_LOG")"
+  printf 'SKIPPED %s: %s: %s\n' "$SCRIPT_NAME" "$name" "$reason" | tee -a "$SKIP_LOG" >&2
+  TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "-" "$(short "$reason")" skipped)")
+}
+
+# builtin_engine_usable CASE: whether the builtin engine can run here; records CASE as
+# skipped (a failure under CI=true where /dev/kvm exists but cannot be used) when not.
+builtin_engine_usable() {
+  if [ -w /dev/kvm ]; then return 0; fi
+  if [ -e /dev/kvm ]; then
+    cannot_run "$1" "/dev/kvm is not writable"
+  else
+    # A host without KVM has no builtin engine, CI or not.
+    cannot_run "$1" "no /dev/kvm" never
+  fi
+  return 1
+}
+
+# builtin_runtime: a runtime binary that is supermachine on the builtin engine, with a cache
+# of its own (its first container bakes the snapshot, the next ones restore). For
+# `--add-runtime` and `--runc-binary`, which take no environment.
+builtin_runtime() {
+  local wrapper=$WORK/supermachine-builtin
+  if [ ! -x "$wrapper" ]; then
+    mkdir -p "$WORK/builtin-cache"
+    printf '#!/bin/sh\nSUPERMACHINE_ENGINE=builtin SUPERMACHINE_CACHE_DIR=%s exec %s "$@"\n' \
+      "$WORK/builtin-cache" "$SM_BIN" > "$wrapper"
+    chmod +x "$wrapper"
+  fi
+  printf '%s' "$wrapper"
+}
+
+# --- processes and cgroups, whatever the engine and the cgroup version -------------------
+
+# descendants PID: PID and every process under it.
+descendants() {
+  local pid=$1 child
+  echo "$pid"
+  for child in $(ps -o pid= --ppid "$pid" 2> /dev/null); do descendants "$child"; done
+}
+
+# monitor_pid ROOT ID: the container's monitor, from `supermachine state`.
+monitor_pid() {
+  "$SM_BIN" --root "$1" state "$2" 2> /dev/null | jq -e -r '.pid | select(. > 0)'
+}
+
+# vm_pids ROOT ID: the processes that are the container's VM: the monitor's children (an
+# external VMM), or the monitor itself where the VMM runs inside it (builtin engine).
+vm_pids() {
+  local monitor children
+  monitor=$(monitor_pid "$1" "$2") || return 1
+  children=$(descendants "$monitor" | grep -vx "$monitor" || true)
+  if [ -n "$children" ]; then echo "$children"; else echo "$monitor"; fi
+}
+
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+  CGROUP_V2=1
+  MEMORY_CGROUPS=/sys/fs/cgroup
+  MEMORY_LIMIT_FILE=memory.max
+  # `ctr tasks metrics` names of cgroup v2's memory statistics.
+  METRIC_MEMORY_LIMIT=memory.usage_limit
+  METRIC_MEMORY_USAGE=memory.usage
+else
+  CGROUP_V2=0
+  MEMORY_CGROUPS=/sys/fs/cgroup/memory
+  MEMORY_LIMIT_FILE=memory.limit_in_bytes
+  METRIC_MEMORY_LIMIT=memory.limit_in_bytes
+  METRIC_MEMORY_USAGE=memory.usage_in_bytes
+fi
+
+# memory_cgroup PATH: the directory of the memory cgroup PATH (e.g. smtest/ID).
+memory_cgroup() { printf '%s/%s' "$MEMORY_CGROUPS" "$1"; }
+
+# memory_cgroup_of PID: the directory of PID's memory cgroup.
+memory_cgroup_of() {
+  local path
+  if [ "$CGROUP_V2" = 1 ]; then
+    path=$(awk -F: '$1 == "0" { print $3 }' "/proc/$1/cgroup")
+  else
+    path=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ { print $3 }' "/proc/$1/cgroup")
+  fi
+  printf '%s%s' "$MEMORY_CGROUPS" "$path"
+}
+
+# --- pause ------------------------------------------------------------------------------
+
+# The loop a pause case's container runs: a counter in /tmp/n, a tick every 50 ms.
+COUNTER_LOOP='i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done'
+
+# counter_stops_while_paused READ PAUSE RESUME: with READ (a command printing the counter of
+# a container running COUNTER_LOOP), PAUSE and RESUME, proves that the container's processes
+# did not run while paused: over 2 s paused the counter advances less than half of what it
+# does over 2 s running (both windows include the same reads), and it goes on after resume.
+counter_stops_while_paused() {
+  local read=$1 pause=$2 resume=$3 b0 b1 c0 c1 c2
+  read_counter() {
+    local v
+    for _ in $(seq 50); do
+      v=$($read 2> /dev/null) && [ -n "$v" ] && { echo "$v"; return 0; }
+      sleep 0.1
+    done
+    echo "counter unreadable" >&2
+    return 1
+  }
+  b0=$(read_counter) || return 1
+  sleep 2
+  b1=$(read_counter) || return 1
+  c0=$(read_counter) || return 1
+  $pause || { echo "pause failed"; return 1; }
+  sleep 2
+  $resume || { echo "resume failed"; return 1; }
+  c1=$(read_counter) || return 1
+  sleep 1
+  c2=$(read_counter) || return 1
+  if [ $((b1 - b0)) -lt 10 ]; then
+    echo "counter too slow to tell: $((b1 - b0)) ticks in 2 s running"; return 1
+  fi
+  if [ $((2 * (c1 - c0))) -ge $((b1 - b0)) ]; then
+    echo "ran while paused: +$((c1 - c0)) paused 2 s, +$((b1 - b0)) running 2 s"; return 1
+  fi
+  [ "$c2" -gt "$c1" ] || { echo "counter stuck at $c1 after resume"; return 1; }
+  echo "counter stopped while paused, went on after resume"
+}
+
+# No VM, monitor or state may outlive the tests: no process but the daemons this script
+# started may refer to its work dir (state roots, consoles, sockets are all under it),
+# whatever its name or engine.
+# processes_under_work [-v]: pids (with -v, and command lines) of live processes other than
+# the daemons this script started whose command line refers to its work dir.
+processes_under_work() {
+  local pid cmdline own
+  own=" ${PIDS_TO_STOP[*]} $$ $BASHPID "
+  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    case "$own" in *" $pid "*) continue ;; esac
+    cmdline=$(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline") || continue
+    case "$cmdline" in *"$WORK"*) ;; *) continue ;; esac
+    # Zombies are gone already (their parent has yet to reap them).
+    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2> /dev/null && continue
+    if [ "${1:-}" = -v ]; then echo "$pid: $cmdline"; else echo "$pid"; fi
+  done
+}
+
 assert_no_leftovers() {
   local left
-  left=$(pgrep -af "supermachine.* monitor |qemu-system" | grep -F -- "$WORK" || true)
+  left=$(processes_under_work -v)
   if [ -n "$left" ]; then
     FAILED=$((FAILED + 1)); log "--- leftover processes:"; log "$left"
     TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "no leftover VM or monitor" "-" "$(short "$left")" FAIL)")

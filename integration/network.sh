@@ -33,8 +33,13 @@ serve() { # RUNTIME NAME [docker args...]: an httpd serving "hello from NAME"
   run_ "$runtime" -d --name "$name" "$@" "$IMG" \
     sh -c "mkdir -p /www && echo hello from $name > /www/index.html && exec httpd -f -p 80 -h /www"
 }
-wait_http() { # URL
-  for _ in $(seq 150); do wget -q -O - "$1" 2> /dev/null && return 0; sleep 0.2; done
+wait_http() { # URL: its page, retried for 30 s; each try gives up after 5 s of silence.
+  local deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    wget -q -T 5 --tries=1 -O - "$1" 2> /dev/null && return 0
+    sleep 0.2
+  done
+  echo "no page from $1 within 30 s"
   return 1
 }
 

@@ -10,17 +10,27 @@ busybox_image
 docker_ load -i "$WORK/busybox.tar" > /dev/null
 
 ms() { date +%s%3N; }
+# run_once RUNTIME WHAT: one `docker run --rm … true`; a failed run ends the benchmark (a
+# failure timed as a run would pass for a fast one).
+run_once() {
+  local out
+  out=$(docker_ run --rm --runtime="$1" smtest/busybox true 2>&1) || {
+    log "docker run --runtime=$1 failed ($2): $out"
+    return 1
+  }
+}
 time_runs() { # RUNTIME
   local i start
-  docker_ run --rm --runtime="$1" smtest/busybox true # warm-up
+  run_once "$1" warm-up || return 1
   for i in $(seq "$RUNS"); do
     start=$(ms)
-    docker_ run --rm --runtime="$1" smtest/busybox true
+    run_once "$1" "run $i" || return 1
     echo $(($(ms) - start))
   done
 }
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+# pipefail (lib.bash): a failed run fails the assignment, and set -e the script.
 runc_median=$(time_runs runc | median)
 sm_median=$(time_runs supermachine | median)
 printf '\ndocker run --rm of true, %s runs each (ms)\n' "$RUNS"

@@ -433,24 +433,92 @@ fn console_socket_receives_a_working_pty() {
     env.assert_clean("c-tty");
 }
 
+/// The complete lines of a file the container's stdout goes to (its counter's ticks; a
+/// line still being relayed is left out).
+fn counter_lines(path: &std::path::Path) -> Vec<u64> {
+    let output = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = output.rfind('\n').map_or("", |end| &output[..end]);
+    complete
+        .lines()
+        .map(|line| {
+            line.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("not a tick: {line:?} in {output:?}"))
+        })
+        .collect()
+}
+
+/// Waits until the counter's output has more than `than` lines; returns them.
+fn counter_beyond(path: &std::path::Path, than: usize, timeout: Duration) -> Vec<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ticks = counter_lines(path);
+        if ticks.len() > than {
+            return ticks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container's counter stayed at {} ticks for {timeout:?}",
+            ticks.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn pause_and_resume_stop_and_continue_the_vm() {
     let Some(env) = Env::new() else { return };
-    let bundle = env.bundle(&["sleep", "1000"]);
-    assert!(env
-        .run(&["run", "--detach", "--bundle", bundle.path_str(), "c-pause"])
-        .status
-        .success());
+    // A counter ticking every 50 ms on the container's stdout, a file the test reads: it
+    // shows whether the guest ran, with no exec (refused while paused) in the way.
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done",
+    ]);
+    let ticks_file = env.root().join("c-pause.out");
+    let status = env
+        .cmd()
+        .args(["run", "--detach", "--bundle", bundle.path_str(), "c-pause"])
+        .stdout(std::fs::File::create(&ticks_file).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    counter_beyond(&ticks_file, 3, common::guest_time(Duration::from_secs(30)));
+
     assert!(env.run(&["pause", "c-pause"]).status.success());
     assert_eq!(env.state("c-pause")["status"], "paused");
+    // What the guest wrote before it stopped may still be on its way to the file.
+    std::thread::sleep(common::guest_time(Duration::from_millis(500)));
+    let at_pause = counter_lines(&ticks_file);
     let out = env.run(&["exec", "c-pause", "true"]);
     assert!(
-        text(&out.stderr).contains("paused"),
-        "{}",
+        !out.status.success() && text(&out.stderr).contains("paused"),
+        "exec while paused: {}",
         text(&out.stderr)
     );
+    // Running, the counter would tick ~40 times in 2 s (and still several times where
+    // guest forks take a second).
+    let paused_for = common::guest_time(Duration::from_secs(2));
+    std::thread::sleep(paused_for);
+    let before_resume = counter_lines(&ticks_file);
+    assert_eq!(
+        before_resume.len(),
+        at_pause.len(),
+        "the counter advanced while paused for {paused_for:?}: {:?} at pause, {:?} before resume",
+        at_pause.last(),
+        before_resume.last()
+    );
+
     assert!(env.run(&["resume", "c-pause"]).status.success());
     assert_eq!(env.state("c-pause")["status"], "running");
+    let resumed = counter_beyond(
+        &ticks_file,
+        before_resume.len() + 2,
+        common::guest_time(Duration::from_secs(10)),
+    );
+    // The same shell went on counting: no restart, no tick lost.
+    let expected: Vec<u64> = (1..=resumed.len() as u64).collect();
+    assert_eq!(resumed, expected, "the counter's ticks");
     assert!(env.run(&["exec", "c-pause", "true"]).status.success());
     let out = env.run(&["list", "--format", "json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -72,6 +72,34 @@ impl Drop for TestNetwork {
     }
 }
 
+/// `accept` that gives up after `timeout` (a guest that never connects must fail the test,
+/// not hang it).
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                conn.set_nonblocking(false)?;
+                return Ok((conn, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {timeout:?}"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[test]
 fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     let Some(env) = Env::new() else { return };
@@ -102,10 +130,29 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     assert!(status.success());
 
     // Guest → host.
-    listener.set_nonblocking(false).unwrap();
-    let (mut conn, peer) = listener.accept().unwrap();
+    let guest_output = || {
+        format!(
+            "its output: {:?}; console: {}",
+            std::fs::read_to_string(&out_file).unwrap_or_default(),
+            std::fs::read_to_string(env.root().join("c-net/console.log")).unwrap_or_default()
+        )
+    };
+    let connect_within = common::guest_time(Duration::from_secs(30));
+    let (mut conn, peer) = accept_within(&listener, connect_within).unwrap_or_else(|e| {
+        panic!(
+            "the guest did not connect to the host: {e}; {}",
+            guest_output()
+        )
+    });
+    conn.set_read_timeout(Some(common::guest_time(Duration::from_secs(10))))
+        .unwrap();
     let mut got = String::new();
-    conn.read_to_string(&mut got).unwrap();
+    if let Err(e) = conn.read_to_string(&mut got) {
+        panic!(
+            "reading what the guest sent (so far {got:?}): {e}; {}",
+            guest_output()
+        );
+    }
     drop(conn); // the guest's nc waits for this end to close
     assert_eq!(got, "from-guest\n");
     assert_eq!(
@@ -117,20 +164,21 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     // Host → guest.
     let deadline = Instant::now() + common::guest_time(Duration::from_secs(20));
     let page = loop {
-        let attempt = TcpStream::connect((net.guest_addr.as_str(), 8080)).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut page = String::new();
-            s.read_to_string(&mut page)?;
-            Ok(page)
-        });
+        let guest_http: std::net::SocketAddr = format!("{}:8080", net.guest_addr).parse().unwrap();
+        let attempt =
+            TcpStream::connect_timeout(&guest_http, Duration::from_secs(5)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut page = String::new();
+                s.read_to_string(&mut page)?;
+                Ok(page)
+            });
         match attempt {
             Ok(page) => break page,
-            Err(e) if Instant::now() > deadline => panic!(
-                "no answer from the guest: {e}; its output: {:?}; console: {}",
-                std::fs::read_to_string(&out_file).unwrap_or_default(),
-                std::fs::read_to_string(env.root().join("c-net/console.log")).unwrap_or_default()
-            ),
+            Err(e) if Instant::now() > deadline => {
+                panic!("no answer from the guest: {e}; {}", guest_output())
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     };

@@ -343,22 +343,24 @@ fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_i
     if std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin")
         || std::env::var_os("SUPERMACHINE_QEMU").is_some()
     {
-        eprintln!("skipped: the engine or its QEMU is set by the environment");
+        common::skip("the engine or its QEMU is set by the environment");
         return;
     }
-    // `make guest` builds it; CI must have it.
+    // `make guest` builds it and `make deps` installs Debian's: both are prerequisites.
     let bundled = env
         .assets
         .canonicalize()
         .unwrap()
         .join(engine::qemu::BINARY_NAME);
-    assert!(
-        bundled.exists() || std::env::var("CI").is_err(),
-        "{} missing: run `make guest`",
-        bundled.display()
-    );
-    if !bundled.exists() || engine::probe::which(engine::qemu::BINARY_NAME).is_none() {
-        eprintln!("skipped: needs the QEMU built for supermachine and one on PATH");
+    if !bundled.exists() {
+        common::missing_prerequisite(&format!("{} missing: run `make guest`", bundled.display()));
+        return;
+    }
+    if engine::probe::which(engine::qemu::BINARY_NAME).is_none() {
+        common::missing_prerequisite(&format!(
+            "no {} on PATH: run `make deps`",
+            engine::qemu::BINARY_NAME
+        ));
         return;
     }
     let run = |id: &str, qemu: Option<&str>| {
@@ -467,7 +469,7 @@ fn an_idle_restored_vm_gives_back_its_translated_code_and_still_runs() {
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(read_log().contains("restore phases"), "{}", read_log());
     if !read_log().contains("engine qemu-tcg") {
-        eprintln!("skipped: only QEMU's TCG keeps translated code");
+        common::skip("only QEMU's TCG keeps translated code");
         assert!(env.run(&["delete", "--force", "t1"]).status.success());
         return;
     }

@@ -14,12 +14,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod skip;
+pub use skip::*;
+
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The guest assets, or `None` (test skipped with a message) when they are not built and
-/// nothing requires them. `make test` and CI require them.
+/// The guest assets, or `None` when they are not built: a failure where prerequisites are
+/// required (`make test` and CI), a recorded skip elsewhere (see `skip.rs`).
 pub fn assets() -> Option<PathBuf> {
     let dir = std::env::var_os("SUPERMACHINE_ASSETS_DIR")
         .map(PathBuf::from)
@@ -27,15 +30,10 @@ pub fn assets() -> Option<PathBuf> {
     if dir.join("vmlinux").exists() && dir.join("supermachine-agent").exists() {
         return Some(dir);
     }
-    let required = std::env::var_os("SUPERMACHINE_ASSETS_DIR").is_some()
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if required {
-        panic!(
-            "guest assets missing in {}: run `make guest`",
-            dir.display()
-        );
-    }
-    eprintln!("SKIPPED: guest assets not built (run `make guest`, or `make test`)");
+    missing_prerequisite(&format!(
+        "guest assets missing in {}: run `make guest`",
+        dir.display()
+    ));
     None
 }
 

@@ -1,7 +1,12 @@
 //! Hand-assembled real-mode guests on the host's KVM: port I/O, MMIO and `hlt` reach the VMM
 //! as typed exits, reads are answered through the lent buffers, and registers show the
-//! guest's work. Skipped (with a message) on hosts without /dev/kvm.
+//! guest's work. Without a usable /dev/kvm: a recorded skip, or a failure where it is
+//! required (see tests/common/skip.rs).
 #![cfg(target_os = "linux")]
+
+// The workspace's skip rules, shared with its tests/ (std only).
+#[path = "../../../tests/common/skip.rs"]
+mod skip;
 
 use hypervisor::{x86, MemoryRegion, VcpuExit};
 
@@ -47,7 +52,7 @@ fn kvm() -> Option<Box<dyn hypervisor::Hypervisor>> {
     match hypervisor::open() {
         Ok(h) => Some(h),
         Err(e) => {
-            eprintln!("skipped: no usable KVM on this host: {e}");
+            skip::missing_kvm(&e);
             None
         }
     }
