@@ -111,7 +111,7 @@ case_memory_limit_in_cgroup() {
 }
 case_read_only_etc_files() {
   run_ "$1" --rm --read-only "$IMG" sh -c \
-    'cat /etc/resolv.conf; echo "hostname: $(wc -c < /etc/hostname) bytes, is $(hostname): $([ "$(cat /etc/hostname)" = "$(hostname)" ] && echo yes || echo no)"'
+    'cat /etc/resolv.conf; echo "hostname: $(wc -c < /etc/hostname) bytes, the container'"'"'s: $([ "$(cat /etc/hostname)" = "$(hostname)" ] && echo yes || echo no)"'
 }
 case_init_true() { run_ "$1" --rm --init "$IMG" true; }
 case_init_output() {

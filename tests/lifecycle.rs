@@ -208,6 +208,55 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     env.assert_clean("c-life");
 }
 
+/// The processes of a container's VM: the monitor's children (an external VMM), or the
+/// monitor itself where the VMM runs inside it (builtin engine).
+fn vm_processes(monitor: i32) -> Vec<i32> {
+    let children: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent is the second field after the command's closing parenthesis.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                == Some(monitor)
+        })
+        .collect();
+    if children.is_empty() {
+        vec![monitor]
+    } else {
+        children
+    }
+}
+
+#[test]
+fn a_start_the_vm_cannot_answer_leaves_the_container_stopped_and_deletable() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sleep", "1000"]);
+    let out = env.run(&["create", "--bundle", bundle.path_str(), "c-stuck"]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let monitor = env.state("c-stuck")["pid"].as_i64().unwrap() as i32;
+    // The VM stops answering between create and start.
+    let vm = vm_processes(monitor);
+    for &pid in &vm {
+        nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    let out = env.run(&["start", "c-stuck"]);
+    for &pid in &vm {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
+    }
+    assert!(!out.status.success(), "start of a stopped VM succeeded");
+    // As runc leaves a container whose start failed: stopped, with nothing running, and
+    // deleted without --force.
+    let state = env.wait_status("c-stuck", "stopped", Duration::from_secs(20));
+    assert_eq!(state["pid"], 0);
+    let out = env.run(&["delete", "c-stuck"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_clean("c-stuck");
+}
+
 #[test]
 fn a_created_containers_program_runs_only_at_start() {
     let Some(env) = Env::new() else { return };
