@@ -70,26 +70,12 @@ check "no state left in --root" no_state_left
 
 # The builtin engine through the runc shim: one run that boots and bakes a snapshot
 # (minutes where KVM emulates guest kernel code), one that restores from it.
-builtin_cache_entries() {
-  SUPERMACHINE_CACHE_DIR=$WORK/builtin-cache "$SM_BIN" cache ls --format json | jq length
-}
 builtin_run() { # WORD
   local out start; start=$(date +%s)
   out=$(ctr_ run --rm --runc-binary "$(builtin_runtime)" --runc-root "$WORK/sm-builtin-root" \
     "$IMAGE" "builtin-$1" sh -c "echo $1; uname -r" 2>&1 | clean_output) || { echo "$out"; return 1; }
   [ "$(echo "$out" | head -1)" = "$1" ] || { echo "$out"; return 1; }
   echo "$1 in $(($(date +%s) - start)) s, guest $(echo "$out" | tail -1), $(builtin_cache_entries) snapshot(s)"
-}
-builtin_bakes() {
-  [ "$(builtin_cache_entries)" = 0 ] || { echo "the builtin cache is not empty"; return 1; }
-  builtin_run baked || return 1
-  [ "$(builtin_cache_entries)" -ge 1 ] || { echo "no snapshot baked"; return 1; }
-}
-builtin_restores() {
-  local before; before=$(builtin_cache_entries)
-  [ "$before" -ge 1 ] || { echo "nothing to restore from"; return 1; }
-  builtin_run restored || return 1
-  [ "$(builtin_cache_entries)" = "$before" ] || { echo "baked again instead of restoring"; return 1; }
 }
 if builtin_engine_usable "builtin engine cases"; then
   check "builtin: ctr run boots, bakes" builtin_bakes

@@ -243,6 +243,25 @@ builtin_runtime() {
   printf '%s' "$wrapper"
 }
 
+builtin_cache_entries() {
+  SUPERMACHINE_CACHE_DIR=$WORK/builtin-cache "$SM_BIN" cache ls --format json | jq length
+}
+
+# builtin_bakes, builtin_restores: the first container on the builtin engine bakes its image's
+# snapshot, the next restores it. The calling script defines `builtin_run WORD`, which runs a
+# container printing WORD and the guest kernel's release through its front door.
+builtin_bakes() {
+  [ "$(builtin_cache_entries)" = 0 ] || { echo "the builtin cache is not empty"; return 1; }
+  builtin_run baked || return 1
+  [ "$(builtin_cache_entries)" -ge 1 ] || { echo "no snapshot baked"; return 1; }
+}
+builtin_restores() {
+  local before; before=$(builtin_cache_entries)
+  [ "$before" -ge 1 ] || { echo "nothing to restore from"; return 1; }
+  builtin_run restored || return 1
+  [ "$(builtin_cache_entries)" = "$before" ] || { echo "baked again instead of restoring"; return 1; }
+}
+
 # --- processes and cgroups, whatever the engine and the cgroup version -------------------
 
 # descendants PID: PID and every process under it.
