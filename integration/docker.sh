@@ -227,6 +227,18 @@ bad_image_cmd() {
 }
 check "missing command: 127, named" bad_image_cmd
 
+# Until directories are shared into the VM, a volume is refused with its name rather than
+# replaced by an empty directory (the container's writes would be lost).
+volume_refused() {
+  mkdir -p "$WORK/volume" && echo kept > "$WORK/volume/data"
+  local out rc=0
+  out=$(run_ supermachine --rm -v "$WORK/volume:/data" "$IMG" cat /data/data 2>&1) || rc=$?
+  [ "$rc" != 0 ] && echo "$out" | grep -q "bind mount of directory .* on /data" \
+    || { echo "rc=$rc $out"; return 1; }
+  echo "refused, names /data"
+}
+check "-v DIR: refused with its name" volume_refused
+
 disk_reused() {
   local before after
   before=$(ls "$SUPERMACHINE_CACHE_DIR/images" | grep -c '\.ext4$')

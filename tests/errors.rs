@@ -105,6 +105,33 @@ fn broken_bundles_are_refused_before_anything_starts() {
 }
 
 #[test]
+fn a_mount_the_vm_cannot_have_fails_create_naming_it() {
+    let Some(env) = Env::new() else { return };
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("precious"), "user data").unwrap();
+    let mut bundle = env.bundle(&["ls", "/data"]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/data", "type": "bind",
+            "source": data.path(), "options": ["rbind"],
+        }))
+    });
+    // Never an empty directory in place of the user's data.
+    expect_error(
+        &env,
+        &["create", "--bundle", bundle.path_str(), "c1"],
+        "bind mount of directory",
+    );
+    let out = expect_error(
+        &env,
+        &["run", "--bundle", bundle.path_str(), "c1"],
+        "on /data",
+    );
+    assert!(!text(&out.stdout).contains("precious"));
+    assert_no_state(&env);
+}
+
+#[test]
 fn bad_ids_are_refused_on_every_verb() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["true"]);

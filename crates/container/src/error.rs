@@ -16,6 +16,10 @@ pub enum ContainerError {
     InvalidState(String),
     #[error("container not running")]
     NotRunning,
+    /// Something config.json asks for that the runtime cannot provide: `create` fails
+    /// rather than dropping it.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{0}")]
     Assets(String),
     #[error(transparent)]

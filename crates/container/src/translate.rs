@@ -160,7 +160,8 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
     }
 }
 
-/// What the agent mounts, and the notes about what could not be brought into the VM.
+/// What the agent mounts, and the notes about what was changed to fit the VM. A mount that
+/// cannot be brought into the VM fails: never an empty directory in place of the user's data.
 pub fn container_setup(
     spec: &Spec,
     rootfs: RootfsSpec,
@@ -197,12 +198,12 @@ pub fn container_setup(
                 ],
             }
         } else if is_bind {
-            bind_mount_kind(Path::new(&source), &destination, readonly, &mut notes)?
+            bind_mount_kind(Path::new(&source), &destination, readonly)?
         } else {
-            notes.push(format!(
-                "mount of type {fstype:?} on {destination} is not supported in the VM; skipped"
-            ));
-            continue;
+            return Err(ContainerError::Unsupported(format!(
+                "mount of type {fstype:?} on {destination}: the VM's kernel mounts only {}",
+                GUEST_FILESYSTEMS.join(", ")
+            )));
         };
         mounts.push(MountSpec { destination, kind });
     }
@@ -292,7 +293,6 @@ fn bind_mount_kind(
     source: &Path,
     destination: &str,
     readonly: bool,
-    notes: &mut Vec<String>,
 ) -> Result<MountKind, ContainerError> {
     let meta = std::fs::metadata(source).map_err(|e| ContainerError::Bundle {
         path: source.to_path_buf(),
@@ -315,19 +315,17 @@ fn bind_mount_kind(
             readonly,
         });
     }
-    if meta.is_dir() {
-        notes.push(format!(
-            "directory bind mount {} on {destination} is not shared into the VM (no shared \
-             filesystem yet); the container sees an empty directory",
-            source.display()
-        ));
-        return Ok(MountKind::EmptyDirectory { readonly });
-    }
-    notes.push(format!(
-        "bind mount of special file {} on {destination} skipped",
+    let what = if meta.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    };
+    Err(ContainerError::Unsupported(format!(
+        "bind mount of {what} {} on {destination}: only regular files can be brought into \
+         the VM (there is no shared filesystem yet); refused rather than giving the container \
+         an empty directory in place of its data",
         source.display()
-    ));
-    Ok(MountKind::EmptyDirectory { readonly })
+    )))
 }
 
 #[cfg(test)]
@@ -430,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn file_binds_are_copied_and_directory_binds_noted() {
+    fn file_binds_are_copied_and_docker_shm_is_the_guests_own() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
@@ -438,10 +436,8 @@ mod tests {
             r#"{{"ociVersion":"1.0.2","hostname":"h1","mounts":[
                 {{"destination":"/proc","type":"proc","source":"proc"}},
                 {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["rbind","ro"]}},
-                {{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}},
                 {{"destination":"/dev/shm","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
             hosts.display(),
-            dir.path().display(),
             dir.path().display()
         );
         let (setup, notes) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
@@ -451,15 +447,43 @@ mod tests {
         );
         assert!(matches!(&setup.mounts[1].kind,
             MountKind::File { contents, readonly: true, .. } if contents == b"127.0.0.1 localhost\n"));
-        assert!(matches!(
-            setup.mounts[2].kind,
-            MountKind::EmptyDirectory { readonly: false }
-        ));
         assert!(
-            matches!(&setup.mounts[3].kind, MountKind::Filesystem { fstype, .. } if fstype == "tmpfs")
+            matches!(&setup.mounts[2].kind, MountKind::Filesystem { fstype, .. } if fstype == "tmpfs")
         );
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("/data"));
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn a_mount_the_vm_cannot_have_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for (mount, named) in [
+            (
+                format!(
+                    r#"{{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}"#,
+                    dir.path().display()
+                ),
+                "directory",
+            ),
+            (
+                r#"{"destination":"/null","type":"bind","source":"/dev/null","options":["bind"]}"#
+                    .to_string(),
+                "special file",
+            ),
+            (
+                r#"{"destination":"/nfs","type":"nfs","source":"server:/x"}"#.to_string(),
+                "\"nfs\"",
+            ),
+        ] {
+            let json = format!(r#"{{"ociVersion":"1.0.2","mounts":[{mount}]}}"#);
+            let err = container_setup(&spec(&json), RootfsSpec::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{err}");
+            assert!(
+                err.contains("/data") || err.contains("/null") || err.contains("/nfs"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

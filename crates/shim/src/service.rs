@@ -36,6 +36,7 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         ContainerError::NotFound(_) | ContainerError::NotRunning => Code::NOT_FOUND,
         ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         ContainerError::InvalidState(_) => Code::FAILED_PRECONDITION,
+        ContainerError::Unsupported(_) => Code::UNIMPLEMENTED,
         ContainerError::Bundle { .. }
         | ContainerError::InvalidId(_)
         | ContainerError::UnknownSignal(_) => Code::INVALID_ARGUMENT,
