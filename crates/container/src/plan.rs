@@ -123,7 +123,8 @@ impl Plan {
             warm_path: None,
             warm_lookups: Vec::new(),
         };
-        let (mut setup, mut notes) = translate::container_setup(&bundle.spec, rootfs)?;
+        let mut setup = translate::container_setup(&bundle.spec, rootfs)?;
+        let mut notes = Vec::new();
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
         let linux = bundle.spec.linux().as_ref();
         let cgroups_path = linux

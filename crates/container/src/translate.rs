@@ -160,13 +160,9 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
     }
 }
 
-/// What the agent mounts, and the notes about what was changed to fit the VM. A mount that
-/// cannot be brought into the VM fails: never an empty directory in place of the user's data.
-pub fn container_setup(
-    spec: &Spec,
-    rootfs: RootfsSpec,
-) -> Result<(ContainerSetup, Vec<String>), ContainerError> {
-    let mut notes = Vec::new();
+/// What the agent sets up in the VM. A mount that cannot be brought into the VM fails: never
+/// an empty directory in place of the user's data.
+pub fn container_setup(spec: &Spec, rootfs: RootfsSpec) -> Result<ContainerSetup, ContainerError> {
     let mut mounts = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().to_string_lossy().into_owned();
@@ -229,7 +225,7 @@ pub fn container_setup(
                     .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             }),
     };
-    Ok((setup, notes))
+    Ok(setup)
 }
 
 /// A host file bound into the container: its contents are copied into the guest at setup
@@ -440,7 +436,7 @@ mod tests {
             hosts.display(),
             dir.path().display()
         );
-        let (setup, notes) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
+        let setup = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
         assert_eq!(setup.hostname.as_deref(), Some("h1"));
         assert!(
             matches!(&setup.mounts[0].kind, MountKind::Filesystem { fstype, .. } if fstype == "proc")
@@ -450,7 +446,6 @@ mod tests {
         assert!(
             matches!(&setup.mounts[2].kind, MountKind::Filesystem { fstype, .. } if fstype == "tmpfs")
         );
-        assert!(notes.is_empty());
     }
 
     #[test]
@@ -523,7 +518,7 @@ mod tests {
             init.display(),
             hostname.display()
         );
-        let (setup, _) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
+        let setup = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
         assert!(matches!(&setup.mounts[0].kind,
             MountKind::File { mode, readonly: true, .. } if mode & 0o7777 == 0o755));
         assert!(matches!(&setup.mounts[1].kind,
