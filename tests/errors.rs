@@ -132,6 +132,35 @@ fn a_mount_the_vm_cannot_have_fails_create_naming_it() {
 }
 
 #[test]
+fn file_descriptors_passed_to_the_container_fail_create_naming_them() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["true"]);
+    expect_error(
+        &env,
+        &[
+            "create",
+            "--preserve-fds",
+            "1",
+            "--bundle",
+            bundle.path_str(),
+            "c1",
+        ],
+        "--preserve-fds 1",
+    );
+    let mut cmd = env.cmd();
+    cmd.env("LISTEN_FDS", "2")
+        .args(["run", "--bundle", bundle.path_str(), "c1"]);
+    let out = common::output_of(&mut cmd);
+    assert!(!out.status.success(), "run with LISTEN_FDS=2 succeeded");
+    assert!(
+        text(&out.stderr).contains("LISTEN_FDS=2"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_state(&env);
+}
+
+#[test]
 fn bad_ids_are_refused_on_every_verb() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["true"]);

@@ -20,6 +20,7 @@ use nix::fcntl::OFlag;
 use super::Context;
 
 pub fn run(args: Create, context: &Context) -> Result<i32> {
+    refuse_passed_fds(args.preserve_fds)?;
     let bundle = Bundle::load(&args.bundle)?;
     let terminal = bundle
         .spec
@@ -178,6 +179,31 @@ fn create_in(
         }
     }
     Ok(child)
+}
+
+/// File descriptors handed to the container (`--preserve-fds`, and systemd's socket
+/// activation through `LISTEN_FDS`, which runc passes on as well) would have to become
+/// files inside the VM; none can yet, so asking for them fails rather than the process
+/// starting without them.
+pub fn refuse_passed_fds(preserve_fds: i32) -> Result<()> {
+    refuse_preserve_fds(preserve_fds)?;
+    let listen_fds = std::env::var("LISTEN_FDS").ok();
+    if let Some(count) = listen_fds.filter(|n| n.trim().parse::<u32>().is_ok_and(|n| n > 0)) {
+        bail!(
+            "LISTEN_FDS={count} (socket activation): file descriptors cannot be passed into the container's VM"
+        );
+    }
+    Ok(())
+}
+
+/// `--preserve-fds` of `create`, `run` and `exec` (see [`refuse_passed_fds`]).
+pub fn refuse_preserve_fds(preserve_fds: i32) -> Result<()> {
+    if preserve_fds > 0 {
+        bail!(
+            "--preserve-fds {preserve_fds}: file descriptors cannot be passed into the container's VM"
+        );
+    }
+    Ok(())
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {

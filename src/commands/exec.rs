@@ -21,7 +21,7 @@ use nix::fcntl::OFlag;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use serde::{Deserialize, Serialize};
 
-use super::create::absolute;
+use super::create::{absolute, refuse_preserve_fds};
 use super::run::forwarded_signals;
 use super::Context;
 use crate::ExecRelayArgs;
@@ -35,6 +35,7 @@ enum RelaySync {
 }
 
 pub fn run(args: Exec, context: &Context) -> Result<i32> {
+    refuse_preserve_fds(args.preserve_fds)?;
     let (dir, state) = context.open(&args.container_id)?;
     state.current_status().allows(Verb::Exec {
         ignore_paused: args.ignore_paused,

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
 
-use super::create::create_container;
+use super::create::{create_container, refuse_passed_fds};
 use super::Context;
 use crate::terminal::ForegroundTerminal;
 
@@ -34,6 +34,7 @@ pub fn forwarded_signals() -> SigSet {
 }
 
 pub fn run(args: Run, context: &Context) -> Result<i32> {
+    refuse_passed_fds(args.preserve_fds)?;
     let bundle = Bundle::load(&args.bundle)?;
     let terminal = bundle
         .spec
