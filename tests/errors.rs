@@ -161,6 +161,55 @@ fn file_descriptors_passed_to_the_container_fail_create_naming_them() {
 }
 
 #[test]
+fn proc_through_a_symlink_in_the_image_is_refused_as_runc_refuses_it() {
+    let Some(env) = Env::new() else { return };
+    let rootfs = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", common::busybox_rootfs().display()))
+        .arg(rootfs.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let _ = std::fs::remove_dir_all(rootfs.path().join("proc"));
+    std::os::unix::fs::symlink("tmp", rootfs.path().join("proc")).unwrap();
+    let mut bundle = env.bundle(&["true"]);
+    bundle.edit(|c| c["root"]["path"] = rootfs.path().to_str().unwrap().into());
+    let refusal = "must be mounted on ordinary directory";
+    expect_error(
+        &env,
+        &["run", "--bundle", bundle.path_str(), "c-symlink"],
+        refusal,
+    );
+    assert_no_state(&env);
+    // runc, where it is installed, refuses the same bundle the same way.
+    if let Some(runc) = which_runc() {
+        let root = tempfile::tempdir().unwrap();
+        let out = common::output_of(
+            std::process::Command::new(runc)
+                .arg("--root")
+                .arg(root.path())
+                .args(["run", "--bundle", bundle.path_str(), "c-symlink"])
+                .stdin(std::process::Stdio::null()),
+        );
+        assert!(!out.status.success(), "runc ran it");
+        assert!(
+            text(&out.stderr).contains(refusal),
+            "runc: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+fn which_runc() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("runc"))
+        .find(|path| path.is_file())
+}
+
+#[test]
 fn bad_ids_are_refused_on_every_verb() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["true"]);

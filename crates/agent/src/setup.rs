@@ -134,6 +134,7 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupErr
     let mut dev_done = false;
     for m in &setup.mounts {
         if deferred.contains(&m.destination) {
+            refuse_kernel_filesystem_on_non_directory(m)?;
             mkdir_p(&in_root(&m.destination))?;
             finish.mounts.push(m.clone());
             continue;
@@ -216,7 +217,27 @@ fn in_root(path: &str) -> PathBuf {
     Path::new("/").join(path)
 }
 
+/// As runc: procfs and sysfs go only on an ordinary directory of the image, never through a
+/// symlink or over a file there (mounting through an image's symlink has been a way to put
+/// them where the container's process can subvert them).
+fn refuse_kernel_filesystem_on_non_directory(m: &MountSpec) -> Result<(), SetupError> {
+    let MountKind::Filesystem { fstype, .. } = &m.kind else {
+        return Ok(());
+    };
+    if !matches!(fstype.as_str(), "proc" | "sysfs") {
+        return Ok(());
+    }
+    match fs::symlink_metadata(in_root(&m.destination)) {
+        Ok(meta) if !meta.is_dir() => Err(SetupError(format!(
+            "filesystem {fstype:?} must be mounted on ordinary directory ({} is not one)",
+            m.destination
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
+    refuse_kernel_filesystem_on_non_directory(m)?;
     let target = in_root(&m.destination);
     agent_debug!("mount {} -> {}", m.destination, target.display());
     match &m.kind {
