@@ -1,8 +1,9 @@
 //! OCI hooks that run on the host, as runc runs them: `createRuntime` and `prestart` during
 //! `create` (once the monitor, and so the container's network namespace, exists),
 //! `poststart` after `start`, `poststop` during `delete`. Each gets the container's state on
-//! stdin. `createContainer` and `startContainer` would run inside the container, which is a
-//! VM here: they are logged and skipped.
+//! stdin. `createContainer` and `startContainer` hooks run in the container's namespaces, a
+//! host program inside them; the container is a VM here, where a host program cannot run, so
+//! a bundle with any fails `create` naming them rather than starting without them.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -44,33 +45,32 @@ impl From<&Hook> for HookSpec {
 }
 
 impl HostHooks {
-    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Result<Self, ContainerError> {
         let Some(hooks) = spec.hooks() else {
-            return HostHooks::default();
+            return Ok(HostHooks::default());
         };
         let list =
             |h: &Option<Vec<Hook>>| h.iter().flatten().map(HookSpec::from).collect::<Vec<_>>();
-        if hooks
-            .create_container()
-            .as_ref()
-            .is_some_and(|h| !h.is_empty())
-            || hooks
-                .start_container()
-                .as_ref()
-                .is_some_and(|h| !h.is_empty())
-        {
-            log::debug!(
-                "createContainer/startContainer hooks run inside the container; skipped in a VM"
-            );
+        for (kind, in_container) in [
+            ("createContainer", list(hooks.create_container())),
+            ("startContainer", list(hooks.start_container())),
+        ] {
+            if let Some(hook) = in_container.first() {
+                return Err(ContainerError::Unsupported(format!(
+                    "{kind} hook {}: it would run in the container's namespaces, which are a VM \
+                     here, where a host program cannot run",
+                    hook.path
+                )));
+            }
         }
         #[allow(deprecated)]
         let prestart = list(hooks.prestart());
-        HostHooks {
+        Ok(HostHooks {
             create_runtime: list(hooks.create_runtime()),
             prestart,
             poststart: list(hooks.poststart()),
             poststop: list(hooks.poststop()),
-        }
+        })
     }
 }
 
@@ -137,6 +137,28 @@ mod tests {
             env: vec!["X=1".into()],
             timeout: Some(5),
         }
+    }
+
+    #[test]
+    fn hooks_that_would_run_inside_the_container_are_refused_by_name() {
+        for kind in ["createContainer", "startContainer"] {
+            let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "hooks": { kind: [{ "path": "/usr/bin/in-container-hook" }] },
+            }))
+            .unwrap();
+            let err = HostHooks::from_spec(&spec).unwrap_err().to_string();
+            assert!(
+                err.contains(kind) && err.contains("/usr/bin/in-container-hook"),
+                "{err}"
+            );
+        }
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "hooks": { "prestart": [{ "path": "/bin/true" }] },
+        }))
+        .unwrap();
+        assert_eq!(HostHooks::from_spec(&spec).unwrap().prestart.len(), 1);
     }
 
     fn state() -> OciState {

@@ -125,6 +125,7 @@ impl Plan {
         };
         let mut setup = translate::container_setup(&bundle.spec, rootfs)?;
         let mut notes = Vec::new();
+        let hooks = HostHooks::from_spec(&bundle.spec)?;
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
         let linux = bundle.spec.linux().as_ref();
         let cgroups_path = linux
@@ -200,7 +201,7 @@ impl Plan {
             cgroups_path,
             host_limits,
             network,
-            hooks: HostHooks::from_spec(&bundle.spec),
+            hooks,
             file_binds: translate::file_binds(&bundle.spec),
             notes,
         })
