@@ -1,0 +1,50 @@
+//! The shared filesystem: a FUSE passthrough server over host files and directories, which
+//! the guest mounts to see bind mounts and volumes live.
+//!
+//! This crate owns the FUSE protocol ([`abi`]), the request handler ([`Server`]) with its
+//! confinement to the shared sources, the relay of host-side changes as FUSE notifications
+//! ([`Server::watch`]), and serving a raw FUSE byte stream ([`serve_stream`]). It knows
+//! nothing of virtio or of the engines: a transport hands it requests and sends its replies.
+//!
+//! The guest sees one filesystem: nodeid 1 is a synthetic read-only directory whose entries
+//! "0", "1", … are the shares in the order given to [`Server::new`].
+
+pub mod abi;
+mod server;
+mod stream;
+mod sys;
+mod watch;
+
+use std::path::PathBuf;
+
+pub use server::Server;
+pub use stream::serve_stream;
+
+/// One host source shared with the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    /// A directory or a regular file on the host.
+    pub source: PathBuf,
+    /// Every modifying request on the share is refused on the host side (EROFS).
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("cannot open shared source {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared source {path} is neither a directory nor a regular file")]
+    NotFileOrDirectory { path: PathBuf },
+    #[error("cannot watch shared source {path} for host changes")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the shares are already watched")]
+    AlreadyWatched,
+}
