@@ -48,3 +48,6 @@ pub enum ShareError {
     #[error("the shares are already watched")]
     AlreadyWatched,
 }
+
+#[cfg(test)]
+mod tests;

@@ -217,7 +217,10 @@ impl Server {
     pub fn handle(&self, request: &[u8]) -> Option<Vec<u8>> {
         let mut r = Reader::new(request);
         let Ok(header) = InHeader::parse(&mut r) else {
-            log::warn!("share: dropped a FUSE request of {} bytes, shorter than its header", request.len());
+            log::warn!(
+                "share: dropped a FUSE request of {} bytes, shorter than its header",
+                request.len()
+            );
             return None;
         };
         if header.len as usize != request.len() {
@@ -281,7 +284,17 @@ impl Server {
 
     // ---- node and handle tables ----
 
+    /// A node the guest holds: one it was given by a lookup and has not forgotten. (A
+    /// share's root exists from the start but counts only once the guest looked it up.)
     pub(crate) fn node(&self, nodeid: u64) -> SysResult<Arc<Inode>> {
+        let node = self.any_node(nodeid)?;
+        if node.pinned && node.lookups.load(Ordering::Relaxed) == 0 {
+            return Err(libc::EBADF);
+        }
+        Ok(node)
+    }
+
+    pub(crate) fn any_node(&self, nodeid: u64) -> SysResult<Arc<Inode>> {
         self.inodes
             .lock_unpoisoned()
             .nodes
@@ -409,7 +422,7 @@ impl Server {
             .and_then(|s| s.parse().ok())
             .ok_or(libc::ENOENT)?;
         let nodeid = *self.share_roots.get(index).ok_or(libc::ENOENT)?;
-        let node = self.node(nodeid)?;
+        let node = self.any_node(nodeid)?;
         let st = sys::fstat(node.fd.as_raw_fd())?;
         node.lookups.fetch_add(1, Ordering::Relaxed);
         Ok(EntryOut {
@@ -425,10 +438,7 @@ impl Server {
         let Some(node) = table.nodes.get(&nodeid).cloned() else {
             return;
         };
-        let left = node
-            .lookups
-            .load(Ordering::Relaxed)
-            .saturating_sub(n);
+        let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
         node.lookups.store(left, Ordering::Relaxed);
         if left == 0 && !node.pinned {
             table.nodes.remove(&nodeid);
@@ -588,9 +598,10 @@ impl Server {
         Ok(entry_bytes(&entry))
     }
 
-    fn getattr(&self, h: &InHeader, _r: &mut Reader) -> OpResult {
-        // The handle (GETATTR_FH) names the same inode as the node; the node's own
-        // descriptor answers for both.
+    fn getattr(&self, h: &InHeader, r: &mut Reader) -> OpResult {
+        r.take(16).map_err(malformed)?; // fuse_getattr_in
+                                        // The handle (GETATTR_FH) names the same inode as the node; the node's own
+                                        // descriptor answers for both.
         self.attr_reply(h.nodeid)
     }
 
@@ -605,13 +616,25 @@ impl Server {
             sys::chmod_fd(fd, a.mode & 0o7777)?;
         }
         if a.valid & (abi::FATTR_UID | abi::FATTR_GID) != 0 {
-            let uid = if a.valid & abi::FATTR_UID != 0 { a.uid } else { u32::MAX };
-            let gid = if a.valid & abi::FATTR_GID != 0 { a.gid } else { u32::MAX };
+            let uid = if a.valid & abi::FATTR_UID != 0 {
+                a.uid
+            } else {
+                u32::MAX
+            };
+            let gid = if a.valid & abi::FATTR_GID != 0 {
+                a.gid
+            } else {
+                u32::MAX
+            };
             sys::fchown(fd, uid, gid)?;
         }
         if a.valid & abi::FATTR_SIZE != 0 {
             if node.kind != libc::S_IFREG {
-                return Err(if node.is_dir() { libc::EISDIR } else { libc::EINVAL });
+                return Err(if node.is_dir() {
+                    libc::EISDIR
+                } else {
+                    libc::EINVAL
+                });
             }
             let handle = if a.valid & abi::FATTR_FH != 0 {
                 self.handle_of(h.nodeid, a.fh).ok()
@@ -689,7 +712,9 @@ impl Server {
         let mode = r.u32().map_err(malformed)?;
         r.u32().map_err(malformed)?; // umask
         let name = r.cstr().map_err(malformed)?;
-        self.make_node(h, name, mode, |dir, name| sys::mkdirat(dir, name, mode & 0o7777))
+        self.make_node(h, name, mode, |dir, name| {
+            sys::mkdirat(dir, name, mode & 0o7777)
+        })
     }
 
     fn unlink(&self, h: &InHeader, r: &mut Reader, flags: i32) -> OpResult {
@@ -772,6 +797,7 @@ impl Server {
 
     fn open(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let flags = r.u32().map_err(malformed)?;
+        r.u32().map_err(malformed)?; // open_flags
         if h.nodeid == abi::ROOT_ID {
             return Err(libc::EISDIR);
         }
@@ -846,11 +872,16 @@ impl Server {
         let fh = r.u64().map_err(malformed)?;
         let offset = r.u64().map_err(malformed)?;
         let size = r.u32().map_err(malformed)?;
+        r.take(20).map_err(malformed)?; // read_flags, lock_owner, flags, padding
         let handle = self.handle_of(h.nodeid, fh)?;
         let mut buf = vec![0u8; size.min(abi::MAX_WRITE) as usize];
         let mut done = 0;
         while done < buf.len() {
-            let n = sys::pread(handle.fd.as_raw_fd(), &mut buf[done..], offset + done as u64)?;
+            let n = sys::pread(
+                handle.fd.as_raw_fd(),
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
             if n == 0 {
                 break;
             }
@@ -879,14 +910,16 @@ impl Server {
 
     fn flush(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let fh = r.u64().map_err(malformed)?;
-        // Data is written through at WRITE; the locks are the handle's (OFD), released at
-        // RELEASE. Nothing is left to flush.
+        r.take(16).map_err(malformed)?; // unused, padding, lock_owner
+                                        // Data is written through at WRITE; the locks are the handle's (OFD), released at
+                                        // RELEASE. Nothing is left to flush.
         self.handle_of(h.nodeid, fh)?;
         Ok(Vec::new())
     }
 
     fn release(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let fh = r.u64().map_err(malformed)?;
+        r.take(16).map_err(malformed)?; // flags, release_flags, lock_owner
         if fh == ROOT_FH && h.nodeid == abi::ROOT_ID {
             return Ok(Vec::new());
         }
@@ -903,6 +936,7 @@ impl Server {
     fn fsync(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let fh = r.u64().map_err(malformed)?;
         let flags = r.u32().map_err(malformed)?;
+        r.u32().map_err(malformed)?;
         if h.nodeid == abi::ROOT_ID {
             return Ok(Vec::new());
         }
@@ -912,7 +946,7 @@ impl Server {
     }
 
     fn opendir(&self, h: &InHeader, r: &mut Reader) -> OpResult {
-        r.u32().map_err(malformed)?;
+        r.take(8).map_err(malformed)?; // fuse_open_in: a directory is opened read-only
         if h.nodeid == abi::ROOT_ID {
             return Ok(Self::open_reply(ROOT_FH));
         }
@@ -928,6 +962,7 @@ impl Server {
         let fh = r.u64().map_err(malformed)?;
         let offset = r.u64().map_err(malformed)?;
         let size = (r.u32().map_err(malformed)? as usize).min(MAX_DIR_BUFFER);
+        r.take(20).map_err(malformed)?; // fuse_read_in's remaining fields
         let mut out = Writer::default();
         if h.nodeid == abi::ROOT_ID {
             self.readdir_root(offset, size, plus, &mut out);
@@ -979,8 +1014,16 @@ impl Server {
             (b"..".to_vec(), libc::DT_DIR.into(), None),
         ];
         for (index, spec) in self.shares.iter().enumerate() {
-            let typ = if spec.source.is_dir() { libc::DT_DIR } else { libc::DT_REG };
-            names.push((index.to_string().into_bytes(), typ.into(), Some(index as u64)));
+            let typ = if spec.source.is_dir() {
+                libc::DT_DIR
+            } else {
+                libc::DT_REG
+            };
+            names.push((
+                index.to_string().into_bytes(),
+                typ.into(),
+                Some(index as u64),
+            ));
         }
         for (i, (name, typ, _)) in names.iter().enumerate().skip(offset as usize) {
             let entry = DirEntry {
@@ -1004,7 +1047,7 @@ impl Server {
     fn statfs(&self, h: &InHeader) -> OpResult {
         let fd = if h.nodeid == abi::ROOT_ID {
             match self.share_roots.first() {
-                Some(id) => Some(self.node(*id)?),
+                Some(id) => Some(self.any_node(*id)?),
                 None => None,
             }
         } else {
@@ -1036,8 +1079,13 @@ impl Server {
 
     fn access(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let mask = r.u32().map_err(malformed)? as i32;
+        r.u32().map_err(malformed)?;
         if h.nodeid == abi::ROOT_ID {
-            return if mask & libc::W_OK != 0 { Err(libc::EROFS) } else { Ok(Vec::new()) };
+            return if mask & libc::W_OK != 0 {
+                Err(libc::EROFS)
+            } else {
+                Ok(Vec::new())
+            };
         }
         let node = self.node(h.nodeid)?;
         if node.read_only && mask & libc::W_OK != 0 {
@@ -1199,6 +1247,7 @@ impl Server {
         let offset = r.u64().map_err(malformed)?;
         let length = r.u64().map_err(malformed)?;
         let mode = r.u32().map_err(malformed)? as i32;
+        r.u32().map_err(malformed)?;
         let node = self.writable_node(h.nodeid)?;
         let handle = self.handle_of(node.nodeid, fh)?;
         sys::fallocate(handle.fd.as_raw_fd(), mode, offset, length)?;
@@ -1209,6 +1258,7 @@ impl Server {
         let fh = r.u64().map_err(malformed)?;
         let offset = r.u64().map_err(malformed)?;
         let whence = r.u32().map_err(malformed)? as i32;
+        r.u32().map_err(malformed)?;
         let handle = self.handle_of(h.nodeid, fh)?;
         // The handle's own position is never used (IO is positional), so seeking it on
         // behalf of one guest lseek is harmless.
@@ -1229,13 +1279,7 @@ impl Server {
         let node_out = self.writable_node(nodeid_out)?;
         let dst = self.handle_of(node_out.nodeid, fh_out)?;
         let len = usize::try_from(len.min(1 << 30)).unwrap_or(1 << 30);
-        let n = sys::copy_file_range(
-            src.fd.as_raw_fd(),
-            off_in,
-            dst.fd.as_raw_fd(),
-            off_out,
-            len,
-        )?;
+        let n = sys::copy_file_range(src.fd.as_raw_fd(), off_in, dst.fd.as_raw_fd(), off_out, len)?;
         let mut w = Writer::default();
         w.u32(u32::try_from(n).unwrap_or(u32::MAX)).u32(0);
         Ok(w.bytes)
@@ -1287,4 +1331,3 @@ impl DirEntry<'_> {
             .align8();
     }
 }
-

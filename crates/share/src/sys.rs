@@ -2,7 +2,7 @@
 //! errno on failure (the server passes it to the guest unchanged).
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 pub type Errno = i32;
 pub type SysResult<T> = Result<T, Errno>;
@@ -119,8 +119,7 @@ pub fn renameat2(
     flags: u32,
 ) -> SysResult<()> {
     // SAFETY: both names are valid NUL-terminated strings.
-    check(unsafe { libc::renameat2(old_dir, old.as_ptr(), new_dir, new.as_ptr(), flags) })
-        .map(drop)
+    check(unsafe { libc::renameat2(old_dir, old.as_ptr(), new_dir, new.as_ptr(), flags) }).map(drop)
 }
 
 /// A new hard link to the inode an O_PATH descriptor holds (a symlink links itself).
@@ -231,9 +230,7 @@ pub fn copy_file_range(
     let mut off_in = i64::try_from(off_in).map_err(|_| libc::EINVAL)?;
     let mut off_out = i64::try_from(off_out).map_err(|_| libc::EINVAL)?;
     // SAFETY: the offsets are valid in/out pointers for the duration of the call.
-    check_size(unsafe {
-        libc::copy_file_range(fd_in, &mut off_in, fd_out, &mut off_out, len, 0)
-    })
+    check_size(unsafe { libc::copy_file_range(fd_in, &mut off_in, fd_out, &mut off_out, len, 0) })
 }
 
 pub fn getdents(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
@@ -325,4 +322,3 @@ pub fn file_handle(fd: RawFd) -> SysResult<Vec<u8>> {
     out.truncate(4 + len);
     Ok(out)
 }
-

@@ -57,7 +57,13 @@ impl Watcher {
         let path = sys::proc_path(fd);
         // SAFETY: `path` is a valid NUL-terminated string; the fanotify descriptor is ours.
         let ret = unsafe {
-            libc::fanotify_mark(self.fan.as_raw_fd(), flags, mask, libc::AT_FDCWD, path.as_ptr())
+            libc::fanotify_mark(
+                self.fan.as_raw_fd(),
+                flags,
+                mask,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+            )
         };
         if ret < 0 {
             Err(sys::errno())
@@ -169,8 +175,7 @@ impl Server {
             }
             // A file share is marked itself; its events name it by its parent directory's
             // handle and its name, which are recorded here (the parent is never served).
-            let (Some(parent), Some(name)) = (spec.source.parent(), spec.source.file_name())
-            else {
+            let (Some(parent), Some(name)) = (spec.source.parent(), spec.source.file_name()) else {
                 continue;
             };
             let parent = if parent.as_os_str().is_empty() {
@@ -198,11 +203,12 @@ impl Server {
             return Err(ShareError::AlreadyWatched);
         }
         for (index, spec) in self.share_specs().iter().enumerate() {
-            let node = self.node(self.share_root_ids()[index]);
+            let node = self.any_node(self.share_root_ids()[index]);
             let Ok(node) = node else { continue };
             if spec.source.is_dir() {
                 watcher.watch_node(&node);
-            } else if let Err(e) = watcher.mark(libc::FAN_MARK_ADD, FILE_MASK, node.fd.as_raw_fd()) {
+            } else if let Err(e) = watcher.mark(libc::FAN_MARK_ADD, FILE_MASK, node.fd.as_raw_fd())
+            {
                 log::warn!(
                     "share: host changes to {} will not reach the guest: fanotify_mark errno {e}",
                     spec.source.display()
