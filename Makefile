@@ -6,7 +6,7 @@ ASSETS := build/share/supermachine
 BIN := build/bin
 CARGO ?= cargo
 
-.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test lint bench install clean
+.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test lint fuzz-share bench install clean
 
 # Tests that cannot run on this host append a line here (tests/common/skip.rs,
 # integration/lib.bash); `make test` empties it first and prints it last.
@@ -58,7 +58,7 @@ test:
 	  if [ -s $(SKIP_LOG) ]; then cat $(SKIP_LOG); else echo "skipped: none"; fi; \
 	  exit $$rc
 
-test-steps: test-deps guest kernel-variants lint unit-test vm-test integration-test
+test-steps: test-deps guest kernel-variants lint unit-test fuzz-share vm-test integration-test
 
 lint:
 	$(CARGO) fmt --all --check
@@ -68,6 +68,13 @@ lint:
 
 unit-test:
 	$(CARGO) test --locked --workspace --lib --bins
+
+# The shared filesystem's FUSE server under libFuzzer for a bounded time (nightly toolchain;
+# cargo-fuzz is installed from crates.io when missing). FUZZ_SECONDS=… runs it longer.
+FUZZ_SECONDS ?= 60
+fuzz-share:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	cd crates/share && $(CARGO) +nightly fuzz run request -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096
 
 # Rust tests that boot real VMs (tests/ of the workspace root).
 vm-test: guest

@@ -171,7 +171,7 @@ impl Writer {
     }
     /// Zero bytes up to the next multiple of 8 (dirent records are 8-byte aligned).
     pub fn align8(&mut self) -> &mut Self {
-        while self.bytes.len() % 8 != 0 {
+        while self.bytes.len() & 7 != 0 {
             self.bytes.push(0);
         }
         self

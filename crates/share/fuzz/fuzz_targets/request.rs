@@ -1,0 +1,54 @@
+//! Arbitrary bytes as a sequence of FUSE requests to a server over a temporary share: each
+//! request's length is its header's `len` (bounded by what is left), so the fuzzer reaches
+//! deep states (INIT, LOOKUP, OPEN, then IO on the handle) and the decoder's every check.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use share::{Server, ShareSpec};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: Server,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("d")).expect("d");
+        std::fs::write(dir.path().join("d/f"), b"fuzz").expect("f");
+        std::os::unix::fs::symlink("/etc/shadow", dir.path().join("s")).expect("s");
+        let server = Server::new(vec![
+            ShareSpec {
+                source: dir.path().to_path_buf(),
+                read_only: false,
+            },
+            ShareSpec {
+                source: dir.path().join("d/f"),
+                read_only: true,
+            },
+        ])
+        .expect("server");
+        Fixture { _dir: dir, server }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let fixture = fixture();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let len = match rest.get(0..4) {
+            Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            None => rest.len(),
+        };
+        let len = len.clamp(1, rest.len());
+        let (request, tail) = rest.split_at(len);
+        if let Some(reply) = fixture.server.handle(request) {
+            let reply_len = u32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize;
+            assert_eq!(reply_len, reply.len(), "a reply's header frames it exactly");
+        }
+        rest = tail;
+    }
+});
