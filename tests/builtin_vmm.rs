@@ -72,6 +72,8 @@ fn boot_to_root_disk(
             }],
             nics: vec![],
             agent_channel: Some(device),
+            fs_channel: None,
+            fs: None,
             console_log: console.clone(),
             hide_cpuid: Vec::new(),
             diagnostics: vmm::Diagnostics::default(),
