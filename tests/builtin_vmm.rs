@@ -7,9 +7,10 @@
 //!    (PVM; slow there: ~2 minutes).
 //! 2. A busybox container through `supermachine run` with `SUPERMACHINE_ENGINE=builtin` and a
 //!    `qemu-system-x86_64` on PATH that fails, so nothing falls back to QEMU: it prints the
-//!    guest's `uname -r` and returns the process's exit status. It needs guest user mode,
-//!    which an unmodified kernel does not get on an emulating host (its `syscall`s are
-//!    misdelivered): there the engine boots the kernel variant built for such hosts.
+//!    guest's `uname -r`, the guest's console port names and its virtio-fs device, and
+//!    returns the process's exit status. It needs guest user mode, which an unmodified
+//!    kernel does not get on an emulating host (its `syscall`s are misdelivered): there the
+//!    engine boots the kernel variant built for such hosts.
 
 mod common;
 
@@ -72,6 +73,8 @@ fn boot_to_root_disk(
             }],
             nics: vec![],
             agent_channel: Some(device),
+            fs_channel: None,
+            fs: None,
             console_log: console.clone(),
             hide_cpuid: Vec::new(),
             diagnostics: vmm::Diagnostics::default(),
@@ -118,6 +121,12 @@ fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
         "root not mounted from the virtio disk:\n{tail}"
     );
     assert!(log.contains("No working init found"), "{tail}");
+    // Every virtio device the VMM offers (the console's two ports, virtio-fs, …) probes.
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("probe of virtio") && l.contains("failed"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
     eprintln!(
         "booted to the root mount and reset in {:?}",
         vmm.started.elapsed()
@@ -207,10 +216,13 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
         std::env::var("PATH").unwrap_or_default()
     );
 
+    // Also what the guest made of the console's ports and of the virtio-fs device (a
+    // device its driver bound, listed under the driver).
     let bundle = env.bundle(&[
         "sh",
         "-c",
-        "uname -r; cat /proc/sys/kernel/random/boot_id; exit 3",
+        "uname -r; cat /proc/sys/kernel/random/boot_id; cat /sys/class/virtio-ports/*/name; \
+         ls /sys/bus/virtio/drivers/virtiofs | grep '^virtio'; exit 3",
     ]);
     let run = |id: &str| {
         let log = env.root().join(format!("{id}.log"));
@@ -240,6 +252,15 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
     let booted_out = text(&booted.stdout);
     let lines: Vec<&str> = booted_out.lines().collect();
     assert_eq!(lines.first().copied(), Some(release.trim()));
+    assert_eq!(
+        lines.get(2..4),
+        Some(&["agent.0", "fs.0"][..]),
+        "{booted_out}"
+    );
+    assert!(
+        lines.get(4).is_some_and(|l| l.starts_with("virtio")),
+        "no device bound to the virtiofs driver: {booted_out}"
+    );
     assert!(!text(&booted.stderr).contains("fake qemu"));
     assert!(log.contains("baked snapshot"), "{log}");
     // `run` deletes the container once its process exits, as runc's does.

@@ -227,6 +227,7 @@ impl Plan {
             }],
             work_dir,
             diagnostics: vm_diagnostics(),
+            fs: None,
         }
     }
 }

@@ -264,7 +264,12 @@ impl BuiltinEngine {
         &self.verdict
     }
 
-    fn config(&self, spec: &VmSpec, channel: UnixStream) -> Result<vmm::VmmConfig, EngineError> {
+    fn config(
+        &self,
+        spec: &VmSpec,
+        channel: UnixStream,
+        fs_channel: UnixStream,
+    ) -> Result<vmm::VmmConfig, EngineError> {
         // A NIC without a tap is detached: it keeps the device set a snapshot needs.
         let nics = spec
             .nics
@@ -291,6 +296,8 @@ impl BuiltinEngine {
                 .collect(),
             nics,
             agent_channel: Some(channel),
+            fs_channel: Some(fs_channel),
+            fs: spec.fs.clone(),
             console_log: spec.work_dir.join("console.log"),
             hide_cpuid: if self.verdict.native {
                 Vec::new()
@@ -309,17 +316,22 @@ impl BuiltinEngine {
 }
 
 impl BuiltinEngine {
-    /// The VMM's config for `spec` with a fresh agent channel, and the VM handle (without
-    /// its VMM yet) that keeps the host end.
+    /// The VMM's config for `spec` with fresh agent and fs channels, and the VM handle
+    /// (without its VMM yet) that keeps their host ends.
     fn prepare(&self, spec: &VmSpec) -> Result<(vmm::VmmConfig, BuiltinVm), EngineError> {
-        let (host, device) = UnixStream::pair().map_err(|e| EngineError::Spawn {
-            what: "agent channel".into(),
-            source: e,
-        })?;
-        let config = self.config(spec, device)?;
+        let pair = |what: &str| {
+            UnixStream::pair().map_err(|e| EngineError::Spawn {
+                what: what.into(),
+                source: e,
+            })
+        };
+        let (host, device) = pair("agent channel")?;
+        let (fs_host, fs_device) = pair("fs channel")?;
+        let config = self.config(spec, device, fs_device)?;
         let vm = BuiltinVm {
             vmm: None,
             channel: Some(host),
+            fs_channel: Some(fs_host),
             console: config.console_log.clone(),
         };
         Ok((config, vm))
@@ -417,6 +429,7 @@ impl crate::Engine for BuiltinEngine {
 struct BuiltinVm {
     vmm: Option<vmm::Vmm>,
     channel: Option<UnixStream>,
+    fs_channel: Option<UnixStream>,
     console: PathBuf,
 }
 
@@ -427,6 +440,10 @@ impl Vm for BuiltinVm {
 
     fn take_channel(&mut self) -> Option<UnixStream> {
         self.channel.take()
+    }
+
+    fn take_fs_channel(&mut self) -> Option<UnixStream> {
+        self.fs_channel.take()
     }
 
     fn pause(&mut self) -> Result<(), EngineError> {

@@ -15,6 +15,7 @@ use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +64,11 @@ pub struct NicSpec {
     pub mac: String,
 }
 
+/// What serves the builtin VMM's virtio-fs requests (the container layer's FUSE server).
+pub use devices::virtio::FsBackend;
+
 /// Everything an engine needs to boot one VM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -77,6 +81,28 @@ pub struct VmSpec {
     /// Where the VM keeps its console log and other per-VM files; it outlives the VM.
     pub work_dir: PathBuf,
     pub diagnostics: VmDiagnostics,
+    /// The FUSE server behind the builtin VMM's virtio-fs device, attached at boot and at
+    /// restore (never part of a snapshot); without one the guest's requests fail with
+    /// ENODEV. The QEMU engine has no virtio-fs and ignores it: there the guest relays FUSE
+    /// over the `fs.0` port ([`Vm::take_fs_channel`]), which the caller serves.
+    pub fs: Option<Arc<dyn FsBackend>>,
+}
+
+impl fmt::Debug for VmSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmSpec")
+            .field("vcpus", &self.vcpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("kernel", &self.kernel)
+            .field("initramfs", &self.initramfs)
+            .field("kernel_args", &self.kernel_args)
+            .field("disks", &self.disks)
+            .field("nics", &self.nics)
+            .field("work_dir", &self.work_dir)
+            .field("diagnostics", &self.diagnostics)
+            .field("fs", &self.fs.as_ref().map(|_| "FsBackend"))
+            .finish()
+    }
 }
 
 /// Ways to watch a slow or stalling guest, for engines that have them (the builtin VMM);
@@ -122,6 +148,9 @@ pub trait Vm: Send + fmt::Debug {
     fn vmm_pid(&self) -> Option<u32>;
     /// The host end of the agent channel; taken once.
     fn take_channel(&mut self) -> Option<UnixStream>;
+    /// The host end of the virtio-console port `fs.0` (raw FUSE messages: the guest's
+    /// requests where it has no virtio-fs, replies and notifications); taken once.
+    fn take_fs_channel(&mut self) -> Option<UnixStream>;
     /// Stops the vCPUs.
     fn pause(&mut self) -> Result<(), EngineError>;
     fn resume(&mut self) -> Result<(), EngineError>;

@@ -1,8 +1,10 @@
 //! The qemu engine: one `qemu-system-x86_64 -M microvm` process per VM.
 //!
-//! The VM's control (QMP) and agent channel are socketpairs handed to QEMU as inherited fds,
-//! so there are no socket paths to clean up or to overflow `sun_path`. The agent channel is a
-//! virtio-serial port named `agent.0`. QEMU dies with the process that started it
+//! The VM's control (QMP), agent and fs channels are socketpairs handed to QEMU as inherited
+//! fds, so there are no socket paths to clean up or to overflow `sun_path`. The agent channel
+//! is a virtio-serial port named `agent.0`, the shared filesystem's FUSE relay a second one
+//! named `fs.0` (QEMU has no virtio-fs here: vhost-user needs guest RAM shared with another
+//! process, which the copy-on-write restore rules out). QEMU dies with the process that started it
 //! (`PR_SET_PDEATHSIG`), so a killed monitor cannot leave a VM behind.
 
 use std::fs::File;
@@ -72,16 +74,30 @@ pub enum GuestMemory {
     Private { path: PathBuf },
 }
 
-/// The QEMU arguments for `spec`, with the agent and QMP sockets at the given fds.
+/// The VM's end of each socket QEMU inherits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sockets {
+    pub qmp: RawFd,
+    /// Port `agent.0`.
+    pub agent: RawFd,
+    /// Port `fs.0`.
+    pub fs: RawFd,
+}
+
+/// What a snapshot's device set is; part of the engine's snapshot identity, so that a
+/// snapshot of another device set is never found (QEMU would refuse its migration stream).
+/// 2: the virtio-serial device has a second port, `fs.0`.
+pub const DEVICE_SET: u32 = 2;
+
+/// The QEMU arguments for `spec`, with its sockets at the given fds.
 pub fn command_line(
     spec: &VmSpec,
     verdict: &AccelVerdict,
-    sockets: (RawFd, RawFd),
+    sockets: Sockets,
     console: &Path,
     memory: &GuestMemory,
     incoming: bool,
 ) -> Vec<String> {
-    let (agent_fd, qmp_fd) = sockets;
     let mut args: Vec<String> = [
         "-M",
         "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
@@ -124,13 +140,23 @@ pub fn command_line(
         ]);
     }
     args.extend(["-serial".into(), format!("file:{}", escape(console))]);
-    args.extend(["-chardev".into(), format!("socket,id=qmp,fd={qmp_fd}")]);
+    args.extend([
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={}", sockets.qmp),
+    ]);
     args.extend(["-mon".into(), "chardev=qmp,mode=control".into()]);
-    args.extend(["-chardev".into(), format!("socket,id=agent,fd={agent_fd}")]);
-    args.extend(["-device".into(), "virtio-serial-device,max_ports=2".into()]);
+    args.extend([
+        "-chardev".into(),
+        format!("socket,id=agent,fd={}", sockets.agent),
+    ]);
+    args.extend(["-chardev".into(), format!("socket,id=fs,fd={}", sockets.fs)]);
+    // Port 0 is kept for a console: agent.0 is port 1, fs.0 port 2, as on the builtin VMM.
+    args.extend(["-device".into(), "virtio-serial-device,max_ports=3".into()]);
     args.extend([
         "-device".into(),
-        "virtserialport,chardev=agent,name=agent.0".into(),
+        "virtserialport,chardev=agent,name=agent.0,nr=1".into(),
+        "-device".into(),
+        "virtserialport,chardev=fs,name=fs.0,nr=2".into(),
     ]);
     for (i, disk) in spec.disks.iter().enumerate() {
         let readonly = if disk.read_only { "on" } else { "off" };
@@ -189,25 +215,25 @@ impl QemuEngine {
     ) -> Result<QemuVm, EngineError> {
         let (agent_host, agent_vmm) =
             UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
+        let (fs_host, fs_vmm) = UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
         let (qmp_host, qmp_vmm) = UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
         let console = spec.work_dir.join("console.log");
         let vmm_log = spec.work_dir.join("vmm.log");
         let log = File::create(&vmm_log).map_err(io_error(&vmm_log))?;
         let log2 = log.try_clone().map_err(io_error(&vmm_log))?;
+        let sockets = Sockets {
+            qmp: qmp_vmm.as_raw_fd(),
+            agent: agent_vmm.as_raw_fd(),
+            fs: fs_vmm.as_raw_fd(),
+        };
         let mut inherited = vec![
-            agent_vmm.as_raw_fd(),
-            qmp_vmm.as_raw_fd(),
+            sockets.agent,
+            sockets.qmp,
+            sockets.fs,
             ram.as_ref().map_or(-1, |r| r.as_raw_fd()),
         ];
         inherited.extend(spec.nics.iter().filter_map(|n| n.tap));
-        let args = command_line(
-            spec,
-            &self.verdict,
-            (inherited[0], inherited[1]),
-            &console,
-            &memory,
-            incoming,
-        );
+        let args = command_line(spec, &self.verdict, sockets, &console, &memory, incoming);
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let mut command = Command::new(&self.binary);
         command
@@ -244,11 +270,12 @@ impl QemuEngine {
                 source,
             },
         })?;
-        drop((agent_vmm, qmp_vmm));
+        drop((agent_vmm, qmp_vmm, fs_vmm));
         let mut vm = QemuVm {
             child,
             qmp: None,
             channel: Some(agent_host),
+            fs_channel: Some(fs_host),
             console,
             vmm_log,
             ram: ram.map(|file| (file, u64::from(spec.memory_mib) << 20)),
@@ -280,7 +307,7 @@ impl Engine for QemuEngine {
             .map(|m| format!("{} {}", m.len(), m.mtime()))
             .unwrap_or_default();
         format!(
-            "qemu-{} cpu={} {} {stamp} {}",
+            "qemu-{} cpu={} devices={DEVICE_SET} {} {stamp} {}",
             self.verdict.accel,
             self.verdict.cpu,
             path.display(),
@@ -360,6 +387,7 @@ pub struct QemuVm {
     child: Child,
     qmp: Option<Qmp>,
     channel: Option<UnixStream>,
+    fs_channel: Option<UnixStream>,
     console: PathBuf,
     vmm_log: PathBuf,
     /// Guest RAM and its size, when this process holds it (booted VMs; not restored ones).
@@ -400,6 +428,10 @@ impl Vm for QemuVm {
 
     fn take_channel(&mut self) -> Option<UnixStream> {
         self.channel.take()
+    }
+
+    fn take_fs_channel(&mut self) -> Option<UnixStream> {
+        self.fs_channel.take()
     }
 
     fn pause(&mut self) -> Result<(), EngineError> {
@@ -541,6 +573,7 @@ mod tests {
             }],
             work_dir: "/run/x".into(),
             diagnostics: crate::VmDiagnostics::default(),
+            fs: None,
         }
     }
 
@@ -556,7 +589,11 @@ mod tests {
         let args = command_line(
             &spec(),
             &verdict,
-            (7, 8),
+            Sockets {
+                agent: 7,
+                qmp: 8,
+                fs: 10,
+            },
             Path::new("/run/x/console.log"),
             &memory,
             false,
@@ -571,6 +608,11 @@ mod tests {
         assert!(joined.contains("file=/images/a,,b.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(joined.contains("socket,id=agent,fd=7"));
         assert!(joined.contains("socket,id=qmp,fd=8"));
+        assert!(joined.contains(
+            "-chardev socket,id=fs,fd=10 -device virtio-serial-device,max_ports=3 \
+             -device virtserialport,chardev=agent,name=agent.0,nr=1 \
+             -device virtserialport,chardev=fs,name=fs.0,nr=2"
+        ));
         assert!(joined.contains(
             "-netdev tap,id=net0,fd=12 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
         ));
@@ -601,7 +643,11 @@ mod tests {
         let args = command_line(
             &spec(),
             &verdict,
-            (7, 8),
+            Sockets {
+                agent: 7,
+                qmp: 8,
+                fs: 10,
+            },
             Path::new("/run/x/console.log"),
             &memory,
             true,
@@ -612,6 +658,10 @@ mod tests {
             "{joined}"
         );
         assert!(joined.ends_with("-incoming defer"));
+        assert!(
+            joined.contains("virtserialport,chardev=fs,name=fs.0,nr=2"),
+            "a restored VM has the booted one's devices: {joined}"
+        );
         assert!(
             !joined.contains("-kernel") && !joined.contains("-initrd"),
             "{joined}"

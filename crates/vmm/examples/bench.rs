@@ -46,6 +46,8 @@ fn main() {
             }],
             nics: vec![],
             agent_channel: None,
+            fs_channel: None,
+            fs: None,
             console_log: console.clone(),
             hide_cpuid: vec![],
             diagnostics: vmm::Diagnostics::default(),

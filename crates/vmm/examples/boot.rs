@@ -32,6 +32,8 @@ fn main() {
             disks: vec![],
             nics: vec![],
             agent_channel: None,
+            fs_channel: None,
+            fs: None,
             console_log: log.clone(),
             hide_cpuid: hide
                 .split(',')

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use devices::virtio::console::{NamedPort, AGENT_PORT_NAME, FS_PORT_NAME};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::VirtioDevice;
 use devices::{GuestMemory, IrqLine};
@@ -110,8 +111,8 @@ fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()
         .map_err(|e| Error::Config(e.to_string()))
 }
 
-/// COM1, then virtio-mmio devices: the disks, the NICs, the agent's console port, the RNG,
-/// all in their power-on state (a restore then puts the saved states back).
+/// COM1, then virtio-mmio devices: the disks, the NICs, the console (ports `agent.0` and
+/// `fs.0`), the RNG, the shared filesystem (virtio-fs), all in their power-on state (a restore then puts the saved states back).
 pub(crate) fn build_devices(
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &Arc<GuestMemory>,
@@ -157,10 +158,24 @@ pub(crate) fn build_devices(
         })?;
         virtio.push(Box::new(net));
     }
-    if let Some(channel) = config.agent_channel.take() {
-        virtio.push(Box::new(devices::virtio::console::Console::new(channel)));
+    let ports: Vec<NamedPort> = [
+        (AGENT_PORT_NAME, config.agent_channel.take()),
+        (FS_PORT_NAME, config.fs_channel.take()),
+    ]
+    .into_iter()
+    .filter_map(|(name, socket)| {
+        socket.map(|socket| NamedPort {
+            name: name.into(),
+            socket,
+        })
+    })
+    .collect();
+    if !ports.is_empty() {
+        virtio.push(Box::new(devices::virtio::console::Console::new(ports)));
     }
     virtio.push(Box::<devices::virtio::rng::Rng>::default());
+    // Always there, backend or not: the device set is part of a snapshot, the backend is not.
+    virtio.push(Box::new(devices::virtio::fs::Fs::new(config.fs.clone())));
 
     let mut transports = Vec::new();
     let mut cmdline = String::new();

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::FsBackend;
 use devices::GuestMemory;
 use hypervisor::Hypervisor;
 
@@ -76,7 +77,6 @@ pub struct Nic {
     pub mac: [u8; 6],
 }
 
-#[derive(Debug)]
 pub struct VmmConfig {
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -89,11 +89,35 @@ pub struct VmmConfig {
     pub nics: Vec<Nic>,
     /// The device end of the host↔agent channel (virtio-console port `agent.0`).
     pub agent_channel: Option<UnixStream>,
+    /// The device end of the shared filesystem's message channel (port `fs.0`).
+    pub fs_channel: Option<UnixStream>,
+    /// What serves the virtio-fs device's requests; without it each is answered ENODEV.
+    pub fs: Option<Arc<dyn FsBackend>>,
     /// Where the serial console goes.
     pub console_log: PathBuf,
     /// CPUID features to hide from the guest (by /proc/cpuinfo name).
     pub hide_cpuid: Vec<String>,
     pub diagnostics: Diagnostics,
+}
+
+impl std::fmt::Debug for VmmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmConfig")
+            .field("vcpus", &self.vcpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("kernel", &self.kernel)
+            .field("initramfs", &self.initramfs)
+            .field("cmdline", &self.cmdline)
+            .field("disks", &self.disks)
+            .field("nics", &self.nics)
+            .field("agent_channel", &self.agent_channel)
+            .field("fs_channel", &self.fs_channel)
+            .field("fs", &self.fs.as_ref().map(|_| "FsBackend"))
+            .field("console_log", &self.console_log)
+            .field("hide_cpuid", &self.hide_cpuid)
+            .field("diagnostics", &self.diagnostics)
+            .finish()
+    }
 }
 
 /// Ways to watch a slow or stalling guest; all off by default.

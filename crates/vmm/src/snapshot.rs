@@ -29,7 +29,8 @@ pub const MEMORY_FILE: &str = "memory";
 /// The layout of [`VmState`]; part of the builtin engine's snapshot identity, so that a
 /// snapshot of another layout is never found, and checked again on restore.
 /// 2: device states are typed ([`devices::virtio::DeviceState`]), with the device's type.
-pub const STATE_FORMAT: u32 = 2;
+/// 3: the console has a second port (`fs.0`) and a virtio-fs device follows the RNG.
+pub const STATE_FORMAT: u32 = 3;
 
 /// How long the parked vCPU threads may take to save their state.
 const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -222,6 +223,8 @@ mod tests {
             disks: Vec::new(),
             nics: Vec::new(),
             agent_channel: None,
+            fs_channel: None,
+            fs: None,
             console_log: dir.join("console.log"),
             hide_cpuid: Vec::new(),
             diagnostics: crate::Diagnostics::default(),
@@ -320,7 +323,11 @@ mod tests {
     fn saved_device_states_restore_and_a_device_that_refuses_its_state_fails_the_restore() {
         let dir = tempfile::tempdir().unwrap();
         let (devices, serial, transports) = devices(dir.path());
-        assert_eq!(transports.len(), 3, "the disk, the console, the RNG");
+        assert_eq!(
+            transports.len(),
+            4,
+            "the disk, the console, the RNG, the shared filesystem"
+        );
         restore_devices(&devices, serial.clone(), transports.clone()).unwrap();
 
         // The disk's state given to the console, the console's to the disk.

@@ -8,6 +8,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -21,6 +22,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use crate::{GuestMemory, Irq, PersistError};
+
+pub use fs::FsBackend;
 
 /// Device ids (virtio 1.2, 5).
 pub const TYPE_BLOCK: u32 = 2;
@@ -111,6 +114,7 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
 pub enum DeviceState {
     Block(blk::BlockState),
     Console(console::ConsoleState),
+    Fs(fs::FsState),
     Net(net::NetState),
     Rng(rng::RngState),
 }
@@ -121,6 +125,7 @@ impl DeviceState {
         match self {
             DeviceState::Block(_) => TYPE_BLOCK,
             DeviceState::Console(_) => TYPE_CONSOLE,
+            DeviceState::Fs(_) => fs::TYPE_FS,
             DeviceState::Net(_) => net::TYPE_NET,
             DeviceState::Rng(_) => TYPE_RNG,
         }
