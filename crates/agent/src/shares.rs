@@ -227,9 +227,8 @@ impl Shares {
         )
         .map_err(err(format!("open {SHARES_DIR}")))?;
         // SAFETY: `open` returned a new descriptor that nothing else owns.
-        Ok(Shares {
-            dir: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Shares { dir })
     }
 
     /// Binds share `index` onto `target` (in the entered root), made first like the source
