@@ -790,3 +790,30 @@ fn file_binds_are_mounts_over_a_read_only_root() {
     );
     env.assert_clean("c-file-binds");
 }
+
+#[test]
+fn the_guest_kernel_has_fuse_virtiofs_and_the_fuse_control_directory() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "cat /proc/filesystems; cat /sys/class/misc/fuse/dev; ls -d /sys/fs/fuse/connections",
+    ]);
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-fuse"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let filesystems: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    for fs in ["fuse", "fusectl", "virtiofs"] {
+        assert!(filesystems.contains(&fs), "{fs} missing: {stdout}");
+    }
+    // The misc device the agent's relay opens as /dev/fuse (devtmpfs makes the node).
+    assert!(stdout.lines().any(|l| l == "10:229"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "/sys/fs/fuse/connections"),
+        "{stdout}"
+    );
+    env.assert_clean("c-fuse");
+}

@@ -334,6 +334,11 @@ pub enum MountKind {
     /// A host directory bind that cannot be shared into this guest: an empty directory, so
     /// the destination exists (what is left out is logged on the host).
     EmptyDirectory { readonly: bool },
+    /// A host file or directory shared live: entry `index` of the VM's share filesystem (the
+    /// host FUSE server's root lists its shares as `0`, `1`, …), bound onto the destination
+    /// (made an empty file or directory like the source if the image has none), read-only if
+    /// `readonly`. The host serves the share filesystem before it sends the setup.
+    Share { index: u32, readonly: bool },
 }
 
 /// An OCI process, resolved to what the guest needs (numeric ids, parsed rlimits).

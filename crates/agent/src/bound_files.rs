@@ -8,7 +8,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -179,58 +179,70 @@ impl BoundFiles {
         readonly: bool,
         destination: &str,
     ) -> Result<(), SetupError> {
-        let name_c = CString::new(name).map_err(err("backing file name"))?;
-        let target_c =
-            CString::new(target.as_os_str().as_bytes()).map_err(err(destination.to_string()))?;
-        // SAFETY: open_tree reads a NUL-terminated path relative to a directory fd this
-        // struct owns; it returns a new descriptor or -1.
-        let tree = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                self.dir.as_raw_fd(),
-                name_c.as_ptr(),
-                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
-            )
-        };
-        if tree < 0 {
-            return Err(SetupError(format!(
-                "clone the file bound on {destination}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: open_tree returned a new descriptor (it fits a c_int) that nothing else owns.
-        let tree = unsafe { OwnedFd::from_raw_fd(tree as libc::c_int) };
-        let empty = c"";
-        // SAFETY: move_mount reads two NUL-terminated paths that outlive the call and uses the
-        // detached mount `tree` owns; the target resolves in the agent's root, the container's.
-        let moved = unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                tree.as_raw_fd(),
-                empty.as_ptr(),
-                libc::AT_FDCWD,
-                target_c.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
-            )
-        };
-        if moved != 0 {
-            return Err(SetupError(format!(
-                "bind {destination}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        if readonly {
-            mount(
-                None::<&str>,
-                target,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(err(format!("remount {destination} read-only")))?;
-        }
-        Ok(())
+        bind_at(self.dir.as_fd(), name, target, readonly, destination)
     }
+}
+
+/// Binds `name` in the directory `dir` onto `target` (in the agent's root, the container's
+/// once entered), read-only if `readonly`: a bind from a directory that has no path there.
+pub fn bind_at(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    target: &Path,
+    readonly: bool,
+    destination: &str,
+) -> Result<(), SetupError> {
+    let name_c = CString::new(name).map_err(err(format!("the source of {destination}")))?;
+    let target_c =
+        CString::new(target.as_os_str().as_bytes()).map_err(err(destination.to_string()))?;
+    // SAFETY: open_tree reads a NUL-terminated path relative to a directory fd the
+    // caller holds open; it returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            name_c.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
+        )
+    };
+    if tree < 0 {
+        return Err(SetupError(format!(
+            "clone the source of {destination}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: open_tree returned a new descriptor (it fits a c_int) that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as libc::c_int) };
+    let empty = c"";
+    // SAFETY: move_mount reads two NUL-terminated paths that outlive the call and uses the
+    // detached mount `tree` owns; the target resolves in the agent's root, the container's.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
+        )
+    };
+    if moved != 0 {
+        return Err(SetupError(format!(
+            "bind {destination}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if readonly {
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(err(format!("remount {destination} read-only")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

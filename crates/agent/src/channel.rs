@@ -50,7 +50,7 @@ impl AsFd for Channel {
 }
 
 /// Finds the device node of the virtio-console port named `name`.
-fn find_port(name: &str) -> io::Result<PathBuf> {
+pub fn find_port(name: &str) -> io::Result<PathBuf> {
     for entry in std::fs::read_dir("/sys/class/virtio-ports")? {
         let entry = entry?;
         let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();

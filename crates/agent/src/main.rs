@@ -3,8 +3,9 @@
 //! It mounts the guest's own filesystems, opens the host channel, says `Ready`, and then
 //! serves the host: it mounts the container root (the image disk under a tmpfs overlay),
 //! pivots into it, and runs, signals, reaps and relays the stdio of the container's processes.
-//! It is single-threaded (one `poll` loop), so a child that shares its memory until `exec`
-//! (see `spawn`) never meets another of its threads.
+//! It is one `poll` loop on one thread; the only other threads relay the share filesystem
+//! (see `shares`) and touch nothing a child that shares the agent's memory until `exec`
+//! (see `spawn`) uses.
 
 mod bound_files;
 mod caps;
@@ -17,6 +18,7 @@ mod paths;
 mod procfs;
 mod server;
 mod setup;
+mod shares;
 mod spawn;
 mod warm;
 

@@ -21,6 +21,7 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use crate::bound_files::{BoundFiles, BACKING_DIR};
 use crate::error::{err, SetupError};
+use crate::shares::Shares;
 use crate::{agent_debug, agent_log};
 
 const IMAGE_DIR: &str = "/sm/image";
@@ -119,6 +120,16 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupErr
         fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
     }
     let mut bound_files = BoundFiles::open()?;
+    // Mounted outside the container root, so before entering it.
+    let shares = if setup
+        .mounts
+        .iter()
+        .any(|m| matches!(m.kind, MountKind::Share { .. }))
+    {
+        Some(Shares::mount()?)
+    } else {
+        None
+    };
     enter_root(Path::new(ROOT_DIR))?;
     let deferred: Vec<String> = if setup.pid_namespace {
         setup
@@ -145,6 +156,12 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupErr
                 mode,
                 readonly,
             } => bind_file(&mut bound_files, m, contents, *mode, *readonly)?,
+            MountKind::Share { index, readonly } => {
+                let Some(shares) = &shares else {
+                    return Err(SetupError(format!("no shares for {}", m.destination)));
+                };
+                shares.bind(*index, &in_root(&m.destination), &m.destination, *readonly)?
+            }
             _ => mount_one(m)?,
         }
         dev_done |= m.destination == "/dev";
@@ -286,10 +303,11 @@ fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
                 remount_readonly(&target, flags)?;
             }
         }
-        // Made by `bind_file` in the setup, never deferred to the first process.
-        MountKind::File { .. } => {
+        // Made by `bind_file` and `Shares::bind` in the setup, never deferred to the first
+        // process.
+        MountKind::File { .. } | MountKind::Share { .. } => {
             return Err(SetupError(format!(
-                "file bind on {} outside the container setup",
+                "bind on {} outside the container setup",
                 m.destination
             )))
         }

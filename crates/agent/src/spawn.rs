@@ -8,8 +8,9 @@
 //! kernel is emulated instruction by instruction each of those costs milliseconds (measured
 //! there: restored create+start+exit of `true`, median 4.31 s with fork, 4.03 s without).
 //!
-//! The agent is single-threaded and stays suspended while the child runs, so the child may
-//! allocate and use std as the agent would (what it leaves allocated at `exec` stays in the
+//! The agent's main thread stays suspended while the child runs, so the child may allocate
+//! and use std as that thread would (the share relay's threads, the only others, touch none
+//! of its state, and the allocator locks for them as between threads) (what it leaves allocated at `exec` stays in the
 //! agent's heap: a few hundred bytes). It must not change state the agent keeps in memory;
 //! the one such switch, debug logging, is put back when the child has gone.
 //!
@@ -150,8 +151,8 @@ pub fn spawn(
     let debug = crate::logging::debug_enabled();
     // SAFETY: `child_main` runs on `stack`, which outlives the child's use of it: with
     // CLONE_VFORK this thread is suspended until the child has exec'd or exited, and only
-    // then is `stack` dropped. The agent is single-threaded, so no other thread of it runs
-    // on the memory the child shares meanwhile; `child` is valid for the same span.
+    // then is `stack` dropped. The agent's other threads (the share relay) never touch
+    // `stack` or `child`; `child` is valid for the same span.
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
         libc::clone(
