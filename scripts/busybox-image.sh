@@ -1,15 +1,25 @@
 #!/bin/sh
 # Builds a busybox image offline as one tar that is both an OCI image layout (for
-# `ctr images import`) and a docker archive (manifest.json, for `docker load`).
-#   scripts/busybox-image.sh OUT.tar [NAME:TAG]   (default smtest/busybox:latest)
+# `ctr images import`) and a docker archive (manifest.json, for `docker load`). Host programs
+# named after the tag are added with the shared libraries they load (a test image with
+# sqlite3, say).
+#   scripts/busybox-image.sh OUT.tar [NAME:TAG [PROGRAM...]]   (default smtest/busybox:latest)
 set -eu
-out=${1:?usage: busybox-image.sh OUT.tar [NAME:TAG]}
+out=${1:?usage: busybox-image.sh OUT.tar [NAME:TAG [PROGRAM...]]}
 ref=${2:-smtest/busybox:latest}
+shift $(($# < 2 ? $# : 2))
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 "$root/scripts/busybox-rootfs.sh" "$work/rootfs"
+for program in "$@"; do
+  # The program, its loader and every library ldd resolves, at their host paths.
+  for file in "$program" $(ldd "$program" | grep -o '/[^ ]*'); do
+    mkdir -p "$work/rootfs$(dirname "$file")"
+    cp -L "$file" "$work/rootfs$file"
+  done
+done
 mkdir -p "$work/image/blobs/sha256"
 blobs="$work/image/blobs/sha256"
 

@@ -788,6 +788,12 @@ fn file_binds_are_mounts_over_a_read_only_root() {
         text(&out.stdout),
         "bound-host\nnameserver 10.9.8.7\nroot-ro\nresolv-ro\nc2\n"
     );
+    // The binds are the host's files, as with runc.
+    assert_eq!(std::fs::read_to_string(&hostname).unwrap(), "c2\n");
+    assert_eq!(
+        std::fs::read_to_string(&resolv).unwrap(),
+        "nameserver 10.9.8.7\n"
+    );
     env.assert_clean("c-file-binds");
 }
 

@@ -26,6 +26,9 @@ pub enum ContainerError {
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    /// A bind mount's source cannot be served to the VM.
+    #[error("bind mount: {0}")]
+    Share(#[from] share::ShareError),
     #[error("agent: {0}")]
     Agent(String),
     #[error("{message}; last guest console lines:\n{console}")]

@@ -412,7 +412,7 @@ mod tests {
             host_limits: Default::default(),
             network: Default::default(),
             hooks: Default::default(),
-            file_binds: Vec::new(),
+            shares: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -425,7 +425,7 @@ mod tests {
         std::fs::write(&default, "default kernel").unwrap();
         std::fs::write(&variant, "variant kernel").unwrap();
         let plan = plan(&default);
-        let spec = plan.vm_spec(dir.path().to_path_buf(), None);
+        let spec = plan.vm_spec(dir.path().to_path_buf(), None, None);
         let key = |kernel: Option<&Path>| {
             let engine = KeyOnly {
                 kernel: kernel.map(Path::to_path_buf),

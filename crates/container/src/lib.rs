@@ -29,6 +29,7 @@ pub mod proc;
 pub mod reclaim;
 pub mod relay;
 pub mod rootfs;
+pub mod shares;
 pub mod signal;
 pub mod startup;
 pub mod state;

@@ -10,6 +10,7 @@
 use std::io::ErrorKind;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,7 +18,6 @@ use agent_proto::{InterfaceConfig, NetworkConfig, Request, RouteConfig};
 use serde_json::Value;
 
 use crate::agent_client::AgentClient;
-use crate::translate::FileBind;
 use crate::ContainerError;
 
 /// Our taps are named with this prefix, so that discovery never mistakes one for the
@@ -225,14 +225,13 @@ pub struct Attachment {
 impl Attachment {
     /// Connects the namespace's interfaces (up to the VM's `taps`) and configures the guest.
     /// Nothing to connect is not an error (`--network none`); it is tried again later.
-    /// The files bound from the host that changed since setup are copied in again first:
-    /// docker writes the container's resolv.conf and hosts when it connects the network (and
-    /// never its init binary, which may be running by now).
+    /// `resolv_conf` is the host file bound on the container's `/etc/resolv.conf` (docker
+    /// writes it when it connects the network; the guest sees it live through the share).
     pub fn attach(
         &mut self,
         agent: &AgentClient,
         taps: &[String],
-        files: &[FileBind],
+        resolv_conf: Option<&Path>,
     ) -> Result<(), ContainerError> {
         if self.done || taps.is_empty() {
             return Ok(());
@@ -241,20 +240,10 @@ impl Attachment {
         if interfaces.is_empty() {
             return Ok(());
         }
-        let mut updates = Vec::new();
-        let mut dns_relay = false;
-        for file in files {
-            let contents = std::fs::read(&file.source).map_err(ContainerError::io(&file.source))?;
-            if file.destination == "/etc/resolv.conf" {
-                dns_relay = wants_dns_relay(&contents);
-            }
-            if file.changed_since_setup(&contents) {
-                updates.push((file.destination.clone(), contents));
-            }
-        }
-        if !updates.is_empty() {
-            agent.request(Request::UpdateFiles(updates), Duration::from_secs(30))?;
-        }
+        let dns_relay = match resolv_conf {
+            Some(path) => wants_dns_relay(&std::fs::read(path).map_err(ContainerError::io(path))?),
+            None => false,
+        };
         for (interface, tap) in interfaces.iter().zip(taps) {
             connect(&interface.name, tap)?;
             self.connected.push(interface.name.clone());

@@ -49,9 +49,10 @@ pub struct Plan {
     pub host_limits: HostLimits,
     pub network: NetworkNamespace,
     pub hooks: HostHooks,
-    /// Host files copied into the guest, copied again at start.
+    /// The host files and directories the container binds, served to the guest live
+    /// (`MountKind::Share`'s index is the position here).
     #[serde(default)]
-    pub file_binds: Vec<translate::FileBind>,
+    pub shares: Vec<translate::Share>,
     /// Things of config.json the VM cannot honour, logged by `create`.
     pub notes: Vec<String>,
 }
@@ -75,6 +76,16 @@ impl BootTimeout {
 }
 
 impl Plan {
+    /// The host source of the bind mount on `destination`, if the container has one.
+    pub fn bound_source(&self, destination: &str) -> Option<PathBuf> {
+        self.setup.mounts.iter().rev().find_map(|m| match m.kind {
+            agent_proto::MountKind::Share { index, .. } if m.destination == destination => {
+                self.shares.get(index as usize).map(|s| s.source.clone())
+            }
+            _ => None,
+        })
+    }
+
     /// Reads the plan `create` left in a container's state directory.
     pub fn load(dir: &crate::state::ContainerDir) -> Result<Self, ContainerError> {
         let path = dir.file("plan.json");
@@ -123,7 +134,7 @@ impl Plan {
             warm_path: None,
             warm_lookups: Vec::new(),
         };
-        let mut setup = translate::container_setup(&bundle.spec, rootfs)?;
+        let (mut setup, shares) = translate::container_setup(&bundle.spec, rootfs)?;
         let mut notes = Vec::new();
         let hooks = HostHooks::from_spec(&bundle.spec)?;
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
@@ -202,14 +213,20 @@ impl Plan {
             host_limits,
             network,
             hooks,
-            file_binds: translate::file_binds(&bundle.spec),
+            shares,
             notes,
         })
     }
 
-    /// The VM for this plan. It always has one network device (a snapshot's device set is
-    /// fixed), backed by `tap` when the container has a network namespace of its own.
-    pub fn vm_spec(&self, work_dir: PathBuf, tap: Option<&crate::network::Tap>) -> VmSpec {
+    /// The VM for this plan. It always has one network device and one shared filesystem
+    /// device (a snapshot's device set is fixed), backed by `tap` when the container has a
+    /// network namespace of its own and by `fs` when it binds host files.
+    pub fn vm_spec(
+        &self,
+        work_dir: PathBuf,
+        tap: Option<&crate::network::Tap>,
+        fs: Option<std::sync::Arc<dyn engine::FsBackend>>,
+    ) -> VmSpec {
         use std::os::fd::AsRawFd;
         VmSpec {
             vcpus: self.vcpus,
@@ -227,7 +244,7 @@ impl Plan {
             }],
             work_dir,
             diagnostics: vm_diagnostics(),
-            fs: None,
+            fs,
         }
     }
 }

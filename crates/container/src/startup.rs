@@ -22,7 +22,7 @@ use crate::launch::{self, Launched, Origin};
 use crate::netns::NetworkNamespace;
 use crate::network::{self, Attachment};
 use crate::plan::Plan;
-use crate::translate::FileBind;
+use crate::shares::Shares;
 use crate::{ContainerError, Paths};
 
 /// How long a tap in a network namespace of the container's own lives.
@@ -66,14 +66,16 @@ impl std::fmt::Debug for VmStartup {
 pub struct VmNetwork {
     pub attachment: Attachment,
     pub taps: Vec<String>,
-    /// Host files bound into the container, copied in again when the network connects.
-    pub files: Vec<FileBind>,
+    /// The host file bound on the container's `/etc/resolv.conf`, which docker writes when
+    /// it connects the network: it says whether the guest relays DNS to the host.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl VmNetwork {
     /// Connects the namespace's interfaces if there are any yet; in the namespace.
     pub fn attach(&mut self, agent: &AgentClient) -> Result<(), ContainerError> {
-        self.attachment.attach(agent, &self.taps, &self.files)
+        self.attachment
+            .attach(agent, &self.taps, self.resolv_conf.as_deref())
     }
 
     pub fn detach(&mut self) {
@@ -120,7 +122,8 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         }
         _ => Some(network::create_tap(&tap_name, false)?),
     };
-    let spec = plan.vm_spec(work_dir, tap.as_ref());
+    let shares = Shares::open(&plan.shares)?;
+    let spec = plan.vm_spec(work_dir, tap.as_ref(), shares.as_ref().map(Shares::backend));
     let cache = if plan.snapshots {
         Some(SnapshotCache::new(
             paths.snapshots_dir(),
@@ -134,7 +137,7 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
     let network = VmNetwork {
         attachment: Attachment::default(),
         taps: tap.into_iter().map(|t| t.name).collect(),
-        files: plan.file_binds.clone(),
+        resolv_conf: plan.bound_source("/etc/resolv.conf"),
     };
     let engine_name = selection.engine.name();
     let Launched {
@@ -145,7 +148,12 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         guest_uptime_at_ready,
         publisher,
     } = launched;
-    match create_container(&agent, &plan, init_events, network, &mut phases) {
+    let created = match &shares {
+        Some(shares) => shares.serve(&mut *vm),
+        None => Ok(()),
+    }
+    .and_then(|()| create_container(&agent, &plan, init_events, network, &mut phases));
+    match created {
         Ok((guest_pid, network)) => {
             log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
             Ok(RunningVm {

@@ -2,8 +2,7 @@
 //! the processes it runs.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use agent_proto::{
     Capabilities, ContainerSetup, MountKind, MountSpec, ProcessSpec, Rlimit, RootfsSpec,
@@ -13,10 +12,6 @@ use oci_spec::runtime::{Process, Spec};
 use crate::cgroup::HostLimits;
 use crate::paths::VmDefaults;
 use crate::ContainerError;
-
-/// Host files bound into the container are copied into the guest (the agent keeps them and
-/// binds them over their destinations); this bounds the copy.
-const MAX_FILE_BIND: u64 = 1 << 20;
 
 /// Filesystems the guest kernel makes itself.
 const GUEST_FILESYSTEMS: [&str; 8] = [
@@ -160,10 +155,32 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
     }
 }
 
-/// What the agent sets up in the VM. A mount that cannot be brought into the VM fails: never
-/// an empty directory in place of the user's data.
-pub fn container_setup(spec: &Spec, rootfs: RootfsSpec) -> Result<ContainerSetup, ContainerError> {
+/// A host directory or regular file the container binds: served live to the guest by the
+/// VM's share server (the `share` crate), the `index`th entry of the shared filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    pub source: PathBuf,
+    pub readonly: bool,
+}
+
+impl From<&Share> for share::ShareSpec {
+    fn from(share: &Share) -> Self {
+        share::ShareSpec {
+            source: share.source.clone(),
+            read_only: share.readonly,
+        }
+    }
+}
+
+/// What the agent sets up in the VM, and the host files and directories the VM's share
+/// serves for its bind mounts. A mount that cannot be brought into the VM fails: never an
+/// empty directory in place of the user's data.
+pub fn container_setup(
+    spec: &Spec,
+    rootfs: RootfsSpec,
+) -> Result<(ContainerSetup, Vec<Share>), ContainerError> {
     let mut mounts = Vec::new();
+    let mut shares = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().to_string_lossy().into_owned();
         let options: Vec<String> = m.options().clone().unwrap_or_default();
@@ -194,7 +211,10 @@ pub fn container_setup(spec: &Spec, rootfs: RootfsSpec) -> Result<ContainerSetup
                 ],
             }
         } else if is_bind {
-            bind_mount_kind(Path::new(&source), &destination, readonly)?
+            let share = bind_share(Path::new(&source), &destination, readonly)?;
+            let index = shares.len() as u32;
+            shares.push(share);
+            MountKind::Share { index, readonly }
         } else {
             return Err(ContainerError::Unsupported(format!(
                 "mount of type {fstype:?} on {destination}: the VM's kernel mounts only {}",
@@ -225,103 +245,28 @@ pub fn container_setup(spec: &Spec, rootfs: RootfsSpec) -> Result<ContainerSetup
                     .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             }),
     };
-    Ok(setup)
+    Ok((setup, shares))
 }
 
-/// A host file bound into the container: its contents are copied into the guest at setup
-/// ([`MountKind::File`]), and again at `start` if they changed (docker rewrites resolv.conf
-/// and hosts when it connects the network, after `create`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileBind {
-    pub destination: String,
-    pub source: std::path::PathBuf,
-    /// [`contents_digest`] of the source when the plan was made, the contents the guest got
-    /// at setup. A state written without it (0) makes the file be sent again, which is
-    /// harmless: the agent compares too.
-    #[serde(default)]
-    pub digest: u64,
-}
-
-impl FileBind {
-    /// Whether `contents` (the source's now) differ from those the guest got at setup.
-    pub fn changed_since_setup(&self, contents: &[u8]) -> bool {
-        contents_digest(contents) != self.digest
-    }
-}
-
-/// A digest of a file bind's contents (64-bit FNV-1a: it tells a rewritten file from an
-/// unchanged one, with no adversary to resist).
-pub fn contents_digest(contents: &[u8]) -> u64 {
-    contents.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The file bind mounts of config.json, as [`container_setup`] copies them into the guest.
-pub fn file_binds(spec: &Spec) -> Vec<FileBind> {
-    spec.mounts()
-        .iter()
-        .flatten()
-        .filter(|m| {
-            m.typ().as_deref() == Some("bind")
-                || m.options()
-                    .iter()
-                    .flatten()
-                    .any(|o| o == "bind" || o == "rbind")
-        })
-        .filter_map(|m| {
-            let source = m.source().clone()?;
-            let meta = std::fs::metadata(&source).ok()?;
-            if !meta.is_file() || meta.len() > MAX_FILE_BIND {
-                return None;
-            }
-            let contents = std::fs::read(&source).ok()?;
-            Some(FileBind {
-                destination: m.destination().to_string_lossy().into_owned(),
-                source,
-                digest: contents_digest(&contents),
-            })
-        })
-        .collect()
-}
-
-fn bind_mount_kind(
-    source: &Path,
-    destination: &str,
-    readonly: bool,
-) -> Result<MountKind, ContainerError> {
+/// A bind mount's source as a share. The source must exist and be a directory or a regular
+/// file: a socket, fifo or device node on the host means nothing in the VM, so it is refused
+/// (naming the mount) rather than replaced by something else.
+fn bind_share(source: &Path, destination: &str, readonly: bool) -> Result<Share, ContainerError> {
     let meta = std::fs::metadata(source).map_err(|e| ContainerError::Bundle {
         path: source.to_path_buf(),
         reason: format!("bind mount source for {destination}: {e}"),
     })?;
-    if meta.is_file() {
-        if meta.len() > MAX_FILE_BIND {
-            return Err(ContainerError::Bundle {
-                path: source.to_path_buf(),
-                reason: format!(
-                    "file bind mount on {destination} is {} bytes; files are copied into the VM and the limit is {MAX_FILE_BIND}",
-                    meta.len()
-                ),
-            });
-        }
-        let contents = std::fs::read(source).map_err(ContainerError::io(source))?;
-        return Ok(MountKind::File {
-            contents,
-            mode: meta.permissions().mode(),
-            readonly,
-        });
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(ContainerError::Unsupported(format!(
+            "bind mount of special file {} on {destination}: a socket, fifo or device node \
+             of the host cannot be reached from inside the VM",
+            source.display()
+        )));
     }
-    let what = if meta.is_dir() {
-        "directory"
-    } else {
-        "special file"
-    };
-    Err(ContainerError::Unsupported(format!(
-        "bind mount of {what} {} on {destination}: only regular files can be brought into \
-         the VM (there is no shared filesystem yet); refused rather than giving the container \
-         an empty directory in place of its data",
-        source.display()
-    )))
+    Ok(Share {
+        source: source.to_path_buf(),
+        readonly,
+    })
 }
 
 #[cfg(test)]
@@ -424,48 +369,68 @@ mod tests {
     }
 
     #[test]
-    fn file_binds_are_copied_and_docker_shm_is_the_guests_own() {
+    fn binds_become_shares_in_order_and_docker_shm_is_the_guests_own() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
         let json = format!(
             r#"{{"ociVersion":"1.0.2","hostname":"h1","mounts":[
                 {{"destination":"/proc","type":"proc","source":"proc"}},
                 {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["rbind","ro"]}},
-                {{"destination":"/dev/shm","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
+                {{"destination":"/dev/shm","type":"bind","source":"{}","options":["rbind"]}},
+                {{"destination":"/data","source":"{}","options":["rbind","rw"]}}]}}"#,
             hosts.display(),
-            dir.path().display()
+            dir.path().display(),
+            data.display()
         );
-        let setup = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
+        let (setup, shares) = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
         assert_eq!(setup.hostname.as_deref(), Some("h1"));
         assert!(
             matches!(&setup.mounts[0].kind, MountKind::Filesystem { fstype, .. } if fstype == "proc")
         );
-        assert!(matches!(&setup.mounts[1].kind,
-            MountKind::File { contents, readonly: true, .. } if contents == b"127.0.0.1 localhost\n"));
+        assert_eq!(
+            setup.mounts[1].kind,
+            MountKind::Share {
+                index: 0,
+                readonly: true
+            }
+        );
         assert!(
             matches!(&setup.mounts[2].kind, MountKind::Filesystem { fstype, .. } if fstype == "tmpfs")
+        );
+        assert_eq!(
+            setup.mounts[3].kind,
+            MountKind::Share {
+                index: 1,
+                readonly: false
+            }
+        );
+        assert_eq!(
+            shares,
+            vec![
+                Share {
+                    source: hosts,
+                    readonly: true
+                },
+                Share {
+                    source: data,
+                    readonly: false
+                }
+            ]
         );
     }
 
     #[test]
     fn a_mount_the_vm_cannot_have_fails_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
         for (mount, named) in [
             (
-                format!(
-                    r#"{{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}"#,
-                    dir.path().display()
-                ),
-                "directory",
-            ),
-            (
-                r#"{"destination":"/null","type":"bind","source":"/dev/null","options":["bind"]}"#
-                    .to_string(),
+                r#"{"destination":"/null","type":"bind","source":"/dev/null","options":["bind"]}"#,
                 "special file",
             ),
             (
-                r#"{"destination":"/nfs","type":"nfs","source":"server:/x"}"#.to_string(),
+                r#"{"destination":"/nfs","type":"nfs","source":"server:/x"}"#,
                 "\"nfs\"",
             ),
         ] {
@@ -474,62 +439,8 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(named), "{err}");
-            assert!(
-                err.contains("/data") || err.contains("/null") || err.contains("/nfs"),
-                "{err}"
-            );
+            assert!(err.contains("/null") || err.contains("/nfs"), "{err}");
         }
-    }
-
-    #[test]
-    fn file_binds_carry_the_digest_of_what_the_guest_got() {
-        let dir = tempfile::tempdir().unwrap();
-        let resolv = dir.path().join("resolv.conf");
-        std::fs::write(&resolv, "nameserver 10.0.0.1\n").unwrap();
-        let json = format!(
-            r#"{{"ociVersion":"1.0.2","mounts":[
-                {{"destination":"/etc/resolv.conf","type":"bind","source":"{}","options":["rbind","rprivate"]}},
-                {{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
-            resolv.display(),
-            dir.path().display()
-        );
-        let binds = file_binds(&spec(&json));
-        assert_eq!(binds.len(), 1, "directories are not file binds");
-        assert_eq!(binds[0].destination, "/etc/resolv.conf");
-        assert_eq!(binds[0].digest, contents_digest(b"nameserver 10.0.0.1\n"));
-        assert!(!binds[0].changed_since_setup(b"nameserver 10.0.0.1\n"));
-        // docker rewrites it when it connects the network.
-        assert!(binds[0].changed_since_setup(b"nameserver 127.0.0.11\n"));
-    }
-
-    #[test]
-    fn file_binds_keep_their_mode_and_writability() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let init = dir.path().join("docker-init");
-        std::fs::write(&init, b"\x7fELF").unwrap();
-        std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let hostname = dir.path().join("hostname");
-        std::fs::write(&hostname, b"c1\n").unwrap();
-        let json = format!(
-            r#"{{"ociVersion":"1.0.2","mounts":[
-                {{"destination":"/sbin/docker-init","type":"bind","source":"{}","options":["rbind","ro"]}},
-                {{"destination":"/etc/hostname","type":"bind","source":"{}","options":["rbind","rprivate"]}}]}}"#,
-            init.display(),
-            hostname.display()
-        );
-        let setup = container_setup(&spec(&json), RootfsSpec::default()).unwrap();
-        assert!(matches!(&setup.mounts[0].kind,
-            MountKind::File { mode, readonly: true, .. } if mode & 0o7777 == 0o755));
-        assert!(matches!(&setup.mounts[1].kind,
-            MountKind::File { contents, readonly: false, .. } if contents == b"c1\n"));
-    }
-
-    #[test]
-    fn digests_tell_contents_apart() {
-        assert_ne!(contents_digest(b"a"), contents_digest(b"b"));
-        assert_ne!(contents_digest(b""), contents_digest(b"\0"));
-        assert_eq!(contents_digest(b"hosts"), contents_digest(b"hosts"));
     }
 
     #[test]
