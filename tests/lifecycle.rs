@@ -823,3 +823,66 @@ fn the_guest_kernel_has_fuse_virtiofs_and_the_fuse_control_directory() {
     );
     env.assert_clean("c-fuse");
 }
+
+/// A FUSE_NOTIFY_FSNOTIFY message (the guest kernel's patch) about `name` in the root
+/// directory (node 1), as printf's octal escapes.
+fn fsnotify_message(mask: u32, name: &str) -> String {
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u64.to_le_bytes()); // parent
+    body.extend_from_slice(&0u64.to_le_bytes()); // child: not known
+    body.extend_from_slice(&mask.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // cookie
+    body.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    let mut message = Vec::new();
+    message.extend_from_slice(&(16 + body.len() as u32).to_le_bytes());
+    message.extend_from_slice(&64i32.to_le_bytes()); // FUSE_NOTIFY_FSNOTIFY
+    message.extend_from_slice(&0u64.to_le_bytes()); // unique 0: a notification
+    message.extend_from_slice(&body);
+    message.iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
+#[test]
+fn fsnotify_notifications_reach_inotify_watchers_through_dev_fuse_and_fusectl() {
+    let Some(env) = Env::new() else { return };
+    // A FUSE mount with no server: nothing here sends it a request (no default_permissions,
+    // so no attribute lookups), and the root's inode (node 1) always exists.
+    let program = common::fixture_program("inotify_watch");
+    let script = format!(
+        "set -e
+         cat > /tmp/watch && chmod +x /tmp/watch
+         mknod /dev/fuse c 10 229
+         mkdir -p /tmp/f
+         exec 3<>/dev/fuse
+         mount -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 sm /tmp/f
+         mount -t fusectl fusectl /sys/fs/fuse/connections
+         /tmp/watch /tmp/f > /tmp/events &
+         sleep 1
+         printf '{create}' >&3
+         for notify in /sys/fs/fuse/connections/*/notify; do printf '{delete}' > $notify; done
+         sleep 1
+         kill $!
+         cat /tmp/events",
+        create = fsnotify_message(0x100, "made-on-host"),
+        delete = fsnotify_message(0x4000_0200, "gone-on-host"),
+    );
+    let bundle = env.bundle(&["sh", "-c", &script]);
+    let out = env
+        .cmd()
+        .args(["run", "--bundle", bundle.path_str(), "c-fsnotify"])
+        .stdin(std::fs::File::open(&program).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let events: Vec<&str> = stdout.lines().collect();
+    // IN_CREATE through /dev/fuse, IN_DELETE|IN_ISDIR through the fusectl file.
+    assert_eq!(
+        events,
+        ["watching", "100 made-on-host", "40000200 gone-on-host"],
+        "{stdout}"
+    );
+    env.assert_clean("c-fsnotify");
+}
