@@ -23,7 +23,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
@@ -70,13 +70,15 @@ pub enum Transport {
 /// Where a message from the host goes.
 #[derive(Debug, PartialEq, Eq)]
 enum Delivery {
-    DevFuse,
-    ControlNotify,
+    /// A reply, to `/dev/fuse` at once (the relay).
+    Reply,
+    /// A notification (unique 0), to the notifier thread: `/dev/fuse` on the relay, the
+    /// connection's fusectl `notify` file on virtio-fs.
+    Notification,
     Drop,
 }
 
-/// Replies and notifications alike go to `/dev/fuse` on the relay; on virtio-fs replies travel
-/// on the device, so only notifications (unique 0) are expected on the port.
+/// On virtio-fs replies travel on the device, so only notifications are expected on the port.
 fn delivery(transport: Transport, message: &[u8]) -> Delivery {
     let unique = message
         .get(8..OUT_HEADER_LEN)
@@ -84,8 +86,8 @@ fn delivery(transport: Transport, message: &[u8]) -> Delivery {
         .map(u64::from_le_bytes);
     match (transport, unique) {
         (_, None) => Delivery::Drop,
-        (Transport::Relay, Some(_)) => Delivery::DevFuse,
-        (Transport::VirtioFs, Some(0)) => Delivery::ControlNotify,
+        (_, Some(0)) => Delivery::Notification,
+        (Transport::Relay, Some(_)) => Delivery::Reply,
         (Transport::VirtioFs, Some(_)) => Delivery::Drop,
     }
 }
@@ -176,7 +178,7 @@ impl Shares {
                 // Notifications only: the shares work without them, if not live from the host.
                 match open_port().and_then(|port| Ok((port, open_control_notify()?))) {
                     Ok((port, notify)) => {
-                        spawn_port_reader(Transport::VirtioFs, Arc::new(port), None, Some(notify))?
+                        spawn_port_reader(Transport::VirtioFs, Arc::new(port), None, notify)?
                     }
                     Err(e) => agent_log!("no notifications from the host's shares: {e}"),
                 }
@@ -213,7 +215,7 @@ impl Shares {
                         .spawn(move || relay_requests(&dev_fuse, &port, &port_writes))
                         .map_err(err("start the FUSE relay"))?;
                 }
-                spawn_port_reader(Transport::Relay, port, Some(dev_fuse), None)?;
+                spawn_port_reader(Transport::Relay, port, Some(dev_fuse.clone()), dev_fuse)?;
             }
         }
         Self::open()
@@ -352,18 +354,29 @@ fn relay_requests(dev_fuse: &File, port: &File, port_writes: &Mutex<()>) {
     }
 }
 
+/// Starts the thread reading the port and the one handing notifications to the kernel.
+/// Notifications have a thread of their own: the kernel may wait while it handles one (an
+/// invalidation takes the directory's lock, which a request waiting for its reply may hold;
+/// an event about a watched directory's child looks the child up), and replies must keep
+/// flowing meanwhile.
 fn spawn_port_reader(
     transport: Transport,
     port: Arc<File>,
     dev_fuse: Option<Arc<File>>,
-    control_notify: Option<File>,
+    notify_sink: impl Write + Send + 'static,
 ) -> Result<(), SetupError> {
+    let (notifications, queue) = mpsc::channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("fuse-notify".into())
+        .spawn(move || notify(queue, notify_sink))
+        .map(drop)
+        .map_err(err("start the FUSE notifier"))?;
     std::thread::Builder::new()
         .name("fuse-from-host".into())
         .spawn(move || {
             let sinks = Sinks {
-                dev_fuse: dev_fuse.as_deref(),
-                control_notify: control_notify.as_ref(),
+                replies: dev_fuse.as_deref(),
+                notifications,
             };
             read_port(transport, &port, sinks)
         })
@@ -371,9 +384,19 @@ fn spawn_port_reader(
         .map_err(err("start the FUSE port reader"))
 }
 
+fn notify(queue: mpsc::Receiver<Vec<u8>>, mut sink: impl Write) {
+    for message in queue {
+        // One write per message: the kernel takes a message from one write only. It refuses
+        // invalidations of entries it no longer has, which is no error of the share.
+        if let Err(e) = sink.write(&message) {
+            agent_debug!("FUSE notification to the kernel: {e}");
+        }
+    }
+}
+
 struct Sinks<'a> {
-    dev_fuse: Option<&'a File>,
-    control_notify: Option<&'a File>,
+    replies: Option<&'a File>,
+    notifications: mpsc::Sender<Vec<u8>>,
 }
 
 /// Delivers each message from the host where it goes, for as long as the VM runs.
@@ -391,7 +414,7 @@ fn read_port(transport: Transport, port: &File, sinks: Sinks<'_>) {
                 splitter.push(&bytes[..n]);
                 loop {
                     match splitter.next_message() {
-                        Ok(Some(message)) => deliver(transport, &message, &sinks),
+                        Ok(Some(message)) => deliver(transport, message, &sinks),
                         Ok(None) => break,
                         Err(e) => {
                             agent_log!("port {FS_PORT}: {e}; dropped what was pending");
@@ -409,21 +432,19 @@ fn read_port(transport: Transport, port: &File, sinks: Sinks<'_>) {
     }
 }
 
-fn deliver(transport: Transport, message: &[u8], sinks: &Sinks<'_>) {
-    let sink = match delivery(transport, message) {
-        Delivery::DevFuse => sinks.dev_fuse,
-        Delivery::ControlNotify => sinks.control_notify,
-        Delivery::Drop => None,
-    };
-    let Some(mut sink) = sink else {
-        agent_debug!("dropped a FUSE message of {} bytes", message.len());
-        return;
-    };
-    // One write per message: the kernel takes a message from one write only. It refuses
-    // replies to requests that were interrupted meanwhile (ENOENT) and invalidations of
-    // entries it no longer has; neither is an error of the share.
-    if let Err(e) = sink.write(message) {
-        agent_debug!("FUSE message to the kernel: {e}");
+fn deliver(transport: Transport, message: Vec<u8>, sinks: &Sinks<'_>) {
+    match (delivery(transport, &message), sinks.replies) {
+        (Delivery::Reply, Some(mut dev_fuse)) => {
+            // One write per message. The kernel refuses a reply to a request that was
+            // interrupted meanwhile (ENOENT): no error of the share.
+            if let Err(e) = dev_fuse.write(&message) {
+                agent_debug!("FUSE reply to the kernel: {e}");
+            }
+        }
+        (Delivery::Notification, _) => {
+            let _ = sinks.notifications.send(message);
+        }
+        _ => agent_debug!("dropped a FUSE message of {} bytes", message.len()),
     }
 }
 
@@ -495,22 +516,22 @@ mod tests {
     }
 
     #[test]
-    fn relay_sends_replies_and_notifications_to_dev_fuse() {
+    fn relay_sends_replies_to_dev_fuse_and_notifications_to_the_notifier() {
         assert_eq!(
             delivery(Transport::Relay, &message(42, 0, b"")),
-            Delivery::DevFuse
+            Delivery::Reply
         );
         assert_eq!(
             delivery(Transport::Relay, &message(0, 64, b"event")),
-            Delivery::DevFuse
+            Delivery::Notification
         );
     }
 
     #[test]
-    fn virtiofs_sends_notifications_to_fusectl_and_drops_replies() {
+    fn virtiofs_sends_notifications_to_the_notifier_and_drops_replies() {
         assert_eq!(
             delivery(Transport::VirtioFs, &message(0, 2, &[0; 24])),
-            Delivery::ControlNotify
+            Delivery::Notification
         );
         assert_eq!(
             delivery(Transport::VirtioFs, &message(42, 0, b"")),
