@@ -20,6 +20,7 @@ compare "ctr task kill SIGTERM" case_kill
 compare "ctr task kill --all SIGKILL" case_kill_all
 compare "ctr task exec, pause, resume" case_exec_ps_pause
 compare "ctr task exec: three at once" case_concurrent_execs
+compare "ctr run --mount type=bind" case_bind_mount
 
 # Properties without a runc counterpart to compare against.
 metrics_and_ps() {

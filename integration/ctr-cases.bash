@@ -109,3 +109,13 @@ case_concurrent_execs() {
   ctr_ tasks delete "$id" > /dev/null
   ctr_ containers rm "$id"
 }
+case_bind_mount() {
+  # A host directory bound read-write and a host file read-only: read, written, refused.
+  local d="$WORK/bind-$1"; rm -rf "$d"; mkdir -p "$d/dir"; echo from-host > "$d/dir/in"; echo conf > "$d/file"
+  # shellcheck disable=SC2046
+  ctr_ run --rm $(rt "$1") \
+    --mount "type=bind,src=$d/dir,dst=/data,options=rbind:rw" \
+    --mount "type=bind,src=$d/file,dst=/etc/app.conf,options=rbind:ro" \
+    "$IMAGE" "$(next_id "$1")" sh -c 'cat /data/in /etc/app.conf; echo out > /data/out; echo x > /etc/app.conf 2>/dev/null || echo ro'
+  cat "$d/dir/out" "$d/file"
+}

@@ -214,6 +214,12 @@ case_file_bind() {
   run_ "$1" --rm -v "$f:/etc/one.conf" "$IMG" sh -c 'cat /etc/one.conf; echo two >> /etc/one.conf; ls /etc | grep -c "^file-"'
   cat "$f"
 }
+case_volume_files() {
+  local d="$WORK/vol-files-$1"; rm -rf "$d"; mkdir -p "$d"
+  run_ "$1" --rm -v "$d:/d" "$IMG" sh -c \
+    'truncate -s 5G /d/sparse; printf x | dd of=/d/sparse bs=1 seek=6442450944 conv=notrunc 2>/dev/null; stat -c %s /d/sparse; echo a > /d/a; mv /d/a /d/b; ls /d'
+  du -k "$d/sparse" | cut -f1; stat -c %s "$d/sparse"; cat "$d/b"
+}
 case_sqlite_volume() {
   local v="sqlite-$1"; docker_ volume rm -f "$v" > /dev/null 2>&1
   run_ "$1" --rm -v "$v:/db" "$SQLITE_IMG" sqlite3 /db/t.db \
@@ -228,6 +234,7 @@ compare "--mount type=bind,readonly" case_mount_bind_readonly
 compare "named volume, two containers" case_named_volume
 compare "nested binds, bind over the image" case_nested_binds
 compare "-v FILE" case_file_bind
+compare "sparse file > 4 GiB, rename" case_volume_files
 compare "sqlite (WAL, mmap) on a volume" case_sqlite_volume
 
 # Properties without a runc counterpart to compare against.

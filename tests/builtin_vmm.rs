@@ -217,13 +217,23 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
     );
 
     // Also what the guest made of the console's ports and of the virtio-fs device (a
-    // device its driver bound, listed under the driver).
-    let bundle = env.bundle(&[
+    // device its driver bound, listed under the driver), and a volume served through that
+    // device: read from the host, written back.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("in"), "from the host\n").unwrap();
+    let mut bundle = env.bundle(&[
         "sh",
         "-c",
         "uname -r; cat /proc/sys/kernel/random/boot_id; cat /sys/class/virtio-ports/*/name; \
-         ls /sys/bus/virtio/drivers/virtiofs | grep '^virtio'; exit 3",
+         ls /sys/bus/virtio/drivers/virtiofs | grep '^virtio'; grep ' /data ' /proc/mounts | cut -d' ' -f3; \
+         cat /data/in; echo \"$(cat /proc/sys/kernel/random/boot_id)\" > /data/out; exit 3",
     ]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": volume.path(),
+            "options": ["rbind", "rprivate"],
+        }))
+    });
     let run = |id: &str| {
         let log = env.root().join(format!("{id}.log"));
         let out = common::output_of(
@@ -260,6 +270,16 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
     assert!(
         lines.get(4).is_some_and(|l| l.starts_with("virtio")),
         "no device bound to the virtiofs driver: {booted_out}"
+    );
+    assert_eq!(
+        lines.get(5..7),
+        Some(&["virtiofs", "from the host"][..]),
+        "the volume is not the host's directory over virtio-fs: {booted_out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.path().join("out")).unwrap(),
+        format!("{}\n", lines[1]),
+        "the container's write is not on the host"
     );
     assert!(!text(&booted.stderr).contains("fake qemu"));
     assert!(log.contains("baked snapshot"), "{log}");
