@@ -132,10 +132,6 @@ pub enum Request {
     /// Attaches the guest's network interfaces (held detached until now) and configures
     /// them as the container's host-side interfaces are.
     ConfigureNetwork(NetworkConfig),
-    /// New contents for [`MountKind::File`] binds (docker rewrites resolv.conf and hosts when
-    /// it connects the network, after create): `(destination, contents)`. The agent rewrites
-    /// the file it keeps, in place, and only if the contents changed.
-    UpdateFiles(Vec<(String, Vec<u8>)>),
     /// The answer to a [`AgentMessage::DnsQuery`] the host relayed.
     DnsAnswer {
         id: u64,
@@ -161,7 +157,6 @@ impl Request {
             Request::CloseStdin { .. } => "close_stdin",
             Request::ListProcesses => "list_processes",
             Request::ConfigureNetwork(_) => "configure_network",
-            Request::UpdateFiles(_) => "update_files",
             Request::DnsAnswer { .. } => "dns_answer",
             Request::Shutdown => "shutdown",
         }
@@ -322,18 +317,6 @@ pub enum MountKind {
         source: String,
         options: Vec<String>,
     },
-    /// A small host file bind (`/etc/hosts`, `/etc/resolv.conf`, docker's init binary, …):
-    /// the agent keeps the contents in a file of its own, outside the container root, and
-    /// binds it over the destination (made an empty file if the image has none), so the
-    /// image is never written and a read-only root works.
-    File {
-        contents: Vec<u8>,
-        mode: u32,
-        readonly: bool,
-    },
-    /// A host directory bind that cannot be shared into this guest: an empty directory, so
-    /// the destination exists (what is left out is logged on the host).
-    EmptyDirectory { readonly: bool },
     /// A host file or directory shared live: entry `index` of the VM's share filesystem (the
     /// host FUSE server's root lists its shares as `0`, `1`, …), bound onto the destination
     /// (made an empty file or directory like the source if the image has none), read-only if

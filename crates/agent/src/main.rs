@@ -7,7 +7,6 @@
 //! (see `shares`) and touch nothing a child that shares the agent's memory until `exec`
 //! (see `spawn`) uses.
 
-mod bound_files;
 mod caps;
 mod channel;
 mod cmdline;

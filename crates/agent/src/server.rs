@@ -16,7 +16,6 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::bound_files::BoundFiles;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
 use crate::{agent_debug, agent_log, network, procfs, setup, spawn, warm};
@@ -100,8 +99,6 @@ pub struct Server {
     prepared_root: Option<agent_proto::RootfsSpec>,
     /// Work left for the container's first process (PID 1 of its pid namespace).
     proc_finish: Option<setup::ProcFinish>,
-    /// The host files bound into the container, once it is set up.
-    bound_files: Option<BoundFiles>,
     /// virtio-net devices held detached until the host connects them.
     detached_nics: network::DetachedNics,
     dns: Option<network::DnsRelay>,
@@ -140,7 +137,6 @@ impl Server {
             container_ready: false,
             prepared_root: None,
             proc_finish: None,
-            bound_files: None,
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
             shutdown: false,
@@ -356,9 +352,7 @@ impl Server {
                     }
                     None => self.prepare_root(config.rootfs.clone())?,
                 }
-                let root = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
-                self.proc_finish = root.proc_finish;
-                self.bound_files = Some(root.bound_files);
+                self.proc_finish = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -452,18 +446,6 @@ impl Server {
                     .map_err(|e| AgentError(e.0))?;
                 if config.dns_relay && self.dns.is_none() {
                     self.dns = Some(network::DnsRelay::bind().map_err(|e| AgentError(e.0))?);
-                }
-                Ok(Reply::Ok)
-            }
-            Request::UpdateFiles(files) => {
-                let Some(bound) = &mut self.bound_files else {
-                    return Err(AgentError("the container is not set up".into()));
-                };
-                for (destination, contents) in files {
-                    let changed = bound
-                        .update(&destination, &contents)
-                        .map_err(|e| AgentError(e.0))?;
-                    agent_debug!("update {destination}: changed {changed}");
                 }
                 Ok(Reply::Ok)
             }

@@ -12,14 +12,13 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use agent_proto::{ContainerSetup, MountKind, MountSpec, RootfsSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
-use crate::bound_files::{BoundFiles, BACKING_DIR};
 use crate::error::{err, SetupError};
 use crate::shares::Shares;
 use crate::{agent_debug, agent_log};
@@ -56,7 +55,6 @@ pub fn prepare_root(rootfs: &RootfsSpec) -> Result<&'static Path, SetupError> {
     for dir in ["upper", "work"] {
         fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
     }
-    fs::create_dir(BACKING_DIR).map_err(err(format!("mkdir {BACKING_DIR}")))?;
     let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
     mount(
         Some("overlay"),
@@ -101,25 +99,15 @@ fn is_under(path: &str, dirs: &[String]) -> bool {
         .any(|d| path == d || path.starts_with(&format!("{}/", d.trim_end_matches('/'))))
 }
 
-/// The container root, entered and set up.
-#[derive(Debug)]
-pub struct ContainerRoot {
-    /// The host files bound into it, for later updates.
-    pub bound_files: BoundFiles,
-    /// With a pid namespace, the part the first process must do itself.
-    pub proc_finish: Option<ProcFinish>,
-}
-
 /// Mounts everything in the root [`prepare_root`] made and enters it; after this `/` is the
-/// container's.
-pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupError> {
+/// container's. With a pid namespace, returns the part the first process must do itself.
+pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
         let file = Path::new("/proc/sys").join(key.replace('.', "/"));
         fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
     }
-    let mut bound_files = BoundFiles::open()?;
     // Mounted outside the container root, so before entering it.
     let shares = if setup
         .mounts
@@ -151,11 +139,6 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupErr
             continue;
         }
         match &m.kind {
-            MountKind::File {
-                contents,
-                mode,
-                readonly,
-            } => bind_file(&mut bound_files, m, contents, *mode, *readonly)?,
             MountKind::Share { index, readonly } => {
                 let Some(shares) = &shares else {
                     return Err(SetupError(format!("no shares for {}", m.destination)));
@@ -214,10 +197,7 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<ContainerRoot, SetupErr
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
             .map_err(err("new pid namespace"))?;
     }
-    Ok(ContainerRoot {
-        bound_files,
-        proc_finish: setup.pid_namespace.then_some(finish),
-    })
+    Ok(setup.pid_namespace.then_some(finish))
 }
 
 fn enter_root(root: &Path) -> Result<(), SetupError> {
@@ -303,66 +283,15 @@ fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
                 remount_readonly(&target, flags)?;
             }
         }
-        // Made by `bind_file` and `Shares::bind` in the setup, never deferred to the first
-        // process.
-        MountKind::File { .. } | MountKind::Share { .. } => {
+        // Made by `Shares::bind` in the setup, never deferred to the first process.
+        MountKind::Share { .. } => {
             return Err(SetupError(format!(
                 "bind on {} outside the container setup",
                 m.destination
             )))
         }
-        MountKind::EmptyDirectory { readonly } => {
-            mkdir_p(&target)?;
-            if *readonly {
-                mount(
-                    Some(&target),
-                    &target,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(err(format!("bind {}", m.destination)))?;
-                remount_readonly(&target, MsFlags::MS_BIND)?;
-            }
-        }
     }
     Ok(())
-}
-
-/// Binds a host file (kept by the agent) over its destination, made an empty file first if
-/// the image has none, while the root is still writable.
-fn bind_file(
-    files: &mut BoundFiles,
-    m: &MountSpec,
-    contents: &[u8],
-    mode: u32,
-    readonly: bool,
-) -> Result<(), SetupError> {
-    let target = in_root(&m.destination);
-    agent_debug!("bind file {}", m.destination);
-    match fs::metadata(&target) {
-        Ok(meta) if meta.is_dir() => {
-            return Err(SetupError(format!(
-                "{} is a directory in the image",
-                m.destination
-            )))
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Some(parent) = target.parent() {
-                mkdir_p(parent)?;
-            }
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .open(&target)
-                .map_err(err(format!("create {}", m.destination)))?;
-        }
-        Err(e) => return Err(SetupError(format!("stat {}: {e}", m.destination))),
-    }
-    files.bind(&m.destination, &target, contents, mode, readonly)
 }
 
 fn remount_readonly(target: &Path, flags: MsFlags) -> Result<(), SetupError> {

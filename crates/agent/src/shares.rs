@@ -18,9 +18,11 @@
 //! opened close-on-exec and share no state with the main thread, so a process the agent
 //! spawns while sharing its memory (see `spawn`) meets nothing of theirs.
 
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -30,7 +32,6 @@ use nix::fcntl::OFlag;
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::Mode;
 
-use crate::bound_files::bind_at;
 use crate::channel::find_port;
 use crate::error::{err, SetupError};
 use crate::{agent_debug, agent_log};
@@ -44,6 +45,14 @@ const FS_PORT: &str = "fs.0";
 /// The virtio device id of virtio-fs, as sysfs shows it.
 const VIRTIO_ID_FS: &str = "0x001a";
 const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
+
+// The new mount API (Linux 5.2), as in <linux/mount.h>: it binds an entry of a directory the
+// agent holds open (the share filesystem's root), which has no path once the agent has
+// entered the container root.
+const OPEN_TREE_CLONE: libc::c_uint = 0x1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_SYMLINKS: libc::c_uint = 0x10;
 
 /// `struct fuse_out_header`: len (u32), error (i32), unique (u64).
 const OUT_HEADER_LEN: usize = 16;
@@ -279,6 +288,68 @@ fn make_target(target: &Path, directory: bool) -> io::Result<()> {
         .mode(0o644)
         .open(target)
         .map(drop)
+}
+
+/// Binds `name` in the directory `dir` onto `target` (in the agent's root, the container's
+/// once entered), read-only if `readonly`: a bind from a directory that has no path there.
+fn bind_at(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    target: &Path,
+    readonly: bool,
+    destination: &str,
+) -> Result<(), SetupError> {
+    let name_c = CString::new(name).map_err(err(format!("the source of {destination}")))?;
+    let target_c =
+        CString::new(target.as_os_str().as_bytes()).map_err(err(destination.to_string()))?;
+    // SAFETY: open_tree reads a NUL-terminated path relative to a directory fd the
+    // caller holds open; it returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            name_c.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
+        )
+    };
+    if tree < 0 {
+        return Err(SetupError(format!(
+            "clone the source of {destination}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: open_tree returned a new descriptor (it fits a c_int) that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as libc::c_int) };
+    let empty = c"";
+    // SAFETY: move_mount reads two NUL-terminated paths that outlive the call and uses the
+    // detached mount `tree` owns; the target resolves in the agent's root, the container's.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
+        )
+    };
+    if moved != 0 {
+        return Err(SetupError(format!(
+            "bind {destination}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if readonly {
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(err(format!("remount {destination} read-only")))?;
+    }
+    Ok(())
 }
 
 fn is_mount_point(path: &Path) -> Result<bool, SetupError> {
