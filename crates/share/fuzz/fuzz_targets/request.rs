@@ -9,29 +9,31 @@ use libfuzzer_sys::fuzz_target;
 use share::{Server, ShareSpec};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     server: Server,
 }
 
+/// The shared tree, made afresh by each run in the fuzz crate's own target directory (the
+/// server lives as long as the process, so a temporary directory would outlive its guard).
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("d")).expect("d");
-        std::fs::write(dir.path().join("d/f"), b"fuzz").expect("f");
-        std::os::unix::fs::symlink("/etc/shadow", dir.path().join("s")).expect("s");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/share-fixture");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("d")).expect("d");
+        std::fs::write(dir.join("d/f"), b"fuzz").expect("f");
+        std::os::unix::fs::symlink("/etc/shadow", dir.join("s")).expect("s");
         let server = Server::new(vec![
             ShareSpec {
-                source: dir.path().to_path_buf(),
+                source: dir.clone(),
                 read_only: false,
             },
             ShareSpec {
-                source: dir.path().join("d/f"),
+                source: dir.join("d/f"),
                 read_only: true,
             },
         ])
         .expect("server");
-        Fixture { _dir: dir, server }
+        Fixture { server }
     })
 }
 
