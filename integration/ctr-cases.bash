@@ -116,6 +116,6 @@ case_bind_mount() {
   ctr_ run --rm $(rt "$1") \
     --mount "type=bind,src=$d/dir,dst=/data,options=rbind:rw" \
     --mount "type=bind,src=$d/file,dst=/etc/app.conf,options=rbind:ro" \
-    "$IMAGE" "$(next_id "$1")" sh -c 'cat /data/in /etc/app.conf; echo out > /data/out; echo x > /etc/app.conf 2>/dev/null || echo ro'
+    "$IMAGE" "$(next_id "$1")" sh -c 'cat /data/in /etc/app.conf; echo out > /data/out; (echo x > /etc/app.conf) 2>/dev/null || echo ro'
   cat "$d/dir/out" "$d/file"
 }
