@@ -100,6 +100,9 @@ bench: deps guest kernel-variants build
 	scripts/install-deps.sh test
 	scripts/bench-docker.sh $(CURDIR)/$(BIN)/supermachine
 	scripts/bench-network.sh $(CURDIR)/$(BIN)/supermachine
+	# Shared filesystems: runc's bind mount, each engine's share, and QEMU's virtio-fs
+	# (virtiofsd) and 9p for reference. BENCH_FS_ARGS="--mib 16 --files 500 --tree 2000" is quick.
+	scripts/bench-fs.py $(CURDIR)/$(BIN)/supermachine $(BENCH_FS_ARGS)
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine
