@@ -114,8 +114,8 @@ pub(crate) struct Inode {
     /// never through a host path.
     access: NodeAccess,
     /// A descriptor on the node's own filesystem (st_dev), from which its handle and those
-    /// of its descendants on the same filesystem are reopened: the share root's, or that of
-    /// the mount point below which the node lies.
+    /// of its descendants on the same filesystem are reopened: the share root's directory,
+    /// or the mount point's below which the node lies (see [`mount_anchor`]).
     mount: Arc<OwnedFd>,
     /// Whether open_by_handle_at works on `mount` (it needs CAP_DAC_READ_SEARCH and a
     /// filesystem that decodes handles); when not, every node below keeps its descriptor.
@@ -148,16 +148,23 @@ impl AsRawFd for NodeFd<'_> {
     }
 }
 
-/// Whether handles made on `fd`'s filesystem reopen: the test is one round trip.
-fn handles_reopen(fd: &OwnedFd, handle: Option<&[u8]>) -> bool {
-    let Some(handle) = handle else {
-        return false;
+/// The anchor of the filesystem a directory inode (`fd`, O_PATH) is on: a descriptor of
+/// it opened for reading (open_by_handle_at refuses an O_PATH one as its mount), and
+/// whether handles made there reopen on it (one round trip tells). A non-directory has no
+/// descendants, so its own descriptor is its anchor, never used.
+fn mount_anchor(fd: &Arc<OwnedFd>, kind: u32, handle: Option<&[u8]>) -> (Arc<OwnedFd>, bool) {
+    let Some(handle) = handle.filter(|_| kind == libc::S_IFDIR) else {
+        return (fd.clone(), false);
     };
-    match sys::open_by_handle(fd.as_raw_fd(), handle, libc::O_PATH) {
-        Ok(_) => true,
+    let probe = sys::reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY).and_then(|dir| {
+        sys::open_by_handle(dir.as_raw_fd(), handle, libc::O_PATH)?;
+        Ok(dir)
+    });
+    match probe {
+        Ok(dir) => (Arc::new(dir), true),
         Err(e) => {
             log::debug!("share: file handles do not reopen here (errno {e}): descriptors kept");
-            false
+            (fd.clone(), false)
         }
     }
 }
@@ -167,10 +174,11 @@ impl Inode {
     fn root(nodeid: u64, fd: OwnedFd, key: InodeKey, kind: u32, read_only: bool) -> Inode {
         let handle = sys::file_handle(fd.as_raw_fd()).ok();
         let fd = Arc::new(fd);
+        let (mount, reopenable) = mount_anchor(&fd, kind, handle.as_deref());
         Inode {
             nodeid,
-            reopenable: handles_reopen(&fd, handle.as_deref()),
-            mount: fd.clone(),
+            reopenable,
+            mount,
             access: NodeAccess::Kept { fd, _slot: None },
             handle,
             key,
@@ -196,12 +204,10 @@ impl Inode {
         let handle = sys::file_handle(fd.as_raw_fd()).ok();
         let (access, mount, reopenable) = if st.st_dev != parent.key.dev {
             let fd = Arc::new(fd);
-            let reopenable = handles_reopen(&fd, handle.as_deref());
-            let access = NodeAccess::Kept {
-                fd: fd.clone(),
-                _slot: None,
-            };
-            (access, fd, reopenable)
+            let (mount, reopenable) =
+                mount_anchor(&fd, st.st_mode & libc::S_IFMT, handle.as_deref());
+            let access = NodeAccess::Kept { fd, _slot: None };
+            (access, mount, reopenable)
         } else {
             let access = match (&handle, parent.reopenable) {
                 (Some(handle), true) => match budget.take() {
