@@ -986,9 +986,10 @@ fn nodes_beyond_the_fd_budget_serve_every_operation_by_handle_with_bounded_fds()
 }
 
 #[test]
-fn a_guest_walk_of_25000_entries_keeps_descriptors_within_the_process_budget() {
-    const DIRS: usize = 50;
-    const FILES: usize = 500;
+fn a_guest_walk_of_5000_entries_keeps_descriptors_within_a_budget_of_100() {
+    const DIRS: usize = 10;
+    const FILES: usize = 499;
+    const BUDGET: usize = 100;
     let dir = tempfile::tempdir().expect("tempdir");
     for i in 0..DIRS {
         let d = dir.path().join(format!("d{i}"));
@@ -997,7 +998,7 @@ fn a_guest_walk_of_25000_entries_keeps_descriptors_within_the_process_budget() {
             std::fs::File::create(d.join(format!("f{j}"))).expect("create");
         }
     }
-    let server = server_over(dir.path(), false);
+    let (server, budget) = server_with_budget(dir.path(), BUDGET);
     let root = share_root(&server);
     let mut seen = 0;
     for (_, d) in readdirplus_all(&server, root) {
@@ -1008,17 +1009,10 @@ fn a_guest_walk_of_25000_entries_keeps_descriptors_within_the_process_budget() {
         }
     }
     assert_eq!(seen, DIRS * (FILES + 1));
-    let mut limit: libc::rlimit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid out-pointer.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
+    assert_eq!(budget.used(), BUDGET);
+    // The budget's nodes, the share root and its anchor.
     assert!(
-        (fds_under(dir.path()) as u64) <= limit.rlim_cur / 2 + 4,
+        fds_under(dir.path()) <= BUDGET + 2,
         "{} descriptors held in the share",
         fds_under(dir.path())
     );
