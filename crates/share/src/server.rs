@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use lock_ext::LockExt;
@@ -33,12 +33,95 @@ pub(crate) struct InodeKey {
     ino: u64,
 }
 
+/// How many node descriptors may stay cached, process-wide (every server of the process
+/// takes from the same budget unless a test gives it its own): a guest walking a large tree
+/// must not make the host process run out of descriptors.
+#[derive(Debug)]
+pub(crate) struct FdBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl FdBudget {
+    pub(crate) fn new(limit: usize) -> Arc<FdBudget> {
+        Arc::new(FdBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// The budget of this process: half of its (raised) open-file soft limit, the other
+    /// half left to open files, directory handles and everything else of the process.
+    fn process() -> Arc<FdBudget> {
+        static PROCESS: OnceLock<Arc<FdBudget>> = OnceLock::new();
+        PROCESS
+            .get_or_init(|| {
+                let soft = match sys::raise_nofile_limit() {
+                    Ok(soft) => soft,
+                    Err(e) => {
+                        log::debug!("share: cannot read RLIMIT_NOFILE: errno {e}");
+                        1024
+                    }
+                };
+                FdBudget::new(usize::try_from(soft / 2).unwrap_or(usize::MAX))
+            })
+            .clone()
+    }
+
+    fn take(self: &Arc<Self>) -> Option<BudgetSlot> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < self.limit).then_some(used + 1)
+            })
+            .ok()
+            .map(|_| BudgetSlot(self.clone()))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// One cached node descriptor counted in a budget, given back when the node is dropped.
+#[derive(Debug)]
+struct BudgetSlot(Arc<FdBudget>);
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How an operation reaches a node's host inode.
+#[derive(Debug)]
+enum NodeAccess {
+    /// An O_PATH|O_NOFOLLOW descriptor held for the node's life: the share roots, nodes
+    /// while the budget allows, nodes on a filesystem that gives no file handles, and the
+    /// first node of a filesystem mounted inside a share (the mount point).
+    Kept {
+        fd: Arc<OwnedFd>,
+        _slot: Option<BudgetSlot>,
+    },
+    /// Reopened per operation by its file handle on `Inode::mount`.
+    Reopened { handle: Vec<u8> },
+}
+
 #[derive(Debug)]
 pub(crate) struct Inode {
     pub(crate) nodeid: u64,
-    /// O_PATH|O_NOFOLLOW descriptor of the host inode: every operation on the node goes
-    /// through it, never through a host path.
-    pub(crate) fd: OwnedFd,
+    /// Every operation on the node goes through a descriptor of its inode (see [`Inode::fd`]),
+    /// never through a host path.
+    access: NodeAccess,
+    /// A descriptor on the node's own filesystem (st_dev), from which its handle and those
+    /// of its descendants on the same filesystem are reopened: the share root's directory,
+    /// or the mount point's below which the node lies (see [`mount_anchor`]).
+    mount: Arc<OwnedFd>,
+    /// Whether open_by_handle_at works on `mount` (it needs CAP_DAC_READ_SEARCH and a
+    /// filesystem that decodes handles); when not, every node below keeps its descriptor.
+    reopenable: bool,
+    /// The inode's file handle (type then bytes), None when its filesystem gives none.
+    pub(crate) handle: Option<Vec<u8>>,
     pub(crate) key: InodeKey,
     /// S_IFMT bits of the host inode.
     pub(crate) kind: u32,
@@ -48,7 +131,132 @@ pub(crate) struct Inode {
     lookups: AtomicU64,
 }
 
+/// A descriptor of a node's inode, valid while the guard lives: the node's cached one
+/// borrowed, or one reopened for this operation and closed with the guard.
+#[derive(Debug)]
+pub(crate) enum NodeFd<'a> {
+    Cached(&'a OwnedFd),
+    Reopened(OwnedFd),
+}
+
+impl AsRawFd for NodeFd<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            NodeFd::Cached(fd) => fd.as_raw_fd(),
+            NodeFd::Reopened(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
+/// The anchor of the filesystem a directory inode (`fd`, O_PATH) is on: a descriptor of
+/// it opened for reading (open_by_handle_at refuses an O_PATH one as its mount), and
+/// whether handles made there reopen on it (one round trip tells). A non-directory has no
+/// descendants, so its own descriptor is its anchor, never used.
+fn mount_anchor(fd: &Arc<OwnedFd>, kind: u32, handle: Option<&[u8]>) -> (Arc<OwnedFd>, bool) {
+    let Some(handle) = handle.filter(|_| kind == libc::S_IFDIR) else {
+        return (fd.clone(), false);
+    };
+    let probe = sys::reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY).and_then(|dir| {
+        sys::open_by_handle(dir.as_raw_fd(), handle, libc::O_PATH)?;
+        Ok(dir)
+    });
+    match probe {
+        Ok(dir) => (Arc::new(dir), true),
+        Err(e) => {
+            log::debug!("share: file handles do not reopen here (errno {e}): descriptors kept");
+            (fd.clone(), false)
+        }
+    }
+}
+
 impl Inode {
+    /// A share's root: its descriptor is kept, and anchors the handles of the share.
+    fn root(nodeid: u64, fd: OwnedFd, key: InodeKey, kind: u32, read_only: bool) -> Inode {
+        let handle = sys::file_handle(fd.as_raw_fd()).ok();
+        let fd = Arc::new(fd);
+        let (mount, reopenable) = mount_anchor(&fd, kind, handle.as_deref());
+        Inode {
+            nodeid,
+            reopenable,
+            mount,
+            access: NodeAccess::Kept { fd, _slot: None },
+            handle,
+            key,
+            kind,
+            read_only,
+            pinned: true,
+            lookups: AtomicU64::new(0),
+        }
+    }
+
+    /// A node found by a confined lookup in `parent` (`fd` is what that lookup opened). The
+    /// rule for its descriptor: a node on another filesystem than its parent (a mount
+    /// point inside the share) keeps it and becomes the anchor of its own filesystem; a
+    /// node on its parent's filesystem keeps it while the budget allows, else drops it and
+    /// is reopened by handle on the parent's anchor; without a usable handle it keeps it.
+    fn child(
+        parent: &Inode,
+        nodeid: u64,
+        fd: OwnedFd,
+        st: &libc::stat,
+        budget: &Arc<FdBudget>,
+    ) -> Inode {
+        let handle = sys::file_handle(fd.as_raw_fd()).ok();
+        let (access, mount, reopenable) = if st.st_dev != parent.key.dev {
+            let fd = Arc::new(fd);
+            let (mount, reopenable) =
+                mount_anchor(&fd, st.st_mode & libc::S_IFMT, handle.as_deref());
+            let access = NodeAccess::Kept { fd, _slot: None };
+            (access, mount, reopenable)
+        } else {
+            let access = match (&handle, parent.reopenable) {
+                (Some(handle), true) => match budget.take() {
+                    Some(slot) => NodeAccess::Kept {
+                        fd: Arc::new(fd),
+                        _slot: Some(slot),
+                    },
+                    None => NodeAccess::Reopened {
+                        handle: handle.clone(),
+                    },
+                },
+                _ => NodeAccess::Kept {
+                    fd: Arc::new(fd),
+                    _slot: None,
+                },
+            };
+            (access, parent.mount.clone(), parent.reopenable)
+        };
+        Inode {
+            nodeid,
+            access,
+            mount,
+            reopenable,
+            handle,
+            key: parent.child_key(st.st_dev, st.st_ino),
+            kind: st.st_mode & libc::S_IFMT,
+            read_only: parent.read_only,
+            pinned: false,
+            lookups: AtomicU64::new(1),
+        }
+    }
+
+    /// A descriptor of the node's inode for one operation. A node reopened by handle
+    /// whose inode was deleted on the host gives ESTALE.
+    pub(crate) fn fd(&self) -> SysResult<NodeFd<'_>> {
+        match &self.access {
+            NodeAccess::Kept { fd, .. } => Ok(NodeFd::Cached(fd)),
+            NodeAccess::Reopened { handle } => {
+                sys::open_by_handle(self.mount.as_raw_fd(), handle, libc::O_PATH)
+                    .map(NodeFd::Reopened)
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn has_cached_fd(&self) -> bool {
+        matches!(self.access, NodeAccess::Kept { .. })
+    }
+
     fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
@@ -93,6 +301,8 @@ pub struct Server {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     pub(crate) watcher: OnceLock<Arc<Watcher>>,
+    /// Bounds the node descriptors kept open (see [`FdBudget`]).
+    fd_budget: Arc<FdBudget>,
 }
 
 type OpResult = Result<Vec<u8>, Errno>;
@@ -141,6 +351,15 @@ fn entry_bytes(entry: &EntryOut) -> Vec<u8> {
 impl Server {
     /// Opens every source now (O_PATH), so a missing source fails here, naming it.
     pub fn new(shares: Vec<ShareSpec>) -> Result<Server, ShareError> {
+        // Raises the process's open-file soft limit (once) before sizing the budget on it.
+        Self::with_fd_budget(shares, FdBudget::process())
+    }
+
+    /// A server whose nodes keep at most `budget`'s descriptors (tests give a small one).
+    pub(crate) fn with_fd_budget(
+        shares: Vec<ShareSpec>,
+        fd_budget: Arc<FdBudget>,
+    ) -> Result<Server, ShareError> {
         let mut table = InodeTable {
             next_id: abi::ROOT_ID + 1,
             ..InodeTable::default()
@@ -177,15 +396,7 @@ impl Server {
             table.by_key.insert(key, nodeid);
             table.nodes.insert(
                 nodeid,
-                Arc::new(Inode {
-                    nodeid,
-                    fd,
-                    key,
-                    kind,
-                    read_only: spec.read_only,
-                    pinned: true,
-                    lookups: AtomicU64::new(0),
-                }),
+                Arc::new(Inode::root(nodeid, fd, key, kind, spec.read_only)),
             );
             share_roots.push(nodeid);
         }
@@ -196,6 +407,7 @@ impl Server {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(ROOT_FH + 1),
             watcher: OnceLock::new(),
+            fd_budget,
         })
     }
 
@@ -356,7 +568,7 @@ impl Server {
             return Err(libc::ENOTDIR);
         }
         let fd = sys::openat(
-            parent.fd.as_raw_fd(),
+            parent.fd()?.as_raw_fd(),
             name,
             libc::O_PATH | libc::O_NOFOLLOW,
             0,
@@ -377,15 +589,7 @@ impl Server {
                 None => {
                     let nodeid = table.next_id;
                     table.next_id += 1;
-                    let node = Arc::new(Inode {
-                        nodeid,
-                        fd,
-                        key,
-                        kind: st.st_mode & libc::S_IFMT,
-                        read_only: parent.read_only,
-                        pinned: false,
-                        lookups: AtomicU64::new(1),
-                    });
+                    let node = Arc::new(Inode::child(parent, nodeid, fd, &st, &self.fd_budget));
                     table.by_key.insert(key, nodeid);
                     table.nodes.insert(nodeid, node.clone());
                     (node, true)
@@ -423,7 +627,7 @@ impl Server {
             .ok_or(libc::ENOENT)?;
         let nodeid = *self.share_roots.get(index).ok_or(libc::ENOENT)?;
         let node = self.any_node(nodeid)?;
-        let st = sys::fstat(node.fd.as_raw_fd())?;
+        let st = sys::fstat(node.fd()?.as_raw_fd())?;
         node.lookups.fetch_add(1, Ordering::Relaxed);
         Ok(EntryOut {
             nodeid,
@@ -477,7 +681,7 @@ impl Server {
             return Ok(self.root_attr());
         }
         let node = self.node(nodeid)?;
-        let st = sys::fstat(node.fd.as_raw_fd())?;
+        let st = sys::fstat(node.fd()?.as_raw_fd())?;
         Ok(attr_from_stat(&st))
     }
 
@@ -497,14 +701,14 @@ impl Server {
         header: &InHeader,
         mode: u32,
     ) -> SysResult<()> {
-        let parent_st = sys::fstat(parent.fd.as_raw_fd())?;
+        let parent_st = sys::fstat(parent.fd()?.as_raw_fd())?;
         // A setgid directory gives its group to what is created in it, as on the host.
         let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
             u32::MAX
         } else {
             header.gid
         };
-        sys::fchown(node.fd.as_raw_fd(), header.uid, gid)?;
+        sys::fchown(node.fd()?.as_raw_fd(), header.uid, gid)?;
         if node.is_symlink() {
             return Ok(());
         }
@@ -512,9 +716,9 @@ impl Server {
         if node.is_dir() && parent_st.st_mode & libc::S_ISGID != 0 {
             wanted |= libc::S_ISGID;
         }
-        let st = sys::fstat(node.fd.as_raw_fd())?;
+        let st = sys::fstat(node.fd()?.as_raw_fd())?;
         if st.st_mode & 0o7777 != wanted {
-            sys::chmod_fd(node.fd.as_raw_fd(), wanted)?;
+            sys::chmod_fd(node.fd()?.as_raw_fd(), wanted)?;
         }
         Ok(())
     }
@@ -529,14 +733,14 @@ impl Server {
     ) -> OpResult {
         let parent = self.writable_dir(header.nodeid)?;
         let name = checked_name(name)?;
-        make(parent.fd.as_raw_fd(), &name)?;
+        make(parent.fd()?.as_raw_fd(), &name)?;
         let entry = self.lookup_child(&parent, &name)?;
         let node = self.node(entry.nodeid)?;
         if let Err(e) = self.adopt_new_node(&parent, &node, header, mode) {
             self.forget(entry.nodeid, 1);
             return Err(e);
         }
-        let st = sys::fstat(node.fd.as_raw_fd())?;
+        let st = sys::fstat(node.fd()?.as_raw_fd())?;
         Ok(entry_bytes(&EntryOut {
             attr: attr_from_stat(&st),
             ..entry
@@ -599,16 +803,27 @@ impl Server {
     }
 
     fn getattr(&self, h: &InHeader, r: &mut Reader) -> OpResult {
-        r.take(16).map_err(malformed)?; // fuse_getattr_in
-                                        // The handle (GETATTR_FH) names the same inode as the node; the node's own
-                                        // descriptor answers for both.
+        let flags = r.u32().map_err(malformed)?;
+        r.u32().map_err(malformed)?;
+        let fh = r.u64().map_err(malformed)?;
+        if flags & abi::GETATTR_FH != 0 && h.nodeid != abi::ROOT_ID {
+            // The open file answers: a node reopened by handle cannot be once its inode
+            // was unlinked on the host, while the guest may still fstat its open file.
+            let node = self.node(h.nodeid)?;
+            let handle = self.handle_of(node.nodeid, fh)?;
+            let st = sys::fstat(handle.fd.as_raw_fd())?;
+            let mut w = Writer::default();
+            abi::write_attr_out(&mut w, CACHE_TIMEOUT_SECS, &attr_from_stat(&st));
+            return Ok(w.bytes);
+        }
         self.attr_reply(h.nodeid)
     }
 
     fn setattr(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let a = abi::SetattrIn::parse(r).map_err(malformed)?;
         let node = self.writable_node(h.nodeid)?;
-        let fd = node.fd.as_raw_fd();
+        let node_fd = node.fd()?;
+        let fd = node_fd.as_raw_fd();
         if a.valid & abi::FATTR_MODE != 0 {
             if node.is_symlink() {
                 return Err(libc::EOPNOTSUPP);
@@ -682,7 +897,7 @@ impl Server {
         if !node.is_symlink() {
             return Err(libc::EINVAL);
         }
-        sys::readlink(node.fd.as_raw_fd())
+        sys::readlink(node.fd()?.as_raw_fd())
     }
 
     fn symlink(&self, h: &InHeader, r: &mut Reader) -> OpResult {
@@ -721,7 +936,7 @@ impl Server {
         let name = r.cstr().map_err(malformed)?;
         let parent = self.writable_dir(h.nodeid)?;
         let name = checked_name(name)?;
-        sys::unlinkat(parent.fd.as_raw_fd(), &name, flags)?;
+        sys::unlinkat(parent.fd()?.as_raw_fd(), &name, flags)?;
         Ok(Vec::new())
     }
 
@@ -748,9 +963,9 @@ impl Server {
         let old = checked_name(old)?;
         let new = checked_name(new)?;
         sys::renameat2(
-            old_dir.fd.as_raw_fd(),
+            old_dir.fd()?.as_raw_fd(),
             &old,
-            new_dir.fd.as_raw_fd(),
+            new_dir.fd()?.as_raw_fd(),
             &new,
             flags,
         )?;
@@ -769,7 +984,7 @@ impl Server {
             return Err(libc::EPERM);
         }
         let name = checked_name(name)?;
-        sys::link_fd(node.fd.as_raw_fd(), parent.fd.as_raw_fd(), &name)?;
+        sys::link_fd(node.fd()?.as_raw_fd(), parent.fd()?.as_raw_fd(), &name)?;
         let entry = self.lookup_child(&parent, &name)?;
         Ok(entry_bytes(&entry))
     }
@@ -813,7 +1028,7 @@ impl Server {
         }
         let flags = Self::io_flags(flags);
         Self::open_flags_allowed(&node, flags)?;
-        let fd = sys::reopen(node.fd.as_raw_fd(), flags)?;
+        let fd = sys::reopen(node.fd()?.as_raw_fd(), flags)?;
         Ok(Self::open_reply(self.add_handle(h.nodeid, fd)))
     }
 
@@ -827,7 +1042,8 @@ impl Server {
         let name = checked_name(name)?;
         let guest_flags = Self::io_flags(flags);
         let base = guest_flags | libc::O_NOFOLLOW;
-        let dir = parent.fd.as_raw_fd();
+        let dir_fd = parent.fd()?;
+        let dir = dir_fd.as_raw_fd();
         // Exclusive first, to know whether this request made the file (and so owns it).
         let (fd, created) = match sys::openat(
             dir,
@@ -858,7 +1074,7 @@ impl Server {
                 return Err(e);
             }
         }
-        let st = sys::fstat(node.fd.as_raw_fd())?;
+        let st = sys::fstat(node.fd()?.as_raw_fd())?;
         let fh = self.add_handle(entry.nodeid, fd);
         let mut body = entry_bytes(&EntryOut {
             attr: attr_from_stat(&st),
@@ -954,7 +1170,7 @@ impl Server {
         if !node.is_dir() {
             return Err(libc::ENOTDIR);
         }
-        let fd = sys::reopen(node.fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fd = sys::reopen(node.fd()?.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         Ok(Self::open_reply(self.add_handle(h.nodeid, fd)))
     }
 
@@ -1056,7 +1272,7 @@ impl Server {
         let mut w = Writer::default();
         match fd {
             Some(node) => {
-                let st = sys::fstatfs(node.fd.as_raw_fd())?;
+                let st = sys::fstatfs(node.fd()?.as_raw_fd())?;
                 w.u64(st.f_blocks)
                     .u64(st.f_bfree)
                     .u64(st.f_bavail)
@@ -1117,7 +1333,7 @@ impl Server {
         let value = r.take(size).map_err(malformed)?;
         let node = self.xattr_node(h.nodeid, true)?;
         let name = sys::cstring(name)?;
-        sys::setxattr(node.fd.as_raw_fd(), &name, value, flags)?;
+        sys::setxattr(node.fd()?.as_raw_fd(), &name, value, flags)?;
         Ok(Vec::new())
     }
 
@@ -1140,7 +1356,9 @@ impl Server {
         let name = r.cstr().map_err(malformed)?;
         let node = self.xattr_node(h.nodeid, false)?;
         let name = sys::cstring(name)?;
-        Self::sized_reply(size, |buf| sys::getxattr(node.fd.as_raw_fd(), &name, buf))
+        Self::sized_reply(size, |buf| {
+            sys::getxattr(node.fd()?.as_raw_fd(), &name, buf)
+        })
     }
 
     fn listxattr(&self, h: &InHeader, r: &mut Reader) -> OpResult {
@@ -1150,14 +1368,14 @@ impl Server {
             return Self::sized_reply(size, |_| Ok(0));
         }
         let node = self.xattr_node(h.nodeid, false)?;
-        Self::sized_reply(size, |buf| sys::listxattr(node.fd.as_raw_fd(), buf))
+        Self::sized_reply(size, |buf| sys::listxattr(node.fd()?.as_raw_fd(), buf))
     }
 
     fn removexattr(&self, h: &InHeader, r: &mut Reader) -> OpResult {
         let name = r.cstr().map_err(malformed)?;
         let node = self.xattr_node(h.nodeid, true)?;
         let name = sys::cstring(name)?;
-        sys::removexattr(node.fd.as_raw_fd(), &name)?;
+        sys::removexattr(node.fd()?.as_raw_fd(), &name)?;
         Ok(Vec::new())
     }
 

@@ -322,3 +322,62 @@ pub fn file_handle(fd: RawFd) -> SysResult<Vec<u8>> {
     out.truncate(4 + len);
     Ok(out)
 }
+
+/// Reopens the inode a handle from [`file_handle`] names, on the filesystem `mount` (any
+/// descriptor on that filesystem) holds. Needs CAP_DAC_READ_SEARCH; a deleted inode gives
+/// ESTALE.
+pub fn open_by_handle(mount: RawFd, handle: &[u8], flags: i32) -> SysResult<OwnedFd> {
+    let (Some(typ), Some(bytes)) = (handle.get(..4), handle.get(4..)) else {
+        return Err(libc::EINVAL);
+    };
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }, built in
+    // u32 words so that it has the struct's alignment.
+    let mut buf = Vec::with_capacity(2 + bytes.len().div_ceil(4));
+    buf.push(u32::try_from(bytes.len()).map_err(|_| libc::EINVAL)?);
+    let mut typ_word = [0u8; 4];
+    typ_word.copy_from_slice(typ);
+    buf.push(u32::from_ne_bytes(typ_word));
+    for chunk in bytes.chunks(4) {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        buf.push(u32::from_ne_bytes(word));
+    }
+    // SAFETY: `buf` is a 4-byte-aligned file_handle whose first field is the length of the
+    // handle bytes that follow it in `buf`; the kernel only reads it.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount,
+            buf.as_mut_ptr(),
+            flags | libc::O_CLOEXEC,
+        ) as libc::c_int
+    })?;
+    // SAFETY: `fd` was just returned by open_by_handle_at and is owned here alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Raises this process's soft limit on open files to its hard limit, returning the soft
+/// limit in force afterwards.
+pub fn raise_nofile_limit() -> SysResult<u64> {
+    // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit for the duration of the call.
+        match check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) }) {
+            Ok(_) => return Ok(raised.rlim_cur),
+            Err(e) => {
+                log::debug!(
+                    "share: cannot raise RLIMIT_NOFILE to {}: errno {e}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}

@@ -7,6 +7,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::abi::{self, EntryOut, FsnotifyOut, InHeader, Reader, Writer};
+use crate::server::FdBudget;
 use crate::{Server, ShareSpec};
 
 static UNIQUE: AtomicU64 = AtomicU64::new(1);
@@ -825,4 +826,194 @@ fn serve_stream_answers_requests_framed_by_their_length() {
     }
     assert_eq!(errors, vec![0, 0]);
     drop(guest);
+}
+
+/// Descriptors of this process that point into `dir` (other tests run beside this one).
+fn fds_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+fn server_with_budget(dir: &Path, limit: usize) -> (Server, Arc<FdBudget>) {
+    let budget = FdBudget::new(limit);
+    let server = Server::with_fd_budget(
+        vec![ShareSpec {
+            source: dir.to_path_buf(),
+            read_only: false,
+        }],
+        budget.clone(),
+    )
+    .expect("server");
+    let mut w = Writer::default();
+    w.u32(7).u32(38).u32(65536).u32(u32::MAX);
+    ok(&server, &request(abi::INIT, 0, &w.bytes));
+    (server, budget)
+}
+
+fn opendir(server: &Server, nodeid: u64) -> u64 {
+    let mut w = Writer::default();
+    w.u32(0).u32(0);
+    Reader::new(&ok(server, &request(abi::OPENDIR, nodeid, &w.bytes)))
+        .u64()
+        .expect("fh")
+}
+
+fn release(server: &Server, opcode: u32, nodeid: u64, fh: u64) {
+    let mut w = Writer::default();
+    w.u64(fh).u32(0).u32(0).u64(0);
+    ok(server, &request(opcode, nodeid, &w.bytes));
+}
+
+/// Every entry of a directory through READDIRPLUS (which looks each one up), as
+/// (name, entry) without "." and "..".
+fn readdirplus_all(server: &Server, dir: u64) -> Vec<(String, EntryOut)> {
+    let fh = opendir(server, dir);
+    let mut entries = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut w = Writer::default();
+        w.u64(fh).u64(offset).u32(65536).u32(0).u64(0).u32(0).u32(0);
+        let body = ok(server, &request(abi::READDIRPLUS, dir, &w.bytes));
+        if body.is_empty() {
+            break;
+        }
+        let mut r = Reader::new(&body);
+        while let Ok(entry) = EntryOut::parse(&mut r) {
+            let _ino = r.u64().expect("ino");
+            offset = r.u64().expect("off");
+            let namelen = r.u32().expect("namelen") as usize;
+            let _typ = r.u32().expect("type");
+            let name = String::from_utf8_lossy(r.take(namelen).expect("name")).into_owned();
+            r.take(((24 + namelen + 7) & !7) - 24 - namelen)
+                .expect("padding");
+            if name != "." && name != ".." {
+                assert_ne!(entry.nodeid, 0, "{name} was listed without a node");
+                entries.push((name, entry));
+            }
+        }
+    }
+    release(server, abi::RELEASEDIR, dir, fh);
+    entries
+}
+
+#[test]
+fn nodes_beyond_the_fd_budget_serve_every_operation_by_handle_with_bounded_fds() {
+    const DIRS: usize = 150;
+    const BUDGET: usize = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..DIRS {
+        let d = dir.path().join(format!("d{i}"));
+        std::fs::create_dir(&d).expect("mkdir");
+        std::fs::write(d.join("f"), format!("content {i}")).expect("write");
+    }
+    let (server, budget) = server_with_budget(dir.path(), BUDGET);
+    let root = share_root(&server);
+    let mut files = Vec::new();
+    for i in 0..DIRS {
+        let d = lookup(&server, root, &format!("d{i}")).expect("dir").nodeid;
+        let f = lookup(&server, d, "f").expect("file").nodeid;
+        let attr = ok(&server, &request(abi::GETATTR, f, &[0; 16]));
+        let mut r = Reader::new(&attr);
+        r.take(16).expect("attr_out header");
+        assert_eq!(
+            crate::abi::Attr::parse(&mut r).expect("attr").size,
+            format!("content {i}").len() as u64
+        );
+        let fh = open(&server, f, libc::O_RDONLY).expect("open");
+        assert_eq!(
+            read(&server, f, fh, 0, 100),
+            format!("content {i}").as_bytes()
+        );
+        release(&server, abi::RELEASE, f, fh);
+        let names: Vec<String> = readdirplus_all(&server, d)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, vec!["f"]);
+        files.push((d, f));
+    }
+    // 1 share root + 300 nodes: the budget's nodes keep descriptors, no other does.
+    assert_eq!(budget.used(), BUDGET);
+    let (last_dir, last_file) = files[DIRS - 1];
+    assert!(!server.node(last_dir).expect("node").has_cached_fd());
+    assert!(!server.node(last_file).expect("node").has_cached_fd());
+    assert!(
+        fds_under(dir.path()) <= BUDGET + 1 + 4,
+        "{} descriptors held in the share",
+        fds_under(dir.path())
+    );
+
+    // Modifications through nodes without a descriptor.
+    let (d1, _) = files[DIRS - 2];
+    let mut w = Writer::default();
+    w.u64(d1).raw(&name("f")).raw(&name("moved"));
+    ok(&server, &request(abi::RENAME, last_dir, &w.bytes));
+    assert_eq!(
+        std::fs::read(dir.path().join(format!("d{}/moved", DIRS - 2))).expect("moved"),
+        format!("content {}", DIRS - 1).as_bytes()
+    );
+    ok(&server, &request(abi::UNLINK, d1, &name("f")));
+    assert!(!dir.path().join(format!("d{}/f", DIRS - 2)).exists());
+
+    // An open file whose node has no descriptor still answers fstat after the host unlinks
+    // it; once closed, the deleted inode no longer reopens by handle: ESTALE.
+    let fh = open(&server, last_file, libc::O_RDONLY).expect("open moved file");
+    std::fs::remove_file(dir.path().join(format!("d{}/moved", DIRS - 2))).expect("rm");
+    let mut w = Writer::default();
+    w.u32(abi::GETATTR_FH).u32(0).u64(fh);
+    ok(&server, &request(abi::GETATTR, last_file, &w.bytes));
+    release(&server, abi::RELEASE, last_file, fh);
+    assert_eq!(
+        call(&server, &request(abi::GETATTR, last_file, &[0; 16])).0,
+        libc::ESTALE
+    );
+
+    // Forgetting nodes gives their budget back.
+    // Each file was looked up by LOOKUP and by READDIRPLUS, each directory once.
+    for (d, f) in &files {
+        for (nodeid, n) in [(*f, 2), (*d, 1)] {
+            let mut w = Writer::default();
+            w.u64(n);
+            assert!(server
+                .handle(&request(abi::FORGET, nodeid, &w.bytes))
+                .is_none());
+        }
+    }
+    assert_eq!(budget.used(), 0);
+}
+
+#[test]
+fn a_guest_walk_of_5000_entries_keeps_descriptors_within_a_budget_of_100() {
+    const DIRS: usize = 10;
+    const FILES: usize = 499;
+    const BUDGET: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..DIRS {
+        let d = dir.path().join(format!("d{i}"));
+        std::fs::create_dir(&d).expect("mkdir");
+        for j in 0..FILES {
+            std::fs::File::create(d.join(format!("f{j}"))).expect("create");
+        }
+    }
+    let (server, budget) = server_with_budget(dir.path(), BUDGET);
+    let root = share_root(&server);
+    let mut seen = 0;
+    for (_, d) in readdirplus_all(&server, root) {
+        seen += 1;
+        for (_, f) in readdirplus_all(&server, d.nodeid) {
+            seen += 1;
+            ok(&server, &request(abi::GETATTR, f.nodeid, &[0; 16]));
+        }
+    }
+    assert_eq!(seen, DIRS * (FILES + 1));
+    assert_eq!(budget.used(), BUDGET);
+    // The budget's nodes, the share root and its anchor.
+    assert!(
+        fds_under(dir.path()) <= BUDGET + 2,
+        "{} descriptors held in the share",
+        fds_under(dir.path())
+    );
 }

@@ -74,14 +74,19 @@ impl Watcher {
 
     /// Starts reporting changes in a directory node the guest has looked up.
     pub(crate) fn watch_node(&self, node: &Inode) {
-        let fd = node.fd.as_raw_fd();
-        let handle = match sys::file_handle(fd) {
-            Ok(handle) => handle,
+        let Some(handle) = node.handle.clone() else {
+            log::debug!("share: no file handle for node {}", node.nodeid);
+            return;
+        };
+        // A mark is on the inode, not the descriptor: a reopened one may close after.
+        let node_fd = match node.fd() {
+            Ok(fd) => fd,
             Err(e) => {
-                log::debug!("share: no file handle for node {}: errno {e}", node.nodeid);
+                log::debug!("share: node {} cannot be reopened: errno {e}", node.nodeid);
                 return;
             }
         };
+        let fd = node_fd.as_raw_fd();
         let mut dirs = self.dirs.lock_unpoisoned();
         let ids = dirs.entry(handle).or_default();
         if !ids.contains(&node.nodeid) {
@@ -96,18 +101,20 @@ impl Watcher {
     }
 
     pub(crate) fn unwatch_node(&self, node: &Inode) {
-        let fd = node.fd.as_raw_fd();
-        let Ok(handle) = sys::file_handle(fd) else {
+        let Some(handle) = &node.handle else {
             return;
         };
         let mut dirs = self.dirs.lock_unpoisoned();
-        if let Some(ids) = dirs.get_mut(&handle) {
+        if let Some(ids) = dirs.get_mut(handle) {
             ids.retain(|id| *id != node.nodeid);
             if ids.is_empty() {
-                dirs.remove(&handle);
-                // The mark goes with the last node of the inode; a failure only leaves
-                // events that map to no node.
-                let _ = self.mark(libc::FAN_MARK_REMOVE, DIR_MASK, fd);
+                dirs.remove(handle);
+                // The mark goes with the last node of the inode; a failure (or an inode
+                // already deleted, whose marks went with it) only leaves events that map
+                // to no node.
+                if let Ok(fd) = node.fd() {
+                    let _ = self.mark(libc::FAN_MARK_REMOVE, DIR_MASK, fd.as_raw_fd());
+                }
             }
         }
     }
@@ -207,7 +214,9 @@ impl Server {
             let Ok(node) = node else { continue };
             if spec.source.is_dir() {
                 watcher.watch_node(&node);
-            } else if let Err(e) = watcher.mark(libc::FAN_MARK_ADD, FILE_MASK, node.fd.as_raw_fd())
+            } else if let Err(e) = node
+                .fd()
+                .and_then(|fd| watcher.mark(libc::FAN_MARK_ADD, FILE_MASK, fd.as_raw_fd()))
             {
                 log::warn!(
                     "share: host changes to {} will not reach the guest: fanotify_mark errno {e}",
@@ -438,7 +447,7 @@ fn known_child(inodes: &Mutex<InodeTable>, parent: u64, name: &[u8]) -> Option<u
     let parent = inodes.lock_unpoisoned().nodes.get(&parent).cloned()?;
     let name = sys::cstring(name).ok()?;
     let fd = sys::openat(
-        parent.fd.as_raw_fd(),
+        parent.fd().ok()?.as_raw_fd(),
         &name,
         libc::O_PATH | libc::O_NOFOLLOW,
         0,
