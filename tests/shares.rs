@@ -283,18 +283,7 @@ fn a_restored_vm_serves_volumes() {
         if with_volume {
             bind(&mut bundle, data.path(), "/data", false);
         }
-        let log = env.root().join(format!("{id}.log"));
-        let out = env.run(&[
-            "--debug",
-            "--log",
-            log.to_str().unwrap(),
-            "run",
-            "--bundle",
-            bundle.path_str(),
-            id,
-        ]);
-        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
-        (text(&out.stdout), std::fs::read_to_string(&log).unwrap())
+        env.run_logged(&bundle, id)
     };
     // The first container bakes the image's snapshot without any volume; the next one,
     // with a volume, restores it: the share is attached after the restore.

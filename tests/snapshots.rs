@@ -36,21 +36,7 @@ fn run_logged(
 ) -> (String, String) {
     let mut bundle = env.bundle(args);
     bundle.edit(edit);
-    let log = env.root().join(format!("{id}.log"));
-    let out = env.run(&[
-        "--debug",
-        "--log",
-        log.to_str().unwrap(),
-        "run",
-        "--bundle",
-        bundle.path_str(),
-        id,
-    ]);
-    assert!(out.status.success(), "{id}: {}", text(&out.stderr));
-    (
-        text(&out.stdout),
-        std::fs::read_to_string(&log).unwrap_or_default(),
-    )
+    env.run_logged(&bundle, id)
 }
 
 const IDENTITY: &[&str] = &["sh", "-c", "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"];

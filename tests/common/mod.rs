@@ -144,6 +144,26 @@ impl Env {
         output_of(self.cmd().args(args))
     }
 
+    /// Runs `bundle` to its end as `id` with `--debug`; its stdout and the debug log. A
+    /// failed run fails the test.
+    pub fn run_logged(&self, bundle: &Bundle, id: &str) -> (String, String) {
+        let log = self.root().join(format!("{id}.log"));
+        let out = self.run(&[
+            "--debug",
+            "--log",
+            log.to_str().unwrap(),
+            "run",
+            "--bundle",
+            bundle.path_str(),
+            id,
+        ]);
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+        (
+            text(&out.stdout),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+    }
+
     pub fn bundle(&self, args: &[&str]) -> Bundle {
         Bundle::new(args)
     }
