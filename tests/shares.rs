@@ -115,6 +115,33 @@ fn a_read_only_bind_refuses_writes_and_the_host_file_is_untouched() {
 }
 
 #[test]
+fn a_binds_flags_apply_in_the_guest() {
+    let Some(env) = Env::new() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let script = data.path().join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "/exec/run.sh; /noexec/run.sh 2>/dev/null || echo refused; \
+         grep -c ' /noexec .*noexec' /proc/mounts",
+    ]);
+    bind(&mut bundle, data.path(), "/exec", false);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/noexec", "type": "bind", "source": data.path(),
+            "options": ["rbind", "rprivate", "noexec", "nosuid"],
+        }))
+    });
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-flags"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ran\nrefused\n1\n");
+    env.assert_clean("c-flags");
+}
+
+#[test]
 fn symlinks_in_a_share_resolve_in_the_guest_never_on_the_host() {
     let Some(env) = Env::new() else { return };
     let data = tempfile::tempdir().unwrap();

@@ -321,7 +321,14 @@ pub enum MountKind {
     /// host FUSE server's root lists its shares as `0`, `1`, …), bound onto the destination
     /// (made an empty file or directory like the source if the image has none), read-only if
     /// `readonly`. The host serves the share filesystem before it sends the setup.
-    Share { index: u32, readonly: bool },
+    /// `options` are the bind's other mount options (`nosuid`, `noexec`, `rprivate`,
+    /// `runbindable`, …), applied to the bind in the guest.
+    Share {
+        index: u32,
+        readonly: bool,
+        #[serde(default)]
+        options: Vec<String>,
+    },
 }
 
 /// An OCI process, resolved to what the guest needs (numeric ids, parsed rlimits).

@@ -139,11 +139,16 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, Set
             continue;
         }
         match &m.kind {
-            MountKind::Share { index, readonly } => {
+            MountKind::Share {
+                index,
+                readonly,
+                options,
+            } => {
                 let Some(shares) = &shares else {
                     return Err(SetupError(format!("no shares for {}", m.destination)));
                 };
-                shares.bind(*index, &in_root(&m.destination), &m.destination, *readonly)?
+                let target = in_root(&m.destination);
+                shares.bind(*index, &target, &m.destination, *readonly, options)?
             }
             _ => mount_one(m)?,
         }

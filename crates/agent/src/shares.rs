@@ -243,13 +243,16 @@ impl Shares {
     }
 
     /// Binds share `index` onto `target` (in the entered root), made first like the source
-    /// if missing, as runc makes a bind's target.
+    /// if missing, as runc makes a bind's target; then applies the bind's flags (`ro`,
+    /// `nosuid`, `noexec`, …) and its propagation (`rprivate`, `runbindable`, …) from
+    /// `options`.
     pub fn bind(
         &self,
         index: u32,
         target: &Path,
         destination: &str,
         readonly: bool,
+        options: &[String],
     ) -> Result<(), SetupError> {
         let name = index.to_string();
         agent_debug!("bind share {name} on {destination}");
@@ -263,7 +266,31 @@ impl Shares {
         if fs::symlink_metadata(target).is_err() {
             make_target(target, source_is_dir).map_err(err(format!("create {destination}")))?;
         }
-        bind_at(self.dir.as_fd(), &name, target, readonly, destination)
+        bind_at(self.dir.as_fd(), &name, target, destination)?;
+        let (mut flags, _data) = crate::setup::parse_options(options);
+        flags.set(MsFlags::MS_RDONLY, readonly);
+        if !flags.is_empty() {
+            // A bind takes its flags from a remount; its filesystem's data means nothing to it.
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags,
+                None::<&str>,
+            )
+            .map_err(err(format!("remount {destination} with {options:?}")))?;
+        }
+        if let Some(propagation) = propagation(options) {
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                propagation,
+                None::<&str>,
+            )
+            .map_err(err(format!("propagation of {destination}: {options:?}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -296,7 +323,6 @@ fn bind_at(
     dir: BorrowedFd<'_>,
     name: &str,
     target: &Path,
-    readonly: bool,
     destination: &str,
 ) -> Result<(), SetupError> {
     let name_c = CString::new(name).map_err(err(format!("the source of {destination}")))?;
@@ -339,17 +365,19 @@ fn bind_at(
             std::io::Error::last_os_error()
         )));
     }
-    if readonly {
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(err(format!("remount {destination} read-only")))?;
-    }
     Ok(())
+}
+
+/// The propagation a bind's options ask for, the last one winning as in mount(8). The host
+/// refuses shared and slave propagation (nothing propagates across the VM's boundary).
+fn propagation(options: &[String]) -> Option<MsFlags> {
+    options.iter().rev().find_map(|o| match o.as_str() {
+        "private" => Some(MsFlags::MS_PRIVATE),
+        "rprivate" => Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+        "unbindable" => Some(MsFlags::MS_UNBINDABLE),
+        "runbindable" => Some(MsFlags::MS_UNBINDABLE | MsFlags::MS_REC),
+        _ => None,
+    })
 }
 
 fn is_mount_point(path: &Path) -> Result<bool, SetupError> {
@@ -608,6 +636,20 @@ mod tests {
             delivery(Transport::VirtioFs, &message(42, 0, b"")),
             Delivery::Drop
         );
+    }
+
+    #[test]
+    fn the_last_propagation_option_wins_and_shared_ones_are_not_applied_here() {
+        let opts = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            propagation(&opts(&["rbind", "rprivate"])),
+            Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC)
+        );
+        assert_eq!(
+            propagation(&opts(&["rprivate", "unbindable"])),
+            Some(MsFlags::MS_UNBINDABLE)
+        );
+        assert_eq!(propagation(&opts(&["rbind", "ro", "nosuid"])), None);
     }
 
     #[test]

@@ -211,10 +211,15 @@ pub fn container_setup(
                 ],
             }
         } else if is_bind {
+            refuse_cross_vm_propagation(&options, &destination)?;
             let share = bind_share(Path::new(&source), &destination, readonly)?;
             let index = shares.len() as u32;
             shares.push(share);
-            MountKind::Share { index, readonly }
+            MountKind::Share {
+                index,
+                readonly,
+                options,
+            }
         } else {
             return Err(ContainerError::Unsupported(format!(
                 "mount of type {fstype:?} on {destination}: the VM's kernel mounts only {}",
@@ -246,6 +251,25 @@ pub fn container_setup(
             }),
     };
     Ok((setup, shares))
+}
+
+/// Shared or slave propagation of a bind would carry mounts between the host and the
+/// container; the VM's boundary carries none, so it fails naming the mount rather than being
+/// dropped (private and unbindable are applied in the guest).
+fn refuse_cross_vm_propagation(
+    options: &[String],
+    destination: &str,
+) -> Result<(), ContainerError> {
+    match options
+        .iter()
+        .find(|o| matches!(o.as_str(), "shared" | "rshared" | "slave" | "rslave"))
+    {
+        Some(option) => Err(ContainerError::Unsupported(format!(
+            "bind mount on {destination} with {option} propagation: mounts do not propagate \
+             between the host and the VM"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// A bind mount's source as a share. The source must exist and be a directory or a regular
@@ -394,7 +418,8 @@ mod tests {
             setup.mounts[1].kind,
             MountKind::Share {
                 index: 0,
-                readonly: true
+                readonly: true,
+                options: vec!["rbind".into(), "ro".into()],
             }
         );
         assert!(
@@ -404,7 +429,8 @@ mod tests {
             setup.mounts[3].kind,
             MountKind::Share {
                 index: 1,
-                readonly: false
+                readonly: false,
+                options: vec!["rbind".into(), "rw".into()],
             }
         );
         assert_eq!(
@@ -432,6 +458,10 @@ mod tests {
             (
                 r#"{"destination":"/nfs","type":"nfs","source":"server:/x"}"#,
                 "\"nfs\"",
+            ),
+            (
+                r#"{"destination":"/null","type":"bind","source":"/tmp","options":["rbind","rshared"]}"#,
+                "rshared propagation",
             ),
         ] {
             let json = format!(r#"{{"ociVersion":"1.0.2","mounts":[{mount}]}}"#);
