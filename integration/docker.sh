@@ -188,7 +188,7 @@ case_volume_rw() {
 case_volume_ro() {
   local d="$WORK/vol-ro-$1"; rm -rf "$d"; mkdir -p "$d"; echo kept > "$d/f"
   run_ "$1" --rm -v "$d:/data:ro" "$IMG" sh -c \
-    'cat /data/f; echo x > /data/f 2>/dev/null && echo wrote; touch /data/new 2>/dev/null && echo created; echo end'
+    'cat /data/f; (echo x > /data/f) 2>/dev/null && echo wrote; touch /data/new 2>/dev/null && echo created; echo end'
   cat "$d/f"; ls "$d"
 }
 case_mount_bind_readonly() {
