@@ -142,6 +142,46 @@ fn a_binds_flags_apply_in_the_guest() {
 }
 
 #[test]
+fn xattrs_and_locks_on_a_shared_file_behave_as_on_the_host() {
+    let Some(env) = Env::new() else { return };
+    let program = common::fixture_program("fsops");
+    let data = tempfile::tempdir().unwrap();
+    // What a runc bind mount gives: the same program on a host file beside it.
+    let beside = data.path().join("on-host");
+    std::fs::write(&beside, "x").unwrap();
+    let on_host = std::process::Command::new(&program)
+        .arg(&beside)
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&on_host.stdout),
+        "xattr shared\nflock busy\nflock free\nofd busy\nofd free\n"
+    );
+    let file = data.path().join("locked");
+    std::fs::write(&file, "x").unwrap();
+    let mut bundle = env.bundle(&["/fsops", "/data/locked"]);
+    bind(&mut bundle, &program, "/fsops", true);
+    bind(&mut bundle, data.path(), "/data", false);
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-fsops"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), text(&on_host.stdout));
+    // The attribute the container set is the host file's.
+    let mut value = [0u8; 16];
+    let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings and a buffer valid for its length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.supermachine".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    assert_eq!(&value[..n.max(0) as usize], b"shared");
+    env.assert_clean("c-fsops");
+}
+
+#[test]
 fn symlinks_in_a_share_resolve_in_the_guest_never_on_the_host() {
     let Some(env) = Env::new() else { return };
     let data = tempfile::tempdir().unwrap();
