@@ -173,11 +173,7 @@ fn the_bzimage_enters_through_the_64_bit_boot_protocol() {
 #[test]
 fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_snapshot() {
     // A cache of its own: the first run must boot (and bake), the second restore.
-    let cache = tempfile::Builder::new()
-        .prefix("sm-cache-")
-        .tempdir()
-        .unwrap();
-    let Some(env) = Env::with_cache(cache.path().to_path_buf()) else {
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
         return;
     };
     let Some(hv) = kvm() else { return };

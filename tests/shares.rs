@@ -336,11 +336,7 @@ fn host_changes_reach_inotify_watchers_in_the_container_once() {
 
 #[test]
 fn a_restored_vm_serves_volumes() {
-    let cache = tempfile::Builder::new()
-        .prefix("sm-cache-")
-        .tempdir()
-        .unwrap();
-    let Some(env) = Env::with_cache(cache.path().to_path_buf()) else {
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
         return;
     };
     let data = tempfile::tempdir().unwrap();

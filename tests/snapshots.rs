@@ -11,16 +11,6 @@ use std::time::Duration;
 
 use common::{text, Env};
 
-/// An environment with a fresh cache of its own, and a debug log to read.
-fn fresh() -> Option<(Env, tempfile::TempDir)> {
-    let cache = tempfile::Builder::new()
-        .prefix("sm-cache-")
-        .tempdir()
-        .unwrap();
-    let env = Env::with_cache(cache.path().to_path_buf())?;
-    Some((env, cache))
-}
-
 fn cache_entries(env: &Env) -> Vec<serde_json::Value> {
     let out = env.run(&["cache", "ls", "--format", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -43,7 +33,9 @@ const IDENTITY: &[&str] = &["sh", "-c", "cat /proc/sys/kernel/random/boot_id; he
 
 #[test]
 fn the_second_container_restores_and_restored_vms_do_not_share_randomness() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     let (first, log) = run_logged(&env, "s1", IDENTITY, |_| {});
     assert!(log.contains("baked snapshot"), "{log}");
     let entries = cache_entries(&env);
@@ -83,7 +75,9 @@ fn the_second_container_restores_and_restored_vms_do_not_share_randomness() {
 
 #[test]
 fn a_file_written_in_one_restored_container_is_not_in_another() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     run_logged(&env, "w0", &["true"], |_| {}); // bake
     let writer = env.bundle(&[
         "sh",
@@ -127,7 +121,9 @@ fn a_file_written_in_one_restored_container_is_not_in_another() {
 
 #[test]
 fn a_corrupt_or_truncated_snapshot_is_rebaked_not_used() {
-    let Some((env, cache)) = fresh() else { return };
+    let Some((env, cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     run_logged(&env, "c0", &["true"], |_| {});
     let key = cache_entries(&env)[0]["key"].as_str().unwrap().to_string();
     let entry = cache.path().join("snapshots").join(&key);
@@ -165,7 +161,9 @@ fn a_corrupt_or_truncated_snapshot_is_rebaked_not_used() {
 
 #[test]
 fn eight_parallel_creates_of_a_new_image_bake_once() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     let bundle = env.bundle(&["true"]);
     let log = env.root().join("parallel.log");
     let children: Vec<_> = (0..8)
@@ -209,7 +207,9 @@ fn eight_parallel_creates_of_a_new_image_bake_once() {
 
 #[test]
 fn a_full_cache_evicts_the_least_recently_used_snapshot() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     let image = |name: &'static str| {
         move |c: &mut serde_json::Value| {
             c["annotations"] = serde_json::json!({ "run.supermachine.image": name });
@@ -267,7 +267,9 @@ fn image_key(annotation: &str) -> String {
 
 #[test]
 fn no_bake_below_the_free_space_floor_and_opt_outs_are_honoured() {
-    let Some((env, cache)) = fresh() else { return };
+    let Some((env, cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     // A small tmpfs as the cache: 48 MiB, with a floor above what it can ever have free.
     let mount = cache.path();
     let status = std::process::Command::new("mount")
@@ -325,7 +327,9 @@ fn no_bake_below_the_free_space_floor_and_opt_outs_are_honoured() {
 
 #[test]
 fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_it() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     if std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin")
         || std::env::var_os("SUPERMACHINE_QEMU").is_some()
     {
@@ -437,7 +441,9 @@ fn translated_code_kib(pid: i64) -> u64 {
 
 #[test]
 fn an_idle_restored_vm_gives_back_its_translated_code_and_still_runs() {
-    let Some((env, _cache)) = fresh() else { return };
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
     run_logged(&env, "t0", &["true"], |_| {}); // bake
     let bundle = env.bundle(&["sleep", "1000"]);
     let log = env.root().join("t1.log");

@@ -111,6 +111,17 @@ impl Env {
         Self::with_cache(workspace().join("target/sm-test/cache"))
     }
 
+    /// An environment with a fresh cache of its own (its first container bakes), and the
+    /// cache directory's guard, which must outlive it.
+    pub fn with_fresh_cache() -> Option<(Self, tempfile::TempDir)> {
+        let cache = tempfile::Builder::new()
+            .prefix("sm-cache-")
+            .tempdir()
+            .expect("tempdir");
+        let env = Self::with_cache(cache.path().to_path_buf())?;
+        Some((env, cache))
+    }
+
     /// An environment with its own cache directory (for tests that count cache entries).
     pub fn with_cache(cache: PathBuf) -> Option<Self> {
         let assets = assets()?;

@@ -463,6 +463,23 @@ mod tests {
         }]
     }
 
+    /// The driver's `count` receive buffers on the control queue, 0x100 bytes each from
+    /// 0x40000.
+    fn give_control_buffers(mem: &GuestMemory, queue: &MockSplitQueue<GuestMemory>, count: u16) {
+        for i in 0..count {
+            add_chain(
+                mem,
+                queue,
+                i,
+                &[Buf {
+                    addr: 0x40000 + 0x100 * u64::from(i),
+                    len: 0x100,
+                    device_writes: true,
+                }],
+            );
+        }
+    }
+
     fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
         let mut m = id.to_le_bytes().to_vec();
         m.extend(event.to_le_bytes());
@@ -490,18 +507,7 @@ mod tests {
         });
 
         // The driver gives control receive buffers, then says DEVICE_READY.
-        for i in 0..4u16 {
-            add_chain(
-                &mem,
-                &vqs[CONTROL_RX],
-                i,
-                &[Buf {
-                    addr: 0x40000 + 0x100 * u64::from(i),
-                    len: 0x100,
-                    device_writes: true,
-                }],
-            );
-        }
+        give_control_buffers(&mem, &vqs[CONTROL_RX], 4);
         write(&mem, 0x50000, &control(0, DEVICE_READY, 1));
         add_chain(
             &mem,
@@ -702,18 +708,7 @@ mod tests {
 
         // The driver is ready: both ports are added, then named and opened as it readies
         // them.
-        for i in 0..8u16 {
-            add_chain(
-                &mem,
-                &vqs[CONTROL_RX],
-                i,
-                &[Buf {
-                    addr: 0x40000 + 0x100 * u64::from(i),
-                    len: 0x100,
-                    device_writes: true,
-                }],
-            );
-        }
+        give_control_buffers(&mem, &vqs[CONTROL_RX], 8);
         let messages = [
             control(0, DEVICE_READY, 1),
             control(1, PORT_READY, 1),
