@@ -381,3 +381,51 @@ pub fn raise_nofile_limit() -> SysResult<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+/// A fanotify group reporting directory file handles and names, non-blocking.
+pub fn fanotify_init() -> SysResult<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe {
+        libc::fanotify_init(
+            libc::FAN_CLASS_NOTIF
+                | libc::FAN_REPORT_DFID_NAME
+                | libc::FAN_CLOEXEC
+                | libc::FAN_NONBLOCK,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `fd` was just returned by fanotify_init and is owned here alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds or removes a mark of the fanotify group `fan` on the inode `fd` refers to.
+pub fn fanotify_mark(fan: RawFd, flags: libc::c_uint, mask: u64, fd: RawFd) -> SysResult<()> {
+    let path = proc_path(fd);
+    // SAFETY: `path` is a valid NUL-terminated string; `fan` is the caller's descriptor.
+    let ret = unsafe { libc::fanotify_mark(fan, flags, mask, libc::AT_FDCWD, path.as_ptr()) };
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// Waits up to `timeout_ms` for `fd` to be readable, then reads what it has into `buf`;
+/// 0 when nothing came (timeout, interruption, or a read that found nothing).
+pub fn poll_read(fd: RawFd, buf: &mut [u8], timeout_ms: i32) -> usize {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } <= 0 {
+        return 0;
+    }
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    n.max(0) as usize
+}

@@ -7,7 +7,7 @@
 //! (the guest's caches) then FSNOTIFY (the guest's inotify watchers).
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -54,22 +54,7 @@ pub(crate) struct Watcher {
 
 impl Watcher {
     fn mark(&self, flags: libc::c_uint, mask: u64, fd: i32) -> sys::SysResult<()> {
-        let path = sys::proc_path(fd);
-        // SAFETY: `path` is a valid NUL-terminated string; the fanotify descriptor is ours.
-        let ret = unsafe {
-            libc::fanotify_mark(
-                self.fan.as_raw_fd(),
-                flags,
-                mask,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-            )
-        };
-        if ret < 0 {
-            Err(sys::errno())
-        } else {
-            Ok(())
-        }
+        sys::fanotify_mark(self.fan.as_raw_fd(), flags, mask, fd)
     }
 
     /// Starts reporting changes in a directory node the guest has looked up.
@@ -157,24 +142,10 @@ impl Server {
                 .map(|s| s.source.clone())
                 .unwrap_or_default()
         };
-        // SAFETY: plain system call; the result is checked.
-        let fan = unsafe {
-            libc::fanotify_init(
-                libc::FAN_CLASS_NOTIF
-                    | libc::FAN_REPORT_DFID_NAME
-                    | libc::FAN_CLOEXEC
-                    | libc::FAN_NONBLOCK,
-                (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint,
-            )
-        };
-        if fan < 0 {
-            return Err(ShareError::Watch {
-                path: first(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fan` was just returned by fanotify_init and is owned here alone.
-        let fan = unsafe { OwnedFd::from_raw_fd(fan) };
+        let fan = sys::fanotify_init().map_err(|e| ShareError::Watch {
+            path: first(),
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
         let mut files = HashMap::new();
         for (index, spec) in self.share_specs().iter().enumerate() {
             if spec.source.is_dir() {
@@ -252,23 +223,12 @@ fn event_loop(watcher: &Watcher, inodes: &Mutex<InodeTable>, sink: &Sink) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut cookies = Cookies::default();
     while !watcher.stopped.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: watcher.fan.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd; the timeout bounds how long a dropped server
-        // keeps this thread.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if ready <= 0 {
+        // The timeout bounds how long a dropped server keeps this thread.
+        let n = sys::poll_read(watcher.fan.as_raw_fd(), &mut buf, 200);
+        if n == 0 {
             continue;
         }
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(watcher.fan.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            continue;
-        }
-        for event in parse_events(&buf[..n as usize]) {
+        for event in parse_events(&buf[..n]) {
             if event.pid == own_pid {
                 continue;
             }
