@@ -237,6 +237,71 @@ compare "-v FILE" case_file_bind
 compare "sparse file > 4 GiB, rename" case_volume_files
 compare "sqlite (WAL, mmap) on a volume" case_sqlite_volume
 
+# The container's own filesystem: its writes are docker's layer, as with runc.
+CHANGES='mkdir -p /app/data; echo state > /app/data/state.json; echo more >> /etc/motd; mv /etc/group /etc/group.moved; rm /bin/true; rm -r /home'
+case_rootfs_diff_cp_out() {
+  local c="diff-$1"
+  run_ "$1" --name "$c" "$IMG" sh -c "$CHANGES"
+  docker_ diff "$c" | sort
+  docker_ cp "$c:/app/data/state.json" - | tar -xO
+  docker_ cp "$c:/etc/motd" - | tar -xO | tail -1
+  docker_ rm "$c" > /dev/null
+}
+case_rootfs_cp_in_created() {
+  local c="cpin-$1"; echo "copied in before the start" > "$WORK/in-$1"
+  docker_ create --runtime="$1" --name "$c" "$IMG" sh -c 'cat /root/in; ls /root' > /dev/null
+  docker_ cp "$WORK/in-$1" "$c:/root/in"
+  docker_ start -a "$c"
+  docker_ rm "$c" > /dev/null
+}
+# While it runs, both ways through the same paths: into and out of its working directory
+# (an image directory), which docker looks up before the start.
+case_rootfs_cp_running() {
+  local c="cplive-$1"; echo "copied in while running" > "$WORK/live-$1"
+  run_ "$1" -d --name "$c" -w /root "$IMG" sh -c \
+    'echo out > written; until test -e in; do sleep 0.05; done; cat in; echo seen > seen; sleep 1000' > /dev/null
+  until docker_ cp "$c:/root/written" - > /dev/null 2>&1; do sleep 0.1; done
+  docker_ cp "$c:/root/written" - | tar -xO
+  docker_ cp "$WORK/live-$1" "$c:/root/in"
+  until docker_ cp "$c:/root/seen" - > /dev/null 2>&1; do sleep 0.1; done
+  docker_ logs "$c"
+  docker_ rm -f "$c" > /dev/null
+}
+case_rootfs_commit_export() {
+  local c="commit-$1"
+  run_ "$1" --name "$c" "$IMG" sh -c "$CHANGES"
+  docker_ commit "$c" "smtest/committed-$1" > /dev/null
+  run_ "$1" --rm "smtest/committed-$1" sh -c 'cat /app/data/state.json; ls /etc; test -e /home || echo no-home'
+  docker_ export "$c" | tar -t | grep -E '^(app/|etc/group|bin/true$|home/?$)' | sort
+  docker_ rm "$c" > /dev/null
+  docker_ rmi "smtest/committed-$1" > /dev/null
+}
+case_rootfs_stop_start_restart() {
+  local c="restart-$1"
+  run_ "$1" -d --name "$c" "$IMG" sh -c 'echo run >> /runs; wc -l < /runs; exec sleep 1000' > /dev/null
+  wait_log "$c" 1
+  docker_ stop -t 1 "$c" > /dev/null
+  docker_ start "$c" > /dev/null
+  wait_log "$c" 2
+  docker_ restart -t 1 "$c" > /dev/null
+  wait_log "$c" 3
+  docker_ logs "$c"
+  docker_ rm -f "$c" > /dev/null
+}
+case_rootfs_read_only() {
+  local c="ro-$1"
+  run_ "$1" --name "$c" --read-only "$IMG" sh -c 'touch /x 2>/dev/null || echo refused; cat /etc/motd | head -1'
+  docker_ diff "$c" | sort
+  docker_ rm "$c" > /dev/null
+}
+
+compare "rootfs: docker diff, cp out" case_rootfs_diff_cp_out
+compare "rootfs: cp into a created container" case_rootfs_cp_in_created
+compare "rootfs: cp in and out while running" case_rootfs_cp_running
+compare "rootfs: commit, export" case_rootfs_commit_export
+compare "rootfs: stop/start, restart keep it" case_rootfs_stop_start_restart
+compare "rootfs: --read-only, nothing written" case_rootfs_read_only
+
 # Properties without a runc counterpart to compare against.
 top_and_stats() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)

@@ -295,15 +295,76 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// An OCI bundle on the shared busybox rootfs.
+/// An OCI bundle. Its root is the shared busybox rootfs under a writable layer of its own,
+/// an overlay as docker and containerd mount one ([`Bundle::new`]), or a plain directory of
+/// its own ([`Bundle::with_directory_root`]).
 pub struct Bundle {
+    /// Unmounted before `dir` is removed (fields drop in order).
+    overlay: Option<OverlayRoot>,
     pub dir: tempfile::TempDir,
     pub config: Value,
 }
 
+/// The overlay mounted at a bundle's `rootfs`: busybox below, `layer/upper` above.
+struct OverlayRoot(PathBuf);
+
+impl Drop for OverlayRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 impl Bundle {
     pub fn new(args: &[&str]) -> Self {
-        let rootfs = busybox_rootfs();
+        let mut bundle = Self::with_root(args);
+        let rootfs = bundle.path().join("rootfs");
+        let layer = bundle.path().join("layer");
+        for dir in [&rootfs, &layer.join("upper"), &layer.join("work")] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
+        let options = format!(
+            "lowerdir={},upperdir={}/upper,workdir={}/work",
+            busybox_rootfs().display(),
+            layer.display(),
+            layer.display()
+        );
+        let status = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&rootfs)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount the bundle's overlay root");
+        bundle.overlay = Some(OverlayRoot(rootfs));
+        bundle
+    }
+
+    /// A bundle whose root is a plain directory, a copy of busybox (as `runc spec` leaves
+    /// one): the container's writes land in it.
+    pub fn with_directory_root(args: &[&str]) -> Self {
+        let bundle = Self::with_root(args);
+        let rootfs = bundle.path().join("rootfs");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(busybox_rootfs())
+            .arg(&rootfs)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copy busybox into the bundle");
+        bundle
+    }
+
+    /// The host directory of the bundle's writable layer (an overlay root's upper one).
+    pub fn upper_layer(&self) -> PathBuf {
+        self.path().join("layer/upper")
+    }
+
+    /// The bundle's root on the host.
+    pub fn rootfs(&self) -> PathBuf {
+        self.path().join("rootfs")
+    }
+
+    /// The bundle with `root.path` "rootfs", not yet made.
+    fn with_root(args: &[&str]) -> Self {
         let config = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -313,7 +374,7 @@ impl Bundle {
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
                 "cwd": "/"
             },
-            "root": { "path": rootfs },
+            "root": { "path": "rootfs" },
             "hostname": "testvm",
             "mounts": [
                 { "destination": "/proc", "type": "proc", "source": "proc" },
@@ -323,6 +384,7 @@ impl Bundle {
             ]
         });
         let bundle = Bundle {
+            overlay: None,
             dir: tempfile::Builder::new()
                 .prefix("sm-bundle-")
                 .tempdir()

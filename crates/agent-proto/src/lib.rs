@@ -280,11 +280,10 @@ pub struct ContainerSetup {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RootfsSpec {
-    /// The guest block device holding the image (`/dev/vda`).
-    pub device: String,
-    pub fstype: String,
-    /// The container sees a read-only root (`root.readonly`); otherwise an overlay over the
-    /// image with a tmpfs upper layer takes its writes.
+    /// Where the container root's files come from and where its writes go.
+    pub source: RootSource,
+    /// The container sees a read-only root (`root.readonly`): remounted read-only once its
+    /// mount points are made, as runc does.
     pub readonly: bool,
     /// Programs the container is expected to run, read into the guest's page cache when the
     /// root is prepared, so before a snapshot is taken: a VM restored from it starts them
@@ -300,6 +299,43 @@ pub struct RootfsSpec {
     /// VM finds their directory entries, inodes and contents cached. Best effort, like `warm`.
     #[serde(default)]
     pub warm_lookups: Vec<String>,
+}
+
+/// Where a container root lives. Its writes always land on the host, in the bundle's root
+/// filesystem, as they do under runc.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootSource {
+    /// The bundle's root is an overlay on the host (docker's and containerd's snapshotters).
+    /// Its image layers are a read-only disk (`device`), cached per image and read before a
+    /// snapshot; the container's own layer (the host overlay's upper directory) is share
+    /// `upper`, with share `work` beside it on the same host filesystem for the guest
+    /// overlay's temporary files. The guest overlay writes the upper directory in the host
+    /// overlay's own format (whiteouts, opaque directories), so the host's tools read it.
+    Layered {
+        device: String,
+        fstype: String,
+        upper: u32,
+        work: u32,
+    },
+    /// The bundle's root is a plain host directory: the whole root is share `index`.
+    Share { index: u32 },
+}
+
+impl Default for RootSource {
+    fn default() -> Self {
+        RootSource::Share { index: 0 }
+    }
+}
+
+impl RootSource {
+    /// The image disk to mount before a snapshot, if the root has one.
+    pub fn image_disk(&self) -> Option<(&str, &str)> {
+        match self {
+            RootSource::Layered { device, fstype, .. } => Some((device, fstype)),
+            RootSource::Share { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

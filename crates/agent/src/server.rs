@@ -343,11 +343,14 @@ impl Server {
                     return Err(AgentError("the container is already set up".into()));
                 }
                 match &self.prepared_root {
-                    Some(rootfs) if rootfs.device == config.rootfs.device => {}
+                    // The image disk is what was prepared; the shares are attached now.
+                    Some(rootfs)
+                        if rootfs.source.image_disk() == config.rootfs.source.image_disk() => {}
                     Some(rootfs) => {
                         return Err(AgentError(format!(
-                            "the root was prepared from {}, not {}",
-                            rootfs.device, config.rootfs.device
+                            "the root was prepared from {:?}, not {:?}",
+                            rootfs.source.image_disk(),
+                            config.rootfs.source.image_disk()
                         )))
                     }
                     None => self.prepare_root(config.rootfs.clone())?,
@@ -462,11 +465,13 @@ impl Server {
         }
     }
 
-    /// Mounts the container root and reads what the container will need from it: before a
-    /// snapshot when the host asks (`PrepareRoot`), else as the first step of the setup.
+    /// Mounts the image's disk, if the root has one, and reads what the container will need
+    /// from it: before a snapshot when the host asks (`PrepareRoot`), else as the first step
+    /// of the setup.
     fn prepare_root(&mut self, rootfs: agent_proto::RootfsSpec) -> Result<(), AgentError> {
-        let root = setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))?;
-        warm::warm_root(root, &rootfs);
+        if let Some(image) = setup::prepare_root(&rootfs).map_err(|e| AgentError(e.0))? {
+            warm::warm_root(image, &rootfs);
+        }
         self.prepared_root = Some(rootfs);
         Ok(())
     }

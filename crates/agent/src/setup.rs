@@ -1,5 +1,6 @@
-//! The container root: the image disk read-only under an overlay whose upper layer is tmpfs,
-//! the OCI mounts inside it, and the switch into it.
+//! The container root: the image's layers from their disk under an overlay whose upper
+//! layer is the container's own layer on the host (through the share), or a host directory
+//! shared whole; the OCI mounts inside it, and the switch into it.
 //!
 //! The agent starts in the initramfs, which cannot be `pivot_root`ed away from; like
 //! `switch_root`, it moves the new root onto `/` and chroots into it, before it mounts
@@ -15,7 +16,7 @@ use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use agent_proto::{ContainerSetup, MountKind, MountSpec, RootfsSpec};
+use agent_proto::{ContainerSetup, MountKind, MountSpec, RootSource, RootfsSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
@@ -24,47 +25,61 @@ use crate::shares::Shares;
 use crate::{agent_debug, agent_log};
 
 const IMAGE_DIR: &str = "/sm/image";
-const RW_DIR: &str = "/sm/rw";
 const ROOT_DIR: &str = "/sm/root";
+/// The guest overlay's options beyond its layers: the upper directory is the host overlay's,
+/// so the guest writes only what the host overlay (docker's `overlay2`, containerd's
+/// snapshotter) reads back: no index, no redirects, no metadata-only copies.
+const OVERLAY_OPTIONS: &str = "index=off,redirect_dir=off,metacopy=off";
 
-/// Mounts the image read-only, a tmpfs for its writes, and the overlay of the two; returns
-/// where the container root is, not yet entered.
-pub fn prepare_root(rootfs: &RootfsSpec) -> Result<&'static Path, SetupError> {
-    for dir in [IMAGE_DIR, RW_DIR, ROOT_DIR] {
-        fs::create_dir_all(dir).map_err(err(format!("mkdir {dir}")))?;
-    }
+/// Mounts the image's disk read-only, if the root has one; returns where its files are (for
+/// reading them into the caches before a snapshot).
+pub fn prepare_root(rootfs: &RootfsSpec) -> Result<Option<&'static Path>, SetupError> {
+    let Some((device, fstype)) = rootfs.source.image_disk() else {
+        return Ok(None);
+    };
+    fs::create_dir_all(IMAGE_DIR).map_err(err(format!("mkdir {IMAGE_DIR}")))?;
     mount(
-        Some(rootfs.device.as_str()),
+        Some(device),
         IMAGE_DIR,
-        Some(rootfs.fstype.as_str()),
+        Some(fstype),
         MsFlags::MS_RDONLY,
         None::<&str>,
     )
-    .map_err(err(format!(
-        "mount {} ({}) on {IMAGE_DIR}",
-        rootfs.device, rootfs.fstype
-    )))?;
-    mount(
-        Some("tmpfs"),
-        RW_DIR,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("mode=0755"),
-    )
-    .map_err(err("mount tmpfs for the writable layer"))?;
-    for dir in ["upper", "work"] {
-        fs::create_dir(Path::new(RW_DIR).join(dir)).map_err(err("mkdir overlay dirs"))?;
+    .map_err(err(format!("mount {device} ({fstype}) on {IMAGE_DIR}")))?;
+    Ok(Some(Path::new(IMAGE_DIR)))
+}
+
+/// Makes the container root at [`ROOT_DIR`], not yet entered: the overlay of the image disk
+/// (mounted by [`prepare_root`]) and the container's layer, or the shared directory.
+fn mount_root(rootfs: &RootfsSpec, shares: &Shares) -> Result<(), SetupError> {
+    fs::create_dir_all(ROOT_DIR).map_err(err(format!("mkdir {ROOT_DIR}")))?;
+    match &rootfs.source {
+        RootSource::Layered { upper, work, .. } => {
+            let upper = shares.path(*upper);
+            let work = shares.path(*work);
+            let options = format!(
+                "lowerdir={IMAGE_DIR},upperdir={},workdir={},{OVERLAY_OPTIONS}",
+                upper.display(),
+                work.display()
+            );
+            mount(
+                Some("overlay"),
+                ROOT_DIR,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(options.as_str()),
+            )
+            .map_err(err("mount the root overlay over the container's layer"))
+        }
+        RootSource::Share { index } => mount(
+            Some(&shares.path(*index)),
+            ROOT_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("bind the shared root directory")),
     }
-    let options = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
-    mount(
-        Some("overlay"),
-        ROOT_DIR,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(err("mount the root overlay"))?;
-    Ok(Path::new(ROOT_DIR))
 }
 
 /// What the container's first process does itself when it is PID 1 of a new pid namespace:
@@ -108,16 +123,10 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, Set
         let file = Path::new("/proc/sys").join(key.replace('.', "/"));
         fs::write(&file, value).map_err(err(format!("sysctl {key}={value}")))?;
     }
-    // Mounted outside the container root, so before entering it.
-    let shares = if setup
-        .mounts
-        .iter()
-        .any(|m| matches!(m.kind, MountKind::Share { .. }))
-    {
-        Some(Shares::mount()?)
-    } else {
-        None
-    };
+    // Mounted outside the container root, so before entering it; the root is made of them.
+    let layered = matches!(rootfs.source, RootSource::Layered { .. });
+    let shares = Shares::mount(layered)?;
+    mount_root(rootfs, &shares)?;
     enter_root(Path::new(ROOT_DIR))?;
     let deferred: Vec<String> = if setup.pid_namespace {
         setup
@@ -144,9 +153,6 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, Set
                 readonly,
                 options,
             } => {
-                let Some(shares) = &shares else {
-                    return Err(SetupError(format!("no shares for {}", m.destination)));
-                };
                 let target = in_root(&m.destination);
                 shares.bind(*index, &target, &m.destination, *readonly, options)?
             }

@@ -45,6 +45,7 @@ const FS_PORT: &str = "fs.0";
 /// The virtio device id of virtio-fs, as sysfs shows it.
 const VIRTIO_ID_FS: &str = "0x001a";
 const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
+const DROP_CACHES: &str = "/proc/sys/vm/drop_caches";
 
 // The new mount API (Linux 5.2), as in <linux/mount.h>: it binds an entry of a directory the
 // agent holds open (the share filesystem's root), which has no path once the agent has
@@ -160,12 +161,27 @@ pub struct Shares {
 impl Shares {
     /// Mounts the share filesystem and starts what serves it; before the agent enters the
     /// container root. The host must be serving it already: binds look their sources up.
-    pub fn mount() -> Result<Shares, SetupError> {
+    ///
+    /// With `layered_root`, the container root is an overlay whose upper layer is a share:
+    /// overlayfs does not expect its layers to change underneath it, so after host-side
+    /// changes arrive (`docker cp` into a running container) the guest's unused directory
+    /// entries and inodes are dropped, and the overlay looks them up again.
+    pub fn mount(layered_root: bool) -> Result<Shares, SetupError> {
         fs::create_dir_all(SHARES_DIR).map_err(err(format!("mkdir {SHARES_DIR}")))?;
         if is_mount_point(Path::new(SHARES_DIR))? {
             agent_debug!("{SHARES_DIR} is mounted already");
             return Self::open();
         }
+        let drop_caches = if layered_root {
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(DROP_CACHES)
+                .map_err(err(format!("open {DROP_CACHES}")))?;
+            Some(file)
+        } else {
+            None
+        };
         let transport = if has_virtiofs_device() {
             Transport::VirtioFs
         } else {
@@ -186,9 +202,13 @@ impl Shares {
                 )))?;
                 // Notifications only: the shares work without them, if not live from the host.
                 match open_port().and_then(|port| Ok((port, open_control_notify()?))) {
-                    Ok((port, notify)) => {
-                        spawn_port_reader(Transport::VirtioFs, Arc::new(port), None, notify)?
-                    }
+                    Ok((port, notify)) => spawn_port_reader(
+                        Transport::VirtioFs,
+                        Arc::new(port),
+                        None,
+                        notify,
+                        drop_caches,
+                    )?,
                     Err(e) => agent_log!("no notifications from the host's shares: {e}"),
                 }
             }
@@ -224,10 +244,21 @@ impl Shares {
                         .spawn(move || relay_requests(&dev_fuse, &port, &port_writes))
                         .map_err(err("start the FUSE relay"))?;
                 }
-                spawn_port_reader(Transport::Relay, port, Some(dev_fuse.clone()), dev_fuse)?;
+                spawn_port_reader(
+                    Transport::Relay,
+                    port,
+                    Some(dev_fuse.clone()),
+                    dev_fuse,
+                    drop_caches,
+                )?;
             }
         }
         Self::open()
+    }
+
+    /// Where share `index` is in the VM's root.
+    pub fn path(&self, index: u32) -> PathBuf {
+        Path::new(SHARES_DIR).join(index.to_string())
     }
 
     fn open() -> Result<Shares, SetupError> {
@@ -463,11 +494,12 @@ fn spawn_port_reader(
     port: Arc<File>,
     dev_fuse: Option<Arc<File>>,
     notify_sink: impl Write + Send + 'static,
+    drop_caches: Option<File>,
 ) -> Result<(), SetupError> {
     let (notifications, queue) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name("fuse-notify".into())
-        .spawn(move || notify(queue, notify_sink))
+        .spawn(move || notify(queue, notify_sink, drop_caches))
         .map(drop)
         .map_err(err("start the FUSE notifier"))?;
     std::thread::Builder::new()
@@ -483,12 +515,22 @@ fn spawn_port_reader(
         .map_err(err("start the FUSE port reader"))
 }
 
-fn notify(queue: mpsc::Receiver<Vec<u8>>, mut sink: impl Write) {
-    for message in queue {
-        // One write per message: the kernel takes a message from one write only. It refuses
-        // invalidations of entries it no longer has, which is no error of the share.
-        if let Err(e) = sink.write(&message) {
-            agent_debug!("FUSE notification to the kernel: {e}");
+/// Hands each notification to the kernel; after each batch, drops the guest's unused
+/// dentries and inodes if `drop_caches` is given (see [`Shares::mount`]).
+fn notify(queue: mpsc::Receiver<Vec<u8>>, mut sink: impl Write, mut drop_caches: Option<File>) {
+    while let Ok(first) = queue.recv() {
+        for message in std::iter::once(first).chain(queue.try_iter()) {
+            // One write per message: the kernel takes a message from one write only. It
+            // refuses invalidations of entries it no longer has, which is no error of the share.
+            if let Err(e) = sink.write(&message) {
+                agent_debug!("FUSE notification to the kernel: {e}");
+            }
+        }
+        if let Some(file) = &mut drop_caches {
+            // "2": slab objects (dentries and inodes) only; the page cache stays.
+            if let Err(e) = file.write_all(b"2") {
+                agent_debug!("{DROP_CACHES}: {e}");
+            }
         }
     }
 }

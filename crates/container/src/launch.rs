@@ -398,7 +398,7 @@ mod tests {
             kernel: kernel.to_path_buf(),
             initramfs: "initramfs".into(),
             qemu: None,
-            rootfs_image: "rootfs.ext4".into(),
+            rootfs_image: Some("rootfs.ext4".into()),
             image_key: "image".into(),
             image_key_source: "test".into(),
             kernel_digest: image::file_digest(kernel).unwrap(),
@@ -413,6 +413,7 @@ mod tests {
             network: Default::default(),
             hooks: Default::default(),
             shares: Vec::new(),
+            renewed_root: None,
             notes: Vec::new(),
         }
     }

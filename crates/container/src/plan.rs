@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_proto::{ContainerSetup, ProcessSpec, RootfsSpec};
+use agent_proto::{ContainerSetup, ProcessSpec, RootSource, RootfsSpec};
 use engine::{DiskSpec, VmSpec};
-use image::{DiskImages, ImageKey, Initramfs};
+use image::{DiskImages, ImageKey, Initramfs, OverlayLayers, RootLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
@@ -19,6 +19,9 @@ use crate::{translate, ContainerError};
 
 /// The guest NIC's MAC until the agent gives it the host interface's.
 const GUEST_MAC: &str = "02:53:4d:00:00:01";
+
+/// The guest overlay's work directory, in the host overlay's.
+const GUEST_WORK_DIR: &str = "supermachine";
 
 /// A bundle annotation that keeps a container out of the snapshot cache.
 pub const SNAPSHOT_ANNOTATION: &str = "run.supermachine.snapshot";
@@ -32,7 +35,8 @@ pub struct Plan {
     /// The QEMU built for the runtime, if the assets hold one ([`Assets::qemu`]).
     #[serde(default)]
     pub qemu: Option<PathBuf>,
-    pub rootfs_image: PathBuf,
+    /// The image's layers as a disk, for a root that is an overlay on the host.
+    pub rootfs_image: Option<PathBuf>,
     pub image_key: String,
     pub image_key_source: String,
     pub kernel_digest: String,
@@ -53,6 +57,10 @@ pub struct Plan {
     /// (`MountKind::Share`'s index is the position here).
     #[serde(default)]
     pub shares: Vec<translate::Share>,
+    /// The bundle's root, when it is an overlay on the host that is renewed after the guest
+    /// changes its upper directory ([`crate::rootfs::OverlayRenewer`]).
+    #[serde(default)]
+    pub renewed_root: Option<PathBuf>,
     /// Things of config.json the VM cannot honour, logged by `create`.
     pub notes: Vec<String>,
 }
@@ -115,26 +123,60 @@ impl Plan {
     ) -> Result<Self, ContainerError> {
         let assets = Assets::locate()?;
         let initramfs = Initramfs::ensure(&assets.agent, &paths.cache_dir)?;
-        let key = ImageKey::for_rootfs(&bundle.rootfs, &bundle.annotations())?;
-        let images = DiskImages::new(paths.images_dir());
-        let (rootfs_image, built) = images.get_or_build(&key, &bundle.rootfs)?;
-        log::debug!(
-            "image key {key} (from {}); disk {} {}",
-            key.source(),
-            rootfs_image.display(),
-            if built { "built" } else { "reused" }
-        );
+        let layout = RootLayout::of(&bundle.rootfs)?;
+        let mut renewed_root = None;
+        let key = ImageKey::for_root(&layout, &bundle.annotations());
+        let (rootfs_image, root_shares) = match &layout {
+            RootLayout::Layered(layers) => {
+                let images = DiskImages::new(paths.images_dir());
+                let (image, built) = images.get_or_build(&key, &layers.lower)?;
+                log::debug!(
+                    "image key {key} (from {}); disk {} {}",
+                    key.source(),
+                    image.display(),
+                    if built { "built" } else { "reused" }
+                );
+                if crate::rootfs::renew_overlay(&bundle.rootfs, layers)? {
+                    log::debug!("root overlay at {} mounted anew", bundle.rootfs.display());
+                    renewed_root = Some(bundle.rootfs.clone());
+                }
+                (Some(image), writable_layer(layers)?)
+            }
+            RootLayout::Directory => {
+                log::debug!("root {} shared whole", bundle.rootfs.display());
+                (None, vec![bundle.rootfs.clone()])
+            }
+        };
         let kernel_digest = image::file_digest(&assets.kernel)?;
         let (vcpus, memory_mib) = translate::vm_shape(&bundle.spec, &defaults);
         let rootfs = RootfsSpec {
-            device: VmSpec::guest_disk(0),
-            fstype: "ext4".into(),
+            source: RootSource::default(),
             readonly: bundle.root_readonly(),
             warm: Vec::new(),
             warm_path: None,
             warm_lookups: Vec::new(),
         };
-        let (mut setup, shares) = translate::container_setup(&bundle.spec, rootfs)?;
+        let (mut setup, mut shares) = translate::container_setup(&bundle.spec, rootfs)?;
+        // The root's shares come after the binds', whose indexes config.json's order gave.
+        let first = shares.len();
+        for (n, source) in root_shares.iter().enumerate() {
+            shares.push(translate::Share {
+                source: source.clone(),
+                readonly: false,
+                joined_with: (n > 0).then_some(first),
+            });
+        }
+        setup.rootfs.source = match &rootfs_image {
+            Some(_) => RootSource::Layered {
+                device: VmSpec::guest_disk(0),
+                fstype: "ext4".into(),
+                upper: first as u32,
+                work: first as u32 + 1,
+            },
+            None => RootSource::Share {
+                index: first as u32,
+            },
+        };
         let mut notes = Vec::new();
         let hooks = HostHooks::from_spec(&bundle.spec)?;
         let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
@@ -214,6 +256,7 @@ impl Plan {
             network,
             hooks,
             shares,
+            renewed_root,
             notes,
         })
     }
@@ -234,10 +277,14 @@ impl Plan {
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
             kernel_args: self.kernel_args.clone(),
-            disks: vec![DiskSpec {
-                path: self.rootfs_image.clone(),
-                read_only: true,
-            }],
+            disks: self
+                .rootfs_image
+                .iter()
+                .map(|path| DiskSpec {
+                    path: path.clone(),
+                    read_only: true,
+                })
+                .collect(),
             nics: vec![engine::NicSpec {
                 tap: tap.map(|t| t.fd.as_raw_fd()),
                 mac: GUEST_MAC.to_string(),
@@ -247,6 +294,26 @@ impl Plan {
             fs,
         }
     }
+}
+
+/// The host directories of a container's writable layer, as the guest overlay uses them:
+/// the host overlay's upper directory, and a work directory of the guest's own on the same
+/// filesystem. That one is made inside the host overlay's work directory, which belongs to
+/// the same layer (docker and containerd remove it with the layer) and is never part of what
+/// the layer holds; the host overlay itself only uses its `work` (and `index`) entries.
+fn writable_layer(layers: &OverlayLayers) -> Result<Vec<PathBuf>, ContainerError> {
+    let (Some(upper), Some(work)) = (&layers.upper, &layers.work) else {
+        return Err(ContainerError::Monitor(
+            "the root's overlay has no writable layer".into(),
+        ));
+    };
+    let guest_work = work.join(GUEST_WORK_DIR);
+    match std::fs::create_dir(&guest_work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ContainerError::io(&guest_work)(e)),
+    }
+    Ok(vec![upper.clone(), guest_work])
 }
 
 /// `SUPERMACHINE_VMM_TRACE` (set: on) and `SUPERMACHINE_VMM_PROFILE` (a path prefix): the

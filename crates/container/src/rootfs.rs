@@ -1,10 +1,15 @@
 //! Mounting the rootfs containerd describes (`CreateTaskRequest.rootfs`) at the bundle's
 //! `rootfs`, as the runc shim does before it calls runc: an overlay of snapshot layers, or a
-//! bind mount.
+//! bind mount. And renewing the host's overlay at a bundle's root, whose upper directory the
+//! guest writes behind its back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use image::{OverlayLayers, RootLayout};
 
 use crate::ContainerError;
 
@@ -67,6 +72,113 @@ pub fn mount_rootfs(
         .map_err(|e| ContainerError::Monitor(format!("remount rootfs read-only: {e}")))?;
     }
     Ok(())
+}
+
+/// Replaces the overlay mounted at `rootfs` by a new mount of the same layers and options.
+///
+/// The guest writes the overlay's upper directory directly, not through this mount, and an
+/// overlay caches what it has looked up, without checking its layers again: a directory it
+/// found only in a lower layer stays that, even after the guest has made it in the upper
+/// one. Docker looks paths up in the root before the container starts (the working
+/// directory, `/etc/passwd`, mount points), and `docker cp` out of a running container reads
+/// through this same mount, so a file the container writes into its image's working
+/// directory would stay invisible to it. A new mount starts with nothing cached. Docker and
+/// containerd find their mount where they left it, and unmount it when they are done.
+///
+/// Skipped (returns false) where the options cannot be given back as they were: relative
+/// layer paths (docker's short links, used when the options exceed a page) or escaped
+/// characters.
+pub fn renew_overlay(rootfs: &Path, layers: &OverlayLayers) -> Result<bool, ContainerError> {
+    let options = &layers.super_options;
+    if options.contains('\\')
+        || layers.lower.iter().any(|l| l.is_relative())
+        || options.contains("lowerdir=l/")
+    {
+        log::debug!(
+            "root overlay at {} kept: its options do not round-trip",
+            rootfs.display()
+        );
+        return Ok(false);
+    }
+    let data: Vec<&str> = options
+        .split(',')
+        .filter(|o| !matches!(*o, "rw" | "ro"))
+        .collect();
+    let data = data.join(",");
+    let mut flags = MsFlags::empty();
+    for option in layers.mount_options.split(',') {
+        flags |= match option {
+            "ro" => MsFlags::MS_RDONLY,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            "noatime" => MsFlags::MS_NOATIME,
+            "nodiratime" => MsFlags::MS_NODIRATIME,
+            _ => MsFlags::empty(),
+        };
+    }
+    umount2(rootfs, MntFlags::MNT_DETACH).map_err(|e| {
+        ContainerError::Monitor(format!(
+            "renew the root overlay: unmount {}: {e}",
+            rootfs.display()
+        ))
+    })?;
+    mount(
+        Some("overlay"),
+        rootfs,
+        Some("overlay"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|e| {
+        ContainerError::Monitor(format!(
+            "renew the root overlay: mount {} again: {e}",
+            rootfs.display()
+        ))
+    })?;
+    Ok(true)
+}
+
+/// How long the renewer waits after a change before it renews: a burst of changes (an
+/// unpacked archive, a package install) costs one mount.
+const RENEW_DELAY: Duration = Duration::from_millis(200);
+
+/// Renews the host overlay at a root ([`renew_overlay`]) after the guest changed names in its
+/// upper directory: what the host looks up afterwards (`docker cp`, `docker export` of the
+/// running container) is found as the container left it, not as the host cached it. Its
+/// thread ends when the renewer is dropped.
+#[derive(Debug, Clone)]
+pub struct OverlayRenewer {
+    changed: mpsc::SyncSender<()>,
+}
+
+impl OverlayRenewer {
+    pub fn start(rootfs: PathBuf) -> Result<OverlayRenewer, ContainerError> {
+        let (changed, changes) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("root-renew".into())
+            .spawn(move || {
+                while changes.recv().is_ok() {
+                    std::thread::sleep(RENEW_DELAY);
+                    while changes.try_recv().is_ok() {}
+                    let renewed = match RootLayout::of(&rootfs) {
+                        Ok(RootLayout::Layered(layers)) => renew_overlay(&rootfs, &layers),
+                        Ok(RootLayout::Directory) => Ok(false),
+                        Err(e) => Err(ContainerError::from(e)),
+                    };
+                    if let Err(e) = renewed {
+                        log::warn!("{e}");
+                    }
+                }
+            })
+            .map_err(|e| ContainerError::Monitor(format!("start the root renewer: {e}")))?;
+        Ok(OverlayRenewer { changed })
+    }
+
+    /// The guest changed names in the upper directory.
+    pub fn changed(&self) {
+        let _ = self.changed.try_send(());
+    }
 }
 
 pub fn unmount_rootfs(target: &Path) {

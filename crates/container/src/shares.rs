@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use engine::{FsBackend, Vm};
 
+use crate::rootfs::OverlayRenewer;
 use crate::translate::Share;
 use crate::ContainerError;
 
@@ -39,6 +40,18 @@ impl Shares {
         Ok(Some(Shares {
             server: Arc::new(server),
         }))
+    }
+
+    /// Has `renewer` hear of the guest's changes to the names in share `upper`, the host
+    /// overlay's upper directory.
+    pub fn renew_after_changes(
+        &self,
+        upper: u32,
+        renewer: OverlayRenewer,
+    ) -> Result<(), ContainerError> {
+        self.server
+            .on_names_changed(upper as usize, Box::new(move || renewer.changed()))
+            .map_err(|e| ContainerError::Monitor(format!("shared root: {e}")))
     }
 
     /// The server as the builtin VMM's virtio-fs device calls it.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agent_proto::INIT_PROCESS;
+use agent_proto::{RootSource, INIT_PROCESS};
 use engine::{EngineChoice, Phase, Vm};
 use snapshot::SnapshotCache;
 
@@ -22,6 +22,7 @@ use crate::launch::{self, Launched, Origin};
 use crate::netns::NetworkNamespace;
 use crate::network::{self, Attachment};
 use crate::plan::Plan;
+use crate::rootfs::OverlayRenewer;
 use crate::shares::Shares;
 use crate::{ContainerError, Paths};
 
@@ -123,6 +124,11 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         _ => Some(network::create_tap(&tap_name, false)?),
     };
     let shares = Shares::open(&plan.shares)?;
+    if let (Some(shares), Some(rootfs), RootSource::Layered { upper, .. }) =
+        (&shares, &plan.renewed_root, &plan.setup.rootfs.source)
+    {
+        shares.renew_after_changes(*upper, OverlayRenewer::start(rootfs.clone())?)?;
+    }
     let spec = plan.vm_spec(work_dir, tap.as_ref(), shares.as_ref().map(Shares::backend));
     let cache = if plan.snapshots {
         Some(SnapshotCache::new(

@@ -161,6 +161,9 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
 pub struct Share {
     pub source: PathBuf,
     pub readonly: bool,
+    /// The earlier share this one may rename into ([`share::ShareSpec::joined_with`]).
+    #[serde(default)]
+    pub joined_with: Option<usize>,
 }
 
 impl From<&Share> for share::ShareSpec {
@@ -168,6 +171,7 @@ impl From<&Share> for share::ShareSpec {
         share::ShareSpec {
             source: share.source.clone(),
             read_only: share.readonly,
+            joined_with: share.joined_with,
         }
     }
 }
@@ -290,6 +294,7 @@ fn bind_share(source: &Path, destination: &str, readonly: bool) -> Result<Share,
     Ok(Share {
         source: source.to_path_buf(),
         readonly,
+        joined_with: None,
     })
 }
 
@@ -438,11 +443,13 @@ mod tests {
             vec![
                 Share {
                     source: hosts,
-                    readonly: true
+                    readonly: true,
+                    joined_with: None
                 },
                 Share {
                     source: data,
-                    readonly: false
+                    readonly: false,
+                    joined_with: None
                 }
             ]
         );

@@ -1,4 +1,6 @@
-//! The disk image cache: one read-only ext4 image per image key, built with `mkfs.ext4 -d`.
+//! The disk image cache: one read-only ext4 image per image key, built with `mkfs.ext4 -d`
+//! from the image's layers (the lower layers of the bundle's overlay, never its writable
+//! layer: that one is the container's, and reaches the guest through the share).
 //!
 //! Builds are serialised per key by a lock file, written to a `.partial` file, synced and
 //! renamed, so that a reader sees either no image or a complete one.
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::{ImageError, ImageKey};
 
@@ -28,12 +31,12 @@ impl DiskImages {
         self.dir.join(format!("{key}.ext4"))
     }
 
-    /// The image for `key`, built from `rootfs` if it is not cached yet. Also says whether
-    /// this call built it.
+    /// The image for `key`, built from `layers` (an overlay's lower directories, topmost
+    /// first) if it is not cached yet. Also says whether this call built it.
     pub fn get_or_build(
         &self,
         key: &ImageKey,
-        rootfs: &Path,
+        layers: &[PathBuf],
     ) -> Result<(PathBuf, bool), ImageError> {
         let path = self.path_for(key);
         if path.exists() {
@@ -57,20 +60,70 @@ impl DiskImages {
             return Ok((path, false));
         }
         let partial = self.dir.join(format!("{key}.ext4.partial"));
-        let result = build_ext4(rootfs, &partial).and_then(|()| {
-            File::open(&partial)
-                .and_then(|f| f.sync_all())
-                .map_err(ImageError::io(&partial))?;
-            std::fs::rename(&partial, &path).map_err(ImageError::io(&path))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(ImageError::io(&self.dir))
-        });
+        let merged = self.dir.join(format!("{key}.layers"));
+        let result = with_layers_merged(layers, &merged, |tree| build_ext4(tree, &partial))
+            .and_then(|()| {
+                File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(ImageError::io(&partial))?;
+                std::fs::rename(&partial, &path).map_err(ImageError::io(&path))?;
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(ImageError::io(&self.dir))
+            });
         if result.is_err() {
             let _ = std::fs::remove_file(&partial);
         }
         result.map(|()| (path, true))
     }
+}
+
+/// Runs `f` on one tree holding `layers` merged: the layer itself if there is one, else a
+/// read-only overlay of them mounted at `at` for the call (the host kernel applies the
+/// layers' whiteouts and opaque directories).
+fn with_layers_merged<T>(
+    layers: &[PathBuf],
+    at: &Path,
+    f: impl FnOnce(&Path) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    match layers {
+        [] => Err(ImageError::NoLayers),
+        [only] => f(only),
+        _ => {
+            std::fs::create_dir_all(at).map_err(ImageError::io(at))?;
+            let lowerdir: Vec<String> = layers.iter().map(|l| escape_layer(l)).collect();
+            let options = format!("lowerdir={}", lowerdir.join(":"));
+            mount(
+                Some("overlay"),
+                at,
+                Some("overlay"),
+                MsFlags::MS_RDONLY,
+                Some(options.as_str()),
+            )
+            .map_err(|e| ImageError::Io {
+                path: at.to_path_buf(),
+                source: std::io::Error::other(format!("mount the image's layers: {e}")),
+            })?;
+            let result = f(at);
+            if let Err(e) = umount2(at, MntFlags::MNT_DETACH) {
+                log::warn!("unmount {}: {e}", at.display());
+            }
+            let _ = std::fs::remove_dir(at);
+            result
+        }
+    }
+}
+
+/// A layer path as overlayfs's `lowerdir=` list takes it: `:`, `,` and `\` escaped.
+fn escape_layer(layer: &Path) -> String {
+    let mut out = String::new();
+    for c in layer.to_string_lossy().chars() {
+        if matches!(c, ':' | ',' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What the tree needs: bytes in 4 KiB blocks, and inodes.

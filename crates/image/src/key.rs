@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -21,7 +20,9 @@ pub const IMAGE_ANNOTATIONS: [&str; 3] = [
 pub enum KeySource {
     Annotation(String),
     OverlayLowerdirs,
-    Manifest,
+    /// A root served whole from its host directory: no image of it is made, so every such
+    /// root is one key.
+    SharedDirectory,
 }
 
 impl fmt::Display for KeySource {
@@ -29,7 +30,7 @@ impl fmt::Display for KeySource {
         match self {
             KeySource::Annotation(name) => write!(f, "annotation {name}"),
             KeySource::OverlayLowerdirs => f.write_str("overlay lowerdirs"),
-            KeySource::Manifest => f.write_str("content manifest"),
+            KeySource::SharedDirectory => f.write_str("shared directory"),
         }
     }
 }
@@ -70,36 +71,77 @@ impl ImageKey {
         ImageKey { hex, source }
     }
 
-    /// The key of `rootfs`, by the first source that applies.
+    /// The key of a root laid out as `layout`, by the first source that applies.
+    pub fn for_root(layout: &RootLayout, annotations: &HashMap<String, String>) -> Self {
+        for name in IMAGE_ANNOTATIONS {
+            if let Some(value) = annotations.get(name).filter(|v| !v.is_empty()) {
+                return Self::from_parts(
+                    KeySource::Annotation(name.to_string()),
+                    &[value.as_bytes()],
+                );
+            }
+        }
+        match layout {
+            RootLayout::Layered(layers) => {
+                let joined = image_layers(&layers.lower).join("\n");
+                Self::from_parts(KeySource::OverlayLowerdirs, &[joined.as_bytes()])
+            }
+            RootLayout::Directory => Self::from_parts(KeySource::SharedDirectory, &[]),
+        }
+    }
+
+    /// The key of the root at `rootfs`.
     pub fn for_rootfs(
         rootfs: &Path,
         annotations: &HashMap<String, String>,
     ) -> Result<Self, ImageError> {
-        for name in IMAGE_ANNOTATIONS {
-            if let Some(value) = annotations.get(name).filter(|v| !v.is_empty()) {
-                return Ok(Self::from_parts(
-                    KeySource::Annotation(name.to_string()),
-                    &[value.as_bytes()],
-                ));
-            }
-        }
-        let canonical = rootfs.canonicalize().map_err(ImageError::io(rootfs))?;
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        if let Some(layers) = overlay_lowerdirs(&mountinfo, &canonical) {
-            let layers = image_layers(&layers);
-            let joined = layers.join("\n");
-            return Ok(Self::from_parts(
-                KeySource::OverlayLowerdirs,
-                &[joined.as_bytes()],
-            ));
-        }
-        let manifest = manifest(&canonical)?;
-        Ok(Self::from_parts(KeySource::Manifest, &[&manifest]))
+        Ok(Self::for_root(&RootLayout::of(rootfs)?, annotations))
     }
 }
 
-/// The `lowerdir=` list of the overlay mounted at `mount_point`, from mountinfo text.
-pub fn overlay_lowerdirs(mountinfo: &str, mount_point: &Path) -> Option<Vec<String>> {
+/// How a bundle's root filesystem is laid out on the host, which decides where the
+/// container's writes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootLayout {
+    /// An overlay with a writable layer (docker's and containerd's snapshotters): the image
+    /// is its lower layers, the container's own files its upper directory.
+    Layered(OverlayLayers),
+    /// Anything else (a plain directory from `runc spec`, a bind mount, a read-only
+    /// overlay): the directory itself takes the container's writes.
+    Directory,
+}
+
+impl RootLayout {
+    /// The layout of the root at `rootfs`, from the mount table.
+    pub fn of(rootfs: &Path) -> Result<Self, ImageError> {
+        let canonical = rootfs.canonicalize().map_err(ImageError::io(rootfs))?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        Ok(match overlay_layers(&mountinfo, &canonical) {
+            Some(layers) if layers.upper.is_some() && layers.work.is_some() => {
+                RootLayout::Layered(layers)
+            }
+            _ => RootLayout::Directory,
+        })
+    }
+}
+
+/// The directories of an overlay mount, as its options name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayLayers {
+    /// Topmost first, as in `lowerdir=`.
+    pub lower: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    /// The mount's own options (`rw`, `nodev`, `relatime`, …) and the overlay's (its layers
+    /// and features), as mountinfo shows them.
+    pub mount_options: String,
+    pub super_options: String,
+}
+
+/// The layers of the overlay mounted at `mount_point`, from mountinfo text. Relative layer
+/// paths (docker's `l/…` links, used when the options would not fit in a page) are taken
+/// relative to the directory that holds the upper directory's layer, as docker mounts them.
+pub fn overlay_layers(mountinfo: &str, mount_point: &Path) -> Option<OverlayLayers> {
     let wanted = mount_point.to_str()?;
     // The last matching line is the mount on top.
     mountinfo.lines().rev().find_map(|line| {
@@ -110,30 +152,50 @@ pub fn overlay_lowerdirs(mountinfo: &str, mount_point: &Path) -> Option<Vec<Stri
         if point != wanted || fstype != "overlay" {
             return None;
         }
+        let mount_options = left.split(' ').nth(5)?.to_string();
         let options = right.nth(1)?;
-        let lower = options
-            .split(',')
-            .find_map(|o| o.strip_prefix("lowerdir="))?;
-        Some(lower.split(':').map(unescape).collect())
+        let option = |name: &str| {
+            options
+                .split(',')
+                .find_map(|o| o.strip_prefix(name))
+                .map(unescape)
+        };
+        let upper = option("upperdir=").map(PathBuf::from);
+        let work = option("workdir=").map(PathBuf::from);
+        let base = upper
+            .as_deref()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        let lower = option("lowerdir=")?
+            .split(':')
+            .map(|dir| match &base {
+                Some(base) if Path::new(dir).is_relative() => base.join(dir),
+                _ => PathBuf::from(dir),
+            })
+            .collect();
+        Some(OverlayLayers {
+            lower,
+            upper,
+            work,
+            mount_options,
+            super_options: options.to_string(),
+        })
     })
 }
 
 /// Resolves layer links and drops docker's per-container `-init` layer, whose content is the
 /// same for every container but whose directory is not.
-fn image_layers(lowerdirs: &[String]) -> Vec<String> {
+fn image_layers(lowerdirs: &[PathBuf]) -> Vec<String> {
     lowerdirs
         .iter()
-        .map(|dir| {
-            std::fs::canonicalize(dir)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| dir.clone())
-        })
+        .map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
         .filter(|dir| {
-            !Path::new(dir)
-                .parent()
+            !dir.parent()
                 .and_then(|p| p.file_name())
                 .is_some_and(|name| name.to_string_lossy().ends_with("-init"))
         })
+        .map(|dir| dir.to_string_lossy().into_owned())
         .collect()
 }
 
@@ -160,49 +222,6 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A digest of the tree's metadata, in sorted path order.
-fn manifest(root: &Path) -> Result<Vec<u8>, ImageError> {
-    let mut hasher = Sha256::new();
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let path = root.join(&relative);
-        let mut entries: Vec<_> = std::fs::read_dir(&path)
-            .map_err(ImageError::io(&path))?
-            .filter_map(|e| e.ok())
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        // Directories are pushed in reverse so that they pop in sorted order.
-        let mut subdirs = Vec::new();
-        for entry in entries {
-            let rel = relative.join(entry.file_name());
-            let meta = entry.metadata().map_err(ImageError::io(entry.path()))?;
-            let link = if meta.file_type().is_symlink() {
-                std::fs::read_link(entry.path()).unwrap_or_default()
-            } else {
-                PathBuf::new()
-            };
-            let line = format!(
-                "{}\0{:o}\0{}\0{}\0{}\0{}.{}\0{}\0{}\n",
-                rel.display(),
-                meta.mode(),
-                meta.uid(),
-                meta.gid(),
-                meta.size(),
-                meta.mtime(),
-                meta.mtime_nsec(),
-                meta.rdev(),
-                link.display()
-            );
-            hasher.update(line.as_bytes());
-            if meta.is_dir() {
-                subdirs.push(rel);
-            }
-        }
-        stack.extend(subdirs.into_iter().rev());
-    }
-    Ok(hasher.finalize().to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,26 +233,45 @@ mod tests {
 ";
 
     #[test]
-    fn lowerdirs_come_from_the_overlay_at_the_rootfs() {
-        let layers = overlay_lowerdirs(
+    fn layers_come_from_the_overlay_at_the_rootfs() {
+        let layers = overlay_layers(
             MOUNTINFO,
             Path::new("/run/containerd/io.containerd.runtime.v2.task/default/c1/rootfs"),
         )
         .unwrap();
         assert_eq!(
             layers,
-            vec![
-                "/var/lib/containerd/snapshots/3/fs",
-                "/var/lib/containerd/snapshots/2/fs"
-            ]
+            OverlayLayers {
+                lower: vec![
+                    "/var/lib/containerd/snapshots/3/fs".into(),
+                    "/var/lib/containerd/snapshots/2/fs".into()
+                ],
+                upper: Some("/var/lib/containerd/snapshots/4/fs".into()),
+                work: Some("/var/lib/containerd/snapshots/4/work".into()),
+                mount_options: "rw,relatime".into(),
+                super_options: "rw,lowerdir=/var/lib/containerd/snapshots/3/fs:/var/lib/containerd/snapshots/2/fs,upperdir=/var/lib/containerd/snapshots/4/fs,workdir=/var/lib/containerd/snapshots/4/work".into(),
+            }
         );
-        assert_eq!(overlay_lowerdirs(MOUNTINFO, Path::new("/")), None);
+        assert_eq!(overlay_layers(MOUNTINFO, Path::new("/")), None);
     }
 
     #[test]
     fn escaped_mount_points_and_layers_are_decoded() {
-        let layers = overlay_lowerdirs(MOUNTINFO, Path::new("/with space")).unwrap();
-        assert_eq!(layers, vec!["/l/a b"]);
+        let layers = overlay_layers(MOUNTINFO, Path::new("/with space")).unwrap();
+        assert_eq!(layers.lower, vec![PathBuf::from("/l/a b")]);
+    }
+
+    #[test]
+    fn relative_layers_are_under_the_upper_layers_home() {
+        let mountinfo = "400 22 0:90 / /m rw - overlay overlay rw,lowerdir=l/AB:l/CD,upperdir=/var/lib/docker/overlay2/x/diff,workdir=/var/lib/docker/overlay2/x/work\n";
+        let layers = overlay_layers(mountinfo, Path::new("/m")).unwrap();
+        assert_eq!(
+            layers.lower,
+            vec![
+                PathBuf::from("/var/lib/docker/overlay2/l/AB"),
+                PathBuf::from("/var/lib/docker/overlay2/l/CD")
+            ]
+        );
     }
 
     #[test]
@@ -271,15 +309,13 @@ mod tests {
     }
 
     #[test]
-    fn manifest_key_is_stable_and_changes_with_content() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/motd"), "one").unwrap();
+    fn every_shared_directory_has_one_key() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(a.path().join("file"), "one").unwrap();
         let none = HashMap::new();
-        let first = ImageKey::for_rootfs(dir.path(), &none).unwrap();
-        assert_eq!(first.source(), &KeySource::Manifest);
-        assert_eq!(first, ImageKey::for_rootfs(dir.path(), &none).unwrap());
-        std::fs::write(dir.path().join("etc/motd"), "two!").unwrap();
-        assert_ne!(first, ImageKey::for_rootfs(dir.path(), &none).unwrap());
+        let first = ImageKey::for_rootfs(a.path(), &none).unwrap();
+        assert_eq!(first.source(), &KeySource::SharedDirectory);
+        assert_eq!(first, ImageKey::for_rootfs(b.path(), &none).unwrap());
     }
 }

@@ -1,14 +1,15 @@
 //! Container root filesystems as VM disk images, and the guest's initramfs.
 //!
-//! A bundle's `root.path` becomes a read-only ext4 image (`mkfs.ext4 -d`), cached by an
-//! [`ImageKey`] so that every later bundle of the same image reuses it. The key comes, in
-//! this order, from:
+//! A bundle's root is laid out one of two ways ([`RootLayout`]). An overlay with a writable
+//! layer (docker, containerd) gives its lower layers, the image, as a read-only ext4 image
+//! (`mkfs.ext4 -d`), cached by an [`ImageKey`] so that every later container of the image
+//! reuses it; its upper directory stays the container's. Any other root is a host directory
+//! the guest is given whole, and has no disk image. The key comes, in this order, from:
 //! 1. an explicit image annotation (`run.supermachine.image`, `org.opencontainers.image.digest`,
 //!    `io.containerd.image.digest`): the caller vouches that the rootfs is that image;
 //! 2. the overlay lower layers the rootfs is mounted from (docker and containerd mount every
 //!    container of one image from the same layer directories);
-//! 3. a manifest of the tree's metadata (paths, types, modes, owners, sizes, mtimes, link
-//!    targets): any change to a file changes its size or mtime.
+//! 3. for a shared directory, one key for all: nothing of the directory is in the snapshot.
 
 mod cpio;
 mod digest;
@@ -18,7 +19,7 @@ mod key;
 pub use cpio::{write_initramfs, Initramfs};
 pub use digest::file_digest;
 pub use ext4::DiskImages;
-pub use key::{ImageKey, KeySource};
+pub use key::{overlay_layers, ImageKey, KeySource, OverlayLayers, RootLayout};
 
 use std::path::PathBuf;
 
@@ -33,6 +34,8 @@ pub enum ImageError {
     Mkfs { rootfs: PathBuf, message: String },
     #[error("mkfs.ext4 not found: install e2fsprogs")]
     MkfsMissing,
+    #[error("the root's overlay has no lower layer to make an image of")]
+    NoLayers,
 }
 
 impl ImageError {

@@ -17,7 +17,7 @@ mod watch;
 
 use std::path::PathBuf;
 
-pub use server::Server;
+pub use server::{NamesChanged, Server};
 pub use stream::serve_stream;
 
 /// One host source shared with the guest.
@@ -27,6 +27,11 @@ pub struct ShareSpec {
     pub source: PathBuf,
     /// Every modifying request on the share is refused on the host side (EROFS).
     pub read_only: bool,
+    /// An earlier share this one is joined with: renames and hard links may cross between
+    /// the two as within one share (the host still answers EXDEV across filesystems), and a
+    /// host file reached through either is one node. A guest overlay needs this of its upper
+    /// and work directories, which are two shares. Both must have the same `read_only`.
+    pub joined_with: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,12 @@ pub enum ShareError {
         #[source]
         source: std::io::Error,
     },
+    #[error("share {index} cannot be joined with share {with}: it must be an earlier share with the same read-only setting")]
+    BadJoin { index: usize, with: usize },
+    #[error("no share {0}")]
+    NoSuchShare(usize),
+    #[error("the server has a names-changed listener already")]
+    AlreadyListened,
     #[error("the shares are already watched")]
     AlreadyWatched,
 }

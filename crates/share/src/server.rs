@@ -303,9 +303,43 @@ pub struct Server {
     pub(crate) watcher: OnceLock<Arc<Watcher>>,
     /// Bounds the node descriptors kept open (see [`FdBudget`]).
     fd_budget: Arc<FdBudget>,
+    /// Told when the guest changes the names in one share ([`Server::on_names_changed`]).
+    names_changed: OnceLock<NamesListener>,
+}
+
+/// What [`Server::on_names_changed`] calls.
+pub type NamesChanged = Box<dyn Fn() + Send + Sync>;
+
+struct NamesListener {
+    share: usize,
+    call: NamesChanged,
+}
+
+impl std::fmt::Debug for NamesListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamesListener")
+            .field("share", &self.share)
+            .finish_non_exhaustive()
+    }
 }
 
 type OpResult = Result<Vec<u8>, Errno>;
+
+/// The requests that add, remove or rename a directory entry.
+fn changes_names(opcode: u32) -> bool {
+    matches!(
+        opcode,
+        abi::CREATE
+            | abi::MKNOD
+            | abi::MKDIR
+            | abi::SYMLINK
+            | abi::LINK
+            | abi::UNLINK
+            | abi::RMDIR
+            | abi::RENAME
+            | abi::RENAME2
+    )
+}
 
 fn malformed(_: Malformed) -> Errno {
     libc::EINVAL
@@ -366,6 +400,11 @@ impl Server {
         };
         let mut share_roots = Vec::with_capacity(shares.len());
         for (index, spec) in shares.iter().enumerate() {
+            if let Some(with) = spec.joined_with {
+                if with >= index || shares[with].read_only != spec.read_only {
+                    return Err(ShareError::BadJoin { index, with });
+                }
+            }
             let path = sys::cstring(spec.source.as_os_str().as_encoded_bytes()).map_err(|_| {
                 ShareError::Open {
                     path: spec.source.clone(),
@@ -389,7 +428,7 @@ impl Server {
             let nodeid = table.next_id;
             table.next_id += 1;
             let key = InodeKey {
-                share: index,
+                share: spec.joined_with.unwrap_or(index),
                 dev: st.st_dev,
                 ino: st.st_ino,
             };
@@ -408,6 +447,7 @@ impl Server {
             next_fh: AtomicU64::new(ROOT_FH + 1),
             watcher: OnceLock::new(),
             fd_budget,
+            names_changed: OnceLock::new(),
         })
     }
 
@@ -488,10 +528,43 @@ impl Server {
             abi::COPY_FILE_RANGE => self.copy_file_range(&header, &mut r),
             _ => Err(libc::ENOSYS),
         };
+        if result.is_ok() && changes_names(header.opcode) {
+            self.names_changed_in(header.nodeid);
+        }
         Some(match result {
             Ok(body) => abi::message(header.unique, 0, &body),
             Err(errno) => abi::message(header.unique, -errno, &[]),
         })
+    }
+
+    /// Calls `listener` after each request of the guest that created, removed or renamed an
+    /// entry of share `share` (or of a share joined with it), on the thread that served it.
+    /// A host overlay whose upper directory the share is needs to hear of those: it does not
+    /// look at its layers again by itself. One listener per server.
+    pub fn on_names_changed(&self, share: usize, listener: NamesChanged) -> Result<(), ShareError> {
+        if share >= self.shares.len() {
+            return Err(ShareError::NoSuchShare(share));
+        }
+        self.names_changed
+            .set(NamesListener {
+                share,
+                call: listener,
+            })
+            .map_err(|_| ShareError::AlreadyListened)
+    }
+
+    fn names_changed_in(&self, nodeid: u64) {
+        let Some(listener) = self.names_changed.get() else {
+            return;
+        };
+        let share = listener.share;
+        let key_share = self.shares[share].joined_with.unwrap_or(share);
+        if self
+            .any_node(nodeid)
+            .is_ok_and(|node| node.share() == key_share)
+        {
+            (listener.call)();
+        }
     }
 
     // ---- node and handle tables ----

@@ -110,6 +110,7 @@ fn server_over(dir: &Path, read_only: bool) -> Server {
     let server = Server::new(vec![ShareSpec {
         source: dir.to_path_buf(),
         read_only,
+        joined_with: None,
     }])
     .expect("server");
     let mut w = Writer::default();
@@ -143,6 +144,7 @@ fn new_fails_naming_a_missing_source() {
     let err = Server::new(vec![ShareSpec {
         source: "/nonexistent/share-source".into(),
         read_only: false,
+        joined_with: None,
     }])
     .expect_err("missing source");
     assert!(
@@ -477,6 +479,7 @@ fn a_file_share_reaches_nothing_next_to_it() {
     let server = Server::new(vec![ShareSpec {
         source: dir.path().join("hosts"),
         read_only: false,
+        joined_with: None,
     }])
     .expect("server");
     let file = lookup(&server, abi::ROOT_ID, "0").expect("share");
@@ -801,6 +804,7 @@ fn serve_stream_answers_requests_framed_by_their_length() {
         Server::new(vec![ShareSpec {
             source: dir.path().to_path_buf(),
             read_only: false,
+            joined_with: None,
         }])
         .expect("server"),
     );
@@ -843,6 +847,7 @@ fn server_with_budget(dir: &Path, limit: usize) -> (Server, Arc<FdBudget>) {
         vec![ShareSpec {
             source: dir.to_path_buf(),
             read_only: false,
+            joined_with: None,
         }],
         budget.clone(),
     )
@@ -1016,4 +1021,97 @@ fn a_guest_walk_of_5000_entries_keeps_descriptors_within_a_budget_of_100() {
         "{} descriptors held in the share",
         fds_under(dir.path())
     );
+}
+
+fn two_shares(dir: &Path, joined: bool) -> Server {
+    for sub in ["upper", "work"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+    }
+    let spec = |sub: &str, joined_with| ShareSpec {
+        source: dir.join(sub),
+        read_only: false,
+        joined_with,
+    };
+    let server =
+        Server::new(vec![spec("upper", None), spec("work", joined.then_some(0))]).expect("server");
+    let mut w = Writer::default();
+    w.u32(7).u32(38).u32(65536).u32(u32::MAX);
+    ok(&server, &request(abi::INIT, 0, &w.bytes));
+    server
+}
+
+#[test]
+fn renames_cross_joined_shares_only() {
+    for joined in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = two_shares(dir.path(), joined);
+        std::fs::write(dir.path().join("work/#tmp"), b"copied up").expect("write");
+        let upper = lookup(&server, abi::ROOT_ID, "0").expect("upper").nodeid;
+        let work = lookup(&server, abi::ROOT_ID, "1").expect("work").nodeid;
+        let moved = lookup(&server, work, "#tmp").expect("#tmp");
+
+        // As overlayfs moves a copied-up file from its work directory into its upper one.
+        let mut w = Writer::default();
+        w.u64(upper).raw(&name("#tmp")).raw(&name("file"));
+        let (errno, _) = call(&server, &request(abi::RENAME, work, &w.bytes));
+        if !joined {
+            assert_eq!(errno, libc::EXDEV);
+            continue;
+        }
+        assert_eq!(errno, 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("upper/file")).expect("moved"),
+            b"copied up"
+        );
+        let found = lookup(&server, upper, "file").expect("file");
+        assert_eq!(found.nodeid, moved.nodeid, "one host file is one node");
+    }
+}
+
+#[test]
+fn a_share_joins_only_an_earlier_one_with_its_read_only_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = |read_only, joined_with| ShareSpec {
+        source: dir.path().to_path_buf(),
+        read_only,
+        joined_with,
+    };
+    for shares in [
+        vec![spec(false, Some(0))],
+        vec![spec(false, Some(1)), spec(false, None)],
+        vec![spec(true, None), spec(false, Some(0))],
+    ] {
+        assert!(matches!(
+            Server::new(shares),
+            Err(crate::ShareError::BadJoin { .. })
+        ));
+    }
+}
+
+#[test]
+fn the_listener_hears_of_name_changes_in_its_share_only() {
+    use std::sync::atomic::AtomicUsize;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = two_shares(dir.path(), true);
+    let heard = Arc::new(AtomicUsize::new(0));
+    let counter = heard.clone();
+    server
+        .on_names_changed(
+            0,
+            Box::new(move || {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }),
+        )
+        .expect("listen");
+    let upper = lookup(&server, abi::ROOT_ID, "0").expect("upper").nodeid;
+    let (errno, _) = create(&server, upper, "f", 0o644, 0, 0);
+    assert_eq!(errno, 0);
+    assert_eq!(heard.load(Ordering::Relaxed), 1, "a create changes names");
+    lookup(&server, upper, "f").expect("f");
+    assert_eq!(heard.load(Ordering::Relaxed), 1, "a lookup does not");
+    let mut w = Writer::default();
+    w.raw(&name("f"));
+    ok(&server, &request(abi::UNLINK, upper, &w.bytes));
+    assert_eq!(heard.load(Ordering::Relaxed), 2);
+    assert!(server.on_names_changed(0, Box::new(|| {})).is_err());
 }

@@ -26,10 +26,12 @@ fn fixture() -> &'static Fixture {
             ShareSpec {
                 source: dir.clone(),
                 read_only: false,
+                joined_with: None,
             },
             ShareSpec {
                 source: dir.join("d/f"),
                 read_only: true,
+                joined_with: None,
             },
         ])
         .expect("server");
