@@ -123,6 +123,7 @@ impl Plan {
     ) -> Result<Self, ContainerError> {
         let assets = Assets::locate()?;
         let initramfs = Initramfs::ensure(&assets.agent, &paths.cache_dir)?;
+        let root_lock = crate::rootfs::lock_root(&bundle.rootfs)?;
         let layout = RootLayout::of(&bundle.rootfs)?;
         let mut renewed_root = None;
         let key = ImageKey::for_root(&layout, &bundle.annotations());
@@ -147,6 +148,7 @@ impl Plan {
                 (None, vec![bundle.rootfs.clone()])
             }
         };
+        drop(root_lock);
         let kernel_digest = image::file_digest(&assets.kernel)?;
         let (vcpus, memory_mib) = translate::vm_shape(&bundle.spec, &defaults);
         let rootfs = RootfsSpec {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use image::{OverlayLayers, RootLayout};
@@ -139,6 +140,18 @@ pub fn renew_overlay(rootfs: &Path, layers: &OverlayLayers) -> Result<bool, Cont
     Ok(true)
 }
 
+/// Holds the lock of the root at `rootfs` against [`renew_overlay`] elsewhere: from reading
+/// the mount table to the mount, nobody else finds the root unmounted (a create of another
+/// container of the same bundle, a renewer). The lock is the directory that holds the root:
+/// the root itself is a different directory once mounted over.
+pub fn lock_root(rootfs: &Path) -> Result<Flock<std::fs::File>, ContainerError> {
+    let holder = rootfs.parent().unwrap_or(rootfs);
+    let dir = std::fs::File::open(holder).map_err(ContainerError::io(holder))?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| {
+        ContainerError::Monitor(format!("lock the root at {}: {e}", rootfs.display()))
+    })
+}
+
 /// How long the renewer waits after a change before it renews: a burst of changes (an
 /// unpacked archive, a package install) costs one mount.
 const RENEW_DELAY: Duration = Duration::from_millis(200);
@@ -161,6 +174,13 @@ impl OverlayRenewer {
                 while changes.recv().is_ok() {
                     std::thread::sleep(RENEW_DELAY);
                     while changes.try_recv().is_ok() {}
+                    let _locked = match lock_root(&rootfs) {
+                        Ok(lock) => lock,
+                        Err(e) => {
+                            log::warn!("{e}");
+                            continue;
+                        }
+                    };
                     let renewed = match RootLayout::of(&rootfs) {
                         Ok(RootLayout::Layered(layers)) => renew_overlay(&rootfs, &layers),
                         Ok(RootLayout::Directory) => Ok(false),
