@@ -119,3 +119,16 @@ case_bind_mount() {
     "$IMAGE" "$(next_id "$1")" sh -c 'cat /data/in /etc/app.conf; echo out > /data/out; (echo x > /etc/app.conf) 2>/dev/null || echo ro'
   cat "$d/dir/out" "$d/file"
 }
+case_rootfs_kept() {
+  # The container's writes are its snapshot's: a second task of the same container sees them,
+  # and containerd's diff of the snapshot holds them (a removal as a whiteout).
+  local id; id=$(next_id "$1")
+  local script='cat /kept 2>/dev/null || echo none; echo kept > /kept; rm /etc/motd 2>/dev/null && echo removed'
+  # shellcheck disable=SC2046
+  ctr_ run $(rt "$1") "$IMAGE" "$id" sh -c "$script"
+  ctr_ tasks delete "$id" > /dev/null 2>&1 || true
+  ctr_ tasks start "$id"
+  ctr_ tasks delete "$id" > /dev/null 2>&1 || true
+  ctr_ snapshots diff --media-type application/vnd.oci.image.layer.v1.tar "$id" | tar -t | grep -E 'kept|motd' | sort
+  ctr_ containers rm "$id"
+}

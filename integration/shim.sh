@@ -28,6 +28,7 @@ compare "ctr task kill --all SIGKILL" case_kill_all
 compare "ctr task exec, pause, resume" case_exec_ps_pause
 compare "ctr task exec: three at once" case_concurrent_execs
 compare "ctr run --mount type=bind" case_bind_mount
+compare "ctr: the rootfs keeps writes" case_rootfs_kept
 
 SHIM="--runtime io.containerd.supermachine.v2"
 

@@ -91,10 +91,12 @@ pub fn mount_rootfs(
 /// characters.
 pub fn renew_overlay(rootfs: &Path, layers: &OverlayLayers) -> Result<bool, ContainerError> {
     let options = &layers.super_options;
-    if options.contains('\\')
-        || layers.lower.iter().any(|l| l.is_relative())
-        || options.contains("lowerdir=l/")
-    {
+    let relative_layers = options
+        .split(',')
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|dirs| dirs.split(':'))
+        .any(|dir| !dir.starts_with('/'));
+    if options.contains('\\') || relative_layers {
         log::debug!(
             "root overlay at {} kept: its options do not round-trip",
             rootfs.display()
@@ -224,5 +226,24 @@ mod tests {
             MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY
         );
         assert!(data.is_empty());
+    }
+
+    #[test]
+    fn an_overlay_whose_options_do_not_round_trip_is_left_alone() {
+        for options in [
+            "rw,lowerdir=l/AB:l/CD,upperdir=/u/diff,workdir=/u/work",
+            "rw,lowerdir=/a\\040b,upperdir=/u/diff,workdir=/u/work",
+        ] {
+            let layers = OverlayLayers {
+                lower: vec!["/l/AB".into()],
+                upper: Some("/u/diff".into()),
+                work: Some("/u/work".into()),
+                mount_options: "rw,relatime".into(),
+                super_options: options.into(),
+            };
+            // Nothing is mounted there: a renewal that went on would fail to unmount it.
+            let renewed = renew_overlay(Path::new("/nonexistent/rootfs"), &layers);
+            assert!(matches!(renewed, Ok(false)), "{options}: {renewed:?}");
+        }
     }
 }
