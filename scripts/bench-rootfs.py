@@ -37,8 +37,8 @@ a warm-up run of the same bundle baked, and a cache directory of the row's own):
 Reported: seconds of the walk and the read, the write in MB/s (ratios are times runc's time);
 guest memory in use after the write (MemTotal - MemAvailable) and its Shmem (where a tmpfs
 keeps what was written), both meaningless for runc (the host's /proc/meminfo); the RSS of the
-VM's QEMU process on the host; and whether the written file is in the bundle's root on the
-host afterwards. A write that fails (a tmpfs upper layer fills up half the guest's memory)
+VM's QEMU process on the host (every guest page the guest has touched, its page cache
+included); and whether the written file is in the bundle's root on the host afterwards. A write that fails (a tmpfs upper layer fills up half the guest's memory)
 shows how far it got. If the before revision cannot be built, its row says why and the bench
 goes on.
 """
@@ -281,8 +281,8 @@ def parse(output, opts, what, written_dir, guest):
             values["walked"] = int(fields[1])
         elif len(fields) == 2 and fields[0] == "read-bytes":
             values["read-bytes"] = int(fields[1])
-        elif len(fields) >= 2 and fields[0] == "write-failed":
-            values["write-failed"] = (int(fields[1]), " ".join(fields[2:]))
+        elif len(fields) >= 3 and fields[0] == "write-failed":
+            values["write-failed"] = (int(fields[1]), float(fields[2]), " ".join(fields[3:]))
         elif len(fields) == 3 and fields[0] == "meminfo":
             values[fields[1]] = int(fields[2])
     missing = [k for k in ["tree-walk", "read-files", "MemTotal", "MemAvailable", "Shmem"] if k not in values]
@@ -462,7 +462,9 @@ def print_table(rows, opts):
             if label != "runc" and runc.get("seq-write"):
                 write += f" ({row['seq-write'] / runc['seq-write']:.1f}x)"
         else:
-            write = f"failed at {row['write-failed'][0]}"
+            # How fast it went until the layer was full, without a ratio: not the same work.
+            mib, seconds, _ = row["write-failed"]
+            write = (f"{mib * 1.048576 / seconds:.1f}" if seconds > 0 else "?") + f", full at {mib}"
         if row["guest"]:
             used = f"{(row['MemTotal'] - row['MemAvailable']) / 1024:.0f}"
             shmem = f"{row['Shmem'] / 1024:.0f}"
@@ -475,11 +477,19 @@ def print_table(rows, opts):
     for label, description, row in rows:
         print(f"  {label}: {description}")
         if isinstance(row, dict) and "write-failed" in row:
-            print(f"    the write failed after {row['write-failed'][0]} MiB: {row['write-failed'][1]}")
+            mib, seconds, error = row["write-failed"]
+            print(f"    the write failed after {mib} MiB ({seconds:.3f} s): {error}")
     print(f"  (Nx) = N times runc's time. walk = lstat of every entry of /usr/share/tree; read = every file "
           f"of /data ({BIG_FILE_MIB} MiB each) read whole; write = /written in 1 MiB writes + fsync; guest used = "
-          f"MemTotal - MemAvailable after the write; VMM RSS = the QEMU process, measured then; on host = "
+          f"MemTotal - MemAvailable after the write (the page cache is available, a tmpfs is not); VMM RSS = the "
+          f"QEMU process, measured then: every guest page ever touched, page cache included; on host = "
           f"/written is in the bundle's root on the host afterwards")
+    measured = {label: row for label, _, row in rows if isinstance(row, dict)}
+    before = next((row for label, row in measured.items() if label.startswith("supermachine before")), None)
+    after = measured.get("supermachine")
+    if before and after:
+        print(f"  image reads, supermachine / supermachine before: walk {after['tree-walk'] / before['tree-walk']:.2f}x, "
+              f"read {after['read-files'] / before['read-files']:.2f}x the time")
 
 
 def main():
