@@ -106,6 +106,10 @@ bench: deps guest kernel-variants build
 	# Shared filesystems: runc's bind mount, each engine's share, and QEMU's virtio-fs
 	# (virtiofsd) and 9p for reference. BENCH_FS_ARGS="--mib 16 --files 500 --tree 2000" is quick.
 	scripts/bench-fs.py $(CURDIR)/$(BIN)/supermachine $(BENCH_FS_ARGS)
+	# The container's root filesystem: image reads, writes and the guest memory they cost, against
+	# runc and the runtime before its writes reached the host (that revision is built once into
+	# ~/.cache/supermachine). BENCH_ROOTFS_ARGS="--tree 2000 --mib 16 --write-mib 32" is quick.
+	scripts/bench-rootfs.py $(CURDIR)/$(BIN)/supermachine $(BENCH_ROOTFS_ARGS)
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine
