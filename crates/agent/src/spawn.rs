@@ -31,7 +31,7 @@ use nix::fcntl::OFlag;
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::Pid;
 
 use crate::caps;
 use crate::paths::{DEFAULT_PATH, PASSWD};
@@ -349,16 +349,7 @@ fn child_setup(
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
     }
-    let groups: Vec<Gid> = spec
-        .additional_gids
-        .iter()
-        .map(|g| Gid::from_raw(*g))
-        .collect();
-    nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-    nix::unistd::setgid(Gid::from_raw(spec.gid))
-        .map_err(|e| format!("setgid {}: {e}", spec.gid))?;
-    nix::unistd::setuid(Uid::from_raw(spec.uid))
-        .map_err(|e| format!("setuid {}: {e}", spec.uid))?;
+    set_ids(spec)?;
     if let Some(caps) = &spec.capabilities {
         caps::apply_sets(caps)?;
     }
@@ -372,6 +363,37 @@ fn child_setup(
         }
     }
     find_program(&spec.args[0], env)
+}
+
+/// Sets the child's supplementary groups, gid and uid with the system calls themselves.
+///
+/// glibc's wrappers change the credentials of every thread of the process (POSIX says a
+/// process has one set): they signal each thread of the agent and wait for it. This child
+/// shares the agent's memory, so glibc takes the agent's threads (the share relay) for its
+/// own: it would change their credentials, or, from a new pid namespace where their thread
+/// ids mean other tasks, wait for acknowledgements that never come.
+fn set_ids(spec: &ProcessSpec) -> Result<(), String> {
+    let groups: Vec<libc::gid_t> = spec.additional_gids.clone();
+    let calls: [(&str, libc::c_long, [libc::c_long; 2]); 3] = [
+        (
+            "setgroups",
+            libc::SYS_setgroups,
+            [
+                groups.len() as libc::c_long,
+                groups.as_ptr() as libc::c_long,
+            ],
+        ),
+        ("setgid", libc::SYS_setgid, [spec.gid as libc::c_long, 0]),
+        ("setuid", libc::SYS_setuid, [spec.uid as libc::c_long, 0]),
+    ];
+    for (name, number, [a, b]) in calls {
+        // SAFETY: each call takes integers, or for setgroups a length and a pointer to that
+        // many gids in `groups`, which outlives the call.
+        if unsafe { libc::syscall(number, a, b) } != 0 {
+            return Err(format!("{name}: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// `execvp`'s search, done before `start` so that a missing program fails `create`.
