@@ -20,7 +20,7 @@ use crate::{translate, ContainerError};
 /// The guest NIC's MAC until the agent gives it the host interface's.
 const GUEST_MAC: &str = "02:53:4d:00:00:01";
 
-/// The guest overlay's work directory, in the host overlay's.
+/// Where the guest overlays' work directories are, in the host overlay's.
 const GUEST_WORK_DIR: &str = "supermachine";
 
 /// A bundle annotation that keeps a container out of the snapshot cache.
@@ -309,12 +309,16 @@ fn writable_layer(layers: &OverlayLayers) -> Result<Vec<PathBuf>, ContainerError
             "the root's overlay has no writable layer".into(),
         ));
     };
-    let guest_work = work.join(GUEST_WORK_DIR);
-    match std::fs::create_dir(&guest_work) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(ContainerError::io(&guest_work)(e)),
-    }
+    // One per container: a guest overlay empties its work directory when it mounts, so two
+    // containers of one bundle (parallel creates) must not share one.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let guest_work = work
+        .join(GUEST_WORK_DIR)
+        .join(format!("{nanos}-{}", std::process::id()));
+    std::fs::create_dir_all(&guest_work).map_err(ContainerError::io(&guest_work))?;
     Ok(vec![upper.clone(), guest_work])
 }
 

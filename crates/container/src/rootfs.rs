@@ -203,7 +203,10 @@ impl OverlayRenewer {
     }
 }
 
+/// Unmounts the rootfs the shim mounted; under the root's lock, so that a renewer finishing
+/// its last renewal does not mount it again afterwards.
 pub fn unmount_rootfs(target: &Path) {
+    let _locked = lock_root(target).inspect_err(|e| log::debug!("{e}")).ok();
     if let Err(e) = umount2(target, MntFlags::MNT_DETACH) {
         log::debug!("unmount {}: {e}", target.display());
     }
