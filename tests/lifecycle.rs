@@ -848,7 +848,9 @@ fn fsnotify_message(mask: u32, name: &str) -> String {
 fn fsnotify_notifications_reach_inotify_watchers_through_dev_fuse_and_fusectl() {
     let Some(env) = Env::new() else { return };
     // A FUSE mount with no server: nothing here sends it a request (no default_permissions,
-    // so no attribute lookups), and the root's inode (node 1) always exists.
+    // so no attribute lookups), and the root's inode (node 1) always exists. Its fusectl
+    // directory is named by its device number, from mountinfo (a stat would ask the absent
+    // server); the VM's own share connection is another one.
     let program = common::fixture_program("inotify_watch");
     let script = format!(
         "set -e
@@ -861,7 +863,8 @@ fn fsnotify_notifications_reach_inotify_watchers_through_dev_fuse_and_fusectl() 
          /tmp/watch /tmp/f > /tmp/events &
          sleep 1
          printf '{create}' >&3
-         for notify in /sys/fs/fuse/connections/*/notify; do printf '{delete}' > $notify; done
+         conn=$(awk '$5 == \"/tmp/f\" {{ split($3, d, \":\"); print d[2] }}' /proc/self/mountinfo)
+         printf '{delete}' > /sys/fs/fuse/connections/$conn/notify
          sleep 1
          kill $!
          cat /tmp/events",
