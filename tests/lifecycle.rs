@@ -861,7 +861,7 @@ fn fsnotify_notifications_reach_inotify_watchers_through_dev_fuse_and_fusectl() 
          mount -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 sm /tmp/f
          mount -t fusectl fusectl /sys/fs/fuse/connections
          /tmp/watch /tmp/f > /tmp/events &
-         sleep 1
+         until grep -q watching /tmp/events; do sleep 0.1; done
          printf '{create}' >&3
          conn=$(awk '$5 == \"/tmp/f\" {{ split($3, d, \":\"); print d[2] }}' /proc/self/mountinfo)
          printf '{delete}' > /sys/fs/fuse/connections/$conn/notify
