@@ -11,10 +11,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{guest_time, text, Bundle, Env};
+use common::{guest_time, text, wait_for, Bundle, Env};
 
 /// What a container does to its root: a new file and directory, a changed image file, an
 /// image file renamed, an image file and an image directory removed.
@@ -171,15 +170,6 @@ fn a_directory_roots_writes_are_the_directory() {
     env.assert_clean("directory-again");
 }
 
-/// Waits until `check` holds, for at most `timeout`.
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Both ways while the container runs, through the host's overlay as `docker cp` goes: into
 /// the root, and into a directory of the image that is the process's working directory
 /// (the guest's overlay knows it as the image's only, until the host's copy of it appears);
@@ -198,14 +188,7 @@ fn the_host_overlay_and_the_running_container_see_each_others_files() {
     let root = bundle.rootfs();
     // The host looks the working directory up before the start, as docker does.
     assert!(root.join("root").is_dir());
-    let stdout = env.root().join("live.stdout");
-    let mut child = env
-        .cmd()
-        .args(["run", "--bundle", bundle.path_str(), "live"])
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let (mut child, stdout) = env.spawn_run(&bundle, "live");
     wait_for(
         "the container's file on the host",
         guest_time(Duration::from_secs(60)),

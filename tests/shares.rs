@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guest_time, text, Bundle, Env};
+use common::{guest_time, text, wait_for, Bundle, Env};
 
 /// A bind of `source` on `destination` (read-only when `readonly`), as docker writes it.
 fn bind(bundle: &mut Bundle, source: &Path, destination: &str, readonly: bool) {
@@ -23,28 +22,6 @@ fn bind(bundle: &mut Bundle, source: &Path, destination: &str, readonly: bool) {
             "destination": destination, "type": "bind", "source": source, "options": options,
         }))
     });
-}
-
-/// Starts `run` of `bundle` in the background, its stdout in a file.
-fn spawn_run(env: &Env, bundle: &Bundle, id: &str) -> (Child, PathBuf) {
-    let stdout = env.root().join(format!("{id}.stdout"));
-    let child = env
-        .cmd()
-        .args(["run", "--bundle", bundle.path_str(), id])
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    (child, stdout)
-}
-
-/// Waits until `check` holds, for at most `timeout`.
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -64,7 +41,7 @@ fn a_bound_directory_is_the_hosts_both_ways() {
          for i in $(seq 200); do [ -e /data/late ] && break; sleep 0.05; done; cat /data/late",
     ]);
     bind(&mut bundle, data.path(), "/data", false);
-    let (mut child, stdout) = spawn_run(&env, &bundle, "c-both-ways");
+    let (mut child, stdout) = env.spawn_run(&bundle, "c-both-ways");
     let written = data.path().join("from-container");
     wait_for(
         "the container's write on the host",
@@ -228,7 +205,7 @@ fn a_file_bind_is_live_and_shows_nothing_next_to_it() {
     ]);
     bind(&mut bundle, &file, "/etc/app.conf", false);
     bind(&mut bundle, &big, "/big", true);
-    let (mut child, stdout) = spawn_run(&env, &bundle, "c-file");
+    let (mut child, stdout) = env.spawn_run(&bundle, "c-file");
     wait_for(
         "the container's append",
         guest_time(Duration::from_secs(60)),
@@ -252,7 +229,7 @@ fn host_changes_reach_inotify_watchers_in_the_container_once() {
     let mut bundle = env.bundle(&["/watch", "/data", "stop"]);
     bind(&mut bundle, &watcher, "/watch", true);
     bind(&mut bundle, data.path(), "/data", false);
-    let (mut child, stdout) = spawn_run(&env, &bundle, "c-watch");
+    let (mut child, stdout) = env.spawn_run(&bundle, "c-watch");
     let events = || std::fs::read_to_string(&stdout).unwrap_or_default();
     wait_for("the watcher", guest_time(Duration::from_secs(60)), || {
         events().contains("ready")

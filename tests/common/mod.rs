@@ -175,6 +175,19 @@ impl Env {
         )
     }
 
+    /// Starts `run` of `bundle` as `id` in the background, its stdout in a file.
+    pub fn spawn_run(&self, bundle: &Bundle, id: &str) -> (std::process::Child, PathBuf) {
+        let stdout = self.root().join(format!("{id}.stdout"));
+        let child = self
+            .cmd()
+            .args(["run", "--bundle", bundle.path_str(), id])
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn run");
+        (child, stdout)
+    }
+
     pub fn bundle(&self, args: &[&str]) -> Bundle {
         Bundle::new(args)
     }
@@ -241,6 +254,15 @@ impl Drop for Env {
                 .arg(id.file_name())
                 .output();
         }
+    }
+}
+
+/// Waits until `check` holds, for at most `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
