@@ -136,6 +136,8 @@ trap cleanup EXIT INT TERM
 # --- comparison table -----------------------------------------------------------------
 
 TABLE=()
+# What failed cases printed, repeated after the table: a log's tail then says why.
+FAILURES=()
 # The two runtimes each case runs under (the first is the reference).
 COMPARED=(runc supermachine)
 
@@ -151,6 +153,8 @@ record() {
     log "--- $name differs"
     log "${COMPARED[0]} (rc=$runc_rc):"; log "$runc_out"
     log "${COMPARED[1]} (rc=$sm_rc):"; log "$sm_out"
+    FAILURES+=("--- $name: ${COMPARED[1]} (rc=$sm_rc), ${COMPARED[0]} (rc=$runc_rc):
+$(printf '%s' "$sm_out" | tail -n 15)")
   fi
   TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "$(short "$runc_out") rc=$runc_rc" "$(short "$sm_out") rc=$sm_rc" "$verdict")")
 }
@@ -187,6 +191,8 @@ check() {
   else
     FAILED=$((FAILED + 1))
     log "--- $name failed (rc=$rc):"; log "$out"
+    FAILURES+=("--- $name (rc=$rc):
+$(printf '%s' "$out" | tail -n 15)")
     TABLE+=("$(printf '%-36s | %-30s | %-30s | %s' "$name" "-" "$(short "$out") rc=$rc" FAIL)")
   fi
 }
@@ -195,6 +201,9 @@ print_table() {
   printf '\n%-36s | %-30s | %-30s | %s\n' "case" "${COMPARED[0]}" "${COMPARED[1]}" "result"
   printf '%s\n' "-------------------------------------+--------------------------------+--------------------------------+-------"
   printf '%s\n' "${TABLE[@]}"
+  if [ "${#FAILURES[@]}" != 0 ]; then
+    printf '\n'; printf '%s\n' "${FAILURES[@]}"
+  fi
   printf '\n%d case(s) failed\n' "$FAILED"
 }
 

@@ -137,6 +137,11 @@ pub enum Request {
         id: u64,
         payload: Vec<u8>,
     },
+    /// Writes cgroup v2 interface files of the container's cgroup in the guest, in order
+    /// (a live `update`); answered `Reply::Ok` once every value is written.
+    UpdateCgroup(Vec<CgroupSetting>),
+    /// The container's usage, from its cgroup in the guest; answered `Reply::Stats`.
+    Stats,
     /// Syncs filesystems and powers the guest off.
     Shutdown,
 }
@@ -158,6 +163,8 @@ impl Request {
             Request::ListProcesses => "list_processes",
             Request::ConfigureNetwork(_) => "configure_network",
             Request::DnsAnswer { .. } => "dns_answer",
+            Request::UpdateCgroup(_) => "update_cgroup",
+            Request::Stats => "stats",
             Request::Shutdown => "shutdown",
         }
     }
@@ -181,6 +188,9 @@ pub enum AgentMessage {
     /// A DNS query sent to the relay address in the guest (docker's 127.0.0.11), for the host
     /// to ask the resolver that lives in the container's network namespace.
     DnsQuery { id: u64, payload: Vec<u8> },
+    /// The kernel's OOM killer killed `kills` more processes of the container's cgroup
+    /// (its `memory.events` `oom_kill` count rose by that much since the last report).
+    OomKilled { kills: u64 },
 }
 
 /// The container's network, as the guest must be configured.
@@ -215,8 +225,15 @@ pub struct RouteConfig {
 pub enum Reply {
     Ok,
     Hello(AgentInfo),
-    Created { pid: i32 },
+    Created {
+        pid: i32,
+    },
     Processes(Vec<ProcessInfo>),
+    /// The contents of the container cgroup's interface files, by name (`memory.current`,
+    /// `memory.max`, `memory.stat`, `memory.events`, `memory.swap.current`, `cpu.stat`,
+    /// `pids.current`, `pids.max`, `io.stat`); a file the guest kernel lacks is absent.
+    /// The host parses them: the agent stays a reader.
+    Stats(BTreeMap<String, String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +293,29 @@ pub struct ContainerSetup {
     /// new one (with its signal and reaping semantics), and execs join it.
     #[serde(default)]
     pub pid_namespace: bool,
+    /// The container's cgroup in the guest, as config.json's `linux.resources` asks; the
+    /// container's processes run in it and see it as their `/sys/fs/cgroup` root (a cgroup
+    /// namespace). `None`: no cgroup of its own.
+    #[serde(default)]
+    pub cgroup: Option<CgroupSpec>,
+}
+
+/// A cgroup v2 for the container's processes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CgroupSpec {
+    /// Interface files and their values, written in order before any process joins (the
+    /// host translates config.json's resources into them: `memory.max`, `pids.max`,
+    /// `cpu.max`, …).
+    pub settings: Vec<CgroupSetting>,
+}
+
+/// One value for one cgroup v2 interface file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupSetting {
+    /// The interface file's name in the cgroup directory, e.g. `memory.max`.
+    pub file: String,
+    /// What is written to it, e.g. `67108864`, `max`, `50000 100000`.
+    pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -458,6 +458,9 @@ impl Server {
                 }
                 Ok(Reply::Ok)
             }
+            Request::UpdateCgroup(_) | Request::Stats => Err(AgentError(
+                "the container has no cgroup in this guest".into(),
+            )),
             Request::Shutdown => {
                 self.shutdown = true;
                 Ok(Reply::Ok)

@@ -44,10 +44,13 @@ struct Inner {
     closed: AtomicBool,
     on_close: Mutex<Option<OnClose>>,
     dns: Mutex<Option<DnsHandler>>,
+    oom: Mutex<Option<OomHandler>>,
 }
 
 /// Called (on the reader thread) with each DNS query the guest relays.
 pub type DnsHandler = Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>;
+/// Told how many more of the container's processes the guest's OOM killer killed.
+pub type OomHandler = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// One reply of a [`AgentClient::pipeline`], and how long after the write it arrived.
 #[derive(Debug)]
@@ -145,6 +148,7 @@ impl AgentClient {
             closed: AtomicBool::new(false),
             on_close: Mutex::new(None),
             dns: Mutex::new(None),
+            oom: Mutex::new(None),
         });
         let thread_inner = Arc::clone(&inner);
         std::thread::Builder::new()
@@ -290,6 +294,11 @@ impl AgentClient {
         *self.inner.dns.lock_unpoisoned() = Some(handler);
     }
 
+    /// Handles the guest's reports of OOM kills in the container's cgroup.
+    pub fn on_oom(&self, handler: OomHandler) {
+        *self.inner.oom.lock_unpoisoned() = Some(handler);
+    }
+
     /// Closes the channel; the reader thread ends and pending requests fail.
     pub fn shutdown(&self) {
         let _ = self
@@ -334,6 +343,13 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 match handler {
                     Some(handler) => handler(id, payload),
                     None => log::debug!("DNS query {id} with no relay on the host"),
+                }
+            }
+            Frame::Message(AgentMessage::OomKilled { kills }) => {
+                let handler = inner.oom.lock_unpoisoned().clone();
+                match handler {
+                    Some(handler) => handler(kills),
+                    None => log::info!("the guest's OOM killer killed {kills} process(es)"),
                 }
             }
             Frame::Data {

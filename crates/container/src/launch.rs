@@ -145,6 +145,13 @@ pub fn launch(
     }
 }
 
+/// How long a request of the container's start (root, mounts, first process) may take:
+/// where the engine's guest kernel is emulated (its boot timeout has a floor), so is every
+/// mount and file the agent reads, and a cold page cache can take minutes, not seconds.
+pub fn start_request_timeout(engine: &dyn Engine) -> Duration {
+    REQUEST_TIMEOUT.max(engine.boot_timeout_floor())
+}
+
 fn restore(engine: &dyn Engine, spec: &VmSpec, entry: &Entry) -> Result<Launched, ContainerError> {
     let (mut vm, mut phases) = engine.restore(spec, &entry.dir)?;
     let connected = Instant::now();
@@ -187,7 +194,15 @@ fn boot(
     let mut vm = engine.boot(spec)?;
     let mut phases = vec![Phase::new("vmm", started.elapsed())];
     let timeout = plan.boot_timeout.on(engine);
-    match connect_booted(&mut *vm, plan, timeout, started, &mut phases) {
+    let request_timeout = start_request_timeout(engine);
+    match connect_booted(
+        &mut *vm,
+        plan,
+        timeout,
+        request_timeout,
+        started,
+        &mut phases,
+    ) {
         Ok((agent, uptime)) => {
             let mut launched = Launched {
                 vm,
@@ -217,6 +232,7 @@ fn connect_booted(
     vm: &mut dyn Vm,
     plan: &Plan,
     timeout: Duration,
+    start_request_timeout: Duration,
     started: Instant,
     phases: &mut Vec<Phase>,
 ) -> Result<(AgentClient, Duration), ContainerError> {
@@ -236,7 +252,7 @@ fn connect_booted(
     let (agent, _) = AgentClient::start(channel, REQUEST_TIMEOUT)?;
     agent.request(
         Request::PrepareRoot(plan.setup.rootfs.clone()),
-        REQUEST_TIMEOUT,
+        start_request_timeout,
     )?;
     Ok((agent, Duration::from_millis(info.uptime_ms)))
 }
@@ -307,6 +323,7 @@ fn host_entropy() -> Result<Vec<u8>, ContainerError> {
 pub fn prepare_container(
     agent: &AgentClient,
     plan: &Plan,
+    timeout: Duration,
 ) -> Result<(i32, Vec<Phase>), ContainerError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -340,7 +357,7 @@ pub fn prepare_container(
     ]
     .into_iter()
     .unzip();
-    let answers = agent.pipeline(requests, REQUEST_TIMEOUT)?;
+    let answers = agent.pipeline(requests, timeout)?;
     // The agent handles them one after the other, so the gaps between arrivals are the
     // guest's time for each.
     let mut phases = Vec::new();

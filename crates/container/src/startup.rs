@@ -158,7 +158,10 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         Some(shares) => shares.serve(&mut *vm),
         None => Ok(()),
     }
-    .and_then(|()| create_container(&agent, &plan, init_events, network, &mut phases));
+    .and_then(|()| {
+        let timeout = launch::start_request_timeout(&*selection.engine);
+        create_container(&agent, &plan, timeout, init_events, network, &mut phases)
+    });
     match created {
         Ok((guest_pid, network)) => {
             log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
@@ -197,12 +200,13 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
 fn create_container(
     agent: &AgentClient,
     plan: &Plan,
+    timeout: Duration,
     init_events: Box<dyn ProcessEvents>,
     mut network: VmNetwork,
     phases: &mut Vec<Phase>,
 ) -> Result<(i32, VmNetwork), ContainerError> {
     agent.register(INIT_PROCESS, init_events);
-    let (guest_pid, guest_phases) = launch::prepare_container(agent, plan)?;
+    let (guest_pid, guest_phases) = launch::prepare_container(agent, plan, timeout)?;
     phases.extend(guest_phases);
     // CNI-style namespaces are ready before create; docker's are connected between create
     // and start (then `start` attaches).

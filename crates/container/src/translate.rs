@@ -253,6 +253,7 @@ pub fn container_setup(
                 ns.iter()
                     .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             }),
+        cgroup: None,
     };
     Ok((setup, shares))
 }
