@@ -172,11 +172,18 @@ fn main() -> ExitCode {
         _ => None,
     };
     log.install(in_container_stdio, fallback.as_deref());
+    // As runc: an `exec` that cannot run its process exits 255, apart from the process's own
+    // statuses; every other verb's failure is 1.
+    let failure = if matches!(command, Command::Exec(_)) {
+        ExitCode::from(255)
+    } else {
+        ExitCode::FAILURE
+    };
     match commands::dispatch(command, &context) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             log.fatal(&format!("{e:#}"));
-            ExitCode::FAILURE
+            failure
         }
     }
 }

@@ -27,16 +27,21 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
             outln!("{}", serde_json::to_string(&pids)?);
         }
         "table" => {
-            if matches!(status, Status::Stopped | Status::Creating) {
+            if status == Status::Creating {
                 return Err(ContainerError::NotRunning.into());
             }
-            let processes = match control::call(
-                &dir.path,
-                ControlRequest::Processes,
-                Duration::from_secs(30),
-            )? {
-                ControlReply::Processes(list) => list,
-                other => bail!("unexpected reply {other:?}"),
+            // As runc: a stopped container has no process, and listing none succeeds.
+            let processes = if status == Status::Stopped {
+                Vec::new()
+            } else {
+                match control::call(
+                    &dir.path,
+                    ControlRequest::Processes,
+                    Duration::from_secs(30),
+                )? {
+                    ControlReply::Processes(list) => list,
+                    other => bail!("unexpected reply {other:?}"),
+                }
             };
             outln!(
                 "{:<8} {:<8} {:<8} {:<5} {:>8}  CMD",

@@ -298,6 +298,53 @@ pub struct ContainerSetup {
     /// namespace). `None`: no cgroup of its own.
     #[serde(default)]
     pub cgroup: Option<CgroupSpec>,
+    /// config.json's `linux.devices`, made with `mknod` in the container's `/dev` after its
+    /// mounts, as runc makes them (a node whose driver the guest lacks is made all the same).
+    #[serde(default)]
+    pub devices: Vec<DeviceNode>,
+    /// config.json's `linux.rootfsPropagation`, applied to the container root once its
+    /// mounts are made; `None`: the root stays private (nothing outside the VM propagates).
+    #[serde(default)]
+    pub root_propagation: Option<RootPropagation>,
+}
+
+/// A device node of `linux.devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    /// Absolute in the container, e.g. `/dev/fuse`.
+    pub path: String,
+    pub kind: DeviceKind,
+    pub major: u64,
+    pub minor: u64,
+    /// Permission bits (`fileMode` without the type), e.g. `0o666`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Char,
+    Block,
+    Fifo,
+}
+
+/// The propagation the container root gets (`linux.rootfsPropagation`). Unbindable roots
+/// are refused on the host, as runc fails to bind such a root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootPropagation {
+    pub kind: PropagationKind,
+    /// The `r` forms: every mount under the root gets it too.
+    pub recursive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PropagationKind {
+    Shared,
+    Slave,
+    Private,
 }
 
 /// A cgroup v2 for the container's processes.

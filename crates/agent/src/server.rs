@@ -97,8 +97,8 @@ pub struct Server {
     container_ready: bool,
     /// The root overlay mounted by `PrepareRoot` (before a snapshot), if it was.
     prepared_root: Option<agent_proto::RootfsSpec>,
-    /// Work left for the container's first process (PID 1 of its pid namespace).
-    proc_finish: Option<setup::ProcFinish>,
+    /// The mounts left for the container's first process (PID 1 of its pid namespace).
+    container_mounts: Option<setup::ContainerMounts>,
     /// virtio-net devices held detached until the host connects them.
     detached_nics: network::DetachedNics,
     dns: Option<network::DnsRelay>,
@@ -136,7 +136,7 @@ impl Server {
             processes: BTreeMap::new(),
             container_ready: false,
             prepared_root: None,
-            proc_finish: None,
+            container_mounts: None,
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
             shutdown: false,
@@ -355,7 +355,8 @@ impl Server {
                     }
                     None => self.prepare_root(config.rootfs.clone())?,
                 }
-                self.proc_finish = setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                self.container_mounts =
+                    setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -370,8 +371,8 @@ impl Server {
                 if self.processes.contains_key(&process) {
                     return Err(AgentError(format!("process {process} already exists")));
                 }
-                let finish = self.proc_finish.take();
-                let spawned = spawn::spawn(&spec, !start, finish.as_ref()).map_err(AgentError)?;
+                let mounts = self.container_mounts.take();
+                let spawned = spawn::spawn(&spec, !start, mounts.as_ref()).map_err(AgentError)?;
                 let pid = spawned.pid;
                 self.processes.insert(process, into_process(spawned));
                 Ok(Reply::Created { pid: pid.as_raw() })

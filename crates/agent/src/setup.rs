@@ -16,7 +16,10 @@ use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use agent_proto::{ContainerSetup, MountKind, MountSpec, RootSource, RootfsSpec};
+use agent_proto::{
+    ContainerSetup, DeviceKind, DeviceNode, MountKind, MountSpec, PropagationKind, RootPropagation,
+    RootSource, RootfsSpec,
+};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
@@ -82,41 +85,112 @@ fn mount_root(rootfs: &RootfsSpec, shares: &Shares) -> Result<(), SetupError> {
     }
 }
 
-/// What the container's first process does itself when it is PID 1 of a new pid namespace:
-/// procfs shows the pid namespace of the process that mounts it, so the container's `/proc`
-/// (and the masked or read-only paths under it) must be made from inside.
-#[derive(Debug, Default)]
-pub struct ProcFinish {
+/// The container's mounts, made once the root is entered, in runc's order: config.json's
+/// mounts as listed (so the container's mountinfo lists them so), a `/dev` if config.json has
+/// none, the device nodes, `/dev/pts`, the root's propagation, the read-only then the masked
+/// paths, and the read-only remount of the root last.
+///
+/// With a pid namespace the container's first process makes them, as PID 1 of the new
+/// namespace (procfs shows the pid namespace of the process that mounts it, and `/proc` is
+/// usually first): it shares the agent's mount namespace, root and memory, and its copy of
+/// the agent's descriptors holds the share directory the binds come from, while the agent's
+/// other threads serve the shares it looks up.
+#[derive(Debug)]
+pub struct ContainerMounts {
+    shares: Shares,
     mounts: Vec<MountSpec>,
+    devices: Vec<DeviceNode>,
+    root_propagation: Option<RootPropagation>,
     masked: Vec<String>,
     readonly: Vec<String>,
+    readonly_root: bool,
 }
 
-impl ProcFinish {
-    /// Runs in the container's first process, in the container root, before it drops
+impl ContainerMounts {
+    /// Runs in the container root: in the agent, or in the first process before it drops
     /// privileges.
     pub fn run(&self) -> Result<(), SetupError> {
+        let mut dev_done = false;
         for m in &self.mounts {
-            mount_one(m)?;
+            match &m.kind {
+                MountKind::Share {
+                    index,
+                    readonly,
+                    options,
+                } => {
+                    let target = in_root(&m.destination);
+                    self.shares
+                        .bind(*index, &target, &m.destination, *readonly, options)?
+                }
+                _ => mount_one(m)?,
+            }
+            dev_done |= m.destination == "/dev";
+        }
+        if !dev_done {
+            let dev = in_root("/dev");
+            mkdir_p(&dev)?;
+            mount(
+                Some("tmpfs"),
+                &dev,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID,
+                Some("mode=755"),
+            )
+            .map_err(err("mount /dev"))?;
+            populate_dev(&dev)?;
+        }
+        for device in &self.devices {
+            make_device(device)?;
+        }
+        ensure_devpts()?;
+        if let Some(propagation) = self.root_propagation {
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                propagation_flags(propagation),
+                None::<&str>,
+            )
+            .map_err(err(format!("root propagation {propagation:?}")))?;
+        }
+        // runc's order: read-only paths, then masked ones.
+        for path in &self.readonly {
+            readonly_path(path)?;
         }
         for path in &self.masked {
             mask_path(path)?;
         }
-        for path in &self.readonly {
-            readonly_path(path)?;
+        // Last, as runc does: every mount target missing from the image was made above.
+        if self.readonly_root {
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(err("remount the root read-only"))?;
         }
         Ok(())
     }
 }
 
-fn is_under(path: &str, dirs: &[String]) -> bool {
-    dirs.iter()
-        .any(|d| path == d || path.starts_with(&format!("{}/", d.trim_end_matches('/'))))
+fn propagation_flags(propagation: RootPropagation) -> MsFlags {
+    let kind = match propagation.kind {
+        PropagationKind::Shared => MsFlags::MS_SHARED,
+        PropagationKind::Slave => MsFlags::MS_SLAVE,
+        PropagationKind::Private => MsFlags::MS_PRIVATE,
+    };
+    if propagation.recursive {
+        kind | MsFlags::MS_REC
+    } else {
+        kind
+    }
 }
 
-/// Mounts everything in the root [`prepare_root`] made and enters it; after this `/` is the
-/// container's. With a pid namespace, returns the part the first process must do itself.
-pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
+/// Makes the container root and enters it; after this `/` is the container's. Its mounts
+/// are made here, or, with a pid namespace, returned for the first process to make.
+pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ContainerMounts>, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
@@ -128,87 +202,59 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, Set
     let shares = Shares::mount(layered)?;
     mount_root(rootfs, &shares)?;
     enter_root(Path::new(ROOT_DIR))?;
-    let deferred: Vec<String> = if setup.pid_namespace {
-        setup
-            .mounts
-            .iter()
-            .filter(|m| matches!(&m.kind, MountKind::Filesystem { fstype, .. } if fstype == "proc"))
-            .map(|m| m.destination.clone())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut finish = ProcFinish::default();
-    let mut dev_done = false;
-    for m in &setup.mounts {
-        if deferred.contains(&m.destination) {
-            refuse_kernel_filesystem_on_non_directory(m)?;
-            mkdir_p(&in_root(&m.destination))?;
-            finish.mounts.push(m.clone());
-            continue;
-        }
-        match &m.kind {
-            MountKind::Share {
-                index,
-                readonly,
-                options,
-            } => {
-                let target = in_root(&m.destination);
-                shares.bind(*index, &target, &m.destination, *readonly, options)?
-            }
-            _ => mount_one(m)?,
-        }
-        dev_done |= m.destination == "/dev";
-    }
-    if !dev_done {
-        let dev = in_root("/dev");
-        mkdir_p(&dev)?;
-        mount(
-            Some("tmpfs"),
-            &dev,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID,
-            Some("mode=755"),
-        )
-        .map_err(err("mount /dev"))?;
-        populate_dev(&dev)?;
-    }
-    ensure_devpts()?;
-    for path in &setup.masked_paths {
-        if is_under(path, &deferred) {
-            finish.masked.push(path.clone());
-        } else {
-            mask_path(path)?;
-        }
-    }
-    for path in &setup.readonly_paths {
-        if is_under(path, &deferred) {
-            finish.readonly.push(path.clone());
-        } else {
-            readonly_path(path)?;
-        }
-    }
     if let Some(hostname) = &setup.hostname {
         nix::unistd::sethostname(hostname).map_err(err(format!("sethostname {hostname}")))?;
     }
-    // Last, as runc does: every mount target missing from the image was made above.
-    if rootfs.readonly {
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(err("remount the root read-only"))?;
+    let mounts = ContainerMounts {
+        shares,
+        mounts: setup.mounts.clone(),
+        devices: setup.devices.clone(),
+        root_propagation: setup.root_propagation,
+        masked: setup.masked_paths.clone(),
+        readonly: setup.readonly_paths.clone(),
+        readonly_root: rootfs.readonly,
+    };
+    if !setup.pid_namespace {
+        mounts.run()?;
+        return Ok(None);
     }
-    if setup.pid_namespace {
-        // The agent stays in the VM's namespace; its next child is PID 1 of the new one,
-        // and every later child (exec) joins it.
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
-            .map_err(err("new pid namespace"))?;
+    // Checked now, so that a config the agent refuses fails the setup, not the first process.
+    for m in &setup.mounts {
+        refuse_kernel_filesystem_on_non_directory(m)?;
     }
-    Ok(setup.pid_namespace.then_some(finish))
+    // The agent stays in the VM's namespace; its next child is PID 1 of the new one, and
+    // every later child (exec) joins it.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(err("new pid namespace"))?;
+    Ok(Some(mounts))
+}
+
+/// A `linux.devices` node, made as runc makes it: `mknod` (which needs no driver behind the
+/// numbers), then the mode exactly (the umask does not apply) and the owner. A node that
+/// exists already is left as it is.
+fn make_device(device: &DeviceNode) -> Result<(), SetupError> {
+    let target = in_root(&device.path);
+    if let Some(parent) = target.parent() {
+        mkdir_p(parent)?;
+    }
+    let kind = match device.kind {
+        DeviceKind::Char => SFlag::S_IFCHR,
+        DeviceKind::Block => SFlag::S_IFBLK,
+        DeviceKind::Fifo => SFlag::S_IFIFO,
+    };
+    let mode = Mode::from_bits_truncate(device.mode & 0o7777);
+    match mknod(&target, kind, mode, makedev(device.major, device.minor)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => return Ok(()),
+        Err(e) => return Err(SetupError(format!("mknod {}: {e}", device.path))),
+    }
+    fs::set_permissions(&target, fs::Permissions::from_mode(device.mode & 0o7777))
+        .map_err(err(format!("chmod {}", device.path)))?;
+    nix::unistd::chown(
+        &target,
+        Some(nix::unistd::Uid::from_raw(device.uid)),
+        Some(nix::unistd::Gid::from_raw(device.gid)),
+    )
+    .map_err(err(format!("chown {}", device.path)))
 }
 
 fn enter_root(root: &Path) -> Result<(), SetupError> {
@@ -294,7 +340,7 @@ fn mount_one(m: &MountSpec) -> Result<(), SetupError> {
                 remount_readonly(&target, flags)?;
             }
         }
-        // Made by `Shares::bind` in the setup, never deferred to the first process.
+        // Made by `Shares::bind`, which [`ContainerMounts::run`] calls.
         MountKind::Share { .. } => {
             return Err(SetupError(format!(
                 "bind on {} outside the container setup",
@@ -498,12 +544,14 @@ mod tests {
     }
 
     #[test]
-    fn paths_under_a_deferred_proc_are_deferred_too() {
-        let dirs = vec!["/proc".to_string()];
-        assert!(is_under("/proc/kcore", &dirs));
-        assert!(is_under("/proc", &dirs));
-        assert!(!is_under("/proc2/x", &dirs));
-        assert!(!is_under("/sys/firmware", &dirs));
+    fn root_propagation_maps_to_its_flags_recursive_only_when_asked() {
+        let flags = |kind, recursive| propagation_flags(RootPropagation { kind, recursive });
+        assert_eq!(flags(PropagationKind::Shared, false), MsFlags::MS_SHARED);
+        assert_eq!(
+            flags(PropagationKind::Slave, true),
+            MsFlags::MS_SLAVE | MsFlags::MS_REC
+        );
+        assert_eq!(flags(PropagationKind::Private, false), MsFlags::MS_PRIVATE);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use nix::unistd::Pid;
 
 use crate::caps;
 use crate::paths::{DEFAULT_PATH, PASSWD};
-use crate::setup::ProcFinish;
+use crate::setup::ContainerMounts;
 
 /// A started (or waiting-to-start) process and the agent's ends of its stdio.
 #[derive(Debug)]
@@ -77,7 +77,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 pub fn spawn(
     spec: &ProcessSpec,
     wait_for_start: bool,
-    finish: Option<&ProcFinish>,
+    mounts: Option<&ContainerMounts>,
 ) -> Result<Spawned, String> {
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
@@ -143,7 +143,7 @@ pub fn spawn(
         spec,
         env: &env,
         stdio: stdio_fds,
-        finish,
+        mounts,
         hold: wait_for_start,
         report: sync_w.as_raw_fd(),
     };
@@ -199,7 +199,7 @@ struct Child<'a> {
     spec: &'a ProcessSpec,
     env: &'a [String],
     stdio: [RawFd; 3],
-    finish: Option<&'a ProcFinish>,
+    mounts: Option<&'a ContainerMounts>,
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
@@ -212,7 +212,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // The child's stderr becomes the container's: no agent diagnostics from here on (`spawn`
     // turns them back on for the agent).
     crate::logging::set_debug(false);
-    let failure = match child_setup(child.spec, child.env, child.stdio, child.finish) {
+    let failure = match child_setup(child.spec, child.env, child.stdio, child.mounts) {
         Ok(program) => {
             if child.hold {
                 // The `exec` below then stops before the program's first instruction.
@@ -287,7 +287,7 @@ fn child_setup(
     spec: &ProcessSpec,
     env: &[String],
     stdio: [RawFd; 3],
-    finish: Option<&ProcFinish>,
+    mounts: Option<&ContainerMounts>,
 ) -> Result<PathBuf, String> {
     // The agent blocks SIGCHLD for its signalfd and ignores SIGPIPE; the container must not
     // inherit either.
@@ -312,8 +312,8 @@ fn child_setup(
             return Err(format!("dup2: {}", std::io::Error::last_os_error()));
         }
     }
-    if let Some(finish) = finish {
-        finish.run().map_err(|e| e.0)?;
+    if let Some(mounts) = mounts {
+        mounts.run().map_err(|e| e.0)?;
     }
     if let Some(adj) = spec.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())

@@ -40,6 +40,14 @@ pub enum ContainerError {
     },
     #[error("monitor: {0}")]
     Monitor(String),
+    /// A `linux.namespaces` path that is no namespace of its type, or one the runtime
+    /// cannot join.
+    #[error("{kind} namespace {}: {reason}", path.display())]
+    Namespace {
+        kind: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("unknown signal {0:?}")]
     UnknownSignal(String),
 }

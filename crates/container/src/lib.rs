@@ -21,6 +21,7 @@ pub mod launch;
 pub mod lifecycle;
 pub mod monitor;
 pub mod monitored;
+pub mod namespaces;
 pub mod netns;
 pub mod network;
 pub mod paths;

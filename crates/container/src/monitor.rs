@@ -273,7 +273,19 @@ impl Monitor {
         self.spawn_signal_forwarder(signals);
         self.spawn_control_server();
         let code = match self.events.recv() {
-            Ok(Event::InitExited(status)) => status.code(),
+            Ok(Event::InitExited(status)) => {
+                // Stopped from now on, as under runc the moment its process is gone: the
+                // VM's shutdown below takes a while (a bake being sealed longer), and verbs
+                // meanwhile must find a stopped container, not a closing agent connection.
+                let code = status.code();
+                if let Err(e) = self.dir.update(|s| {
+                    s.status = Status::Stopped;
+                    s.exit_status = Some(code);
+                }) {
+                    log::debug!("record exit: {e}");
+                }
+                code
+            }
             Ok(Event::Stop) => 128 + libc::SIGKILL,
             Ok(Event::AgentGone) | Err(_) => {
                 let mut vm = self.vm.lock_unpoisoned();
@@ -418,6 +430,9 @@ impl ControlContext {
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Signal { signal, all } => {
+                // The CLI checked the status before it called; the process may have exited
+                // since.
+                self.dir.load()?.current_status().allows(Verb::Kill)?;
                 self.agent.request(
                     Request::Signal {
                         process: INIT_PROCESS,

@@ -188,17 +188,7 @@ impl Plan {
             .map(|p| p.to_string_lossy().into_owned())
             .filter(|p| !p.is_empty());
         let network = NetworkNamespace::from_spec(&bundle.spec);
-        for ns in linux
-            .and_then(|l| l.namespaces().clone())
-            .unwrap_or_default()
-        {
-            if ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network && ns.path().is_some() {
-                log::debug!(
-                    "namespace {:?} with a path: the VM is the container's, not joined",
-                    ns.typ()
-                );
-            }
-        }
+        crate::namespaces::check_paths(&bundle.spec)?;
         let process = bundle
             .spec
             .process()

@@ -103,7 +103,8 @@ impl Status {
             Verb::Kill => Err(ContainerError::NotRunning),
             Verb::Pause if self.can_pause() => Ok(()),
             Verb::Pause if self == Status::Paused => refused("container is already paused".into()),
-            Verb::Pause => refused(format!("container not running (status {self})")),
+            // runc's words for a container that is not running, whatever its status.
+            Verb::Pause => refused("container not running".into()),
             Verb::Resume if self.can_resume() => Ok(()),
             Verb::Resume => refused("container not paused".into()),
             Verb::Exec { ignore_paused } if self.can_exec(ignore_paused) => Ok(()),

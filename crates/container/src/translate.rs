@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use agent_proto::{
-    Capabilities, ContainerSetup, MountKind, MountSpec, ProcessSpec, Rlimit, RootfsSpec,
+    Capabilities, ContainerSetup, DeviceKind, DeviceNode, MountKind, MountSpec, ProcessSpec,
+    PropagationKind, Rlimit, RootPropagation, RootfsSpec,
 };
 use oci_spec::runtime::{Process, Spec};
 
@@ -254,8 +255,86 @@ pub fn container_setup(
                     .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             }),
         cgroup: None,
+        devices: devices(spec)?,
+        root_propagation: root_propagation(spec)?,
     };
     Ok((setup, shares))
+}
+
+/// `linux.devices` as the guest makes them. The numbers are the ones config.json gives (for
+/// docker's `--device`, the host device's): the node is made like runc makes it, and reaches
+/// whatever driver the guest kernel has at those numbers, never the host's device.
+fn devices(spec: &Spec) -> Result<Vec<DeviceNode>, ContainerError> {
+    use oci_spec::runtime::LinuxDeviceType;
+    let list = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default();
+    list.iter()
+        .map(|d| {
+            let path = d.path().to_string_lossy().into_owned();
+            let kind = match d.typ() {
+                LinuxDeviceType::C | LinuxDeviceType::U => DeviceKind::Char,
+                LinuxDeviceType::B => DeviceKind::Block,
+                LinuxDeviceType::P => DeviceKind::Fifo,
+                LinuxDeviceType::A => {
+                    return Err(ContainerError::Unsupported(format!(
+                        "device {path}: type \"a\" is not a device node type (c, u, b or p)"
+                    )))
+                }
+            };
+            let number = |n: i64, what: &str| {
+                u64::try_from(n).map_err(|_| {
+                    ContainerError::Unsupported(format!("device {path}: {what} number {n}"))
+                })
+            };
+            Ok(DeviceNode {
+                kind,
+                major: number(d.major(), "major")?,
+                minor: number(d.minor(), "minor")?,
+                // As runc: permission bits only (docker passes the host node's whole mode),
+                // world read-write when config.json says nothing.
+                mode: d.file_mode().map_or(0o666, |m| m & 0o7777),
+                uid: d.uid().unwrap_or(0),
+                gid: d.gid().unwrap_or(0),
+                path,
+            })
+        })
+        .collect()
+}
+
+/// `linux.rootfsPropagation`. An unbindable root fails as it fails under runc, which binds
+/// the root onto itself after applying it.
+fn root_propagation(spec: &Spec) -> Result<Option<RootPropagation>, ContainerError> {
+    let Some(value) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().clone())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    let (kind, recursive) = match value.as_str() {
+        "shared" => (PropagationKind::Shared, false),
+        "rshared" => (PropagationKind::Shared, true),
+        "slave" => (PropagationKind::Slave, false),
+        "rslave" => (PropagationKind::Slave, true),
+        "private" => (PropagationKind::Private, false),
+        "rprivate" => (PropagationKind::Private, true),
+        "unbindable" | "runbindable" => {
+            return Err(ContainerError::Unsupported(format!(
+                "rootfsPropagation {value}: an unbindable container root cannot be bound as \
+                 its root (runc fails the same way)"
+            )))
+        }
+        other => {
+            return Err(ContainerError::Unsupported(format!(
+                "rootfsPropagation={other} is not supported"
+            )))
+        }
+    };
+    Ok(Some(RootPropagation { kind, recursive }))
 }
 
 /// Shared or slave propagation of a bind would carry mounts between the host and the
@@ -488,5 +567,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bind mount source for /x"), "{err}");
+    }
+
+    #[test]
+    fn devices_keep_their_numbers_owner_and_permission_bits_only() {
+        let json = r#"{"ociVersion":"1.0.2","linux":{"devices":[
+            {"path":"/dev/fuse","type":"c","major":10,"minor":229,"fileMode":8630,"uid":1000,"gid":44},
+            {"path":"/dev/sdz","type":"b","major":259,"minor":7},
+            {"path":"/dev/pipe","type":"p","major":0,"minor":0,"fileMode":384}]}}"#;
+        let (setup, _) = container_setup(&spec(json), RootfsSpec::default()).unwrap();
+        assert_eq!(
+            setup.devices,
+            vec![
+                DeviceNode {
+                    path: "/dev/fuse".into(),
+                    kind: DeviceKind::Char,
+                    major: 10,
+                    minor: 229,
+                    mode: 0o666,
+                    uid: 1000,
+                    gid: 44,
+                },
+                DeviceNode {
+                    path: "/dev/sdz".into(),
+                    kind: DeviceKind::Block,
+                    major: 259,
+                    minor: 7,
+                    mode: 0o666,
+                    uid: 0,
+                    gid: 0,
+                },
+                DeviceNode {
+                    path: "/dev/pipe".into(),
+                    kind: DeviceKind::Fifo,
+                    major: 0,
+                    minor: 0,
+                    mode: 0o600,
+                    uid: 0,
+                    gid: 0,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_device_of_type_all_fails_naming_it() {
+        let json = r#"{"ociVersion":"1.0.2","linux":{"devices":[{"path":"/dev/x","type":"a","major":1,"minor":3}]}}"#;
+        let err = container_setup(&spec(json), RootfsSpec::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/dev/x"), "{err}");
+    }
+
+    #[test]
+    fn root_propagation_follows_config_and_unbindable_fails() {
+        let with = |value: &str| {
+            let json =
+                format!(r#"{{"ociVersion":"1.0.2","linux":{{"rootfsPropagation":"{value}"}}}}"#);
+            container_setup(&spec(&json), RootfsSpec::default()).map(|(s, _)| s.root_propagation)
+        };
+        assert_eq!(
+            with("rshared").unwrap(),
+            Some(RootPropagation {
+                kind: PropagationKind::Shared,
+                recursive: true
+            })
+        );
+        assert_eq!(
+            with("slave").unwrap(),
+            Some(RootPropagation {
+                kind: PropagationKind::Slave,
+                recursive: false
+            })
+        );
+        assert_eq!(with("").unwrap(), None);
+        for refused in ["unbindable", "runbindable", "sideways"] {
+            let err = with(refused).unwrap_err().to_string();
+            assert!(err.contains(refused), "{err}");
+        }
     }
 }

@@ -1,0 +1,261 @@
+//! Inside the VM as the runtime spec says, with real VMs: the container's mounts in
+//! config.json's order (with a pid namespace too), `linux.devices` made, namespace paths
+//! checked at create, `linux.rootfsPropagation` applied to the root, an image's 0:0
+//! character devices kept, and runc's errors for verbs on a stopped container.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{guest_time, text, Bundle, Env};
+use serde_json::{json, Value};
+
+/// The mount points of the container's `/proc/self/mountinfo`, in its order.
+const MOUNTINFO: &str = "cut -d' ' -f5 /proc/self/mountinfo";
+
+fn set_namespaces(bundle: &mut Bundle, namespaces: Value) {
+    bundle.edit(|c| c["linux"] = json!({ "namespaces": namespaces }));
+}
+
+/// The mount points the container lists, only those in `wanted`, in the container's order.
+fn listed_in_order(mountinfo: &str, wanted: &[&str]) -> Vec<String> {
+    mountinfo
+        .lines()
+        .map(str::trim)
+        .filter(|m| wanted.contains(m))
+        .map(String::from)
+        .collect()
+}
+
+/// config.json's mounts (the bundle's defaults, a host directory bound, a tmpfs) and their
+/// order; runs the bundle and checks the container lists them in that order, the masked
+/// and read-only paths after them.
+fn check_mount_order(pid_namespace: bool) {
+    let Some(env) = Env::new() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let mut bundle = env.bundle(&["sh", "-c", MOUNTINFO]);
+    if pid_namespace {
+        set_namespaces(&mut bundle, json!([{ "type": "pid" }, { "type": "mount" }]));
+    }
+    bundle.edit(|c| {
+        let mounts = c["mounts"].as_array_mut().unwrap();
+        mounts.push(json!({ "destination": "/data", "type": "bind",
+            "source": data.path(), "options": ["rbind", "rw"] }));
+        mounts.push(json!({ "destination": "/scratch", "type": "tmpfs", "source": "tmpfs" }));
+        c["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+        c["linux"]["maskedPaths"] = json!(["/proc/kcore"]);
+    });
+    let config_order: Vec<String> = bundle.config["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["destination"].as_str().unwrap().to_string())
+        .collect();
+    let id = if pid_namespace {
+        "order-pidns"
+    } else {
+        "order"
+    };
+    let (out, _) = env.run_logged(&bundle, id);
+    let mut wanted: Vec<&str> = config_order.iter().map(String::as_str).collect();
+    wanted.extend(["/proc/sys", "/proc/kcore"]);
+    let mut expected = config_order.clone();
+    // runc's order after the mounts: read-only paths, then masked ones.
+    expected.extend(["/proc/sys".to_string(), "/proc/kcore".to_string()]);
+    assert_eq!(
+        listed_in_order(&out, &wanted),
+        expected,
+        "mountinfo:\n{out}"
+    );
+}
+
+#[test]
+fn mountinfo_lists_the_config_mounts_in_config_order() {
+    check_mount_order(false);
+}
+
+#[test]
+fn mountinfo_lists_the_config_mounts_in_config_order_with_a_pid_namespace() {
+    check_mount_order(true);
+}
+
+#[test]
+fn linux_devices_are_made_with_their_type_numbers_mode_and_owner() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&[
+        "stat",
+        "-c",
+        "%n %F %t:%T %a %u:%g",
+        "/dev/sm-char",
+        "/dev/sub/sm-block",
+        "/dev/sm-fifo",
+    ]);
+    set_namespaces(&mut bundle, json!([{ "type": "pid" }, { "type": "mount" }]));
+    bundle.edit(|c| {
+        // 240 and 259:77 have no driver in the guest: runc makes such nodes all the same.
+        c["linux"]["devices"] = json!([
+            { "path": "/dev/sm-char", "type": "c", "major": 240, "minor": 7,
+              "fileMode": 0o640, "uid": 1000, "gid": 44 },
+            { "path": "/dev/sub/sm-block", "type": "b", "major": 259, "minor": 77 },
+            { "path": "/dev/sm-fifo", "type": "p", "fileMode": 0o600 }
+        ]);
+    });
+    let (out, _) = env.run_logged(&bundle, "devices");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "/dev/sm-char character special file f0:7 640 1000:44",
+            "/dev/sub/sm-block block special file 103:4d 666 0:0",
+            "/dev/sm-fifo fifo 0:0 600 0:0",
+        ],
+        "{out}"
+    );
+}
+
+/// Runs `create` and expects it to fail with `cause` on stderr, leaving nothing behind.
+fn expect_create_error(env: &Env, bundle: &Bundle, id: &str, cause: &str) {
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "create {id} succeeded");
+    assert!(stderr.contains(cause), "stderr {stderr:?} lacks {cause:?}");
+    let _ = env.run(&["delete", "--force", id]);
+}
+
+#[test]
+fn a_namespace_path_of_another_type_fails_create_naming_it() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["true"]);
+    set_namespaces(
+        &mut bundle,
+        json!([{ "type": "network", "path": "/proc/1/ns/uts" }]),
+    );
+    expect_create_error(
+        &env,
+        &bundle,
+        "ns-type",
+        "net namespace /proc/1/ns/uts: it is a uts namespace",
+    );
+}
+
+#[test]
+fn joining_a_pid_namespace_fails_create_naming_it() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["true"]);
+    set_namespaces(
+        &mut bundle,
+        json!([{ "type": "pid", "path": "/proc/1/ns/pid" }]),
+    );
+    expect_create_error(
+        &env,
+        &bundle,
+        "ns-pid",
+        "pid namespace /proc/1/ns/pid: joining it is not supported",
+    );
+}
+
+/// The optional fields of the container root's mountinfo line (between the options and
+/// the ` - ` separator).
+fn root_propagation_fields(mountinfo: &str) -> String {
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_else(|| panic!("no root in {mountinfo}"));
+    let fields: Vec<&str> = line.split(' ').collect();
+    let end = fields.iter().position(|f| *f == "-").unwrap();
+    fields[6..end].join(" ")
+}
+
+#[test]
+fn rootfs_propagation_is_the_roots_in_mountinfo() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["cat", "/proc/self/mountinfo"]);
+    bundle.edit(|c| c["linux"] = json!({ "rootfsPropagation": "shared" }));
+    let (shared, _) = env.run_logged(&bundle, "prop-shared");
+    assert!(
+        root_propagation_fields(&shared).starts_with("shared:"),
+        "{shared}"
+    );
+    bundle.edit(|c| c["linux"] = json!({ "rootfsPropagation": "private" }));
+    let (private, _) = env.run_logged(&bundle, "prop-private");
+    assert_eq!(root_propagation_fields(&private), "", "{private}");
+    bundle.edit(|c| c["linux"] = json!({ "rootfsPropagation": "unbindable" }));
+    expect_create_error(
+        &env,
+        &bundle,
+        "prop-unbindable",
+        "rootfsPropagation unbindable",
+    );
+}
+
+#[test]
+fn a_zero_zero_character_device_of_a_directory_root_survives() {
+    let Some(env) = Env::new() else { return };
+    let bundle = Bundle::with_directory_root(&["stat", "-c", "%F %t:%T", "/etc/zero-dev"]);
+    let node = bundle.rootfs().join("etc/zero-dev");
+    let status = Command::new("mknod")
+        .arg(&node)
+        .args(["c", "0", "0"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mknod {}", node.display());
+    let (out, _) = env.run_logged(&bundle, "zero-dev");
+    assert_eq!(out.trim(), "character special file 0:0");
+}
+
+#[test]
+fn verbs_on_a_stopped_container_fail_as_runcs_do() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["true"]);
+    let id = "stopped";
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert!(env.run(&["start", id]).status.success());
+    env.wait_status(id, "stopped", guest_time(Duration::from_secs(30)));
+    // runc 1.1's messages and exit codes for the same verbs on a stopped container.
+    for (args, code, message) in [
+        (vec!["kill", id], 1, "container not running"),
+        (vec!["kill", id, "KILL"], 1, "container not running"),
+        (
+            vec!["exec", id, "true"],
+            255,
+            "cannot exec in a stopped container",
+        ),
+        (vec!["pause", id], 1, "container not running"),
+        (vec!["resume", id], 1, "container not paused"),
+        (
+            vec!["start", id],
+            1,
+            "cannot start a container that has stopped",
+        ),
+    ] {
+        let out = env.run(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("agent"), "{args:?}: {stderr}");
+    }
+    // runc lists no process of a stopped container and succeeds.
+    let out = env.run(&["ps", id]);
+    assert!(out.status.success(), "ps: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(env.run(&["delete", id]).status.success());
+    env.assert_clean(id);
+}
+
+#[test]
+fn mount_order_filter_keeps_the_containers_order() {
+    let mountinfo = "/\n/proc\n/dev\n/other\n/dev/pts\n";
+    assert_eq!(
+        listed_in_order(mountinfo, &["/dev/pts", "/proc", "/dev"]),
+        ["/proc", "/dev", "/dev/pts"]
+    );
+}
