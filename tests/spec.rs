@@ -46,7 +46,7 @@ fn check_mount_order(pid_namespace: bool) {
             "source": data.path(), "options": ["rbind", "rw"] }));
         mounts.push(json!({ "destination": "/scratch", "type": "tmpfs", "source": "tmpfs" }));
         c["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
-        c["linux"]["maskedPaths"] = json!(["/proc/kcore"]);
+        c["linux"]["maskedPaths"] = json!(["/sys/firmware"]);
     });
     let config_order: Vec<String> = bundle.config["mounts"]
         .as_array()
@@ -61,10 +61,10 @@ fn check_mount_order(pid_namespace: bool) {
     };
     let (out, _) = env.run_logged(&bundle, id);
     let mut wanted: Vec<&str> = config_order.iter().map(String::as_str).collect();
-    wanted.extend(["/proc/sys", "/proc/kcore"]);
+    wanted.extend(["/proc/sys", "/sys/firmware"]);
     let mut expected = config_order.clone();
     // runc's order after the mounts: read-only paths, then masked ones.
-    expected.extend(["/proc/sys".to_string(), "/proc/kcore".to_string()]);
+    expected.extend(["/proc/sys".to_string(), "/sys/firmware".to_string()]);
     assert_eq!(
         listed_in_order(&out, &wanted),
         expected,
@@ -131,13 +131,13 @@ fn a_namespace_path_of_another_type_fails_create_naming_it() {
     let mut bundle = env.bundle(&["true"]);
     set_namespaces(
         &mut bundle,
-        json!([{ "type": "network", "path": "/proc/1/ns/uts" }]),
+        json!([{ "type": "network", "path": "/proc/self/ns/uts" }]),
     );
     expect_create_error(
         &env,
         &bundle,
         "ns-type",
-        "net namespace /proc/1/ns/uts: it is a uts namespace",
+        "net namespace /proc/self/ns/uts: it is a uts namespace",
     );
 }
 
@@ -147,13 +147,13 @@ fn joining_a_pid_namespace_fails_create_naming_it() {
     let mut bundle = env.bundle(&["true"]);
     set_namespaces(
         &mut bundle,
-        json!([{ "type": "pid", "path": "/proc/1/ns/pid" }]),
+        json!([{ "type": "pid", "path": "/proc/self/ns/pid" }]),
     );
     expect_create_error(
         &env,
         &bundle,
         "ns-pid",
-        "pid namespace /proc/1/ns/pid: joining it is not supported",
+        "pid namespace /proc/self/ns/pid: joining it is not supported",
     );
 }
 
