@@ -8,7 +8,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{guest_time, text, Bundle, Env};
 use serde_json::{json, Value};
@@ -209,11 +209,25 @@ fn a_zero_zero_character_device_of_a_directory_root_survives() {
 #[test]
 fn verbs_on_a_stopped_container_fail_as_runcs_do() {
     let Some(env) = Env::new() else { return };
-    let bundle = env.bundle(&["true"]);
+    let bundle = env.bundle(&["sleep", "1"]);
     let id = "stopped";
     let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     assert!(env.run(&["start", id]).status.success());
+    // Signalled until it has exited: a kill while the process ends and its VM shuts down
+    // succeeds or says what runc says, never what the closing agent connection says.
+    let deadline = Instant::now() + guest_time(Duration::from_secs(30));
+    loop {
+        let out = env.run(&["kill", id, "CONT"]);
+        if !out.status.success() {
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert_eq!(stderr.trim(), "supermachine: container not running");
+            break;
+        }
+        assert!(Instant::now() < deadline, "kill never failed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     env.wait_status(id, "stopped", guest_time(Duration::from_secs(30)));
     // runc 1.1's messages and exit codes for the same verbs on a stopped container.
     for (args, code, message) in [

@@ -123,6 +123,10 @@ pub fn call(
         .map_err(|e| ContainerError::Monitor(e.to_string()))?;
     send(&mut stream, &request)?;
     match receive(&mut stream)? {
+        // The monitor found the container stopped after the caller checked: runc's words.
+        ControlReply::Error(message) if message == ContainerError::NotRunning.to_string() => {
+            Err(ContainerError::NotRunning)
+        }
         ControlReply::Error(message) => Err(ContainerError::Monitor(message)),
         reply => Ok(reply),
     }

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -164,6 +165,8 @@ struct Monitor {
     engine_name: String,
     next_exec: Arc<Mutex<ProcessId>>,
     network: Arc<Mutex<VmNetwork>>,
+    /// Set when the agent reports the container's first process gone, before the event.
+    init_exited: Arc<AtomicBool>,
 }
 
 impl Monitor {
@@ -192,7 +195,10 @@ impl Monitor {
             Some(c) => (c.slave.as_raw_fd(), c.slave.as_raw_fd()),
             None => (1, 2),
         };
+        let init_exited = Arc::new(AtomicBool::new(false));
+        let exited_flag = Arc::clone(&init_exited);
         let init_events = Box::new(FdOutput::new(out, err, move |status| {
+            exited_flag.store(true, Ordering::SeqCst);
             let _ = init_exit.send(Event::InitExited(status));
         }));
         // Bound before the VM starts, so that nothing can fail between its start and `created`
@@ -266,6 +272,7 @@ impl Monitor {
             engine_name,
             next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
             network: Arc::new(Mutex::new(network)),
+            init_exited,
         })
     }
 
@@ -375,6 +382,7 @@ impl Monitor {
             events: self.events_tx.clone(),
             next_exec: Arc::clone(&self.next_exec),
             network: Arc::clone(&self.network),
+            init_exited: Arc::clone(&self.init_exited),
         };
         let _ = std::thread::Builder::new()
             .name("control".into())
@@ -398,6 +406,7 @@ struct ControlContext {
     network: Arc<Mutex<VmNetwork>>,
     events: mpsc::Sender<Event>,
     next_exec: Arc<Mutex<ProcessId>>,
+    init_exited: Arc<AtomicBool>,
 }
 
 impl ControlContext {
@@ -431,19 +440,25 @@ impl ControlContext {
             }
             ControlRequest::Signal { signal, all } => {
                 // The CLI checked the status before it called; the process may have exited
-                // since.
-                self.dir.load()?.current_status().allows(Verb::Kill)?;
-                self.agent.request(
+                // since, and then the container is not running, as runc would say, whatever
+                // the agent (or its closing connection) answers.
+                self.refuse_once_exited()?;
+                let result = self.agent.request(
                     Request::Signal {
                         process: INIT_PROCESS,
                         signal,
                         all,
                     },
                     REQUEST_TIMEOUT,
-                )?;
+                );
+                if result.is_err() {
+                    self.refuse_once_exited()?;
+                }
+                result?;
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Pause => {
+                self.refuse_once_exited()?;
                 self.vm.lock_unpoisoned().pause()?;
                 self.dir.update(|s| s.status = Status::Paused)?;
                 Ok(ControlReply::Ok)
@@ -470,6 +485,14 @@ impl ControlContext {
                 "request only valid in an exec session".into(),
             )),
         }
+    }
+
+    /// `container not running` once the first process has exited.
+    fn refuse_once_exited(&self) -> Result<(), ContainerError> {
+        if self.init_exited.load(Ordering::SeqCst) {
+            return Err(ContainerError::NotRunning);
+        }
+        Ok(())
     }
 
     /// Connects the network (docker connects it between create and start), lets the
