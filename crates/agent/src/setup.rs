@@ -20,6 +20,7 @@ use agent_proto::{ContainerSetup, MountKind, MountSpec, RootSource, RootfsSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
+use crate::cgroup::ContainerCgroup;
 use crate::error::{err, SetupError};
 use crate::shares::Shares;
 use crate::{agent_debug, agent_log};
@@ -116,7 +117,10 @@ fn is_under(path: &str, dirs: &[String]) -> bool {
 
 /// Mounts everything in the root [`prepare_root`] made and enters it; after this `/` is the
 /// container's. With a pid namespace, returns the part the first process must do itself.
-pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, SetupError> {
+pub fn setup_container(
+    setup: &ContainerSetup,
+    cgroup: Option<&ContainerCgroup>,
+) -> Result<Option<ProcFinish>, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
@@ -155,6 +159,14 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ProcFinish>, Set
             } => {
                 let target = in_root(&m.destination);
                 shares.bind(*index, &target, &m.destination, *readonly, options)?
+            }
+            // The container's cgroup as the root of its cgroup filesystem (see `cgroup`).
+            MountKind::Filesystem {
+                fstype, options, ..
+            } if matches!(fstype.as_str(), "cgroup" | "cgroup2") && cgroup.is_some() => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.mount_rooted(&in_root(&m.destination), parse_options(options).0)?
+                }
             }
             _ => mount_one(m)?,
         }
