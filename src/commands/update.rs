@@ -14,7 +14,7 @@ use container::control::{self, ControlRequest};
 use container::monitored::CONTROL_TIMEOUT;
 use container::paths::VmDefaults;
 use container::plan::Plan;
-use container::translate::{self, GUEST_HEADROOM_MIB};
+use container::translate;
 use container::{ContainerError, Status};
 use liboci_cli::Update;
 use oci_spec::runtime::LinuxResources;
@@ -44,10 +44,7 @@ pub fn run(args: Update, context: &Context) -> Result<i32> {
     let typed: LinuxResources =
         serde_json::from_value(resources.clone()).context("invalid resources JSON")?;
     let plan = Plan::load(&dir)?;
-    let guest_settings = translate::guest_cgroup_settings(&typed)?;
-    if let Some(limit) = typed.memory().as_ref().and_then(|m| m.limit()) {
-        refuse_beyond_the_vm(limit, plan.memory_mib)?;
-    }
+    let guest_settings = translate::guest_cgroup_update(&typed, plan.memory_mib)?;
     let limits = cgroup::limits_from_resources(
         &resources,
         plan.memory_mib,
@@ -110,35 +107,4 @@ fn resources_from_flags(args: &Update) -> serde_json::Value {
         resources.insert("blockIO".into(), serde_json::json!({ "weight": weight }));
     }
     resources.into()
-}
-
-/// A memory limit larger than the VM can give the container: its guest memory is fixed at
-/// boot (the limit it was created with plus the guest's own headroom). No limit (-1) is
-/// what a container created without one has: the VM's memory is its bound.
-fn refuse_beyond_the_vm(limit: i64, guest_mib: u32) -> Result<(), ContainerError> {
-    let room = i64::from(guest_mib.saturating_sub(GUEST_HEADROOM_MIB)) << 20;
-    if limit > room {
-        return Err(ContainerError::Unsupported(format!(
-            "cannot raise the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
-             of guest memory, of which the container can have {} MiB ({GUEST_HEADROOM_MIB} MiB \
-             are the guest kernel's and agent's); a VM's memory cannot grow yet: recreate the \
-             container with the larger limit",
-            (limit + (1 << 20) - 1) >> 20,
-            room >> 20
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_memory_limit_the_vm_cannot_hold_is_refused() {
-        assert!(refuse_beyond_the_vm(64 << 20, 128).is_ok());
-        let err = refuse_beyond_the_vm(65 << 20, 128).unwrap_err().to_string();
-        assert!(err.contains("65 MiB") && err.contains("64 MiB"), "{err}");
-        assert!(refuse_beyond_the_vm(-1, 128).is_ok());
-    }
 }

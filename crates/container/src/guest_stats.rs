@@ -68,18 +68,22 @@ impl GuestStats {
         const UNLIMITED: u64 = 9_223_372_036_854_771_712;
         let memory_limit = self.memory_limit.unwrap_or(UNLIMITED);
         let failcnt = self.memory_events.get("max").copied().unwrap_or(0);
-        let blkio_entries = |op_values: &[(&str, fn(&IoDevice) -> u64)]| -> Vec<Value> {
-            self.io
-                .iter()
-                .flat_map(|d| {
-                    op_values.iter().map(move |(op, value)| {
-                        json!({"major": d.major, "minor": d.minor, "op": op, "value": value(d)})
-                    })
-                })
-                .collect()
-        };
-        let bytes = blkio_entries(&[("Read", |d| d.read_bytes), ("Write", |d| d.write_bytes)]);
-        let ios = blkio_entries(&[("Read", |d| d.read_ios), ("Write", |d| d.write_ios)]);
+        let entry = |d: &IoDevice, op: &str, value: u64| json!({"major": d.major, "minor": d.minor, "op": op, "value": value});
+        let bytes: Vec<Value> = self
+            .io
+            .iter()
+            .flat_map(|d| {
+                [
+                    entry(d, "Read", d.read_bytes),
+                    entry(d, "Write", d.write_bytes),
+                ]
+            })
+            .collect();
+        let ios: Vec<Value> = self
+            .io
+            .iter()
+            .flat_map(|d| [entry(d, "Read", d.read_ios), entry(d, "Write", d.write_ios)])
+            .collect();
         let mut blkio = serde_json::Map::new();
         if !bytes.is_empty() {
             blkio.insert("ioServiceBytesRecursive".into(), Value::Array(bytes));

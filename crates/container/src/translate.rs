@@ -423,6 +423,38 @@ pub fn guest_cgroup_settings(
     Ok(settings)
 }
 
+/// A live update's writes to the container's cgroup in the guest (`update`, the shim's
+/// Update): as at create, and refused whole when its memory limit is more than the VM can
+/// give the container.
+pub fn guest_cgroup_update(
+    resources: &LinuxResources,
+    guest_memory_mib: u32,
+) -> Result<Vec<CgroupSetting>, ContainerError> {
+    let settings = guest_cgroup_settings(resources)?;
+    if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
+        refuse_beyond_the_vm(limit, guest_memory_mib)?;
+    }
+    Ok(settings)
+}
+
+/// A memory limit larger than the VM can give the container: its guest memory is fixed at
+/// boot (the limit it was created with plus the guest's own headroom). No limit (-1) is
+/// what a container created without one has: the VM's memory is its bound.
+fn refuse_beyond_the_vm(limit: i64, guest_mib: u32) -> Result<(), ContainerError> {
+    let room = i64::from(guest_mib.saturating_sub(GUEST_HEADROOM_MIB)) << 20;
+    if limit > room {
+        return Err(ContainerError::Unsupported(format!(
+            "cannot raise the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
+             of guest memory, of which the container can have {} MiB ({GUEST_HEADROOM_MIB} MiB \
+             are the guest kernel's and agent's); a VM's memory cannot grow yet: recreate the \
+             container with the larger limit",
+            (limit + (1 << 20) - 1) >> 20,
+            room >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// A v1-style byte limit: -1 is unlimited.
 fn v2_limit(value: i64) -> String {
     if value < 0 {
@@ -694,6 +726,23 @@ mod tests {
         let without = spec(r#"{"ociVersion":"1.0.2","linux":{}}"#);
         let (setup, _) = container_setup(&without, RootfsSpec::default()).unwrap();
         assert_eq!(setup.cgroup, Some(CgroupSpec::default()));
+    }
+
+    #[test]
+    fn a_memory_limit_the_vm_cannot_hold_is_refused() {
+        let raise = |limit: i64| resources(&format!(r#"{{"memory":{{"limit":{limit}}}}}"#));
+        assert_eq!(
+            guest_cgroup_update(&raise(64 << 20), 128).unwrap(),
+            vec![CgroupSetting {
+                file: "memory.max".into(),
+                value: (64 << 20).to_string()
+            }]
+        );
+        let err = guest_cgroup_update(&raise(65 << 20), 128)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("65 MiB") && err.contains("64 MiB"), "{err}");
+        assert!(guest_cgroup_update(&raise(-1), 128).is_ok());
     }
 
     #[test]
