@@ -437,19 +437,20 @@ pub fn guest_cgroup_update(
     Ok(settings)
 }
 
-/// A memory limit larger than the VM can give the container: its guest memory is fixed at
-/// boot (the limit it was created with plus the guest's own headroom). No limit (-1) is
-/// what a container created without one has: the VM's memory is its bound.
+/// A memory limit larger than the VM: its guest memory is fixed at boot (the limit it was
+/// created with plus the guest's headroom, or the smallest VM). A raise into the headroom is
+/// accepted, as docker's `--memory 64m` then `update --memory 128m` on a 128 MiB guest: the
+/// container then shares the headroom with the guest kernel, and an OOM kill there is still
+/// counted in its cgroup (and reported). No limit (-1) is what a container created without
+/// one has: the VM's memory is its bound.
 fn refuse_beyond_the_vm(limit: i64, guest_mib: u32) -> Result<(), ContainerError> {
-    let room = i64::from(guest_mib.saturating_sub(GUEST_HEADROOM_MIB)) << 20;
+    let room = i64::from(guest_mib) << 20;
     if limit > room {
         return Err(ContainerError::Unsupported(format!(
             "cannot raise the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
-             of guest memory, of which the container can have {} MiB ({GUEST_HEADROOM_MIB} MiB \
-             are the guest kernel's and agent's); a VM's memory cannot grow yet: recreate the \
-             container with the larger limit",
+             of guest memory, and a VM's memory cannot grow yet: recreate the container with \
+             the larger limit",
             (limit + (1 << 20) - 1) >> 20,
-            room >> 20
         )));
     }
     Ok(())
@@ -732,16 +733,16 @@ mod tests {
     fn a_memory_limit_the_vm_cannot_hold_is_refused() {
         let raise = |limit: i64| resources(&format!(r#"{{"memory":{{"limit":{limit}}}}}"#));
         assert_eq!(
-            guest_cgroup_update(&raise(64 << 20), 128).unwrap(),
+            guest_cgroup_update(&raise(128 << 20), 128).unwrap(),
             vec![CgroupSetting {
                 file: "memory.max".into(),
-                value: (64 << 20).to_string()
+                value: (128 << 20).to_string()
             }]
         );
-        let err = guest_cgroup_update(&raise(65 << 20), 128)
+        let err = guest_cgroup_update(&raise(129 << 20), 128)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("65 MiB") && err.contains("64 MiB"), "{err}");
+        assert!(err.contains("129 MiB") && err.contains("128 MiB"), "{err}");
         assert!(guest_cgroup_update(&raise(-1), 128).is_ok());
     }
 
