@@ -298,15 +298,17 @@ pub fn guest_cgroup_settings(
         )))
     };
     if let Some(memory) = resources.memory() {
+        // docker sends 0 for the kernel memory limits it does not set, and a swappiness of
+        // -1 (as u64) for none: only a value that asks for something is refused.
         #[allow(deprecated)] // Read only to refuse it.
         let kernel = memory.kernel();
-        if kernel.is_some() {
+        if kernel.is_some_and(|k| k > 0) {
             return unsupported("memory.kernel");
         }
-        if memory.kernel_tcp().is_some() {
+        if memory.kernel_tcp().is_some_and(|k| k > 0) {
             return unsupported("memory.kernelTCP");
         }
-        if memory.swappiness().is_some() {
+        if memory.swappiness().is_some_and(|s| s <= 100) {
             return unsupported("memory.swappiness");
         }
         if memory.disable_oom_killer() == Some(true) {
@@ -659,6 +661,13 @@ mod tests {
             pairs(&[("memory.max", "67108864"), ("memory.swap.max", "max")])
         );
         assert!(settings(r#"{"memory":{},"cpu":{"shares":0}}"#).is_empty());
+        // What docker 20.10's update sends for what it does not set.
+        assert_eq!(
+            settings(
+                r#"{"memory":{"limit":209715200,"kernel":0,"kernelTCP":0,"swappiness":18446744073709551615},"blockIO":{"weight":0}}"#
+            ),
+            pairs(&[("memory.max", "209715200")])
+        );
     }
 
     #[test]
