@@ -79,12 +79,12 @@ fuzz-share:
 # Rust tests that boot real VMs (tests/ of the workspace root).
 vm-test: guest
 	SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test '*' -- --test-threads=2
-	# The container lifecycle, network and runtime-spec tests again on the builtin engine (one
-	# bake, then restores), host changes reaching inotify through its virtio-fs device, and an
-	# overlay root's writes and host changes through it.
+	# The container lifecycle, network, runtime-spec and limits tests again on the builtin
+	# engine (one bake, then restores), host changes reaching inotify through its virtio-fs
+	# device, and an overlay root's writes and host changes through it.
 	# Without a writable /dev/kvm they are recorded as skipped; in CI a /dev/kvm that exists
 	# but cannot be used fails.
-	if [ -w /dev/kvm ]; then SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test lifecycle --test network --test spec -- --test-threads=2 && \
+	if [ -w /dev/kvm ]; then SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test lifecycle --test network --test spec --test limits -- --test-threads=2 && \
 	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test shares -- --test-threads=2 host_changes_reach_inotify_watchers && \
 	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test rootfs -- --test-threads=2 overlay; \
 	elif [ -e /dev/kvm ] && [ "$$CI" = true ]; then echo "vm-test: /dev/kvm exists but is not writable"; exit 1; \

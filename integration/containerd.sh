@@ -32,9 +32,10 @@ metrics_and_ps() {
   local pid; pid=$(ctr_ tasks ls | awk -v id="$id" '$1 == id { print $2 }')
   # The task's pid is the monitor; ps lists it and its VMM.
   ctr_ tasks ps "$id" | grep -qw "$pid" || { echo "ps does not list $pid"; return 1; }
-  # Metrics are the VM's host cgroup: its memory in use and the container's limit.
+  # Metrics through the runc shim are the VM's host cgroup: its memory in use, and a limit
+  # that holds the whole VM (the container's 512 MiB, the guest kernel's headroom, the VMM).
   local metrics; metrics=$(ctr_ tasks metrics "$id")
-  echo "$metrics" | awk -v k="$METRIC_MEMORY_LIMIT" '$1 == k { exit !($2 == 536870912) }' || { echo "$metrics"; return 1; }
+  echo "$metrics" | awk -v k="$METRIC_MEMORY_LIMIT" '$1 == k { exit !($2 > 536870912) }' || { echo "$metrics"; return 1; }
   echo "$metrics" | awk -v k="$METRIC_MEMORY_USAGE" '$1 == k { exit !($2 > 1048576) }' || { echo "$metrics"; return 1; }
   grep -qx "$pid" "$(memory_cgroup "smtest/$id")/cgroup.procs" || { echo "monitor not in its memory cgroup"; return 1; }
   ctr_ tasks kill -s SIGKILL "$id"
@@ -42,7 +43,7 @@ metrics_and_ps() {
   ctr_ tasks delete "$id" > /dev/null
   ctr_ containers rm "$id"
   [ ! -e "$(memory_cgroup "smtest/$id")" ] || { echo "cgroup left behind"; return 1; }
-  echo "metrics: limit 512 MiB, usage > 1 MiB; cgroup removed"
+  echo "metrics: the VM's host cgroup (limit above 512 MiB, usage > 1 MiB); cgroup removed"
 }
 check "ctr task metrics, ps (VM cgroup)" metrics_and_ps
 

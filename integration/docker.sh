@@ -100,17 +100,27 @@ case_rm_force() {
   docker_ rm -f "$id" > /dev/null; echo "rm rc=$?"
   docker_ ps -aq --no-trunc | grep -c "$id"
 }
+# The container's memory limit as it reads it: cgroup v2's file (supermachine's guest, a v2
+# host's runc) or cgroup v1's (runc on a v1 host).
+CONTAINER_MEMORY_LIMIT='cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes'
 case_update_memory() {
+  # Within the VM's memory (a VM without a limit has the default 256 MiB guest).
   local id; id=$(run_ "$1" -d "$IMG" sleep 1000)
-  docker_ update --memory 512m --memory-swap 1g "$id" > /dev/null; echo "update rc=$?"
+  docker_ update --memory 200m --memory-swap 400m "$id" > /dev/null; echo "update rc=$?"
   docker_ inspect -f '{{.HostConfig.Memory}}' "$id"
+  docker_ exec "$id" sh -c "$CONTAINER_MEMORY_LIMIT"
   docker_ rm -f "$id" > /dev/null
 }
-case_memory_limit_in_cgroup() {
-  local id; id=$(run_ "$1" -d -m 384m "$IMG" sleep 1000)
-  local pid; pid=$(docker_ inspect -f '{{.State.Pid}}' "$id")
-  cat "$(memory_cgroup_of "$pid")/$MEMORY_LIMIT_FILE"
-  docker_ rm -f "$id" > /dev/null
+case_memory_limit_in_container() {
+  run_ "$1" --rm -m 64m "$IMG" sh -c "$CONTAINER_MEMORY_LIMIT"
+}
+case_oom_kill() {
+  # 96 MiB touched under 48 MiB without swap: the OOM killer ends the container.
+  local name=oom-$1 rc=0
+  run_ "$1" --name "$name" -m 48m --memory-swap 48m "$IMG" dd if=/dev/zero of=/dev/null bs=96M count=1 2> /dev/null || rc=$?
+  echo "rc=$rc"
+  docker_ inspect -f 'exit {{.State.ExitCode}}' "$name"
+  docker_ rm "$name" > /dev/null
 }
 case_read_only_etc_files() {
   run_ "$1" --rm --read-only "$IMG" sh -c \
@@ -152,6 +162,7 @@ case_update_memory_raise() {
   out=$(docker_ update --memory 128m "$id" 2>&1) || rc=$?
   echo "update rc=$rc"; [ "$rc" = 0 ] || echo "$out"
   docker_ inspect -f '{{.HostConfig.Memory}}' "$id"
+  docker_ exec "$id" sh -c "$CONTAINER_MEMORY_LIMIT"
   docker_ rm -f "$id" > /dev/null
 }
 
@@ -171,7 +182,8 @@ compare "docker stop: SIGTERM handled" case_stop_graceful
 compare "docker kill -s USR1, KILL" case_kill_signal
 compare "docker rm -f" case_rm_force
 compare "docker update --memory" case_update_memory
-compare "docker run -m: host cgroup limit" case_memory_limit_in_cgroup
+compare "docker run -m 64m: the container's limit" case_memory_limit_in_container
+compare "OOM kill: exit 137" case_oom_kill
 compare "--read-only: resolv.conf, hostname" case_read_only_etc_files
 compare "docker run --init true" case_init_true
 compare "docker run --init: output, status" case_init_output
@@ -324,15 +336,29 @@ top_and_stats() {
 }
 check "docker top, stats (the VM's host cost)" top_and_stats
 
-update_below_vm() {
-  local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
-  local out rc=0
-  out=$(docker_ update --memory 64m --memory-swap 128m "$id" 2>&1) || rc=$?
+host_cgroup_holds_the_vm() {
+  # The container's limit is its cgroup's in the guest; the host's holds the whole VM (the
+  # limit, the guest kernel's headroom and the VMM), never less than the limit.
+  local id; id=$(run_ supermachine -d -m 384m "$IMG" sleep 1000)
+  local pid host; pid=$(docker_ inspect -f '{{.State.Pid}}' "$id")
+  host=$(cat "$(memory_cgroup_of "$pid")/$MEMORY_LIMIT_FILE")
   docker_ rm -f "$id" > /dev/null
-  [ "$rc" != 0 ] && echo "$out" | grep -q "cannot lower the memory limit" || { echo "rc=$rc $out"; return 1; }
-  echo "refused: the VM's memory is fixed"
+  [ "$host" -gt $((384 << 20)) ] || { echo "host limit $host"; return 1; }
+  echo "host limit $((host >> 20)) MiB for a 384 MiB container"
 }
-check "update below the VM's memory: refused" update_below_vm
+check "docker run -m: the host cgroup holds the VM" host_cgroup_holds_the_vm
+
+update_beyond_vm() {
+  local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
+  local out rc=0 inside
+  out=$(docker_ update --memory 1g --memory-swap 2g "$id" 2>&1) || rc=$?
+  inside=$(docker_ exec "$id" cat /sys/fs/cgroup/memory.max)
+  docker_ rm -f "$id" > /dev/null
+  [ "$rc" != 0 ] && echo "$out" | grep -q "cannot raise the memory limit" || { echo "rc=$rc $out"; return 1; }
+  [ "$inside" = max ] || { echo "memory.max changed to $inside"; return 1; }
+  echo "refused, unchanged: the VM's memory is fixed"
+}
+check "update beyond the VM's memory: refused" update_beyond_vm
 
 vm_died() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)

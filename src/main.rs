@@ -95,6 +95,8 @@ enum Command {
     Resume(liboci_cli::Resume),
     /// Update a container's resource limits
     Update(Box<liboci_cli::Update>),
+    /// Show the container's resource usage (its cgroup in the VM)
+    Events(liboci_cli::Events),
     /// Show what this runtime supports and which engine it picks here
     Features(liboci_cli::Features),
     /// Write a starter config.json

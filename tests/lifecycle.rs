@@ -720,8 +720,10 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
         );
     }
     assert!(!log("poststart").exists());
-    // The monitor is in the container's cgroup, with the container's memory limit, and in a
-    // network namespace of its own (so that networking hooks never touch the host's).
+    // The monitor is in the container's cgroup, whose memory limit holds the VM (the
+    // container's 384 MiB, enforced in the guest, plus 64 MiB for the guest kernel and 64
+    // for the VMM), and in a network namespace of its own (so that networking hooks never
+    // touch the host's).
     let memory = std::path::Path::new("/sys/fs/cgroup/memory").join(cgroup.trim_start_matches('/'));
     if memory.exists() {
         let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
@@ -730,7 +732,7 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
             std::fs::read_to_string(memory.join("memory.limit_in_bytes"))
                 .unwrap()
                 .trim(),
-            "402653184"
+            ((384 + 64 + 64) << 20).to_string()
         );
     }
     let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod create;
 pub mod delete;
+pub mod events;
 pub mod exec;
 pub mod features;
 pub mod kill;
@@ -79,6 +80,7 @@ pub fn dispatch(command: Command, context: &Context) -> Result<i32> {
         Command::Pause(args) => pause::run(args, context),
         Command::Resume(args) => resume::run(args, context),
         Command::Update(args) => update::run(*args, context),
+        Command::Events(args) => events::run(args, context),
         Command::Features(args) => features::run(args, context),
         Command::Spec(args) => spec::run(args, context),
         Command::Cache(args) => cache::run(args, context),

@@ -1,17 +1,23 @@
 //! `update`: new resource limits for a running container.
 //!
-//! They apply to the VM's host cgroup (what `docker stats` shows and the host enforces). The
-//! guest's memory and vCPUs are fixed when the VM boots, so a memory limit below what the VM
-//! was given is refused with that reason rather than left to the host OOM killer.
+//! They apply inside the VM, to the container's cgroup in the guest (what the container sees
+//! and the guest kernel enforces, converted as for `create`), and to the VM's host cgroup
+//! (what the host accounts). The guest's memory is fixed when the VM boots, so a memory limit
+//! the VM cannot hold (beyond its guest memory less the guest kernel's and agent's headroom)
+//! is refused with that reason, never half-applied.
 
 use std::io::Read;
 
 use anyhow::{Context as _, Result};
 use container::cgroup;
+use container::control::{self, ControlRequest};
+use container::monitored::CONTROL_TIMEOUT;
 use container::paths::VmDefaults;
 use container::plan::Plan;
+use container::translate;
 use container::{ContainerError, Status};
 use liboci_cli::Update;
+use oci_spec::runtime::LinuxResources;
 
 use super::Context;
 
@@ -20,7 +26,7 @@ pub fn run(args: Update, context: &Context) -> Result<i32> {
     if matches!(state.current_status(), Status::Stopped | Status::Creating) {
         return Err(ContainerError::NotRunning.into());
     }
-    let resources: serde_json::Value = match &args.resources {
+    let resources = match &args.resources {
         Some(path) => {
             let mut text = String::new();
             if path.as_os_str() == "-" {
@@ -33,26 +39,72 @@ pub fn run(args: Update, context: &Context) -> Result<i32> {
             }
             serde_json::from_str(&text).context("invalid resources JSON")?
         }
-        None => serde_json::json!({
-            "memory": { "limit": args.memory },
-            "cpu": {
-                "quota": args.cpu_quota,
-                "period": args.cpu_period,
-                "shares": args.cpu_share,
-                "cpus": args.cpuset_cpus,
-                "mems": args.cpuset_mems,
-            },
-        }),
+        None => resources_from_flags(&args),
     };
+    let typed: LinuxResources =
+        serde_json::from_value(resources.clone()).context("invalid resources JSON")?;
     let plan = Plan::load(&dir)?;
+    let guest_settings = translate::guest_cgroup_update(&typed, plan.memory_mib)?;
     let limits = cgroup::limits_from_resources(
         &resources,
         plan.memory_mib,
         VmDefaults::load().vmm_overhead_mib,
     )?;
+    if !guest_settings.is_empty() {
+        control::call(
+            &dir.path,
+            ControlRequest::UpdateCgroup {
+                settings: guest_settings,
+            },
+            CONTROL_TIMEOUT,
+        )
+        .with_context(|| format!("update the cgroup of container {} in its VM", dir.id))?;
+    }
     match &plan.cgroups_path {
         Some(path) => cgroup::update(path, &limits)?,
-        None => log::debug!("container {} has no cgroup; nothing to update", dir.id),
+        None => log::debug!("container {} has no host cgroup; nothing to update", dir.id),
     }
     Ok(0)
+}
+
+/// runc's flags as the `linux.resources` they stand for (absent flags are left out).
+fn resources_from_flags(args: &Update) -> serde_json::Value {
+    let mut memory = serde_json::Map::new();
+    let put = |map: &mut serde_json::Map<String, serde_json::Value>,
+               key: &str,
+               value: Option<serde_json::Value>| {
+        if let Some(value) = value {
+            map.insert(key.to_string(), value);
+        }
+    };
+    let number = |v: Option<u64>| v.map(serde_json::Value::from);
+    put(&mut memory, "limit", number(args.memory));
+    put(&mut memory, "reservation", number(args.memory_reservation));
+    put(
+        &mut memory,
+        "swap",
+        args.memory_swap.map(serde_json::Value::from),
+    );
+    let mut cpu = serde_json::Map::new();
+    put(&mut cpu, "quota", number(args.cpu_quota));
+    put(&mut cpu, "period", number(args.cpu_period));
+    put(&mut cpu, "shares", number(args.cpu_share));
+    put(&mut cpu, "realtimePeriod", number(args.cpu_rt_period));
+    put(&mut cpu, "realtimeRuntime", number(args.cpu_rt_runtime));
+    put(&mut cpu, "cpus", args.cpuset_cpus.clone().map(Into::into));
+    put(&mut cpu, "mems", args.cpuset_mems.clone().map(Into::into));
+    let mut resources = serde_json::Map::new();
+    if !memory.is_empty() {
+        resources.insert("memory".into(), memory.into());
+    }
+    if !cpu.is_empty() {
+        resources.insert("cpu".into(), cpu.into());
+    }
+    if let Some(limit) = args.pids_limit {
+        resources.insert("pids".into(), serde_json::json!({ "limit": limit }));
+    }
+    if let Some(weight) = args.blkio_weight {
+        resources.insert("blockIO".into(), serde_json::json!({ "weight": weight }));
+    }
+    resources.into()
 }

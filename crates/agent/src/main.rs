@@ -8,6 +8,7 @@
 //! (see `spawn`) uses.
 
 mod caps;
+mod cgroup;
 mod channel;
 mod cmdline;
 mod error;

@@ -16,6 +16,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::cgroup::ContainerCgroup;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
 use crate::{agent_debug, agent_log, network, procfs, setup, spawn, warm};
@@ -58,6 +59,7 @@ enum Readiness {
     Channel,
     Dns,
     Signals,
+    CgroupEvents,
     Output(ProcessId, usize),
     Stdin(ProcessId),
 }
@@ -99,6 +101,8 @@ pub struct Server {
     prepared_root: Option<agent_proto::RootfsSpec>,
     /// The mounts left for the container's first process (PID 1 of its pid namespace).
     container_mounts: Option<setup::ContainerMounts>,
+    /// The container's cgroup, once set up (when the host asked for one).
+    cgroup: Option<ContainerCgroup>,
     /// virtio-net devices held detached until the host connects them.
     detached_nics: network::DetachedNics,
     dns: Option<network::DnsRelay>,
@@ -137,6 +141,7 @@ impl Server {
             container_ready: false,
             prepared_root: None,
             container_mounts: None,
+            cgroup: None,
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
             shutdown: false,
@@ -193,6 +198,10 @@ impl Server {
             fds.push(PollFd::new(borrow(&dns.socket), PollFlags::POLLIN));
             what.push(Readiness::Dns);
         }
+        if let Some(events) = self.cgroup.as_ref().and_then(|c| c.events_fd()) {
+            fds.push(PollFd::new(borrow(&events), PollFlags::POLLIN));
+            what.push(Readiness::CgroupEvents);
+        }
         let mut deadline: Option<Instant> = None;
         for (&id, process) in &self.processes {
             for (index, (_, fd)) in process.outputs.iter().enumerate() {
@@ -243,6 +252,7 @@ impl Server {
                 Readiness::Channel => self.on_channel(revents)?,
                 Readiness::Signals => self.reap(),
                 Readiness::Dns => self.relay_dns()?,
+                Readiness::CgroupEvents => self.report_oom_kills()?,
                 Readiness::Output(id, slot) => self.on_output(id, slot)?,
                 Readiness::Stdin(id) => self.flush_stdin(id),
             }
@@ -355,8 +365,17 @@ impl Server {
                     }
                     None => self.prepare_root(config.rootfs.clone())?,
                 }
-                self.container_mounts =
-                    setup::setup_container(&config).map_err(|e| AgentError(e.0))?;
+                // Made before the setup enters the container root, out of the container's
+                // sight.
+                let cgroup = config
+                    .cgroup
+                    .as_ref()
+                    .map(ContainerCgroup::create)
+                    .transpose()
+                    .map_err(|e| AgentError(e.0))?;
+                self.container_mounts = setup::setup_container(&config, cgroup.as_ref())
+                    .map_err(|e| AgentError(e.0))?;
+                self.cgroup = cgroup;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -372,7 +391,8 @@ impl Server {
                     return Err(AgentError(format!("process {process} already exists")));
                 }
                 let mounts = self.container_mounts.take();
-                let spawned = spawn::spawn(&spec, !start, mounts.as_ref()).map_err(AgentError)?;
+                let spawned = spawn::spawn(&spec, !start, mounts.as_ref(), self.cgroup.as_ref())
+                    .map_err(AgentError)?;
                 let pid = spawned.pid;
                 self.processes.insert(process, into_process(spawned));
                 Ok(Reply::Created { pid: pid.as_raw() })
@@ -459,9 +479,13 @@ impl Server {
                 }
                 Ok(Reply::Ok)
             }
-            Request::UpdateCgroup(_) | Request::Stats => Err(AgentError(
-                "the container has no cgroup in this guest".into(),
-            )),
+            Request::UpdateCgroup(settings) => {
+                self.container_cgroup()?
+                    .write(&settings)
+                    .map_err(AgentError)?;
+                Ok(Reply::Ok)
+            }
+            Request::Stats => Ok(Reply::Stats(self.container_cgroup()?.stats())),
             Request::Shutdown => {
                 self.shutdown = true;
                 Ok(Reply::Ok)
@@ -478,6 +502,23 @@ impl Server {
         }
         self.prepared_root = Some(rootfs);
         Ok(())
+    }
+
+    fn container_cgroup(&self) -> Result<&ContainerCgroup, AgentError> {
+        self.cgroup
+            .as_ref()
+            .ok_or_else(|| AgentError("the container has no cgroup in this guest".into()))
+    }
+
+    /// Tells the host of OOM kills in the container's cgroup since the last report.
+    fn report_oom_kills(&mut self) -> Result<(), AgentError> {
+        match self.cgroup.as_mut().and_then(|c| c.new_oom_kills()) {
+            Some(kills) => {
+                agent_debug!("the OOM killer killed {kills} container process(es)");
+                self.send(&AgentMessage::OomKilled { kills })
+            }
+            None => Ok(()),
+        }
     }
 
     fn process(&mut self, id: ProcessId) -> Result<&mut Process, AgentError> {
@@ -623,6 +664,11 @@ impl Server {
             })
             .map(|(&id, _)| id)
             .collect();
+        if !done.is_empty() {
+            // A process the OOM killer ended is reported as such before its exit, as the
+            // kernel's event reaches a runtime on the host before the exit status.
+            self.report_oom_kills()?;
+        }
         for id in done {
             let Some(p) = self.processes.remove(&id) else {
                 continue;

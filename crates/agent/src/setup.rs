@@ -23,6 +23,7 @@ use agent_proto::{
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
+use crate::cgroup::ContainerCgroup;
 use crate::error::{err, SetupError};
 use crate::shares::Shares;
 use crate::{agent_debug, agent_log};
@@ -108,8 +109,9 @@ pub struct ContainerMounts {
 
 impl ContainerMounts {
     /// Runs in the container root: in the agent, or in the first process before it drops
-    /// privileges.
-    pub fn run(&self) -> Result<(), SetupError> {
+    /// privileges. A cgroup filesystem in config.json is mounted rooted at the container's
+    /// `cgroup`, when it has one.
+    pub fn run(&self, cgroup: Option<&ContainerCgroup>) -> Result<(), SetupError> {
         let mut dev_done = false;
         for m in &self.mounts {
             match &m.kind {
@@ -121,6 +123,14 @@ impl ContainerMounts {
                     let target = in_root(&m.destination);
                     self.shares
                         .bind(*index, &target, &m.destination, *readonly, options)?
+                }
+                // The container's cgroup as the root of its cgroup filesystem (see `cgroup`).
+                MountKind::Filesystem {
+                    fstype, options, ..
+                } if matches!(fstype.as_str(), "cgroup" | "cgroup2") && cgroup.is_some() => {
+                    if let Some(cgroup) = cgroup {
+                        cgroup.mount_rooted(&in_root(&m.destination), parse_options(options).0)?
+                    }
                 }
                 _ => mount_one(m)?,
             }
@@ -190,7 +200,10 @@ fn propagation_flags(propagation: RootPropagation) -> MsFlags {
 
 /// Makes the container root and enters it; after this `/` is the container's. Its mounts
 /// are made here, or, with a pid namespace, returned for the first process to make.
-pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ContainerMounts>, SetupError> {
+pub fn setup_container(
+    setup: &ContainerSetup,
+    cgroup: Option<&ContainerCgroup>,
+) -> Result<Option<ContainerMounts>, SetupError> {
     let rootfs = &setup.rootfs;
     // Through the VM's `/proc` (the container's may be mounted only by its first process).
     for (key, value) in &setup.sysctls {
@@ -215,7 +228,7 @@ pub fn setup_container(setup: &ContainerSetup) -> Result<Option<ContainerMounts>
         readonly_root: rootfs.readonly,
     };
     if !setup.pid_namespace {
-        mounts.run()?;
+        mounts.run(cgroup)?;
         return Ok(None);
     }
     // Checked now, so that a config the agent refuses fails the setup, not the first process.

@@ -34,6 +34,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::caps;
+use crate::cgroup::ContainerCgroup;
 use crate::paths::{DEFAULT_PATH, PASSWD};
 use crate::setup::ContainerMounts;
 
@@ -78,10 +79,13 @@ pub fn spawn(
     spec: &ProcessSpec,
     wait_for_start: bool,
     mounts: Option<&ContainerMounts>,
+    cgroup: Option<&ContainerCgroup>,
 ) -> Result<Spawned, String> {
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
     }
+    // Opened here, written by the child: the agent itself stays out of the container's cgroup.
+    let cgroup_procs = cgroup.map(ContainerCgroup::open_procs).transpose()?;
     let env = environment(spec, std::env::var(TUNABLES).ok().as_deref());
     // Close-on-exec: the agent reads it to its end, which comes at the child's `exec` (no
     // bytes: success) or exit (the reason it failed).
@@ -144,6 +148,8 @@ pub fn spawn(
         env: &env,
         stdio: stdio_fds,
         mounts,
+        cgroup,
+        cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
         hold: wait_for_start,
         report: sync_w.as_raw_fd(),
     };
@@ -170,6 +176,7 @@ pub fn spawn(
     let pid = Pid::from_raw(pid);
     drop(child_stdio);
     drop(sync_w);
+    drop(cgroup_procs);
     spawned.pid = pid;
     let mut report = Vec::new();
     let _ = File::from(sync_r).read_to_end(&mut report);
@@ -200,6 +207,9 @@ struct Child<'a> {
     env: &'a [String],
     stdio: [RawFd; 3],
     mounts: Option<&'a ContainerMounts>,
+    cgroup: Option<&'a ContainerCgroup>,
+    /// The container cgroup's `cgroup.procs`, when it has one.
+    cgroup_procs: Option<RawFd>,
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
@@ -212,7 +222,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // The child's stderr becomes the container's: no agent diagnostics from here on (`spawn`
     // turns them back on for the agent).
     crate::logging::set_debug(false);
-    let failure = match child_setup(child.spec, child.env, child.stdio, child.mounts) {
+    let failure = match child_setup(
+        child.spec,
+        child.env,
+        child.stdio,
+        child.mounts.map(|mounts| (mounts, child.cgroup)),
+        child.cgroup_procs,
+    ) {
         Ok(program) => {
             if child.hold {
                 // The `exec` below then stops before the program's first instruction.
@@ -287,8 +303,14 @@ fn child_setup(
     spec: &ProcessSpec,
     env: &[String],
     stdio: [RawFd; 3],
-    mounts: Option<&ContainerMounts>,
+    mounts: Option<(&ContainerMounts, Option<&ContainerCgroup>)>,
+    cgroup_procs: Option<RawFd>,
 ) -> Result<PathBuf, String> {
+    // First, so that everything the process does is accounted and limited as the
+    // container's, and what it mounts or reads of cgroups is rooted at the container's.
+    if let Some(procs) = cgroup_procs {
+        crate::cgroup::join(procs)?;
+    }
     // The agent blocks SIGCHLD for its signalfd and ignores SIGPIPE; the container must not
     // inherit either.
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
@@ -312,8 +334,8 @@ fn child_setup(
             return Err(format!("dup2: {}", std::io::Error::last_os_error()));
         }
     }
-    if let Some(mounts) = mounts {
-        mounts.run().map_err(|e| e.0)?;
+    if let Some((mounts, cgroup)) = mounts {
+        mounts.run(cgroup).map_err(|e| e.0)?;
     }
     if let Some(adj) = spec.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())

@@ -124,11 +124,10 @@ pub fn relative_path(cgroups_path: &str) -> PathBuf {
 }
 
 /// Host limits from an OCI `LinuxResources` document (`update`, the shim's Update). The
-/// guest's memory is fixed when the VM boots, and the container cannot use more than it: a
-/// new limit at least that large is honoured, and the host cgroup is given the VMM's
-/// overhead on top where the limit cannot hold both (as at create). A limit below the
-/// guest's memory cannot be enforced from the host without the VM failing under the host's
-/// OOM killer, so it is refused with that reason.
+/// container's memory limit is enforced in the guest, by its cgroup there; the host cgroup
+/// holds the whole VM, whose guest memory is fixed at boot, so a new limit never takes it
+/// below the guest's memory and the VMM's overhead (a lower host limit would leave the VM to
+/// the host's OOM killer).
 pub fn limits_from_resources(
     resources: &serde_json::Value,
     guest_mib: u32,
@@ -147,20 +146,10 @@ pub fn limits_from_resources(
             .filter(|s| !s.is_empty())
             .map(String::from)
     };
-    let mut memory_bytes = int("/memory/limit");
-    if let Some(bytes) = memory_bytes {
-        let guest = i64::from(guest_mib) << 20;
-        if bytes < guest {
-            return Err(ContainerError::InvalidState(format!(
-                "cannot lower the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
-                 of guest memory, which the host cannot take back from it; recreate the \
-                 container to shrink it",
-                bytes >> 20,
-            )));
-        }
-        let needed = i64::from(guest_mib + vmm_overhead_mib) << 20;
-        memory_bytes = Some(bytes.max(needed));
-    }
+    // The container's own limit is its cgroup's in the guest; the host's holds the whole VM,
+    // whose guest memory is fixed at boot, so it never goes below what that needs.
+    let memory_bytes =
+        int("/memory/limit").map(|bytes| bytes.max(i64::from(guest_mib + vmm_overhead_mib) << 20));
     Ok(HostLimits {
         memory_bytes,
         cpu_quota: int("/cpu/quota"),
@@ -378,35 +367,16 @@ mod tests {
 ";
 
     #[test]
-    fn memory_below_the_vm_is_refused_and_above_accepted() {
+    fn the_host_limit_always_holds_the_vm() {
         let small = serde_json::json!({ "memory": { "limit": 64 << 20 } });
-        let err = limits_from_resources(&small, 256, 64)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot lower the memory limit"), "{err}");
+        let limits = limits_from_resources(&small, 256, 64).unwrap();
+        assert_eq!(limits.memory_bytes, Some((256 + 64) << 20));
         let big = serde_json::json!({ "memory": { "limit": 1i64 << 30 }, "cpu": { "quota": 50000, "period": 100000 } });
         let limits = limits_from_resources(&big, 256, 64).unwrap();
         assert_eq!(limits.memory_bytes, Some(1 << 30));
         assert_eq!(
             (limits.cpu_quota, limits.cpu_period),
             (Some(50000), Some(100000))
-        );
-    }
-
-    #[test]
-    fn raising_a_limit_that_was_below_the_smallest_vm_is_accepted() {
-        // `docker run --memory 64m` got the smallest VM (128 MiB guest) and a host limit
-        // raised to hold it; `docker update --memory 128m` is a raise.
-        let raised = serde_json::json!({ "memory": { "limit": 128 << 20 } });
-        let limits = limits_from_resources(&raised, 128, 64).unwrap();
-        assert_eq!(limits.memory_bytes, Some((128 + 64) << 20));
-        let lower = serde_json::json!({ "memory": { "limit": 100 << 20 } });
-        let err = limits_from_resources(&lower, 128, 64)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("cannot lower the memory limit to 100 MiB"),
-            "{err}"
         );
     }
 

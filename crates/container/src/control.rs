@@ -1,17 +1,19 @@
 //! The control socket of a monitor (`<state dir>/control.sock`): how `start`, `kill`,
-//! `exec`, `ps`, `pause`, `resume` and `delete` reach the process that holds the VM.
+//! `exec`, `ps`, `pause`, `resume`, `update`, `events` and `delete` reach the process that
+//! holds the VM.
 //!
 //! Frames are agent-proto frames: a request message, then a reply message. An `Exec` turns
 //! the connection into that process's session: stdin data frames and `Resize` requests go
 //! in, output data frames and a final `Exited` come out.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_proto::{read_frame, write_message, Frame, ProcessInfo, ProcessSpec};
+use agent_proto::{read_frame, write_message, CgroupSetting, Frame, ProcessInfo, ProcessSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::ContainerError;
@@ -39,6 +41,12 @@ pub enum ControlRequest {
     },
     /// Within an exec session: stdin is at EOF.
     CloseStdin,
+    /// Writes the container cgroup's files in the guest (a live `update`).
+    UpdateCgroup {
+        settings: Vec<CgroupSetting>,
+    },
+    /// The container cgroup's files in the guest, as the agent reads them.
+    Stats,
     /// Kill the container and end the monitor (delete).
     Stop,
 }
@@ -56,6 +64,7 @@ pub enum ControlReply {
     Exited {
         code: i32,
     },
+    Stats(BTreeMap<String, String>),
 }
 
 /// `sun_path` holds 108 bytes; deeper paths are reached through the directory's

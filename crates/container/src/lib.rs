@@ -15,6 +15,7 @@ pub mod console;
 pub mod control;
 mod error;
 pub mod exec_client;
+pub mod guest_stats;
 pub mod hooks;
 pub mod id;
 pub mod launch;

@@ -479,6 +479,15 @@ impl ControlContext {
                 let _ = self.events.send(Event::Stop);
                 Ok(ControlReply::Ok)
             }
+            ControlRequest::UpdateCgroup { settings } => {
+                self.agent
+                    .request(Request::UpdateCgroup(settings), REQUEST_TIMEOUT)?;
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::Stats => match self.agent.request(Request::Stats, REQUEST_TIMEOUT)? {
+                Reply::Stats(files) => Ok(ControlReply::Stats(files)),
+                other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
+            },
             ControlRequest::Exec { .. }
             | ControlRequest::Resize { .. }
             | ControlRequest::CloseStdin => Err(ContainerError::Monitor(

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use agent_proto::{
-    Capabilities, ContainerSetup, DeviceKind, DeviceNode, MountKind, MountSpec, ProcessSpec,
-    PropagationKind, Rlimit, RootPropagation, RootfsSpec,
+    Capabilities, CgroupSetting, CgroupSpec, ContainerSetup, DeviceKind, DeviceNode, MountKind,
+    MountSpec, ProcessSpec, PropagationKind, Rlimit, RootPropagation, RootfsSpec,
 };
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use crate::cgroup::HostLimits;
 use crate::paths::VmDefaults;
@@ -19,9 +19,19 @@ const GUEST_FILESYSTEMS: [&str; 8] = [
     "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "ramfs",
 ];
 
+/// Guest memory beyond the container's memory limit, for what runs in the VM outside the
+/// container's cgroup: the guest kernel (its code, page tables, slab, the page cache of the
+/// root it serves) and the agent. Without it the container's `memory.max` could never be
+/// reached: the whole guest would run out first and its OOM killer pick anything. Measured
+/// in a 128 MiB guest whose container sleeps: the kernel's image and reserved memory take
+/// 9 MiB (MemTotal 117 MiB) and MemTotal - MemAvailable is 22 MiB (slab 15 MiB of it), 31
+/// MiB in all; twice that leaves the container's limit whole while the kernel's caches grow.
+pub const GUEST_HEADROOM_MIB: u32 = 64;
+
 /// vCPUs and memory for the VM, from `linux.resources` (cpu quota or cpuset, memory limit),
-/// else the defaults. A memory limit covers the whole VM on the host, so the guest gets the
-/// limit minus the VMM's overhead (but never less than the minimum).
+/// else the defaults. With a memory limit the guest holds the limit (the container's cgroup
+/// `memory.max`) plus [`GUEST_HEADROOM_MIB`] for the guest kernel and agent (never less than
+/// the minimum); the host cgroup gets that plus the VMM's overhead ([`host_limits`]).
 pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let host_cpus = std::thread::available_parallelism()
@@ -38,7 +48,7 @@ pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
         .unwrap_or(defaults.vcpus)
         .clamp(1, host_cpus.max(1));
     let memory = memory_limit_mib(spec)
-        .map(|m| m.saturating_sub(defaults.vmm_overhead_mib))
+        .map(|m| m.saturating_add(GUEST_HEADROOM_MIB))
         .map(|m| m.clamp(defaults.min_memory_mib, defaults.max_memory_mib))
         .unwrap_or(defaults.memory_mib);
     (vcpus, memory)
@@ -54,8 +64,9 @@ fn memory_limit_mib(spec: &Spec) -> Option<u32> {
         .map(|l| (l as u64).div_ceil(1 << 20).min(u32::MAX as u64) as u32)
 }
 
-/// The limits for the VM's host cgroup. The memory limit is raised, with a note, when it
-/// cannot hold the smallest VM.
+/// The limits for the VM's host cgroup. A memory limit becomes what the VM costs the host:
+/// its guest memory (the limit and the guest's headroom, see [`vm_shape`]) and the VMM's
+/// overhead; with a note when the limit is smaller than the smallest VM.
 pub fn host_limits(
     spec: &Spec,
     guest_memory_mib: u32,
@@ -66,9 +77,9 @@ pub fn host_limits(
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let needed = guest_memory_mib + defaults.vmm_overhead_mib;
     let memory_bytes = memory_limit_mib(spec).map(|limit| {
-        if limit < needed {
+        if limit.saturating_add(GUEST_HEADROOM_MIB) < defaults.min_memory_mib {
             notes.push(format!(
-                "memory limit {limit} MiB cannot hold a VM ({guest_memory_mib} MiB guest + \
+                "memory limit {limit} MiB gets the smallest VM ({guest_memory_mib} MiB guest + \
                  {} MiB VMM); the host limit is {needed} MiB",
                 defaults.vmm_overhead_mib
             ));
@@ -254,7 +265,13 @@ pub fn container_setup(
                 ns.iter()
                     .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             }),
-        cgroup: None,
+        cgroup: linux
+            .map(|l| match l.resources() {
+                Some(resources) => guest_cgroup_settings(resources),
+                None => Ok(Vec::new()),
+            })
+            .transpose()?
+            .map(|settings| CgroupSpec { settings }),
         devices: devices(spec)?,
         root_propagation: root_propagation(spec)?,
     };
@@ -337,6 +354,227 @@ fn root_propagation(spec: &Spec) -> Result<Option<RootPropagation>, ContainerErr
     Ok(Some(RootPropagation { kind, recursive }))
 }
 
+/// config.json's `linux.resources` (shaped after cgroup v1, as the OCI spec is) as writes to
+/// the cgroup v2 interface files of the container's cgroup in the guest, converted as runc
+/// and crun convert them, so that the container reads there what it would under runc. A
+/// resource the guest cannot apply as asked (a host device's IO limit, a v1-only knob) fails
+/// naming it: never dropped. Device access rules are not cgroup writes here: the guest's
+/// `/dev` is the VM's own.
+pub fn guest_cgroup_settings(
+    resources: &LinuxResources,
+) -> Result<Vec<CgroupSetting>, ContainerError> {
+    let mut settings = Vec::new();
+    let mut set = |file: &str, value: String| {
+        settings.push(CgroupSetting {
+            file: file.to_string(),
+            value,
+        })
+    };
+    let unsupported = |what: &str| {
+        Err(ContainerError::Unsupported(format!(
+            "linux.resources.{what}: cgroup v2 in the VM has no such setting"
+        )))
+    };
+    if let Some(memory) = resources.memory() {
+        // docker sends 0 for the kernel memory limits it does not set, and a swappiness of
+        // -1 (as u64) for none: only a value that asks for something is refused.
+        #[allow(deprecated)] // Read only to refuse it.
+        let kernel = memory.kernel();
+        if kernel.is_some_and(|k| k > 0) {
+            return unsupported("memory.kernel");
+        }
+        if memory.kernel_tcp().is_some_and(|k| k > 0) {
+            return unsupported("memory.kernelTCP");
+        }
+        if memory.swappiness().is_some_and(|s| s <= 100) {
+            return unsupported("memory.swappiness");
+        }
+        if memory.disable_oom_killer() == Some(true) {
+            return unsupported("memory.disableOOMKiller");
+        }
+        let limit = memory.limit().unwrap_or(0);
+        if limit != 0 {
+            set("memory.max", v2_limit(limit));
+        }
+        if let Some(swap) = swap_max(memory.swap().unwrap_or(0), limit)? {
+            set("memory.swap.max", swap);
+        }
+        match memory.reservation() {
+            Some(0) | None => {}
+            Some(reservation) => set("memory.low", v2_limit(reservation)),
+        }
+    }
+    if let Some(cpu) = resources.cpu() {
+        if cpu.realtime_runtime().is_some_and(|r| r != 0)
+            || cpu.realtime_period().is_some_and(|p| p != 0)
+        {
+            return unsupported("cpu.realtimeRuntime/realtimePeriod");
+        }
+        if let Some(shares) = cpu.shares().filter(|&s| s != 0) {
+            set("cpu.weight", cpu_weight(shares).to_string());
+        }
+        let quota = cpu.quota().unwrap_or(0);
+        let period = cpu.period().unwrap_or(0);
+        if quota != 0 || period != 0 {
+            let mut max = if quota > 0 {
+                quota.to_string()
+            } else {
+                "max".to_string()
+            };
+            // Without a period the kernel keeps the one it has.
+            if period != 0 {
+                max.push_str(&format!(" {period}"));
+            }
+            set("cpu.max", max);
+        }
+        if let Some(burst) = cpu.burst() {
+            set("cpu.max.burst", burst.to_string());
+        }
+        if let Some(idle) = cpu.idle() {
+            set("cpu.idle", idle.to_string());
+        }
+        if let Some(cpus) = cpu.cpus().as_deref().filter(|c| !c.is_empty()) {
+            set("cpuset.cpus", cpus.to_string());
+        }
+        if let Some(mems) = cpu.mems().as_deref().filter(|m| !m.is_empty()) {
+            set("cpuset.mems", mems.to_string());
+        }
+    }
+    if let Some(pids) = resources.pids() {
+        match pids.limit() {
+            0 => {}
+            limit if limit < 0 => set("pids.max", "max".into()),
+            limit => set("pids.max", limit.to_string()),
+        }
+    }
+    if let Some(io) = resources.block_io() {
+        if io.leaf_weight().is_some() {
+            return unsupported("blockIO.leafWeight");
+        }
+        if let Some(weight) = io.weight().filter(|&w| w != 0) {
+            set("io.weight", format!("default {}", io_weight(weight)));
+        }
+        let host_device = |what: &str, major: i64, minor: i64| {
+            Err(ContainerError::Unsupported(format!(
+                "linux.resources.blockIO.{what} for device {major}:{minor}: a host device \
+                 number names no disk inside the VM, whose disks are its own"
+            )))
+        };
+        if let Some(device) = io.weight_device().iter().flatten().next() {
+            return host_device("weightDevice", device.major(), device.minor());
+        }
+        for (what, devices) in [
+            ("throttleReadBpsDevice", io.throttle_read_bps_device()),
+            ("throttleWriteBpsDevice", io.throttle_write_bps_device()),
+            ("throttleReadIOPSDevice", io.throttle_read_iops_device()),
+            ("throttleWriteIOPSDevice", io.throttle_write_iops_device()),
+        ] {
+            if let Some(device) = devices.iter().flatten().next() {
+                return host_device(what, device.major(), device.minor());
+            }
+        }
+    }
+    for limit in resources.hugepage_limits().iter().flatten() {
+        set(
+            &format!("hugetlb.{}.max", limit.page_size()),
+            v2_limit(limit.limit()),
+        );
+    }
+    if let Some(network) = resources.network() {
+        if network.class_id().is_some() || network.priorities().is_some() {
+            return unsupported("network (net_cls/net_prio are cgroup v1 only)");
+        }
+    }
+    if resources.rdma().as_ref().is_some_and(|r| !r.is_empty()) {
+        return Err(ContainerError::Unsupported(
+            "linux.resources.rdma: the VM has no RDMA devices".into(),
+        ));
+    }
+    // Last, as runc writes them: a unified value overrides the converted one.
+    let unified: BTreeMap<_, _> = resources.unified().iter().flatten().collect();
+    for (file, value) in unified {
+        if file.is_empty() || file.contains('/') || file.starts_with('.') {
+            return Err(ContainerError::Unsupported(format!(
+                "linux.resources.unified key {file:?} is not a cgroup interface file"
+            )));
+        }
+        set(file, value.clone());
+    }
+    Ok(settings)
+}
+
+/// A live update's writes to the container's cgroup in the guest (`update`, the shim's
+/// Update): as at create, and refused whole when its memory limit is more than the VM can
+/// give the container.
+pub fn guest_cgroup_update(
+    resources: &LinuxResources,
+    guest_memory_mib: u32,
+) -> Result<Vec<CgroupSetting>, ContainerError> {
+    let settings = guest_cgroup_settings(resources)?;
+    if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
+        refuse_beyond_the_vm(limit, guest_memory_mib)?;
+    }
+    Ok(settings)
+}
+
+/// A memory limit larger than the VM: its guest memory is fixed at boot (the limit it was
+/// created with plus the guest's headroom, or the smallest VM). A raise into the headroom is
+/// accepted, as docker's `--memory 64m` then `update --memory 128m` on a 128 MiB guest: the
+/// container then shares the headroom with the guest kernel, and an OOM kill there is still
+/// counted in its cgroup (and reported). No limit (-1) is what a container created without
+/// one has: the VM's memory is its bound.
+fn refuse_beyond_the_vm(limit: i64, guest_mib: u32) -> Result<(), ContainerError> {
+    let room = i64::from(guest_mib) << 20;
+    if limit > room {
+        return Err(ContainerError::Unsupported(format!(
+            "cannot raise the memory limit to {} MiB: the VM was created with {guest_mib} MiB \
+             of guest memory, and a VM's memory cannot grow yet: recreate the container with \
+             the larger limit",
+            (limit + (1 << 20) - 1) >> 20,
+        )));
+    }
+    Ok(())
+}
+
+/// A v1-style byte limit: -1 is unlimited.
+fn v2_limit(value: i64) -> String {
+    if value < 0 {
+        "max".into()
+    } else {
+        value.to_string()
+    }
+}
+
+/// `memory.swap.max` from OCI's `swap`, which is memory+swap as in cgroup v1 (0: unset).
+fn swap_max(swap: i64, limit: i64) -> Result<Option<String>, ContainerError> {
+    let invalid = |why: &str| {
+        Err(ContainerError::Unsupported(format!(
+            "linux.resources.memory.swap {swap} with limit {limit}: {why}"
+        )))
+    };
+    match (swap, limit) {
+        // Unlimited memory and no swap setting: unlimited both, as in cgroup v1.
+        (0, -1) => Ok(Some("max".into())),
+        (0, _) => Ok(None),
+        (s, _) if s < 0 => Ok(Some("max".into())),
+        (_, l) if l <= 0 => invalid("a swap limit needs a memory limit"),
+        (s, l) if s < l => invalid("memory+swap must be at least the memory limit"),
+        (s, l) => Ok(Some((s - l).to_string())),
+    }
+}
+
+/// cgroup v1 `cpu.shares` (2..262144) onto v2 `cpu.weight` (1..10000), as runc maps it.
+fn cpu_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+/// cgroup v1 `blkio.weight` (10..1000) onto v2 `io.weight` (1..10000), as runc maps it.
+fn io_weight(weight: u16) -> u64 {
+    let weight = u64::from(weight.clamp(10, 1000));
+    1 + ((weight - 10) * 9999) / 990
+}
+
 /// Shared or slave propagation of a bind would carry mounts between the host and the
 /// container; the VM's boundary carries none, so it fails naming the mount rather than being
 /// dropped (private and unbindable are applied in the guest).
@@ -405,14 +643,17 @@ mod tests {
         let (vcpus, memory) = vm_shape(&s, &defaults());
         assert_eq!(
             memory,
-            512 - 64,
-            "the VMM's overhead comes out of the limit"
+            512 + GUEST_HEADROOM_MIB,
+            "the guest holds the limit and its own kernel and agent"
         );
         let host = std::thread::available_parallelism().unwrap().get() as u32;
         assert_eq!(vcpus, 2.min(host));
         let mut notes = Vec::new();
         let limits = host_limits(&s, memory, &defaults(), &mut notes);
-        assert_eq!(limits.memory_bytes, Some(512 << 20));
+        assert_eq!(
+            limits.memory_bytes,
+            Some(i64::from(512 + GUEST_HEADROOM_MIB + 64) << 20)
+        );
         assert_eq!(
             (limits.cpu_quota, limits.cpu_period),
             (Some(150_000), Some(100_000))
@@ -435,6 +676,161 @@ mod tests {
         assert_eq!(notes.len(), 1);
         let s = spec(r#"{"ociVersion":"1.0.2"}"#);
         assert_eq!(vm_shape(&s, &defaults()), (1, 256));
+    }
+
+    fn resources(json: &str) -> LinuxResources {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn settings(json: &str) -> Vec<(String, String)> {
+        guest_cgroup_settings(&resources(json))
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.file, s.value))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(f, v)| (f.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn docker_resources_become_cgroup_v2_files_as_runc_writes_them() {
+        // `docker run --memory 64m --memory-reservation 32m --cpus 1.5 --cpu-shares 512
+        // --cpuset-cpus 0 --pids-limit 100 --blkio-weight 500`
+        let got = settings(
+            r#"{"memory":{"limit":67108864,"reservation":33554432,"swap":134217728},
+                "cpu":{"shares":512,"quota":150000,"period":100000,"cpus":"0","mems":""},
+                "pids":{"limit":100},"blockIO":{"weight":500},
+                "devices":[{"allow":false,"access":"rwm"}]}"#,
+        );
+        assert_eq!(
+            got,
+            pairs(&[
+                ("memory.max", "67108864"),
+                ("memory.swap.max", "67108864"),
+                ("memory.low", "33554432"),
+                ("cpu.weight", "20"),
+                ("cpu.max", "150000 100000"),
+                ("cpuset.cpus", "0"),
+                ("pids.max", "100"),
+                ("io.weight", "default 4950"),
+            ])
+        );
+    }
+
+    #[test]
+    fn unlimited_values_are_max_and_unset_values_are_not_written() {
+        assert_eq!(
+            settings(
+                r#"{"memory":{"limit":-1},"cpu":{"quota":-1,"period":50000},"pids":{"limit":-1}}"#
+            ),
+            pairs(&[
+                ("memory.max", "max"),
+                ("memory.swap.max", "max"),
+                ("cpu.max", "max 50000"),
+                ("pids.max", "max"),
+            ])
+        );
+        assert_eq!(
+            settings(r#"{"memory":{"limit":67108864,"swap":-1},"pids":{"limit":0}}"#),
+            pairs(&[("memory.max", "67108864"), ("memory.swap.max", "max")])
+        );
+        assert!(settings(r#"{"memory":{},"cpu":{"shares":0}}"#).is_empty());
+        // What docker 20.10's update sends for what it does not set.
+        assert_eq!(
+            settings(
+                r#"{"memory":{"limit":209715200,"kernel":0,"kernelTCP":0,"swappiness":18446744073709551615},"blockIO":{"weight":0}}"#
+            ),
+            pairs(&[("memory.max", "209715200")])
+        );
+    }
+
+    #[test]
+    fn share_and_weight_conversions_keep_runcs_end_points() {
+        assert_eq!(
+            (cpu_weight(2), cpu_weight(1024), cpu_weight(262_144)),
+            (1, 39, 10_000)
+        );
+        assert_eq!((io_weight(10), io_weight(1000)), (1, 10_000));
+    }
+
+    #[test]
+    fn unified_values_are_written_last_and_override() {
+        let got = settings(
+            r#"{"memory":{"limit":1048576},"unified":{"memory.high":"524288","memory.max":"2097152"}}"#,
+        );
+        assert_eq!(
+            got,
+            pairs(&[
+                ("memory.max", "1048576"),
+                ("memory.high", "524288"),
+                ("memory.max", "2097152"),
+            ])
+        );
+    }
+
+    #[test]
+    fn resources_the_guest_cannot_honour_fail_naming_them() {
+        for (json, named) in [
+            (
+                r#"{"blockIO":{"throttleReadBpsDevice":[{"major":8,"minor":0,"rate":1048576}]}}"#,
+                "throttleReadBpsDevice for device 8:0",
+            ),
+            (
+                r#"{"blockIO":{"weightDevice":[{"major":253,"minor":1,"weight":100}]}}"#,
+                "weightDevice for device 253:1",
+            ),
+            (r#"{"memory":{"swappiness":10}}"#, "memory.swappiness"),
+            (r#"{"memory":{"kernelTCP":1048576}}"#, "memory.kernelTCP"),
+            (r#"{"network":{"classID":42}}"#, "network"),
+            (
+                r#"{"memory":{"limit":1048576,"swap":524288}}"#,
+                "memory+swap must be at least",
+            ),
+            (r#"{"memory":{"swap":524288}}"#, "needs a memory limit"),
+            (r#"{"unified":{"../x":"1"}}"#, "\"../x\""),
+        ] {
+            let err = guest_cgroup_settings(&resources(json))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_linux_container_gets_a_guest_cgroup() {
+        let with = spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"pids":{"limit":7}}}}"#);
+        let (setup, _) = container_setup(&with, RootfsSpec::default()).unwrap();
+        assert_eq!(
+            setup.cgroup.unwrap().settings,
+            vec![CgroupSetting {
+                file: "pids.max".into(),
+                value: "7".into()
+            }]
+        );
+        let without = spec(r#"{"ociVersion":"1.0.2","linux":{}}"#);
+        let (setup, _) = container_setup(&without, RootfsSpec::default()).unwrap();
+        assert_eq!(setup.cgroup, Some(CgroupSpec::default()));
+    }
+
+    #[test]
+    fn a_memory_limit_the_vm_cannot_hold_is_refused() {
+        let raise = |limit: i64| resources(&format!(r#"{{"memory":{{"limit":{limit}}}}}"#));
+        assert_eq!(
+            guest_cgroup_update(&raise(128 << 20), 128).unwrap(),
+            vec![CgroupSetting {
+                file: "memory.max".into(),
+                value: (128 << 20).to_string()
+            }]
+        );
+        let err = guest_cgroup_update(&raise(129 << 20), 128)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("129 MiB") && err.contains("128 MiB"), "{err}");
+        assert!(guest_cgroup_update(&raise(-1), 128).is_ok());
     }
 
     #[test]

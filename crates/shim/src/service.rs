@@ -9,7 +9,7 @@ use container::lifecycle;
 use container::{ContainerError, Status};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -212,6 +212,22 @@ impl containerd_shim::Task for Service {
             options,
         };
         let task = Task::create(args, &launcher, self.exit_hook()).map_err(rpc_error)?;
+        // The guest reports an OOM kill before the exit it causes, so containerd (and docker's
+        // `OOMKilled`) knows of it when the exit comes.
+        let events = self.events.clone();
+        let container_id = req.id.clone();
+        task.agent.on_oom(Arc::new(move |kills| {
+            log::info!(
+                "container {container_id}: the guest's OOM killer killed {kills} process(es)"
+            );
+            events.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: container_id.clone(),
+                    ..Default::default()
+                }),
+            );
+        }));
         let pid = task.vmm_pid;
         *self.task.lock_unpoisoned() = Some(Arc::new(task));
         self.events.publish(
@@ -447,6 +463,20 @@ impl containerd_shim::Task for Service {
                 .map_err(|e| status(Code::INVALID_ARGUMENT, format!("resources: {e}")))?,
             None => return Ok(api::Empty::new()),
         };
+        let typed: oci_spec::runtime::LinuxResources = serde_json::from_value(resources.clone())
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("resources: {e}")))?;
+        // The container's own limits live in its cgroup in the guest; the host cgroup holds
+        // the VM.
+        let settings = container::translate::guest_cgroup_update(&typed, task.plan.memory_mib)
+            .map_err(rpc_error)?;
+        if !settings.is_empty() {
+            task.agent
+                .request(
+                    agent_proto::Request::UpdateCgroup(settings),
+                    REQUEST_TIMEOUT,
+                )
+                .map_err(rpc_error)?;
+        }
         let overhead = container::paths::VmDefaults::load().vmm_overhead_mib;
         let limits =
             container::cgroup::limits_from_resources(&resources, task.plan.memory_mib, overhead)
@@ -476,7 +506,21 @@ impl containerd_shim::Task for Service {
         _req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let task = self.task()?;
-        let stats = crate::stats::metrics(task.vmm_pid).map_err(|e| status(Code::INTERNAL, e))?;
+        let files = match task
+            .agent
+            .request(agent_proto::Request::Stats, REQUEST_TIMEOUT)
+            .map_err(rpc_error)?
+        {
+            agent_proto::Reply::Stats(files) => files,
+            other => {
+                return Err(status(
+                    Code::INTERNAL,
+                    format!("unexpected agent reply {other:?}"),
+                ))
+            }
+        };
+        let stats = crate::stats::packed(&container::guest_stats::GuestStats::parse(&files))
+            .map_err(|e| status(Code::INTERNAL, e))?;
         Ok(api::StatsResponse {
             stats: Some(stats).into(),
             ..Default::default()

@@ -1,0 +1,176 @@
+//! Limits inside the VM, as under runc: config.json's `linux.resources` become the
+//! container's cgroup in the guest, which the container sees as its `/sys/fs/cgroup`; the
+//! guest kernel enforces them (OOM kills, pid limits), `update` changes them live and
+//! `events --stats` reports the container's usage from them.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{text, Bundle, Env};
+use serde_json::{json, Value};
+
+const MIB: i64 = 1 << 20;
+
+/// A bundle with `resources` and the cgroup mount runc's and docker's default configs have.
+fn limited(env: &Env, args: &[&str], resources: Value) -> Bundle {
+    let mut bundle = env.bundle(args);
+    bundle.edit(|config| {
+        config["linux"] = json!({ "resources": resources });
+        config["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]
+        }));
+    });
+    bundle
+}
+
+#[test]
+fn the_memory_limit_is_the_containers_own_cgroup_root() {
+    let Some(env) = Env::new() else { return };
+    let bundle = limited(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /proc/self/cgroup; \
+             ls /sys/fs/cgroup | grep -c '^container$' || true",
+        ],
+        json!({ "memory": { "limit": 64 * MIB }, "pids": { "limit": 64 } }),
+    );
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-memmax"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["67108864", "64", "0::/", "0"],
+        "memory.max, pids.max, the cgroup as the container sees it, and no nested \
+         `container` (the mount is rooted at its cgroup): {stdout}"
+    );
+    env.assert_clean("c-memmax");
+}
+
+#[test]
+fn a_process_beyond_the_memory_limit_is_oom_killed_and_the_container_exits_137() {
+    let Some(env) = Env::new() else { return };
+    // dd fills a buffer of `bs` bytes: 96 MiB touched under a 48 MiB limit, in a guest
+    // sized to hold more than that (the limit plus the guest's headroom), so the cgroup's
+    // OOM killer ends it, not the guest's.
+    let bundle = limited(
+        &env,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1"],
+        json!({ "memory": { "limit": 48 * MIB } }),
+    );
+    let log = env.root().join("c-oom.log");
+    let out = env.run(&[
+        "--debug",
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--bundle",
+        bundle.path_str(),
+        "c-oom",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log.contains("OOM killer killed 1"),
+        "the guest reported the OOM kill: {log}"
+    );
+    env.assert_clean("c-oom");
+}
+
+#[test]
+fn a_pids_limit_stops_a_fork_loop() {
+    let Some(env) = Env::new() else { return };
+    // A subshell forks 40 sleeps and dies of the first fork refused; its parent then reads
+    // the counters with builtins only (no fork of its own).
+    let script = "(i=0; while [ $i -lt 40 ]; do sleep 60 & i=$((i+1)); done) 2>/dev/null; \
+                  read current < /sys/fs/cgroup/pids.current; echo current=$current; \
+                  while read key value; do echo $key=$value; done < /sys/fs/cgroup/pids.events";
+    let bundle = limited(
+        &env,
+        &["sh", "-c", script],
+        json!({ "pids": { "limit": 8 } }),
+    );
+    let out = env.run(&["run", "--bundle", bundle.path_str(), "c-pids"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?} stdout: {stdout} stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    let value = |key: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {stdout}"))
+    };
+    assert!(
+        (1..=8).contains(&value("current")),
+        "never more than the limit: {stdout}"
+    );
+    assert!(value("max") >= 1, "forks refused at the limit: {stdout}");
+    env.assert_clean("c-pids");
+}
+
+#[test]
+fn update_raises_the_limit_the_container_sees_and_events_reports_its_usage() {
+    let Some(env) = Env::new() else { return };
+    let bundle = limited(
+        &env,
+        &["sleep", "1000"],
+        json!({ "memory": { "limit": 32 * MIB } }),
+    );
+    let id = "c-update";
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert!(env.run(&["start", id]).status.success());
+
+    let raised = (48 * MIB).to_string();
+    let out = env.run(&["update", "--memory", &raised, id]);
+    assert!(out.status.success(), "update: {}", text(&out.stderr));
+    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/memory.max"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), raised);
+
+    // The VM was sized for 32 MiB and its guest's headroom: 1 GiB cannot fit, and says so.
+    let out = env.run(&["update", "--memory", &(1024 * MIB).to_string(), id]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot raise the memory limit"), "{stderr}");
+    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/memory.max"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        raised,
+        "a refused update changes nothing"
+    );
+
+    let out = env.run(&["events", "--stats", id]);
+    assert!(out.status.success(), "events: {}", text(&out.stderr));
+    let event: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["type"], "stats");
+    assert_eq!(event["id"], id);
+    let memory = &event["data"]["memory"];
+    assert_eq!(memory["usage"]["limit"], 48 * MIB);
+    let usage = memory["usage"]["usage"].as_u64().unwrap();
+    assert!(
+        usage > 0 && usage < 48 << 20,
+        "the container's own usage, not the VM's: {event}"
+    );
+    assert!(event["data"]["pids"]["current"].as_u64().unwrap() >= 1);
+    assert!(event["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
+
+    assert!(env.run(&["delete", "--force", id]).status.success());
+    env.assert_clean(id);
+}
