@@ -310,6 +310,7 @@ impl BuiltinEngine {
             diagnostics: vmm::Diagnostics {
                 trace: spec.diagnostics.trace,
                 profile: spec.diagnostics.profile.clone(),
+                keep_freed_memory: spec.diagnostics.keep_freed_memory,
             },
         })
     }

@@ -114,6 +114,9 @@ pub struct VmDiagnostics {
     /// A path prefix: sample each vCPU every millisecond and write `<prefix>.<pid>.vcpu<n>`
     /// when the VM ends.
     pub profile: Option<PathBuf>,
+    /// Keep the memory the guest frees instead of giving it back to the host (builtin VMM
+    /// only): to measure what free page reporting is worth.
+    pub keep_freed_memory: bool,
 }
 
 impl VmSpec {
