@@ -487,6 +487,18 @@ impl Vm for BuiltinVm {
     fn console_tail(&self, lines: usize) -> String {
         crate::qemu::read_tail(&self.console, lines)
     }
+
+    fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError> {
+        let vmm = self
+            .vmm
+            .as_ref()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        vmm.set_memory_target(bytes)
+            .map_err(|e| EngineError::MemoryTarget {
+                bytes,
+                reason: e.to_string(),
+            })
+    }
 }
 
 impl Drop for BuiltinVm {
