@@ -69,7 +69,7 @@ pub enum DiscardError {
 /// mapping (`MADV_DONTNEED`: it then reads back as the mapped file's page, or zero where
 /// nothing is mapped behind it).
 pub fn discard(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), DiscardError> {
-    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(DiscardError::Unaligned { addr, len });
     }
     if len == 0 {
