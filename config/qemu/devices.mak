@@ -5,3 +5,5 @@ CONFIG_MICROVM=y
 CONFIG_VIRTIO_SERIAL=y
 CONFIG_VIRTIO_BLK=y
 CONFIG_VIRTIO_NET=y
+# Free page reporting and a host-set memory target (memory given back to the host).
+CONFIG_VIRTIO_BALLOON=y

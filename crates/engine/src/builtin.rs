@@ -310,6 +310,7 @@ impl BuiltinEngine {
             diagnostics: vmm::Diagnostics {
                 trace: spec.diagnostics.trace,
                 profile: spec.diagnostics.profile.clone(),
+                keep_freed_memory: spec.diagnostics.keep_freed_memory,
             },
         })
     }
@@ -485,6 +486,18 @@ impl Vm for BuiltinVm {
 
     fn console_tail(&self, lines: usize) -> String {
         crate::qemu::read_tail(&self.console, lines)
+    }
+
+    fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError> {
+        let vmm = self
+            .vmm
+            .as_ref()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        vmm.set_memory_target(bytes)
+            .map_err(|e| EngineError::MemoryTarget {
+                bytes,
+                reason: e.to_string(),
+            })
     }
 }
 

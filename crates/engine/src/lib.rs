@@ -46,7 +46,13 @@ pub enum EngineError {
     Unavailable(String, String),
     #[error("unknown engine {0:?} (expected auto, qemu or builtin)")]
     UnknownEngine(String),
+    #[error("cannot set the VM's memory to {bytes} bytes: {reason}")]
+    MemoryTarget { bytes: u64, reason: String },
 }
+
+/// The least memory [`Vm::set_memory_target`] leaves a guest: below it the guest kernel and
+/// the agent would have nothing to run in.
+pub const MIN_MEMORY_TARGET: u64 = vmm::MIN_MEMORY_TARGET;
 
 /// A disk attached as virtio-blk; the guest sees them as /dev/vda, /dev/vdb, … in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,9 @@ pub struct VmDiagnostics {
     /// A path prefix: sample each vCPU every millisecond and write `<prefix>.<pid>.vcpu<n>`
     /// when the VM ends.
     pub profile: Option<PathBuf>,
+    /// Keep the memory the guest frees instead of giving it back to the host (builtin VMM
+    /// only): to measure what free page reporting is worth.
+    pub keep_freed_memory: bool,
 }
 
 impl VmSpec {
@@ -170,6 +179,14 @@ pub trait Vm: Send + fmt::Debug {
     fn trims(&self) -> bool {
         false
     }
+    /// Sets how much of its memory the guest may use, in bytes, between
+    /// [`MIN_MEMORY_TARGET`] and the size the VM booted with (which it cannot outgrow): the
+    /// guest's virtio-balloon driver hands the rest to the host, or takes it back. Returns
+    /// once the target is set; the guest reaches it within seconds, as far as it can without
+    /// running out of memory. A target the engine cannot set is an
+    /// [`EngineError::MemoryTarget`] (or [`EngineError::Control`] for a stopped VM), never a
+    /// silent success.
+    fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError>;
 }
 
 pub trait Engine: Send + Sync + fmt::Debug {

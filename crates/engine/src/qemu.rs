@@ -87,7 +87,8 @@ pub struct Sockets {
 /// What a snapshot's device set is; part of the engine's snapshot identity, so that a
 /// snapshot of another device set is never found (QEMU would refuse its migration stream).
 /// 2: the virtio-serial device has a second port, `fs.0`.
-pub const DEVICE_SET: u32 = 2;
+/// 3: a virtio-balloon device with free page reporting follows the NICs.
+pub const DEVICE_SET: u32 = 3;
 
 /// The QEMU arguments for `spec`, with its sockets at the given fds.
 pub fn command_line(
@@ -184,6 +185,14 @@ pub fn command_line(
             ]),
         }
     }
+    // Memory the guest frees goes back to the host (free page reporting), and the host can
+    // set a memory target (QMP `balloon`). On a restored VM a page given back reads back as
+    // the snapshot's page: the baked file is mapped privately, and this project's QEMU leaves
+    // a private mapping's file alone when it discards (config/qemu/patches/0005-*).
+    args.extend([
+        "-device".into(),
+        "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on".into(),
+    ]);
     if incoming {
         args.extend(["-incoming".into(), "defer".into()]);
     }
@@ -279,6 +288,7 @@ impl QemuEngine {
             console,
             vmm_log,
             ram: ram.map(|file| (file, u64::from(spec.memory_mib) << 20)),
+            memory_bytes: u64::from(spec.memory_mib) << 20,
             flushes_jit: self.verdict.accel == Accel::Tcg,
             stopped: false,
         };
@@ -392,6 +402,8 @@ pub struct QemuVm {
     vmm_log: PathBuf,
     /// Guest RAM and its size, when this process holds it (booted VMs; not restored ones).
     ram: Option<(File, u64)>,
+    /// The size guest RAM booted with, the most a memory target can be.
+    memory_bytes: u64,
     /// Whether QEMU translates guest code (TCG, rather than KVM or HVF running it) and
     /// can be asked to drop the translations; until it says it cannot.
     flushes_jit: bool,
@@ -481,6 +493,27 @@ impl Vm for QemuVm {
             Ok(Some(status)) => Some(format!("qemu exited ({status})")),
             _ => None,
         }
+    }
+
+    /// QMP `balloon`: the guest's memory target, in bytes (QEMU refuses more than the VM's
+    /// size; the guest's driver gets there on its own time).
+    fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError> {
+        if bytes < crate::MIN_MEMORY_TARGET || bytes > self.memory_bytes {
+            return Err(EngineError::MemoryTarget {
+                bytes,
+                reason: format!(
+                    "the VM's memory can be set between {} MiB and its boot size, {} MiB",
+                    crate::MIN_MEMORY_TARGET >> 20,
+                    self.memory_bytes >> 20
+                ),
+            });
+        }
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        qmp.execute("balloon", Some(json!({ "value": bytes })))
+            .map(|_| ())
     }
 
     fn trim(&mut self) {
@@ -605,6 +638,11 @@ mod tests {
         );
         assert!(joined
             .contains("memory-backend-file,id=mem,size=192M,mem-path=/proc/self/fd/9,share=on"));
+        assert!(
+            joined
+                .contains("-device virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on"),
+            "freed guest memory goes back to the host: {joined}"
+        );
         assert!(joined.contains("file=/images/a,,b.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(joined.contains("socket,id=agent,fd=7"));
         assert!(joined.contains("socket,id=qmp,fd=8"));

@@ -19,6 +19,7 @@ fn main() {
     let diagnostics = vmm::Diagnostics {
         trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
         profile: std::env::var_os("SUPERMACHINE_VMM_PROFILE").map(Into::into),
+        keep_freed_memory: false,
     };
     let trace = diagnostics.trace;
     let vmm = vmm::Vmm::boot(

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use devices::virtio::balloon::{Balloon, BalloonControl};
 use devices::virtio::console::{NamedPort, AGENT_PORT_NAME, FS_PORT_NAME};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::VirtioDevice;
@@ -102,6 +103,8 @@ pub(crate) struct Devices {
     pub(crate) mmio: Bus,
     pub(crate) serial: Arc<Mutex<ConsoleSerial>>,
     pub(crate) virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The host's side of the balloon (memory target, pages given back).
+    pub(crate) balloon: BalloonControl,
     /// The `virtio_mmio.device=` kernel arguments that announce them.
     pub(crate) cmdline: String,
 }
@@ -112,7 +115,8 @@ fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()
 }
 
 /// COM1, then virtio-mmio devices: the disks, the NICs, the console (ports `agent.0` and
-/// `fs.0`), the RNG, the shared filesystem (virtio-fs), all in their power-on state (a restore then puts the saved states back).
+/// `fs.0`), the RNG, the shared filesystem (virtio-fs), the balloon, all in their power-on
+/// state (a restore then puts the saved states back).
 pub(crate) fn build_devices(
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &Arc<GuestMemory>,
@@ -176,6 +180,9 @@ pub(crate) fn build_devices(
     virtio.push(Box::<devices::virtio::rng::Rng>::default());
     // Always there, backend or not: the device set is part of a snapshot, the backend is not.
     virtio.push(Box::new(devices::virtio::fs::Fs::new(config.fs.clone())));
+    let balloon = Balloon::new(!config.diagnostics.keep_freed_memory);
+    let balloon_control = balloon.control();
+    virtio.push(Box::new(balloon));
 
     let mut transports = Vec::new();
     let mut cmdline = String::new();
@@ -199,6 +206,7 @@ pub(crate) fn build_devices(
         mmio,
         serial,
         virtio: transports,
+        balloon: balloon_control,
         cmdline,
     })
 }
@@ -256,6 +264,7 @@ pub(crate) fn start(
         ram,
         serial: devices.serial,
         virtio: devices.virtio,
+        balloon: devices.balloon,
         vcpus: threads,
         console_log: config.console_log,
         vcpu_count: config.vcpus,

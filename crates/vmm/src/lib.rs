@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::virtio::balloon::{self, BalloonControl, BalloonState};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::FsBackend;
 use devices::GuestMemory;
@@ -128,6 +129,9 @@ pub struct Diagnostics {
     /// Sample each vCPU every millisecond and write the counts to `<path>.<pid>.vcpu<id>`
     /// when it ends (see the `profiler` module).
     pub profile: Option<PathBuf>,
+    /// Keep the pages the guest gives back (free page reporting, balloon inflation) instead
+    /// of discarding them: only to measure what giving them back is worth.
+    pub keep_freed_memory: bool,
 }
 
 impl VmmConfig {
@@ -159,12 +163,16 @@ pub struct Vmm {
     ram: memory::GuestRam,
     serial: Arc<Mutex<builder::ConsoleSerial>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    balloon: BalloonControl,
     vcpus: vcpu::Vcpus,
     console_log: PathBuf,
     vcpu_count: u32,
     /// When boot started, for the phase timings.
     pub started: Instant,
 }
+
+/// The least memory a balloon target leaves the guest (the smallest VM the VMM builds).
+pub const MIN_MEMORY_TARGET: u64 = 32 << 20;
 
 /// How long [`Vmm::pause`] waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -224,6 +232,32 @@ impl Vmm {
                 .wait_until(Instant::now() + timeout, ended),
         );
         self.exit()
+    }
+
+    /// Asks the guest to keep its memory use within `bytes` of the VM's RAM (at most its
+    /// boot size, at least [`MIN_MEMORY_TARGET`]): the balloon takes the rest, and the pages
+    /// the guest hands over go back to the host. Returns at once; the guest's driver inflates
+    /// or deflates on its own time ([`Vmm::balloon`] says how far it got).
+    pub fn set_memory_target(&self, bytes: u64) -> Result<(), Error> {
+        let ram: u64 = self.ram.ranges.iter().map(|r| r.1).sum();
+        if bytes > ram || bytes < MIN_MEMORY_TARGET {
+            return Err(Error::Config(format!(
+                "a memory target of {bytes} bytes is outside this VM's {} MiB to {} MiB",
+                MIN_MEMORY_TARGET >> 20,
+                ram >> 20
+            )));
+        }
+        let pages = (ram - bytes).div_ceil(balloon::PAGE_SIZE);
+        let pages = u32::try_from(pages)
+            .map_err(|_| Error::Config(format!("{pages} balloon pages do not fit virtio's u32")))?;
+        self.balloon.set_target_pages(pages);
+        Ok(())
+    }
+
+    /// The balloon's target and the guest's answer, in pages of [`balloon::PAGE_SIZE`], and
+    /// the bytes given back to the host so far.
+    pub fn balloon(&self) -> (BalloonState, u64) {
+        (self.balloon.state(), self.balloon.discarded_bytes())
     }
 
     pub fn console_log(&self) -> &Path {

@@ -30,7 +30,8 @@ pub const MEMORY_FILE: &str = "memory";
 /// snapshot of another layout is never found, and checked again on restore.
 /// 2: device states are typed ([`devices::virtio::DeviceState`]), with the device's type.
 /// 3: the console has a second port (`fs.0`) and a virtio-fs device follows the RNG.
-pub const STATE_FORMAT: u32 = 3;
+/// 4: a virtio-balloon device follows virtio-fs.
+pub const STATE_FORMAT: u32 = 4;
 
 /// How long the parked vCPU threads may take to save their state.
 const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -325,8 +326,8 @@ mod tests {
         let (devices, serial, transports) = devices(dir.path());
         assert_eq!(
             transports.len(),
-            4,
-            "the disk, the console, the RNG, the shared filesystem"
+            5,
+            "the disk, the console, the RNG, the shared filesystem, the balloon"
         );
         restore_devices(&devices, serial.clone(), transports.clone()).unwrap();
 

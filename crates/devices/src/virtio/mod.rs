@@ -6,6 +6,7 @@
 //! `QueueNotify` (devices here do short, synchronous work); a device that receives from the
 //! host (the console) has its own thread and takes the same lock.
 
+pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod fs;
@@ -55,6 +56,12 @@ impl Interrupt {
     /// Tells the driver that used rings have new entries.
     pub fn signal_used(&self) {
         self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        self.line.trigger();
+    }
+
+    /// Tells the driver that the device's configuration changed.
+    pub fn signal_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
         self.line.trigger();
     }
 
@@ -112,6 +119,7 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
 /// device it holds (a trait object) and a state is never given to a device of another kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
+    Balloon(balloon::BalloonState),
     Block(blk::BlockState),
     Console(console::ConsoleState),
     Fs(fs::FsState),
@@ -123,6 +131,7 @@ impl DeviceState {
     /// The virtio device type the state was saved from.
     pub fn device_type(&self) -> u32 {
         match self {
+            DeviceState::Balloon(_) => balloon::TYPE_BALLOON,
             DeviceState::Block(_) => TYPE_BLOCK,
             DeviceState::Console(_) => TYPE_CONSOLE,
             DeviceState::Fs(_) => fs::TYPE_FS,

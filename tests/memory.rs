@@ -1,0 +1,231 @@
+//! Memory a container frees goes back to the host (virtio-balloon free page reporting), on a
+//! VM restored from a snapshot, without changing the snapshot.
+//!
+//! Measured on the host: the resident memory of the container's VMM (the monitor and what
+//! it runs, QEMU or the builtin VMM in-process).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest_time, text, Env};
+
+const MIB: u64 = 1 << 20;
+
+/// What the container allocates, writes, and frees.
+const ALLOCATION_MIB: u64 = 200;
+
+/// Resident memory (VmRSS, bytes) of `pid` and every process below it.
+fn tree_rss(pid: u32) -> u64 {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid …: the comm may hold spaces, so split after its ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(parent) && !pids.contains(&child) {
+                pids.push(child);
+            }
+        }
+        i += 1;
+    }
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        })
+        .sum()
+}
+
+/// A container running `tests/fixtures/alloc_free.rs`, talked to over its stdin and stdout.
+struct AllocFree {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: PathBuf,
+    /// Unmounted when the container has ended.
+    _bundle: common::Bundle,
+}
+
+impl AllocFree {
+    fn start(env: &Env, id: &str) -> Self {
+        let program = common::fixture_program("alloc_free");
+        let size = std::fs::metadata(&program).unwrap().len();
+        // The program comes in on stdin (the container runs on the shared busybox image),
+        // then the commands follow it.
+        let mut bundle = env.bundle(&[
+            "sh",
+            "-c",
+            &format!("head -c {size} > /tmp/alloc_free && chmod +x /tmp/alloc_free && exec /tmp/alloc_free"),
+        ]);
+        // Room for the allocation beside the guest kernel and the agent.
+        bundle.edit(|config| {
+            config["linux"] =
+                serde_json::json!({ "resources": { "memory": { "limit": 640 * MIB } } });
+        });
+        let stdout = env.root().join(format!("{id}.stdout"));
+        let mut child = env
+            .cmd()
+            .args(["run", "--bundle", bundle.path_str(), id])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&std::fs::read(&program).unwrap()).unwrap();
+        let mut this = AllocFree {
+            child,
+            stdin,
+            stdout,
+            _bundle: bundle,
+        };
+        this.wait_line("ready", guest_time(Duration::from_secs(60)));
+        this
+    }
+
+    fn command(&mut self, line: &str, answer: &str, timeout: Duration) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        self.wait_line(answer, timeout);
+    }
+
+    fn wait_line(&mut self, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+            if out.lines().any(|l| l == line) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the container ended ({status}) before {line:?}: {out}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?} within {timeout:?}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn exit(mut self) {
+        writeln!(self.stdin, "exit").unwrap();
+        drop(self.stdin);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "run: {status}");
+    }
+}
+
+/// The monitor's pid from `state`.
+fn monitor_pid(env: &Env, id: &str) -> u32 {
+    env.state(id)["pid"].as_u64().unwrap() as u32
+}
+
+/// The memory files of every snapshot in the cache, with their contents' digests.
+fn snapshot_memory(cache: &Path) -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![cache.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == "memory") {
+                let out = common::output_of(std::process::Command::new("sha256sum").arg(&path));
+                files.push((path, text(&out.stdout)));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn memory_a_container_frees_goes_back_to_the_host_and_the_snapshot_stays_as_baked() {
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
+    // The first container bakes the snapshot; this one is restored from it.
+    let warm = AllocFree::start(&env, "c-mem-bake");
+    warm.exit();
+    let baked = snapshot_memory(&env.cache);
+    assert!(!baked.is_empty(), "no snapshot in {}", env.cache.display());
+
+    let mut vm = AllocFree::start(&env, "c-mem");
+    let pid = monitor_pid(&env, "c-mem");
+    // Idle: after the start's own work has settled (and been reported).
+    std::thread::sleep(guest_time(Duration::from_secs(5)));
+    let idle = tree_rss(pid);
+
+    vm.command(
+        &format!("alloc {ALLOCATION_MIB}"),
+        "allocated",
+        guest_time(Duration::from_secs(60)),
+    );
+    let peak = tree_rss(pid);
+    // The measure sees the guest's memory: otherwise the bound below proves nothing.
+    assert!(
+        peak >= idle + (ALLOCATION_MIB - 50) * MIB,
+        "idle {} MiB, holding {ALLOCATION_MIB} MiB {} MiB",
+        idle / MIB,
+        peak / MIB
+    );
+
+    vm.command("free", "freed", guest_time(Duration::from_secs(30)));
+    // The guest reports free memory in blocks of 2 MiB and more, about 2 s after it was
+    // freed and in several passes.
+    let bound = idle + 100 * MIB;
+    let deadline = Instant::now() + guest_time(Duration::from_secs(30));
+    let mut after = tree_rss(pid);
+    while after >= bound && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = tree_rss(pid);
+    }
+    eprintln!(
+        "VMM resident memory: idle {} MiB, holding {ALLOCATION_MIB} MiB {} MiB, after freeing {} MiB",
+        idle / MIB,
+        peak / MIB,
+        after / MIB
+    );
+    assert!(
+        after < bound,
+        "after freeing, the VMM still holds {} MiB (idle {} MiB, peak {} MiB)",
+        after / MIB,
+        idle / MIB,
+        peak / MIB
+    );
+
+    // The guest goes on working with its memory given back.
+    vm.command(
+        &format!("alloc {}", ALLOCATION_MIB / 2),
+        "allocated",
+        guest_time(Duration::from_secs(60)),
+    );
+    vm.command("free", "freed", guest_time(Duration::from_secs(30)));
+    vm.exit();
+    // A page given back by a restored VM reads back as the snapshot's page: the snapshot's
+    // memory file, mapped copy-on-write, was never written (no hole punched in it).
+    assert_eq!(snapshot_memory(&env.cache), baked);
+    env.assert_clean("c-mem");
+}
