@@ -125,7 +125,7 @@ fn a_pids_limit_stops_a_fork_loop() {
 }
 
 #[test]
-fn update_raises_the_limit_the_container_sees_and_events_reports_its_usage() {
+fn update_changes_the_limit_the_container_sees_and_the_vms_memory_and_events_reports_usage() {
     let Some(env) = Env::new() else { return };
     let bundle = limited(
         &env,
@@ -171,6 +171,34 @@ fn update_raises_the_limit_the_container_sees_and_events_reports_its_usage() {
     assert!(event["data"]["pids"]["current"].as_u64().unwrap() >= 1);
     assert!(event["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
 
+    // A lower limit shrinks the VM too: its balloon takes what the guest no longer may use
+    // (the VM was made for 32 MiB and the headroom; 16 MiB and the headroom is 16 MiB less,
+    // and more where the VM got the smallest size instead).
+    let free_before = guest_free_kib(&env, id);
+    let out = env.run(&["update", "--memory", &(16 * MIB).to_string(), id]);
+    assert!(out.status.success(), "update: {}", text(&out.stderr));
+    let mut free_after = guest_free_kib(&env, id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while free_before - free_after < 12 * 1024 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        free_after = guest_free_kib(&env, id);
+    }
+    assert!(
+        free_before - free_after >= 12 * 1024,
+        "the guest's balloon took no memory: MemFree {free_before} kB before, {free_after} kB after"
+    );
+
     assert!(env.run(&["delete", "--force", id]).status.success());
     env.assert_clean(id);
+}
+
+/// The guest's free memory (`MemFree` of its `/proc/meminfo`), in KiB.
+fn guest_free_kib(env: &Env, id: &str) -> i64 {
+    let out = env.run(&["exec", id, "cat", "/proc/meminfo"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("MemFree:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemFree in {}", text(&out.stdout)))
 }

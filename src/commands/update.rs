@@ -45,16 +45,18 @@ pub fn run(args: Update, context: &Context) -> Result<i32> {
         serde_json::from_value(resources.clone()).context("invalid resources JSON")?;
     let plan = Plan::load(&dir)?;
     let guest_settings = translate::guest_cgroup_update(&typed, plan.memory_mib)?;
+    let memory_target = translate::guest_memory_target(&typed, plan.memory_mib);
     let limits = cgroup::limits_from_resources(
         &resources,
         plan.memory_mib,
         VmDefaults::load().vmm_overhead_mib,
     )?;
-    if !guest_settings.is_empty() {
+    if !guest_settings.is_empty() || memory_target.is_some() {
         control::call(
             &dir.path,
             ControlRequest::UpdateCgroup {
                 settings: guest_settings,
+                memory_target,
             },
             CONTROL_TIMEOUT,
         )

@@ -41,9 +41,12 @@ pub enum ControlRequest {
     },
     /// Within an exec session: stdin is at EOF.
     CloseStdin,
-    /// Writes the container cgroup's files in the guest (a live `update`).
+    /// Writes the container cgroup's files in the guest (a live `update`), then sets the
+    /// VM's memory to `memory_target` bytes, when the update changes the memory limit.
     UpdateCgroup {
         settings: Vec<CgroupSetting>,
+        #[serde(default)]
+        memory_target: Option<u64>,
     },
     /// The container cgroup's files in the guest, as the agent reads them.
     Stats,

@@ -167,6 +167,8 @@ struct Monitor {
     network: Arc<Mutex<VmNetwork>>,
     /// Set when the agent reports the container's first process gone, before the event.
     init_exited: Arc<AtomicBool>,
+    /// Control requests being answered: the monitor answers them before it exits.
+    in_flight: InFlight,
 }
 
 impl Monitor {
@@ -273,6 +275,7 @@ impl Monitor {
             next_exec: Arc::new(Mutex::new(INIT_PROCESS + 1)),
             network: Arc::new(Mutex::new(network)),
             init_exited,
+            in_flight: InFlight::default(),
         })
     }
 
@@ -327,6 +330,12 @@ impl Monitor {
             s.exit_status = Some(code);
         }) {
             log::debug!("record exit: {e}");
+        }
+        // A `start` whose process exited at once may still be writing its answer: the
+        // process's end must not take the answer with it (the CLI would see a closed
+        // connection, not its reply).
+        if !self.in_flight.wait_idle(CONTROL_DRAIN) {
+            log::debug!("control requests still unanswered at exit");
         }
         code
     }
@@ -383,6 +392,7 @@ impl Monitor {
             next_exec: Arc::clone(&self.next_exec),
             network: Arc::clone(&self.network),
             init_exited: Arc::clone(&self.init_exited),
+            in_flight: self.in_flight.clone(),
         };
         let _ = std::thread::Builder::new()
             .name("control".into())
@@ -407,15 +417,58 @@ struct ControlContext {
     events: mpsc::Sender<Event>,
     next_exec: Arc<Mutex<ProcessId>>,
     init_exited: Arc<AtomicBool>,
+    in_flight: InFlight,
+}
+
+/// How long an ending monitor waits for the control requests it is answering.
+const CONTROL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A count of control requests being answered, which the ending monitor waits to reach 0.
+#[derive(Clone, Default)]
+struct InFlight(Arc<(Mutex<usize>, std::sync::Condvar)>);
+
+impl InFlight {
+    /// Counts one request until the guard drops.
+    fn enter(&self) -> InFlightGuard {
+        *self.0 .0.lock_unpoisoned() += 1;
+        InFlightGuard(self.clone())
+    }
+
+    /// Waits, at most `limit`, for no request to be in flight; false if some still are.
+    fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let (count, idle) = &*self.0;
+        let guard = count.lock_unpoisoned();
+        match idle.wait_timeout_while(guard, limit, |n| *n > 0) {
+            Ok((n, _)) => *n == 0,
+            Err(_) => false,
+        }
+    }
+}
+
+struct InFlightGuard(InFlight);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let (count, idle) = &*self.0 .0;
+        let mut n = count.lock_unpoisoned();
+        *n -= 1;
+        if *n == 0 {
+            idle.notify_all();
+        }
+    }
 }
 
 impl ControlContext {
     fn handle(&self, mut stream: UnixStream) {
+        // Counted from the connection on; exec sessions last as long as their process, so
+        // only plain requests are waited for.
+        let answering = self.in_flight.enter();
         let request = match read_frame::<ControlRequest, _>(&mut stream) {
             Ok(Frame::Message(request)) => request,
             _ => return,
         };
         if let ControlRequest::Exec { spec } = request {
+            drop(answering);
             self.exec_session(stream, *spec);
             return;
         }
@@ -479,9 +532,15 @@ impl ControlContext {
                 let _ = self.events.send(Event::Stop);
                 Ok(ControlReply::Ok)
             }
-            ControlRequest::UpdateCgroup { settings } => {
+            ControlRequest::UpdateCgroup {
+                settings,
+                memory_target,
+            } => {
                 self.agent
                     .request(Request::UpdateCgroup(settings), REQUEST_TIMEOUT)?;
+                if let Some(bytes) = memory_target {
+                    self.vm.lock_unpoisoned().set_memory_target(bytes)?;
+                }
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Stats => match self.agent.request(Request::Stats, REQUEST_TIMEOUT)? {

@@ -517,6 +517,20 @@ pub fn guest_cgroup_update(
     Ok(settings)
 }
 
+/// The VM's memory after a live update of the container's memory limit: the limit and the
+/// guest's headroom, within what the VM booted with (`guest_memory_mib`); all of it when the
+/// limit is lifted (-1). `None` when the update leaves the memory limit alone. The VM's
+/// balloon then gives the host what the guest no longer may use, or takes it back.
+pub fn guest_memory_target(resources: &LinuxResources, guest_memory_mib: u32) -> Option<u64> {
+    let limit = resources.memory().as_ref().and_then(|m| m.limit())?;
+    let boot = u64::from(guest_memory_mib) << 20;
+    if limit < 0 {
+        return Some(boot);
+    }
+    let wanted = (limit as u64).saturating_add(u64::from(GUEST_HEADROOM_MIB) << 20);
+    Some(wanted.clamp(engine::MIN_MEMORY_TARGET.min(boot), boot))
+}
+
 /// A memory limit larger than the VM: its guest memory is fixed at boot (the limit it was
 /// created with plus the guest's headroom, or the smallest VM). A raise into the headroom is
 /// accepted, as docker's `--memory 64m` then `update --memory 128m` on a 128 MiB guest: the
@@ -831,6 +845,29 @@ mod tests {
             .to_string();
         assert!(err.contains("129 MiB") && err.contains("128 MiB"), "{err}");
         assert!(guest_cgroup_update(&raise(-1), 128).is_ok());
+    }
+
+    #[test]
+    fn a_memory_update_sets_the_vm_to_the_limit_and_headroom_within_its_boot_size() {
+        let limit = |bytes: i64| -> LinuxResources {
+            serde_json::from_value(serde_json::json!({"memory": {"limit": bytes}})).unwrap()
+        };
+        let mib = |n: u64| n << 20;
+        assert_eq!(
+            guest_memory_target(&limit(64 << 20), 320),
+            Some(mib(64 + 64))
+        );
+        // Never above what it booted with, all of it when the limit is lifted.
+        assert_eq!(guest_memory_target(&limit(300 << 20), 320), Some(mib(320)));
+        assert_eq!(guest_memory_target(&limit(-1), 320), Some(mib(320)));
+        // Never below the least a guest keeps.
+        assert_eq!(
+            guest_memory_target(&limit(1 << 20), 320),
+            Some(engine::MIN_MEMORY_TARGET.max(mib(65)))
+        );
+        let cpu_only: LinuxResources =
+            serde_json::from_value(serde_json::json!({"cpu": {"shares": 512}})).unwrap();
+        assert_eq!(guest_memory_target(&cpu_only, 320), None);
     }
 
     #[test]

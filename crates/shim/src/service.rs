@@ -477,6 +477,14 @@ impl containerd_shim::Task for Service {
                 )
                 .map_err(rpc_error)?;
         }
+        // The VM's memory follows the container's limit (its balloon), within its boot size.
+        if let Some(bytes) = container::translate::guest_memory_target(&typed, task.plan.memory_mib)
+        {
+            task.vm
+                .lock_unpoisoned()
+                .set_memory_target(bytes)
+                .map_err(|e| rpc_error(e.into()))?;
+        }
         let overhead = container::paths::VmDefaults::load().vmm_overhead_mib;
         let limits =
             container::cgroup::limits_from_resources(&resources, task.plan.memory_mib, overhead)
