@@ -169,6 +169,8 @@ struct Monitor {
     init_exited: Arc<AtomicBool>,
     /// Control requests being answered: the monitor answers them before it exits.
     in_flight: InFlight,
+    /// The host overlay root a renewer thread remounts after the guest's changes.
+    renewed_root: Option<PathBuf>,
 }
 
 impl Monitor {
@@ -209,6 +211,7 @@ impl Monitor {
             .map_err(ContainerError::io(dir.file(control::SOCKET_NAME)))?;
         // This process owns the VMM: the start-up enters the container's network namespace
         // here, where the tap can go with the namespace.
+        let renewed_root = plan.renewed_root.clone();
         let running = startup::start_vm(VmStartup {
             plan,
             engine: args.engine.parse()?,
@@ -276,6 +279,7 @@ impl Monitor {
             network: Arc::new(Mutex::new(network)),
             init_exited,
             in_flight: InFlight::default(),
+            renewed_root,
         })
     }
 
@@ -323,6 +327,15 @@ impl Monitor {
         self.network.lock_unpoisoned().detach();
         if let Err(e) = self.vm.lock_unpoisoned().stop() {
             log::warn!("stopping the VM: {e}");
+        }
+        // The root renewer's thread dies with this process: one caught between its unmount
+        // and its mount would leave the bundle's root unmounted. Its lock waits out a renewal
+        // in progress and keeps any other from starting; the kernel releases it at exit.
+        if let Some(root) = &self.renewed_root {
+            match crate::rootfs::lock_root(root) {
+                Ok(lock) => std::mem::forget(lock),
+                Err(e) => log::debug!("{e}"),
+            }
         }
         let _ = std::fs::remove_file(self.dir.file(control::SOCKET_NAME));
         if let Err(e) = self.dir.update(|s| {
