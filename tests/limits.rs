@@ -64,23 +64,13 @@ fn a_process_beyond_the_memory_limit_is_oom_killed_and_the_container_exits_137()
         &["dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1"],
         json!({ "memory": { "limit": 48 * MIB } }),
     );
-    let log = env.root().join("c-oom.log");
-    let out = env.run(&[
-        "--debug",
-        "--log",
-        log.to_str().unwrap(),
-        "run",
-        "--bundle",
-        bundle.path_str(),
-        "c-oom",
-    ]);
+    let (out, log) = env.run_with_log(&bundle, "c-oom");
     assert_eq!(
         out.status.code(),
         Some(137),
         "stderr: {}",
         text(&out.stderr)
     );
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         log.contains("OOM killer killed 1"),
         "the guest reported the OOM kill: {log}"

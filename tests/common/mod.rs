@@ -158,6 +158,13 @@ impl Env {
     /// Runs `bundle` to its end as `id` with `--debug`; its stdout and the debug log. A
     /// failed run fails the test.
     pub fn run_logged(&self, bundle: &Bundle, id: &str) -> (String, String) {
+        let (out, log) = self.run_with_log(bundle, id);
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+        (text(&out.stdout), log)
+    }
+
+    /// `run` of `bundle` as `id` with a debug log, whatever its exit: its output and the log.
+    pub fn run_with_log(&self, bundle: &Bundle, id: &str) -> (std::process::Output, String) {
         let log = self.root().join(format!("{id}.log"));
         let out = self.run(&[
             "--debug",
@@ -168,11 +175,7 @@ impl Env {
             bundle.path_str(),
             id,
         ]);
-        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
-        (
-            text(&out.stdout),
-            std::fs::read_to_string(&log).unwrap_or_default(),
-        )
+        (out, std::fs::read_to_string(&log).unwrap_or_default())
     }
 
     /// Starts `run` of `bundle` as `id` in the background, its stdout in a file.
