@@ -433,12 +433,34 @@ fn exec_runs_in_the_same_vm_and_returns_its_status() {
 
 #[test]
 fn console_socket_receives_a_working_pty() {
+    check_console("c-tty", false);
+}
+
+/// With a pid namespace the container's mounts (its `/dev/pts` among them) are made by its
+/// first process: the pty must come from that devpts, not one the agent sees before.
+#[test]
+fn console_socket_receives_a_pty_of_the_containers_devpts_with_a_pid_namespace() {
+    check_console("c-tty-pidns", true);
+}
+
+/// Creates `id` with a terminal and a console socket (the bundle mounts a devpts at
+/// `/dev/pts`); the container's pty works both ways, has the console size asked for, and
+/// is a node of the container's own `/dev/pts`.
+fn check_console(id: &str, pid_namespace: bool) {
     let Some(env) = Env::new() else { return };
     become_subreaper();
-    let mut bundle = env.bundle(&["sh", "-c", "tty; stty size; read x; echo got-$x"]);
+    let mut bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "t=$(tty); echo $t; test -c $t && echo in-devpts; stty size; read x; echo got-$x",
+    ]);
     bundle.edit(|c| {
         c["process"]["terminal"] = true.into();
         c["process"]["consoleSize"] = serde_json::json!({ "height": 30, "width": 100 });
+        if pid_namespace {
+            c["linux"]["namespaces"] =
+                serde_json::json!([{ "type": "pid" }, { "type": "mount" }, { "type": "ipc" }]);
+        }
     });
     let socket = ConsoleSocket::new();
     let pid_file = env.root().join("tty.pid");
@@ -453,14 +475,14 @@ fn console_socket_receives_a_working_pty() {
         ])
         .arg("--console-socket")
         .arg(socket.path())
-        .arg("c-tty")
+        .arg(id)
         .spawn()
         .unwrap();
     let (stream, _) = socket.listener.accept().unwrap();
     let master = container::console::receive_fd(&stream).unwrap();
     assert!(create.wait().unwrap().success());
     let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
-    assert!(env.run(&["start", "c-tty"]).status.success());
+    assert!(env.run(&["start", id]).status.success());
     let mut master = std::fs::File::from(master);
     master.write_all(b"ping\n").unwrap();
     let mut output = Vec::new();
@@ -474,12 +496,13 @@ fn console_socket_receives_a_working_pty() {
     }
     let output = text(&output);
     assert!(output.contains("/dev/pts/"), "{output:?}");
+    assert!(output.contains("in-devpts"), "{output:?}");
     assert!(output.contains("30 100"), "{output:?}");
     assert!(output.contains("got-ping"), "{output:?}");
     assert_eq!(wait_monitor(pid), 0);
     let _ = master.as_raw_fd();
-    assert!(env.run(&["delete", "c-tty"]).status.success());
-    env.assert_clean("c-tty");
+    assert!(env.run(&["delete", id]).status.success());
+    env.assert_clean(id);
 }
 
 /// The complete lines of a file the container's stdout goes to (its counter's ticks; a

@@ -30,6 +30,10 @@ use agent_proto::ProcessSpec;
 use nix::fcntl::OFlag;
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -91,9 +95,13 @@ pub fn spawn(
     // bytes: success) or exit (the reason it failed).
     let (sync_r, sync_w) = pipe()?;
 
+    // A terminal is made by the child, in the container's devpts once its mounts are made
+    // (as runc makes it): the slave is then a `/dev/pts/N` the container can open by name.
+    // The master comes back over `console`, sent before the child's `exec`.
     enum ChildStdio {
         Terminal {
-            slave: OwnedFd,
+            console: OwnedFd,
+            agent_end: OwnedFd,
         },
         Pipes {
             stdin: OwnedFd,
@@ -110,17 +118,14 @@ pub fn spawn(
         held: wait_for_start,
     };
     let child_stdio = if spec.terminal {
-        let size = spec.console_size.map(|(rows, cols)| Winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        });
-        let pty = openpty(size.as_ref(), None).map_err(|e| format!("openpty: {e}"))?;
-        set_cloexec(pty.master.as_raw_fd());
-        set_cloexec(pty.slave.as_raw_fd());
-        spawned.pty_master = Some(pty.master);
-        ChildStdio::Terminal { slave: pty.slave }
+        let (agent_end, console) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("socketpair: {e}"))?;
+        ChildStdio::Terminal { console, agent_end }
     } else {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
@@ -135,18 +140,26 @@ pub fn spawn(
         }
     };
 
-    let stdio_fds = match &child_stdio {
-        ChildStdio::Terminal { slave } => [slave.as_raw_fd(); 3],
+    let stdio = match &child_stdio {
+        ChildStdio::Terminal { console, .. } => Stdio::Terminal {
+            console: console.as_raw_fd(),
+            size: spec.console_size.map(|(rows, cols)| Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
+        },
         ChildStdio::Pipes {
             stdin,
             stdout,
             stderr,
-        } => [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+        } => Stdio::Pipes([stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()]),
     };
     let mut child = Child {
         spec,
         env: &env,
-        stdio: stdio_fds,
+        stdio,
         mounts,
         cgroup,
         cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
@@ -174,7 +187,11 @@ pub fn spawn(
         return Err(format!("clone: {}", std::io::Error::last_os_error()));
     }
     let pid = Pid::from_raw(pid);
-    drop(child_stdio);
+    // The child's ends close here; the agent keeps its end of the console socket.
+    let console = match child_stdio {
+        ChildStdio::Terminal { agent_end, .. } => Some(agent_end),
+        ChildStdio::Pipes { .. } => None,
+    };
     drop(sync_w);
     drop(cgroup_procs);
     spawned.pid = pid;
@@ -183,6 +200,17 @@ pub fn spawn(
     if !report.is_empty() {
         reap(pid);
         return Err(String::from_utf8_lossy(&report).into_owned());
+    }
+    if let Some(console) = console {
+        // Sent before the `exec` that ended the report, so it is waiting in the socket.
+        match receive_master(&console) {
+            Ok(master) => spawned.pty_master = Some(master),
+            Err(e) => {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                reap(pid);
+                return Err(e);
+            }
+        }
     }
     if wait_for_start {
         // Its `exec` has begun; wait for the stop that ends it.
@@ -205,7 +233,7 @@ pub fn spawn(
 struct Child<'a> {
     spec: &'a ProcessSpec,
     env: &'a [String],
-    stdio: [RawFd; 3],
+    stdio: Stdio,
     mounts: Option<&'a ContainerMounts>,
     cgroup: Option<&'a ContainerCgroup>,
     /// The container cgroup's `cgroup.procs`, when it has one.
@@ -213,6 +241,64 @@ struct Child<'a> {
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
+}
+
+/// The child's stdio, as descriptors in its copy of the agent's table.
+enum Stdio {
+    /// Make a pty, send its master over `console`, and make the slave the stdio.
+    Terminal {
+        console: RawFd,
+        size: Option<Winsize>,
+    },
+    /// stdin, stdout, stderr.
+    Pipes([RawFd; 3]),
+}
+
+/// The pty master the child sent over `socket`.
+fn receive_master(socket: &OwnedFd) -> Result<OwnedFd, String> {
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("receive the pty master: {e}"))?;
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| format!("pty master message: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel installed `fd` in this process's table for this call.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err("the process sent no pty master".into())
+}
+
+/// Runs in the child, in the container's root with its mounts made: a pty from the
+/// container's `/dev/ptmx`, its master sent to the agent. Returns the slave.
+fn open_terminal(console: RawFd, size: Option<&Winsize>) -> Result<OwnedFd, String> {
+    let pty = openpty(size, None).map_err(|e| format!("openpty: {e}"))?;
+    let fds = [pty.master.as_raw_fd()];
+    // One byte of data carries the descriptor (a message needs a body to be sent).
+    sendmsg::<()>(
+        console,
+        &[std::io::IoSlice::new(b"m")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("send the pty master: {e}"))?;
+    // The child's copy of the master is not the container's to keep, nor is the slave's
+    // descriptor beyond the stdio it becomes.
+    drop(pty.master);
+    set_cloexec(pty.slave.as_raw_fd());
+    Ok(pty.slave)
 }
 
 /// The child's entry point, on its own stack in the agent's memory (see `spawn`).
@@ -225,7 +311,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let failure = match child_setup(
         child.spec,
         child.env,
-        child.stdio,
+        &child.stdio,
         child.mounts.map(|mounts| (mounts, child.cgroup)),
         child.cgroup_procs,
     ) {
@@ -302,7 +388,7 @@ fn home_of(uid: u32) -> Option<String> {
 fn child_setup(
     spec: &ProcessSpec,
     env: &[String],
-    stdio: [RawFd; 3],
+    stdio: &Stdio,
     mounts: Option<(&ContainerMounts, Option<&ContainerCgroup>)>,
     cgroup_procs: Option<RawFd>,
 ) -> Result<PathBuf, String> {
@@ -322,20 +408,26 @@ fn child_setup(
         }
     }
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    if spec.terminal {
-        // SAFETY: TIOCSCTTY takes an integer argument; stdio[0] is the pty slave.
-        if unsafe { libc::ioctl(stdio[0], libc::TIOCSCTTY, 0) } != 0 {
-            return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
-        }
+    if let Some((mounts, cgroup)) = mounts {
+        mounts.run(cgroup).map_err(|e| e.0)?;
     }
-    for (target, fd) in stdio.into_iter().enumerate() {
+    let terminal;
+    let fds = match stdio {
+        Stdio::Terminal { console, size } => {
+            terminal = open_terminal(*console, size.as_ref())?;
+            // SAFETY: TIOCSCTTY takes an integer argument; `terminal` is the pty slave.
+            if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
+                return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
+            }
+            [terminal.as_raw_fd(); 3]
+        }
+        Stdio::Pipes(fds) => *fds,
+    };
+    for (target, fd) in fds.into_iter().enumerate() {
         // SAFETY: dup2 on descriptors this process owns; 0..=2 are replaced atomically.
         if unsafe { libc::dup2(fd, target as RawFd) } < 0 {
             return Err(format!("dup2: {}", std::io::Error::last_os_error()));
         }
-    }
-    if let Some((mounts, cgroup)) = mounts {
-        mounts.run(cgroup).map_err(|e| e.0)?;
     }
     if let Some(adj) = spec.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
