@@ -92,11 +92,18 @@ pub fn fixture_program(name: &str) -> PathBuf {
 /// there), so deadlines are ten times longer; a test still ends as soon as it sees what it
 /// waits for.
 pub fn guest_time(d: Duration) -> Duration {
-    if std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin") {
+    if slow_guest() {
         d * 10
     } else {
         d
     }
+}
+
+/// Whether this run may be on a KVM that emulates guest kernel code (see [`guest_time`]):
+/// tests that make the guest kernel do much work (fault in and zero hundreds of MiB) do
+/// less of it there.
+pub fn slow_guest() -> bool {
+    std::env::var("SUPERMACHINE_ENGINE").is_ok_and(|e| e == "builtin")
 }
 
 /// One test's runtime: its own state root.
