@@ -192,3 +192,108 @@ fn guest_free_kib(env: &Env, id: &str) -> i64 {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no MemFree in {}", text(&out.stdout)))
 }
+
+/// The guest's online CPUs as the container counts them.
+fn guest_nproc(env: &Env, id: &str) -> String {
+    let out = env.run(&["exec", id, "nproc"]);
+    assert!(out.status.success(), "exec nproc: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn update_takes_vcpus_offline_and_back_and_refuses_more_than_the_vm_has() {
+    let Some(env) = Env::new() else { return };
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if host < 2 {
+        common::skip("a VM of two vCPUs needs a host of two CPUs");
+        return;
+    }
+    // Two CPUs' quota: a VM of two vCPUs.
+    let bundle = limited(
+        &env,
+        &["sleep", "1000"],
+        json!({ "cpu": { "quota": 200_000, "period": 100_000 } }),
+    );
+    let id = "c-update-cpus";
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert!(env.run(&["start", id]).status.success());
+    assert_eq!(guest_nproc(&env, id), "2");
+
+    let out = env.run(&[
+        "update",
+        "--cpu-quota",
+        "100000",
+        "--cpu-period",
+        "100000",
+        id,
+    ]);
+    assert!(out.status.success(), "update: {}", text(&out.stderr));
+    assert_eq!(
+        guest_nproc(&env, id),
+        "1",
+        "one CPU's quota: one vCPU online"
+    );
+    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
+    assert_eq!(text(&out.stdout).trim(), "100000 100000");
+
+    let out = env.run(&[
+        "update",
+        "--cpu-quota",
+        "150000",
+        "--cpu-period",
+        "100000",
+        id,
+    ]);
+    assert!(out.status.success(), "update: {}", text(&out.stderr));
+    assert_eq!(guest_nproc(&env, id), "2", "back online");
+
+    // A paused VM runs no agent to apply it: refused, saying so.
+    assert!(env.run(&["pause", id]).status.success());
+    let out = env.run(&[
+        "update",
+        "--cpu-quota",
+        "100000",
+        "--cpu-period",
+        "100000",
+        id,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("resume it first"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.run(&["resume", id]).status.success());
+    assert!(env.run(&["delete", "--force", id]).status.success());
+    env.assert_clean(id);
+
+    // More than the VM booted with (one CPU's quota: one vCPU) is refused, and nothing
+    // changes; a created container is updated as a running one is.
+    let bundle = limited(
+        &env,
+        &["sleep", "1000"],
+        json!({ "cpu": { "quota": 100_000, "period": 100_000 } }),
+    );
+    let id = "c-update-one-cpu";
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let out = env.run(&[
+        "update",
+        "--cpu-quota",
+        "200000",
+        "--cpu-period",
+        "100000",
+        id,
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot raise the CPU limit to 2 CPUs") && stderr.contains("1 vCPU"),
+        "{stderr}"
+    );
+    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
+    assert_eq!(text(&out.stdout).trim(), "100000 100000");
+    assert!(env.run(&["delete", "--force", id]).status.success());
+    env.assert_clean(id);
+}

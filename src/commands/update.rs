@@ -1,31 +1,19 @@
 //! `update`: new resource limits for a running container.
 //!
 //! They apply inside the VM, to the container's cgroup in the guest (what the container sees
-//! and the guest kernel enforces, converted as for `create`), and to the VM's host cgroup
-//! (what the host accounts). The guest's memory is fixed when the VM boots, so a memory limit
-//! the VM cannot hold (beyond its guest memory less the guest kernel's and agent's headroom)
-//! is refused with that reason, never half-applied.
+//! and the guest kernel enforces, converted as for `create`), its online vCPUs and memory,
+//! and to the VM's host cgroup (what the host accounts); see [`lifecycle::update`].
 
 use std::io::Read;
 
 use anyhow::{Context as _, Result};
-use container::cgroup;
-use container::control::{self, ControlRequest};
-use container::monitored::CONTROL_TIMEOUT;
-use container::paths::VmDefaults;
-use container::plan::Plan;
-use container::translate;
-use container::{ContainerError, Status};
+use container::lifecycle;
 use liboci_cli::Update;
-use oci_spec::runtime::LinuxResources;
 
 use super::Context;
 
 pub fn run(args: Update, context: &Context) -> Result<i32> {
-    let (dir, state) = context.open(&args.container_id)?;
-    if matches!(state.current_status(), Status::Stopped | Status::Creating) {
-        return Err(ContainerError::NotRunning.into());
-    }
+    let container = context.container(&args.container_id)?;
     let resources = match &args.resources {
         Some(path) => {
             let mut text = String::new();
@@ -41,31 +29,7 @@ pub fn run(args: Update, context: &Context) -> Result<i32> {
         }
         None => resources_from_flags(&args),
     };
-    let typed: LinuxResources =
-        serde_json::from_value(resources.clone()).context("invalid resources JSON")?;
-    let plan = Plan::load(&dir)?;
-    let guest_settings = translate::guest_cgroup_update(&typed, plan.memory_mib)?;
-    let memory_target = translate::guest_memory_target(&typed, plan.memory_mib);
-    let limits = cgroup::limits_from_resources(
-        &resources,
-        plan.memory_mib,
-        VmDefaults::load().vmm_overhead_mib,
-    )?;
-    if !guest_settings.is_empty() || memory_target.is_some() {
-        control::call(
-            &dir.path,
-            ControlRequest::UpdateCgroup {
-                settings: guest_settings,
-                memory_target,
-            },
-            CONTROL_TIMEOUT,
-        )
-        .with_context(|| format!("update the cgroup of container {} in its VM", dir.id))?;
-    }
-    match &plan.cgroups_path {
-        Some(path) => cgroup::update(path, &limits)?,
-        None => log::debug!("container {} has no host cgroup; nothing to update", dir.id),
-    }
+    lifecycle::update(&container, &resources)?;
     Ok(0)
 }
 

@@ -140,6 +140,12 @@ pub enum Request {
     /// Writes cgroup v2 interface files of the container's cgroup in the guest, in order
     /// (a live `update`); answered `Reply::Ok` once every value is written.
     UpdateCgroup(Vec<CgroupSetting>),
+    /// Keeps the guest's first `count` vCPUs online and the rest offline (a live update of
+    /// the container's CPU limit); answered `Reply::Ok`, or an error naming how many the VM
+    /// has when it has fewer.
+    OnlineCpus {
+        count: u32,
+    },
     /// The container's usage, from its cgroup in the guest; answered `Reply::Stats`.
     Stats,
     /// Syncs filesystems and powers the guest off.
@@ -164,6 +170,7 @@ impl Request {
             Request::ConfigureNetwork(_) => "configure_network",
             Request::DnsAnswer { .. } => "dns_answer",
             Request::UpdateCgroup(_) => "update_cgroup",
+            Request::OnlineCpus { .. } => "online_cpus",
             Request::Stats => "stats",
             Request::Shutdown => "shutdown",
         }

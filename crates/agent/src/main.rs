@@ -11,6 +11,7 @@ mod caps;
 mod cgroup;
 mod channel;
 mod cmdline;
+mod cpus;
 mod error;
 mod logging;
 mod network;

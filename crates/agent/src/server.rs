@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use crate::cgroup::ContainerCgroup;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
-use crate::{agent_debug, agent_log, network, procfs, setup, spawn, warm};
+use crate::{agent_debug, agent_log, cpus, network, procfs, setup, spawn, warm};
 
 /// How long an exited process's output may stay open (held by its own background children)
 /// before the agent reports the exit anyway.
@@ -103,6 +103,8 @@ pub struct Server {
     container_mounts: Option<setup::ContainerMounts>,
     /// The container's cgroup, once set up (when the host asked for one).
     cgroup: Option<ContainerCgroup>,
+    /// The guest's vCPUs, taken online and offline by a live update.
+    cpus: cpus::Cpus,
     /// virtio-net devices held detached until the host connects them.
     detached_nics: network::DetachedNics,
     dns: Option<network::DnsRelay>,
@@ -142,6 +144,7 @@ impl Server {
             prepared_root: None,
             container_mounts: None,
             cgroup: None,
+            cpus: cpus::Cpus::open(),
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
             shutdown: false,
@@ -483,6 +486,10 @@ impl Server {
                 self.container_cgroup()?
                     .write(&settings)
                     .map_err(AgentError)?;
+                Ok(Reply::Ok)
+            }
+            Request::OnlineCpus { count } => {
+                self.cpus.keep_online(count).map_err(AgentError)?;
                 Ok(Reply::Ok)
             }
             Request::Stats => Ok(Reply::Stats(self.container_cgroup()?.stats())),

@@ -13,9 +13,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_proto::{read_frame, write_message, CgroupSetting, Frame, ProcessInfo, ProcessSpec};
+use agent_proto::{read_frame, write_message, Frame, ProcessInfo, ProcessSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::lifecycle::LiveUpdate;
 use crate::ContainerError;
 
 pub const SOCKET_NAME: &str = "control.sock";
@@ -41,13 +42,8 @@ pub enum ControlRequest {
     },
     /// Within an exec session: stdin is at EOF.
     CloseStdin,
-    /// Writes the container cgroup's files in the guest (a live `update`), then sets the
-    /// VM's memory to `memory_target` bytes, when the update changes the memory limit.
-    UpdateCgroup {
-        settings: Vec<CgroupSetting>,
-        #[serde(default)]
-        memory_target: Option<u64>,
-    },
+    /// A live `update` of the VM ([`LiveUpdate::apply`]).
+    Update(LiveUpdate),
     /// The container cgroup's files in the guest, as the agent reads them.
     Stats,
     /// Kill the container and end the monitor (delete).

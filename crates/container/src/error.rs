@@ -50,6 +50,9 @@ pub enum ContainerError {
     },
     #[error("unknown signal {0:?}")]
     UnknownSignal(String),
+    /// `linux.resources` given to `update` that is not valid.
+    #[error("invalid resources: {0}")]
+    InvalidResources(String),
 }
 
 impl ContainerError {

@@ -7,9 +7,18 @@
 //! functions, so each verb's rules are written once. The status itself is recorded by the
 //! holder, which is the one that sees the process start and end.
 
+use std::sync::Mutex;
+
+use agent_proto::{CgroupSetting, Reply, Request};
+use engine::Vm;
+use lock_ext::LockExt;
+use serde::{Deserialize, Serialize};
+
+use crate::agent_client::{AgentClient, REQUEST_TIMEOUT};
 use crate::hooks::{self, HostHooks};
+use crate::plan::Plan;
 use crate::state::{OciState, Status, Verb};
-use crate::ContainerError;
+use crate::{cgroup, translate, ContainerError};
 
 /// The exit status of processes whose VM died under them.
 pub const VM_DIED_STATUS: i32 = 255;
@@ -42,6 +51,57 @@ pub trait Holder {
 
     /// Removes what the container holds on the host (state, cgroups, mounts). After `stop`.
     fn remove(&self) -> Result<(), ContainerError>;
+
+    /// What `create` planned for the VM (its size, its host cgroup).
+    fn plan(&self) -> Result<Plan, ContainerError>;
+
+    /// Applies a live update inside the VM ([`LiveUpdate::apply`], where the VM is).
+    fn update_vm(&self, update: &LiveUpdate) -> Result<(), ContainerError>;
+}
+
+/// What a live update changes inside a running VM, in the order it is applied.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LiveUpdate {
+    /// vCPUs kept online (the rest taken offline), when the CPU limit's count changes.
+    #[serde(default)]
+    pub online_vcpus: Option<u32>,
+    /// Writes to the container's cgroup in the guest, in order.
+    pub settings: Vec<CgroupSetting>,
+    /// The VM's memory in bytes (through its balloon), when the memory limit changes.
+    #[serde(default)]
+    pub memory_target: Option<u64>,
+}
+
+impl LiveUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.online_vcpus.is_none() && self.settings.is_empty() && self.memory_target.is_none()
+    }
+
+    /// Applies the update to a VM and its agent. vCPUs change first, so that a cpuset
+    /// written next names CPUs that are online.
+    pub fn apply(
+        &self,
+        agent: &AgentClient,
+        vm: &Mutex<Box<dyn Vm>>,
+    ) -> Result<(), ContainerError> {
+        let ok = |reply: Reply| match reply {
+            Reply::Ok => Ok(()),
+            other => Err(ContainerError::Agent(format!("unexpected reply {other:?}"))),
+        };
+        if let Some(count) = self.online_vcpus {
+            ok(agent.request(Request::OnlineCpus { count }, REQUEST_TIMEOUT)?)?;
+        }
+        if !self.settings.is_empty() {
+            ok(agent.request(
+                Request::UpdateCgroup(self.settings.clone()),
+                REQUEST_TIMEOUT,
+            )?)?;
+        }
+        if let Some(bytes) = self.memory_target {
+            vm.lock_unpoisoned().set_memory_target(bytes)?;
+        }
+        Ok(())
+    }
 }
 
 /// The end of `create`: the holder has a VM with the process created, and the hooks that
@@ -136,6 +196,31 @@ pub fn delete(holder: &impl Holder, force: bool) -> Result<(), ContainerError> {
     holder.remove()
 }
 
+/// `update`: new resource limits (`linux.resources` as JSON) for a container whose VM runs,
+/// applied inside the VM (the container's cgroup in the guest, its online vCPUs
+/// and memory) and to the VM's host cgroup. An update the VM cannot take (more memory or
+/// vCPUs than it booted with, a setting the guest cannot apply) is refused before anything
+/// changes.
+pub fn update(holder: &impl Holder, resources: &serde_json::Value) -> Result<(), ContainerError> {
+    holder.status()?.allows(Verb::Update)?;
+    let plan = holder.plan()?;
+    let typed: oci_spec::runtime::LinuxResources = serde_json::from_value(resources.clone())
+        .map_err(|e| ContainerError::InvalidResources(e.to_string()))?;
+    let live = translate::live_update(&typed, plan.vcpus, plan.memory_mib)?;
+    let overhead = crate::paths::VmDefaults::load().vmm_overhead_mib;
+    let limits = cgroup::limits_from_resources(resources, plan.memory_mib, overhead)?;
+    if !live.is_empty() {
+        holder.update_vm(&live)?;
+    }
+    match &plan.cgroups_path {
+        Some(path) => cgroup::update(path, &limits),
+        None => {
+            log::debug!("container {} has no host cgroup to update", holder.id());
+            Ok(())
+        }
+    }
+}
+
 /// Stops and removes a container after a failed step, keeping the first error for the
 /// caller: what the cleanup itself hit is only logged.
 fn discard(holder: &impl Holder) {
@@ -227,6 +312,13 @@ mod tests {
         }
         fn remove(&self) -> Result<(), ContainerError> {
             self.calls.borrow_mut().push("remove");
+            Ok(())
+        }
+        fn plan(&self) -> Result<Plan, ContainerError> {
+            Err(ContainerError::NotFound("no plan in these tests".into()))
+        }
+        fn update_vm(&self, _: &LiveUpdate) -> Result<(), ContainerError> {
+            self.calls.borrow_mut().push("update");
             Ok(())
         }
     }

@@ -545,15 +545,8 @@ impl ControlContext {
                 let _ = self.events.send(Event::Stop);
                 Ok(ControlReply::Ok)
             }
-            ControlRequest::UpdateCgroup {
-                settings,
-                memory_target,
-            } => {
-                self.agent
-                    .request(Request::UpdateCgroup(settings), REQUEST_TIMEOUT)?;
-                if let Some(bytes) = memory_target {
-                    self.vm.lock_unpoisoned().set_memory_target(bytes)?;
-                }
+            ControlRequest::Update(update) => {
+                update.apply(&self.agent, &self.vm)?;
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Stats => match self.agent.request(Request::Stats, REQUEST_TIMEOUT)? {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::control::{self, ControlRequest};
 use crate::hooks::HostHooks;
-use crate::lifecycle::Holder;
+use crate::lifecycle::{Holder, LiveUpdate};
 use crate::plan::Plan;
 use crate::state::{ContainerDir, OciState, StateStore, Status};
 use crate::{proc, ContainerError};
@@ -66,6 +66,14 @@ impl Holder for MonitoredContainer {
 
     fn resume_vm(&self) -> Result<(), ContainerError> {
         self.call(ControlRequest::Resume)
+    }
+
+    fn plan(&self) -> Result<Plan, ContainerError> {
+        Plan::load(&self.dir)
+    }
+
+    fn update_vm(&self, update: &LiveUpdate) -> Result<(), ContainerError> {
+        self.call(ControlRequest::Update(update.clone()))
     }
 
     /// Asks the monitor to stop (it ends the VM and records the exit); a monitor that does

@@ -53,6 +53,8 @@ pub enum Verb {
     Delete {
         force: bool,
     },
+    /// New resource limits, applied inside the VM (whose agent a paused VM cannot run).
+    Update,
 }
 
 impl Status {
@@ -112,6 +114,13 @@ impl Status {
                 "cannot exec in a paused container (use --ignore-paused to override)".into(),
             ),
             Verb::Exec { .. } => refused("cannot exec in a stopped container".into()),
+            Verb::Update if matches!(self, Status::Created | Status::Running) => Ok(()),
+            Verb::Update if self == Status::Paused => refused(
+                "cannot update a paused container: its limits are applied inside the VM, \
+                 which runs nothing while paused; resume it first"
+                    .into(),
+            ),
+            Verb::Update => Err(ContainerError::NotRunning),
             Verb::Delete { force } if self.can_delete(force) => Ok(()),
             Verb::Delete { .. } => refused(format!(
                 "cannot delete a container that is not stopped: {self}"
@@ -518,6 +527,12 @@ mod tests {
             [Creating, Created, Stopped]
         );
         assert_eq!(allowed(Verb::Delete { force: true }).len(), 5);
+        assert_eq!(allowed(Verb::Update), [Created, Running]);
+        assert!(Paused
+            .allows(Verb::Update)
+            .unwrap_err()
+            .to_string()
+            .contains("resume it first"));
         assert_eq!(
             Stopped.allows(Verb::Start).unwrap_err().to_string(),
             "cannot start a container that has stopped"

@@ -8,9 +8,10 @@ use agent_proto::{
     Capabilities, CgroupSetting, CgroupSpec, ContainerSetup, DeviceKind, DeviceNode, MountKind,
     MountSpec, ProcessSpec, PropagationKind, Rlimit, RootPropagation, RootfsSpec,
 };
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxCpu, LinuxResources, Process, Spec};
 
 use crate::cgroup::HostLimits;
+use crate::lifecycle::LiveUpdate;
 use crate::paths::VmDefaults;
 use crate::ContainerError;
 
@@ -37,14 +38,9 @@ pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let from_quota = cpu.and_then(|c| match (c.quota(), c.period()) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
-        _ => None,
-    });
-    let from_cpuset = cpu.and_then(|c| c.cpus().as_deref()).and_then(count_cpuset);
-    let vcpus = from_quota
-        .or(from_cpuset)
+    let vcpus = resources
+        .and_then(|r| r.cpu().as_ref())
+        .and_then(cpus_asked)
         .unwrap_or(defaults.vcpus)
         .clamp(1, host_cpus.max(1));
     let memory = memory_limit_mib(spec)
@@ -97,6 +93,15 @@ pub fn host_limits(
 }
 
 /// Counts a cpuset list like `0-3,7`.
+/// The CPUs a CPU limit asks for: its quota rounded up, else its cpuset's size.
+fn cpus_asked(cpu: &LinuxCpu) -> Option<u32> {
+    let from_quota = match (cpu.quota(), cpu.period()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
+        _ => None,
+    };
+    from_quota.or_else(|| cpu.cpus().as_deref().and_then(count_cpuset))
+}
+
 fn count_cpuset(list: &str) -> Option<u32> {
     let mut count = 0;
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -503,25 +508,30 @@ pub fn guest_cgroup_settings(
     Ok(settings)
 }
 
-/// A live update's writes to the container's cgroup in the guest (`update`, the shim's
-/// Update): as at create, and refused whole when its memory limit is more than the VM can
-/// give the container.
-pub fn guest_cgroup_update(
+/// A live update (`update`, the shim's Update) of a running VM that booted with `vcpus`
+/// vCPUs and `guest_memory_mib` of memory: refused whole when it asks for more than the VM
+/// has (its memory and vCPUs are fixed at boot), never half-applied.
+pub fn live_update(
     resources: &LinuxResources,
+    vcpus: u32,
     guest_memory_mib: u32,
-) -> Result<Vec<CgroupSetting>, ContainerError> {
+) -> Result<LiveUpdate, ContainerError> {
     let settings = guest_cgroup_settings(resources)?;
     if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
         refuse_beyond_the_vm(limit, guest_memory_mib)?;
     }
-    Ok(settings)
+    Ok(LiveUpdate {
+        settings,
+        memory_target: guest_memory_target(resources, guest_memory_mib),
+        online_vcpus: online_vcpus(resources, vcpus)?,
+    })
 }
 
 /// The VM's memory after a live update of the container's memory limit: the limit and the
 /// guest's headroom, within what the VM booted with (`guest_memory_mib`); all of it when the
 /// limit is lifted (-1). `None` when the update leaves the memory limit alone. The VM's
 /// balloon then gives the host what the guest no longer may use, or takes it back.
-pub fn guest_memory_target(resources: &LinuxResources, guest_memory_mib: u32) -> Option<u64> {
+fn guest_memory_target(resources: &LinuxResources, guest_memory_mib: u32) -> Option<u64> {
     let limit = resources.memory().as_ref().and_then(|m| m.limit())?;
     let boot = u64::from(guest_memory_mib) << 20;
     if limit < 0 {
@@ -529,6 +539,33 @@ pub fn guest_memory_target(resources: &LinuxResources, guest_memory_mib: u32) ->
     }
     let wanted = (limit as u64).saturating_add(u64::from(GUEST_HEADROOM_MIB) << 20);
     Some(wanted.clamp(engine::MIN_MEMORY_TARGET.min(boot), boot))
+}
+
+/// The vCPUs to keep online after a live update of the CPU limit, counted as at create
+/// ([`vm_shape`]: the quota rounded up, else the cpuset, at most the host's CPUs); all of
+/// the VM's when the quota is lifted (-1). `None` when the update leaves the CPU count
+/// alone. More than the VM booted with is refused: vCPUs cannot be added to a running VM.
+fn online_vcpus(resources: &LinuxResources, vcpus: u32) -> Result<Option<u32>, ContainerError> {
+    let Some(cpu) = resources.cpu().as_ref() else {
+        return Ok(None);
+    };
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let wanted = match cpus_asked(cpu) {
+        Some(asked) => asked.clamp(1, host_cpus.max(1)),
+        None if cpu.quota() == Some(-1) => vcpus,
+        None => return Ok(None),
+    };
+    if wanted > vcpus {
+        return Err(ContainerError::Unsupported(format!(
+            "cannot raise the CPU limit to {wanted} CPUs: the VM was created with {vcpus} \
+             vCPU{}, and vCPUs cannot be added to a running VM yet: recreate the container \
+             with the larger limit",
+            if vcpus == 1 { "" } else { "s" }
+        )));
+    }
+    Ok(Some(wanted))
 }
 
 /// A memory limit larger than the VM: its guest memory is fixed at boot (the limit it was
@@ -834,17 +871,50 @@ mod tests {
     fn a_memory_limit_the_vm_cannot_hold_is_refused() {
         let raise = |limit: i64| resources(&format!(r#"{{"memory":{{"limit":{limit}}}}}"#));
         assert_eq!(
-            guest_cgroup_update(&raise(128 << 20), 128).unwrap(),
+            live_update(&raise(128 << 20), 1, 128).unwrap().settings,
             vec![CgroupSetting {
                 file: "memory.max".into(),
                 value: (128 << 20).to_string()
             }]
         );
-        let err = guest_cgroup_update(&raise(129 << 20), 128)
+        let err = live_update(&raise(129 << 20), 1, 128)
             .unwrap_err()
             .to_string();
         assert!(err.contains("129 MiB") && err.contains("128 MiB"), "{err}");
-        assert!(guest_cgroup_update(&raise(-1), 128).is_ok());
+        assert!(live_update(&raise(-1), 1, 128).is_ok());
+    }
+
+    #[test]
+    fn a_cpu_update_keeps_online_what_it_asks_within_the_vms_vcpus() {
+        let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let cpu = |json: &str| resources(&format!(r#"{{"cpu":{json}}}"#));
+        let online = |json: &str, vcpus: u32| live_update(&cpu(json), vcpus, 128);
+        // Rounded up, as at create.
+        assert_eq!(
+            online(r#"{"quota":50000,"period":100000}"#, 2)
+                .unwrap()
+                .online_vcpus,
+            Some(1)
+        );
+        assert_eq!(online(r#"{"cpus":"0"}"#, 2).unwrap().online_vcpus, Some(1));
+        // Lifted: every vCPU the VM has.
+        assert_eq!(online(r#"{"quota":-1}"#, 2).unwrap().online_vcpus, Some(2));
+        // Not about the count: left alone.
+        assert_eq!(online(r#"{"shares":512}"#, 2).unwrap().online_vcpus, None);
+        // More than the VM has (and the host can give) is refused, naming both.
+        if host >= 2 {
+            let err = online(r#"{"quota":200000,"period":100000}"#, 1)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("2 CPUs") && err.contains("1 vCPU,"), "{err}");
+        }
+        // A quota beyond the host's CPUs asks for all of them, as at create.
+        assert_eq!(
+            online(r#"{"quota":100000000,"period":100000}"#, host)
+                .unwrap()
+                .online_vcpus,
+            Some(host)
+        );
     }
 
     #[test]
@@ -852,6 +922,8 @@ mod tests {
         let limit = |bytes: i64| -> LinuxResources {
             serde_json::from_value(serde_json::json!({"memory": {"limit": bytes}})).unwrap()
         };
+        let guest_memory_target =
+            |r: &LinuxResources, mib: u32| live_update(r, 1, mib).unwrap().memory_target;
         let mib = |n: u64| n << 20;
         assert_eq!(
             guest_memory_target(&limit(64 << 20), 320),

@@ -39,7 +39,8 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         ContainerError::Unsupported(_) => Code::UNIMPLEMENTED,
         ContainerError::Bundle { .. }
         | ContainerError::InvalidId(_)
-        | ContainerError::UnknownSignal(_) => Code::INVALID_ARGUMENT,
+        | ContainerError::UnknownSignal(_)
+        | ContainerError::InvalidResources(_) => Code::INVALID_ARGUMENT,
         _ => Code::UNKNOWN,
     };
     status(code, e.to_string())
@@ -463,36 +464,7 @@ impl containerd_shim::Task for Service {
                 .map_err(|e| status(Code::INVALID_ARGUMENT, format!("resources: {e}")))?,
             None => return Ok(api::Empty::new()),
         };
-        let typed: oci_spec::runtime::LinuxResources = serde_json::from_value(resources.clone())
-            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("resources: {e}")))?;
-        // The container's own limits live in its cgroup in the guest; the host cgroup holds
-        // the VM.
-        let settings = container::translate::guest_cgroup_update(&typed, task.plan.memory_mib)
-            .map_err(rpc_error)?;
-        if !settings.is_empty() {
-            task.agent
-                .request(
-                    agent_proto::Request::UpdateCgroup(settings),
-                    REQUEST_TIMEOUT,
-                )
-                .map_err(rpc_error)?;
-        }
-        // The VM's memory follows the container's limit (its balloon), within its boot size.
-        if let Some(bytes) = container::translate::guest_memory_target(&typed, task.plan.memory_mib)
-        {
-            task.vm
-                .lock_unpoisoned()
-                .set_memory_target(bytes)
-                .map_err(|e| rpc_error(e.into()))?;
-        }
-        let overhead = container::paths::VmDefaults::load().vmm_overhead_mib;
-        let limits =
-            container::cgroup::limits_from_resources(&resources, task.plan.memory_mib, overhead)
-                .map_err(rpc_error)?;
-        match &task.plan.cgroups_path {
-            Some(path) => container::cgroup::update(path, &limits).map_err(rpc_error)?,
-            None => log::debug!("task {} has no cgroup to update", task.id),
-        }
+        lifecycle::update(&*task, &resources).map_err(rpc_error)?;
         Ok(api::Empty::new())
     }
 

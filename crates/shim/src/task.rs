@@ -14,7 +14,7 @@ use container::agent_client::{AgentClient, REQUEST_TIMEOUT};
 use container::bundle::Bundle;
 use container::cgroup::{self, Placement};
 use container::hooks::HostHooks;
-use container::lifecycle::{self, Holder, VM_DIED_STATUS};
+use container::lifecycle::{self, Holder, LiveUpdate, VM_DIED_STATUS};
 use container::paths::{Paths, VmDefaults};
 use container::plan::Plan;
 use container::startup::{self, RunningVm, TapLifetime, VmNetwork, VmStartup};
@@ -522,6 +522,14 @@ impl Holder for Task {
             state.status = Status::Running;
         }
         Ok(())
+    }
+
+    fn plan(&self) -> Result<container::plan::Plan, ContainerError> {
+        Ok(self.plan.clone())
+    }
+
+    fn update_vm(&self, update: &LiveUpdate) -> Result<(), ContainerError> {
+        update.apply(&self.agent, &self.vm)
     }
 
     /// Ends the VM; processes still running end as killed (SIGKILL from outside).
