@@ -113,6 +113,9 @@ bench: deps guest kernel-variants build
 	# runc and the runtime before its writes reached the host (that revision is built once into
 	# ~/.cache/supermachine). BENCH_ROOTFS_ARGS="--tree 2000 --mib 16 --write-mib 32" is quick.
 	scripts/bench-rootfs.py $(CURDIR)/$(BIN)/supermachine $(BENCH_ROOTFS_ARGS)
+	# Density: N idle containers, each allocating and freeing 200 MiB, with and without free
+	# page reporting, against runc. BENCH_DENSITY_ARGS="--containers 2 --mib 64" is quick.
+	scripts/bench-density.py $(CURDIR)/$(BIN)/supermachine $(BENCH_DENSITY_ARGS)
 
 install: build guest
 	install -D -m 0755 $(BIN)/supermachine /usr/local/bin/supermachine

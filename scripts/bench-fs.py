@@ -44,6 +44,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import raise_nofile, runc_version
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ["seq-write", "seq-read", "small-files", "tree-walk"]
 # Same shape as the runtime's default VM (config/vm-defaults.json).
@@ -459,28 +461,8 @@ def main():
             shutil.rmtree(base, ignore_errors=True)
 
 
-def raise_nofile():
-    """Open files as containerd's and dockerd's services have them (LimitNOFILE=infinity, i.e.
-    fs.nr_open): every row's file server (the runtime's, virtiofsd, QEMU's 9p) keeps an open
-    file per inode the guest remembers, and a walk of a large tree makes that many. Returns the
-    limit the rows run with."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            wanted = int(f.read())
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
-        return wanted
-    except (OSError, ValueError):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            return hard
-        except (OSError, ValueError):
-            return soft
 
 
-def runc_version():
-    out = subprocess.run(["runc", "--version"], capture_output=True, text=True).stdout
-    return out.split()[2] if len(out.split()) > 2 else "?"
 
 
 def qemu_version():

@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,6 +54,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from benchlib import children, memory_of, raise_nofile, runc_version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "supermachine")
@@ -301,36 +302,8 @@ def parse(output, opts, what, written_dir, guest):
     return values
 
 
-def memory_of(pids):
-    """(RSS, PSS) in KiB summed over pids."""
-    rss = pss = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except OSError:
-            pass
-    return rss, pss
 
 
-def children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                # The command name in parentheses may hold blanks; the parent pid follows it.
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            found.append(int(entry))
-    return found
 
 
 def is_qemu(pid):
@@ -412,27 +385,8 @@ def before_build(rev, assets):
     return binary, before_assets, short
 
 
-def raise_nofile():
-    """Open files as containerd's and dockerd's services have them (LimitNOFILE=infinity): the
-    runtime's share server keeps an open file per inode the guest remembers, and a walk of a
-    shared root makes that many. Returns the limit the rows run with."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            wanted = int(f.read())
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
-        return wanted
-    except (OSError, ValueError):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            return hard
-        except (OSError, ValueError):
-            return soft
 
 
-def runc_version():
-    out = subprocess.run(["runc", "--version"], capture_output=True, text=True).stdout
-    return out.split()[2] if len(out.split()) > 2 else "?"
 
 
 def interrupted(signum, _frame):

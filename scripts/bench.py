@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import memory_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,20 +65,6 @@ def log_messages(path):
                 continue
 
 
-def memory_of(pids):
-    """(RSS, PSS) in KiB summed over pids."""
-    rss = pss = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except OSError:
-            pass
-    return rss, pss
 
 
 def private_by_kind(pids, memory_file):

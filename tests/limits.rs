@@ -160,6 +160,15 @@ fn update_changes_the_limit_the_container_sees_and_the_vms_memory_and_events_rep
     );
     assert!(event["data"]["pids"]["current"].as_u64().unwrap() >= 1);
     assert!(event["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
+    // Beside the container's numbers, the VM's host cost: its monitor's process tree.
+    let vm = &event["data"]["vm"];
+    let monitor = env.state(id)["pid"].as_u64().unwrap();
+    assert_eq!(vm["pids"][0].as_u64(), Some(monitor), "{vm}");
+    assert!(
+        vm["host_memory_rss"].as_u64().unwrap() > usage,
+        "the VM holds at least what its container uses: {vm}"
+    );
+    assert!(vm["host_cpu_usage"].as_u64().is_some(), "{vm}");
 
     // A lower limit shrinks the VM too: its balloon takes what the guest no longer may use
     // (the VM was made for 32 MiB and the headroom; 16 MiB and the headroom is 16 MiB less,

@@ -1,7 +1,8 @@
 //! `events`: the container's usage as runc prints it, `{"type":"stats","id":…,"data":…}`,
 //! once with `--stats`, else every `--interval` seconds until the container stops. The
-//! numbers are the container's cgroup in the guest, not the VM's host cost (which `ps`
-//! and the host cgroup show). OOM kills are not streamed here: the monitor's exit status
+//! numbers are the container's cgroup in the guest; the VM's own host cost (its monitor and
+//! VMM processes: resident memory, CPU time) is beside them under `vm`, a key runc does not
+//! have. OOM kills are not streamed here: the monitor's exit status
 //! (137) and its log say when the OOM killer ended the container.
 
 use std::time::Duration;
@@ -31,10 +32,14 @@ pub fn run(args: Events, context: &Context) -> Result<i32> {
             ControlReply::Stats(files) => files,
             other => bail!("unexpected reply {other:?}"),
         };
+        let mut data = GuestStats::parse(&files).runc_json();
+        if let Some(pid) = state.pid {
+            data["vm"] = host_cost(pid);
+        }
         let event = serde_json::json!({
             "type": "stats",
             "id": dir.id,
-            "data": GuestStats::parse(&files).runc_json(),
+            "data": data,
         });
         outln!("{}", serde_json::to_string(&event)?);
         if args.stats {
@@ -42,4 +47,22 @@ pub fn run(args: Events, context: &Context) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_secs(u64::from(args.interval.max(1))));
     }
+}
+
+/// What the VM costs the host: its monitor's process tree (the VMM in it, or QEMU below it).
+fn host_cost(monitor: i32) -> serde_json::Value {
+    let pids = container::proc::tree(monitor);
+    let rss: u64 = pids
+        .iter()
+        .filter_map(|&p| container::proc::resident_bytes(p))
+        .sum();
+    let cpu: Duration = pids
+        .iter()
+        .filter_map(|&p| container::proc::cpu_time(p))
+        .sum();
+    serde_json::json!({
+        "pids": pids,
+        "host_memory_rss": rss,
+        "host_cpu_usage": cpu.as_nanos() as u64,
+    })
 }

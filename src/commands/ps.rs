@@ -18,11 +18,7 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
         "json" => {
             let pids = match (status, state.pid) {
                 (Status::Stopped, _) | (_, None) => Vec::new(),
-                (_, Some(pid)) => {
-                    let mut pids = vec![pid];
-                    pids.extend(children_of(pid));
-                    pids
-                }
+                (_, Some(pid)) => container::proc::tree(pid),
             };
             outln!("{}", serde_json::to_string(&pids)?);
         }
@@ -73,25 +69,4 @@ pub fn run(args: Ps, context: &Context) -> Result<i32> {
         other => bail!("invalid format option {other:?}"),
     }
     Ok(0)
-}
-
-/// Direct children of `pid` on the host.
-fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut children: Vec<i32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = s.get(s.rfind(')')? + 1..)?.to_string();
-                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect();
-    children.sort();
-    children
 }

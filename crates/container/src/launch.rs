@@ -97,7 +97,13 @@ pub fn snapshot_key(
         agent_digest: plan.agent_digest.clone(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
-        engine: engine.snapshot_identity(),
+        // A VM that keeps what its guest frees may have other devices (see
+        // `VmDiagnostics::keep_freed_memory`); such runs are rare, so they alone change it.
+        engine: if spec.diagnostics.keep_freed_memory {
+            format!("{} keep-freed-memory", engine.snapshot_identity())
+        } else {
+            engine.snapshot_identity()
+        },
         kernel_args: spec.kernel_args.join(" "),
         format: FORMAT_VERSION,
     };

@@ -312,9 +312,10 @@ fn writable_layer(layers: &OverlayLayers) -> Result<Vec<PathBuf>, ContainerError
     Ok(vec![upper.clone(), guest_work])
 }
 
-/// `SUPERMACHINE_VMM_TRACE` (set: on), `SUPERMACHINE_VMM_PROFILE` (a path prefix) and
-/// `SUPERMACHINE_KEEP_FREED_MEMORY` (set: on): the builtin VMM's diagnostics, read here at
-/// the runtime's edge like the boot timeout.
+/// `SUPERMACHINE_VMM_TRACE` (set: on) and `SUPERMACHINE_VMM_PROFILE` (a path prefix): the
+/// builtin VMM's diagnostics; `SUPERMACHINE_KEEP_FREED_MEMORY` (set: on): either engine
+/// keeps what the guest frees (for benchmarks). Read here at the runtime's edge like the
+/// boot timeout.
 fn vm_diagnostics() -> engine::VmDiagnostics {
     engine::VmDiagnostics {
         trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),

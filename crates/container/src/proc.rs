@@ -1,5 +1,5 @@
-//! Host process identity: a pid plus its start time, so that a recycled pid is never
-//! mistaken for the monitor that once had it.
+//! Host processes: their identity (a pid plus its start time, so that a recycled pid is
+//! never mistaken for the monitor that once had it), their children, and what they cost.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,49 @@ pub fn cpu_time(pid: i32) -> Option<Duration> {
     Some(Duration::from_millis(
         (user + system) * 1000 / ticks_per_second,
     ))
+}
+
+/// The parent of `pid` (field 4).
+fn parent(pid: i32) -> Option<i32> {
+    stat_fields(pid, [4]).map(|[ppid]| ppid as i32)
+}
+
+/// The direct children of `pid`, in pid order.
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&child| parent(child) == Some(pid))
+        .collect();
+    children.sort();
+    children
+}
+
+/// `pid` and every process below it.
+pub fn tree(pid: i32) -> Vec<i32> {
+    let mut pids = vec![pid];
+    let mut next = 0;
+    while let Some(&parent) = pids.get(next) {
+        pids.extend(children(parent));
+        next += 1;
+    }
+    pids
+}
+
+/// The resident memory of `pid` in bytes (`VmRSS`); `None` once it is gone.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Whether `pid` is alive, not a zombie, and is the process that started at `started`.
@@ -74,6 +117,24 @@ pub fn wait_gone(pid: i32, started: Option<u64>, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_is_in_its_parents_tree_with_its_memory() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let pid = child.id() as i32;
+        assert!(children(me).contains(&pid));
+        let tree = tree(me);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&pid));
+        assert!(resident_bytes(pid).is_some_and(|bytes| bytes > 0));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(resident_bytes(pid), None);
+    }
 
     #[test]
     fn own_process_is_alive_with_its_start_time_and_not_with_another() {

@@ -120,8 +120,10 @@ pub struct VmDiagnostics {
     /// A path prefix: sample each vCPU every millisecond and write `<prefix>.<pid>.vcpu<n>`
     /// when the VM ends.
     pub profile: Option<PathBuf>,
-    /// Keep the memory the guest frees instead of giving it back to the host (builtin VMM
-    /// only): to measure what free page reporting is worth.
+    /// Keep the memory the guest frees instead of giving it back to the host: to measure
+    /// what free page reporting is worth. The builtin VMM keeps the pages the guest reports;
+    /// QEMU's balloon then offers no reporting (a different device: snapshots are keyed
+    /// apart, see `container::launch::snapshot_key`).
     pub keep_freed_memory: bool,
 }
 

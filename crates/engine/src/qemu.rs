@@ -189,9 +189,16 @@ pub fn command_line(
     // set a memory target (QMP `balloon`). On a restored VM a page given back reads back as
     // the snapshot's page: the baked file is mapped privately, and this project's QEMU leaves
     // a private mapping's file alone when it discards (config/qemu/patches/0005-*).
+    // Without reporting (`keep_freed_memory`), the guest never offers what it frees: QEMU
+    // discards every page it is told of, so the device must not offer the feature.
+    let reporting = if spec.diagnostics.keep_freed_memory {
+        "off"
+    } else {
+        "on"
+    };
     args.extend([
         "-device".into(),
-        "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on".into(),
+        format!("virtio-balloon-device,free-page-reporting={reporting},deflate-on-oom=on"),
     ]);
     if incoming {
         args.extend(["-incoming".into(), "defer".into()]);
@@ -655,15 +662,36 @@ mod tests {
             "-netdev tap,id=net0,fd=12 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
         ));
         assert!(!joined.contains("-incoming"));
-        assert!(joined.contains(
-            "-netdev tap,id=net0,fd=12 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
-        ));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
             append.ends_with(
                 "supermachine.port=agent.0 tsc_early_khz=2100000 tsc=reliable supermachine.debug=1"
             ),
             "{append}"
+        );
+    }
+
+    #[test]
+    fn a_vm_that_keeps_freed_memory_has_a_balloon_without_reporting() {
+        let verdict = AccelVerdict {
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            reason: String::new(),
+            tsc_khz: None,
+        };
+        let mut spec = spec();
+        spec.diagnostics.keep_freed_memory = true;
+        let sockets = Sockets {
+            agent: 7,
+            qmp: 8,
+            fs: 10,
+        };
+        let memory = GuestMemory::Shared { fd: 9 };
+        let console = Path::new("/run/x/console.log");
+        let joined = command_line(&spec, &verdict, sockets, console, &memory, false).join(" ");
+        assert!(
+            joined.contains("-device virtio-balloon-device,free-page-reporting=off"),
+            "{joined}"
         );
     }
 
