@@ -112,14 +112,18 @@ impl AllocFree {
             stdout,
             _bundle: bundle,
         };
+        let started = Instant::now();
         this.wait_line("ready", guest_time(Duration::from_secs(60)));
+        eprintln!("{id}: ready after {:.1?}", started.elapsed());
         this
     }
 
     fn command(&mut self, line: &str, answer: &str, timeout: Duration) {
+        let started = Instant::now();
         writeln!(self.stdin, "{line}").unwrap();
         self.stdin.flush().unwrap();
         self.wait_line(answer, timeout);
+        eprintln!("{line}: {answer} after {:.1?}", started.elapsed());
     }
 
     fn wait_line(&mut self, line: &str, timeout: Duration) {
@@ -219,11 +223,13 @@ fn memory_a_container_frees_goes_back_to_the_host_and_the_snapshot_stays_as_bake
     // freed and in several passes.
     let bound = idle + allocation_mib / 2 * MIB;
     let deadline = Instant::now() + guest_time(Duration::from_secs(30));
+    let freed = Instant::now();
     let mut after = tree_rss(pid);
     while after >= bound && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         after = tree_rss(pid);
     }
+    eprintln!("given back after {:.1?}", freed.elapsed());
     eprintln!(
         "VMM resident memory: idle {} MiB, holding {allocation_mib} MiB {} MiB, after freeing {} MiB",
         idle / MIB,
