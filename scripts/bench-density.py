@@ -19,8 +19,9 @@ idles again. Rows:
 Reported per container, in MiB: the resident memory (RSS) and proportional share (PSS) of
 the container's host processes (runc: the container's processes; supermachine: its monitor
 and VMM, QEMU or the builtin VMM in-process) idle, holding the allocation, and SETTLE seconds
-after freeing it; and the host's MemAvailable drop since the row began, divided by N. The
-ratio is the RSS after the free, times runc's.
+after freeing it (PSS divides what the VMs of one snapshot share between them). The ratio is
+the RSS after the free, times runc's. (The host's MemAvailable moves by more than a
+container's memory with its page cache here, so it is not reported.)
 """
 
 import argparse
@@ -43,14 +44,6 @@ IDLE_SETTLE_SECONDS = 5
 
 def log(msg):
     print(f"bench-density: {msg}", file=sys.stderr, flush=True)
-
-
-def mem_available_kib():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1])
-    return 0
 
 
 def make_bundle(base, runc, opts):
@@ -131,7 +124,6 @@ def measure_row(name, runtime, bundle, base, opts, env, warm_up):
         warm = Container([runtime, "--root", root, "run", "--bundle", bundle, "warm"], "warm", out_dir, env)
         warm.wait_for("ready", opts.timeout)
         warm.exit(opts.timeout)
-    before = mem_available_kib()
     containers = []
     try:
         log(f"{name}: starting {opts.containers} containers")
@@ -148,7 +140,7 @@ def measure_row(name, runtime, bundle, base, opts, env, warm_up):
             rss, pss = memory_of([p for ps in pids.values() for p in ps])
             return rss / 1024 / len(containers), pss / 1024 / len(containers)
 
-        row = {"idle": per_container(), "host idle": (before - mem_available_kib()) / 1024 / len(containers)}
+        row = {"idle": per_container()}
         log(f"{name}: each allocates {opts.mib} MiB")
         for c in containers:
             c.say(f"alloc {opts.mib}")
@@ -162,7 +154,6 @@ def measure_row(name, runtime, bundle, base, opts, env, warm_up):
         log(f"{name}: freed; settling {opts.settle} s")
         time.sleep(opts.settle)
         row["after"] = per_container()
-        row["host after"] = (before - mem_available_kib()) / 1024 / len(containers)
         return row
     finally:
         for c in containers:
@@ -205,15 +196,14 @@ def main():
         print(f"\nengine: {reason}")
         print(f"{opts.containers} containers, each allocating {opts.mib} MiB and freeing it "
               f"(per container, MiB; after: {opts.settle} s after the free)")
-        header = (f"{'':<34}{'idle RSS':>9}{'PSS':>7}{'holding':>9}{'after RSS':>11}{'PSS':>7}"
-                  f"{'host idle':>11}{'host after':>12}{'after vs runc':>15}")
+        header = (f"{'':<34}{'idle RSS':>9}{'PSS':>7}{'holding RSS':>13}{'after RSS':>11}{'PSS':>7}"
+                  f"{'after RSS vs runc':>19}")
         print(header)
         runc_after = rows[0][1]["after"][0]
         for name, row in rows:
             ratio = row["after"][0] / runc_after if runc_after > 0 else float("nan")
-            print(f"{name:<34}{row['idle'][0]:>9.0f}{row['idle'][1]:>7.0f}{row['holding'][0]:>9.0f}"
-                  f"{row['after'][0]:>11.0f}{row['after'][1]:>7.0f}{row['host idle']:>11.0f}"
-                  f"{row['host after']:>12.0f}{ratio:>14.1f}x")
+            print(f"{name:<34}{row['idle'][0]:>9.0f}{row['idle'][1]:>7.0f}{row['holding'][0]:>13.0f}"
+                  f"{row['after'][0]:>11.0f}{row['after'][1]:>7.0f}{ratio:>18.1f}x")
         reporting, kept_row = rows[1][1], rows[2][1]
         print(f"\nfree page reporting gives back {kept_row['after'][0] - reporting['after'][0]:.0f} MiB "
               f"of each VM's {opts.mib} MiB (RSS after the free: {reporting['after'][0]:.0f} MiB with it, "
