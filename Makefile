@@ -24,7 +24,7 @@ test-deps:
 kernel: deps
 	scripts/build-kernel.sh default $(ASSETS)
 
-agent:
+agent: deps
 	scripts/build-agent.sh $(ASSETS)
 
 # The qemu engine's QEMU: Debian's source, only what a microVM needs, static (fewer pages of

@@ -6,7 +6,9 @@ out_dir=${1:?usage: build-agent.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=$(rustc -vV | sed -n 's/^host: //p')
 cd "$root"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile guest -p agent --target "$target"
+# libseccomp (the agent compiles containers' seccomp profiles with it) is linked in whole.
+LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(gcc -print-file-name=libseccomp.a | xargs dirname) \
+  RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile guest -p agent --target "$target"
 mkdir -p "$out_dir"
 bin="target/$target/guest/supermachine-agent"
 if ! cmp -s "$bin" "$out_dir/supermachine-agent" 2>/dev/null; then

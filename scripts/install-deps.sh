@@ -4,10 +4,11 @@
 set -eu
 
 # The guest kernel's build needs flex … libssl-dev; QEMU's (scripts/build-qemu.sh) dpkg-dev …
-# zlib1g-dev, and qemu-system-x86 for its firmware and as the fallback engine binary.
+# zlib1g-dev, and qemu-system-x86 for its firmware and as the fallback engine binary; the
+# guest agent links libseccomp-dev's static library (it compiles containers' seccomp profiles).
 need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl-dev patch \
   dpkg-dev xz-utils meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev \
-  busybox-static iproute2"
+  busybox-static iproute2 libseccomp-dev"
 case "${1:-build}" in
   test) need="$need containerd runc docker.io iptables sqlite3" ;;
 esac

@@ -1,7 +1,8 @@
 //! Inside the VM as the runtime spec says, with real VMs: the container's mounts in
 //! config.json's order (with a pid namespace too), `linux.devices` made, namespace paths
 //! checked at create, `linux.rootfsPropagation` applied to the root, an image's 0:0
-//! character devices kept, and runc's errors for verbs on a stopped container.
+//! character devices kept, runc's errors for verbs on a stopped container, and seccomp
+//! profiles applied as runc applies them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -272,4 +273,122 @@ fn mount_order_filter_keeps_the_containers_order() {
         listed_in_order(mountinfo, &["/dev/pts", "/proc", "/dev"]),
         ["/proc", "/dev", "/dev/pts"]
     );
+}
+
+/// A profile that allows everything but `mkdir` (EPERM) and `kill` with SIGTERM (EACCES):
+/// a rule without and one with an argument condition.
+fn seccomp_profile() -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO" },
+            { "names": ["kill"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13,
+              "args": [{ "index": 1, "value": 15, "op": "SCMP_CMP_EQ" }] }
+        ]
+    })
+}
+
+/// What the container prints under [`seccomp_profile`].
+const SECCOMP_PROBE: &str = "mkdir /tmp/blocked 2>&1; echo mkdir=$?; \
+    kill -0 $$; echo kill0=$?; kill -TERM $$ 2>&1; echo term=$?; \
+    touch /tmp/allowed; echo touch=$?";
+
+/// The same probe under runc, where it is installed: `None` without it.
+fn seccomp_probe_under_runc(no_new_privileges: bool) -> Option<String> {
+    let runc = common::output_of(Command::new("sh").args(["-c", "command -v runc"]));
+    if !runc.status.success() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "runc spec");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(common::busybox_rootfs())
+        .arg(dir.path().join("rootfs"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "copy the rootfs");
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = json!(["sh", "-c", SECCOMP_PROBE]);
+    config["process"]["noNewPrivileges"] = no_new_privileges.into();
+    config["root"]["readonly"] = false.into();
+    config["linux"]["seccomp"] = seccomp_profile();
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = common::output_of(
+        Command::new("runc")
+            .arg("--root")
+            .arg(root.path())
+            .args(["run", "--bundle"])
+            .arg(dir.path())
+            .arg("seccomp-runc"),
+    );
+    Some(text(&out.stdout))
+}
+
+fn check_seccomp(no_new_privileges: bool) {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["sh", "-c", SECCOMP_PROBE]);
+    bundle.edit(|c| {
+        c["process"]["noNewPrivileges"] = no_new_privileges.into();
+        // A pid namespace, as `runc spec` has: `$$` is 1 in both, and so are the messages.
+        c["linux"] = json!({
+            "seccomp": seccomp_profile(),
+            "namespaces": [{ "type": "pid" }, { "type": "mount" }],
+        });
+    });
+    let id = if no_new_privileges {
+        "seccomp-nnp"
+    } else {
+        "seccomp"
+    };
+    let (out, _) = env.run_logged(&bundle, id);
+    for line in ["mkdir=1", "kill0=0", "term=1", "touch=0"] {
+        assert!(
+            out.lines().any(|l| l.trim() == line),
+            "{line} not in {out:?}"
+        );
+    }
+    assert!(out.contains("Operation not permitted"), "{out:?}");
+    assert!(out.contains("Permission denied"), "{out:?}");
+    if let Some(runc) = seccomp_probe_under_runc(no_new_privileges) {
+        assert_eq!(out, runc, "supermachine, then runc");
+    }
+}
+
+#[test]
+fn a_seccomp_profile_fails_the_calls_it_names_as_under_runc() {
+    check_seccomp(false);
+}
+
+#[test]
+fn a_seccomp_profile_fails_the_calls_it_names_as_under_runc_with_no_new_privileges() {
+    check_seccomp(true);
+}
+
+#[test]
+fn seccomp_user_notification_fails_create_naming_it() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["true"]);
+    bundle.edit(|c| {
+        let mut profile = seccomp_profile();
+        profile["listenerPath"] = "/run/seccomp-agent.sock".into();
+        c["linux"] = json!({ "seccomp": profile });
+    });
+    expect_create_error(&env, &bundle, "seccomp-listener", "listenerPath");
+    bundle.edit(|c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{ "names": ["mkdir"], "action": "SCMP_ACT_NOTIFY" }]
+        });
+    });
+    expect_create_error(&env, &bundle, "seccomp-notify", "SCMP_ACT_NOTIFY");
 }

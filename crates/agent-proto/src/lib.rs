@@ -313,6 +313,66 @@ pub struct ContainerSetup {
     /// mounts are made; `None`: the root stays private (nothing outside the VM propagates).
     #[serde(default)]
     pub root_propagation: Option<RootPropagation>,
+    /// config.json's `linux.seccomp`: every container process (the first and each exec) runs
+    /// under it from its first instruction.
+    #[serde(default)]
+    pub seccomp: Option<SeccompProfile>,
+}
+
+/// An OCI seccomp profile, as config.json gives it (the host has checked its actions and
+/// operators; the guest's libseccomp resolves its names for the guest's architecture).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompProfile {
+    pub default_action: SeccompAction,
+    /// libseccomp's names, e.g. `SCMP_ARCH_X86_64`; the native one is always in.
+    pub architectures: Vec<String>,
+    /// `SECCOMP_FILTER_FLAG_*` names.
+    pub flags: Vec<String>,
+    pub rules: Vec<SeccompRule>,
+}
+
+/// A rule: `action` for the system calls `names` when every argument condition holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompRule {
+    pub names: Vec<String>,
+    pub action: SeccompAction,
+    pub args: Vec<SeccompArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompAction {
+    /// Kills the thread (`SCMP_ACT_KILL`, `SCMP_ACT_KILL_THREAD`).
+    KillThread,
+    KillProcess,
+    Trap,
+    /// Fails the call with this errno.
+    Errno(u16),
+    /// Notifies a tracer with this value.
+    Trace(u16),
+    Allow,
+    Log,
+}
+
+/// A condition on argument `index`: `arg OP value` (`MaskedEqual`: `arg & value == value_two`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompArg {
+    pub index: u32,
+    pub value: u64,
+    pub value_two: u64,
+    pub op: SeccompOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompOp {
+    NotEqual,
+    LessThan,
+    LessOrEqual,
+    Equal,
+    GreaterOrEqual,
+    GreaterThan,
+    MaskedEqual,
 }
 
 /// A device node of `linux.devices`.

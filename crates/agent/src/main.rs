@@ -17,6 +17,7 @@ mod logging;
 mod network;
 mod paths;
 mod procfs;
+mod seccomp;
 mod server;
 mod setup;
 mod shares;

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use crate::cgroup::ContainerCgroup;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
-use crate::{agent_debug, agent_log, cpus, network, procfs, setup, spawn, warm};
+use crate::{agent_debug, agent_log, cpus, network, procfs, seccomp, setup, spawn, warm};
 
 /// How long an exited process's output may stay open (held by its own background children)
 /// before the agent reports the exit anyway.
@@ -103,6 +103,8 @@ pub struct Server {
     container_mounts: Option<setup::ContainerMounts>,
     /// The container's cgroup, once set up (when the host asked for one).
     cgroup: Option<ContainerCgroup>,
+    /// config.json's seccomp filter, compiled at setup; every container process installs it.
+    seccomp: Option<seccomp::Filter>,
     /// The guest's vCPUs, taken online and offline by a live update.
     cpus: cpus::Cpus,
     /// virtio-net devices held detached until the host connects them.
@@ -144,6 +146,7 @@ impl Server {
             prepared_root: None,
             container_mounts: None,
             cgroup: None,
+            seccomp: None,
             cpus: cpus::Cpus::open(),
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
@@ -368,6 +371,16 @@ impl Server {
                     }
                     None => self.prepare_root(config.rootfs.clone())?,
                 }
+                // Compiled first: a profile the guest cannot build fails the setup.
+                let seccomp = config
+                    .seccomp
+                    .as_ref()
+                    .map(seccomp::compile)
+                    .transpose()
+                    .map_err(AgentError)?;
+                if let Some(filter) = &seccomp {
+                    agent_debug!("seccomp filter of {} instructions", filter.instructions());
+                }
                 // Made before the setup enters the container root, out of the container's
                 // sight.
                 let cgroup = config
@@ -379,6 +392,7 @@ impl Server {
                 self.container_mounts = setup::setup_container(&config, cgroup.as_ref())
                     .map_err(|e| AgentError(e.0))?;
                 self.cgroup = cgroup;
+                self.seccomp = seccomp;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -394,8 +408,14 @@ impl Server {
                     return Err(AgentError(format!("process {process} already exists")));
                 }
                 let mounts = self.container_mounts.take();
-                let spawned = spawn::spawn(&spec, !start, mounts.as_ref(), self.cgroup.as_ref())
-                    .map_err(AgentError)?;
+                let spawned = spawn::spawn(
+                    &spec,
+                    !start,
+                    mounts.as_ref(),
+                    self.cgroup.as_ref(),
+                    self.seccomp.as_ref(),
+                )
+                .map_err(AgentError)?;
                 let pid = spawned.pid;
                 self.processes.insert(process, into_process(spawned));
                 Ok(Reply::Created { pid: pid.as_raw() })

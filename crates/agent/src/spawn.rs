@@ -40,6 +40,7 @@ use nix::unistd::Pid;
 use crate::caps;
 use crate::cgroup::ContainerCgroup;
 use crate::paths::{DEFAULT_PATH, PASSWD};
+use crate::seccomp::Filter;
 use crate::setup::ContainerMounts;
 
 /// A started (or waiting-to-start) process and the agent's ends of its stdio.
@@ -84,6 +85,7 @@ pub fn spawn(
     wait_for_start: bool,
     mounts: Option<&ContainerMounts>,
     cgroup: Option<&ContainerCgroup>,
+    seccomp: Option<&Filter>,
 ) -> Result<Spawned, String> {
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
@@ -163,6 +165,7 @@ pub fn spawn(
         mounts,
         cgroup,
         cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
+        seccomp,
         hold: wait_for_start,
         report: sync_w.as_raw_fd(),
     };
@@ -238,6 +241,7 @@ struct Child<'a> {
     cgroup: Option<&'a ContainerCgroup>,
     /// The container cgroup's `cgroup.procs`, when it has one.
     cgroup_procs: Option<RawFd>,
+    seccomp: Option<&'a Filter>,
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
@@ -308,22 +312,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // The child's stderr becomes the container's: no agent diagnostics from here on (`spawn`
     // turns them back on for the agent).
     crate::logging::set_debug(false);
-    let failure = match child_setup(
-        child.spec,
-        child.env,
-        &child.stdio,
-        child.mounts.map(|mounts| (mounts, child.cgroup)),
-        child.cgroup_procs,
-    ) {
-        Ok(program) => {
-            if child.hold {
-                // The `exec` below then stops before the program's first instruction.
-                if let Err(e) = nix::sys::ptrace::traceme() {
-                    report_and_exit(child.report, &format!("ptrace: {e}"));
-                }
-            }
-            exec(&program, &child.spec.args, child.env)
-        }
+    let failure = match child_setup(child) {
+        Ok(program) => exec(&program, &child.spec.args, child.env),
         Err(message) => message,
     };
     report_and_exit(child.report, &failure)
@@ -385,16 +375,11 @@ fn home_of(uid: u32) -> Option<String> {
 }
 
 /// Runs in the child. Returns the program path to exec.
-fn child_setup(
-    spec: &ProcessSpec,
-    env: &[String],
-    stdio: &Stdio,
-    mounts: Option<(&ContainerMounts, Option<&ContainerCgroup>)>,
-    cgroup_procs: Option<RawFd>,
-) -> Result<PathBuf, String> {
+fn child_setup(child: &Child) -> Result<PathBuf, String> {
+    let spec = child.spec;
     // First, so that everything the process does is accounted and limited as the
     // container's, and what it mounts or reads of cgroups is rooted at the container's.
-    if let Some(procs) = cgroup_procs {
+    if let Some(procs) = child.cgroup_procs {
         crate::cgroup::join(procs)?;
     }
     // The agent blocks SIGCHLD for its signalfd and ignores SIGPIPE; the container must not
@@ -408,11 +393,11 @@ fn child_setup(
         }
     }
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    if let Some((mounts, cgroup)) = mounts {
-        mounts.run(cgroup).map_err(|e| e.0)?;
+    if let Some(mounts) = child.mounts {
+        mounts.run(child.cgroup).map_err(|e| e.0)?;
     }
     let terminal;
-    let fds = match stdio {
+    let fds = match &child.stdio {
         Stdio::Terminal { console, size } => {
             terminal = open_terminal(*console, size.as_ref())?;
             // SAFETY: TIOCSCTTY takes an integer argument; `terminal` is the pty slave.
@@ -458,6 +443,17 @@ fn child_setup(
         std::fs::create_dir_all(cwd).map_err(|e| format!("create cwd {cwd}: {e}"))?;
     }
     std::env::set_current_dir(cwd).map_err(|e| format!("chdir to cwd {cwd:?}: {e}"))?;
+    if child.hold {
+        // The `exec` then stops before the program's first instruction. Before seccomp, which
+        // may not allow `ptrace`.
+        nix::sys::ptrace::traceme().map_err(|e| format!("ptrace: {e}"))?;
+    }
+    // As runc: without no_new_privileges a filter needs CAP_SYS_ADMIN, so it is installed
+    // while the process still has it, and the rest of the setup runs under it; with it, last.
+    let seccomp_now = child.seccomp.filter(|_| !spec.no_new_privileges);
+    if let Some(filter) = seccomp_now {
+        filter.install()?;
+    }
     if let Some(caps) = &spec.capabilities {
         caps::drop_bounding(caps)?;
         // SAFETY: prctl with integer arguments only.
@@ -476,7 +472,11 @@ fn child_setup(
             return Err("prctl(PR_SET_NO_NEW_PRIVS) failed".to_string());
         }
     }
-    find_program(&spec.args[0], env)
+    let program = find_program(&spec.args[0], child.env)?;
+    if let Some(filter) = child.seccomp.filter(|_| spec.no_new_privileges) {
+        filter.install()?;
+    }
+    Ok(program)
 }
 
 /// Sets the child's supplementary groups, gid and uid with the system calls themselves.

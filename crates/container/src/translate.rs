@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use agent_proto::{
     Capabilities, CgroupSetting, CgroupSpec, ContainerSetup, DeviceKind, DeviceNode, MountKind,
-    MountSpec, ProcessSpec, PropagationKind, Rlimit, RootPropagation, RootfsSpec,
+    MountSpec, ProcessSpec, PropagationKind, Rlimit, RootPropagation, RootfsSpec, SeccompAction,
+    SeccompArg, SeccompOp, SeccompProfile, SeccompRule,
 };
 use oci_spec::runtime::{LinuxCpu, LinuxResources, Process, Spec};
 
@@ -279,8 +280,104 @@ pub fn container_setup(
             .map(|settings| CgroupSpec { settings }),
         devices: devices(spec)?,
         root_propagation: root_propagation(spec)?,
+        seccomp: linux
+            .and_then(|l| l.seccomp().as_ref())
+            .map(seccomp)
+            .transpose()?,
     };
     Ok((setup, shares))
+}
+
+/// `linux.seccomp` for the guest's libseccomp, checked here so that what the VM cannot do
+/// fails `create` naming it: user notification (`SCMP_ACT_NOTIFY`, `listenerPath`) would need
+/// the guest's listener descriptor on the host, which is not relayed.
+fn seccomp(profile: &oci_spec::runtime::LinuxSeccomp) -> Result<SeccompProfile, ContainerError> {
+    use oci_spec::runtime::LinuxSeccompOperator as O;
+    use oci_spec::runtime::{LinuxSeccompAction as A, LinuxSeccompFilterFlag as F};
+    let notify = || {
+        ContainerError::Unsupported(
+            "linux.seccomp: seccomp user notification (SCMP_ACT_NOTIFY, listenerPath) is not \
+             relayed out of the VM"
+                .into(),
+        )
+    };
+    if profile.listener_path().is_some() {
+        return Err(notify());
+    }
+    // As runc: an errno action without errnoRet returns EPERM.
+    let action = |action: A, errno: Option<u32>| -> Result<SeccompAction, ContainerError> {
+        let value = || -> Result<u16, ContainerError> {
+            let errno = errno.unwrap_or(libc::EPERM as u32);
+            u16::try_from(errno).map_err(|_| {
+                ContainerError::Unsupported(format!("linux.seccomp: errnoRet {errno} is too large"))
+            })
+        };
+        Ok(match action {
+            A::ScmpActKill | A::ScmpActKillThread => SeccompAction::KillThread,
+            A::ScmpActKillProcess => SeccompAction::KillProcess,
+            A::ScmpActTrap => SeccompAction::Trap,
+            A::ScmpActErrno => SeccompAction::Errno(value()?),
+            A::ScmpActTrace => SeccompAction::Trace(value()?),
+            A::ScmpActLog => SeccompAction::Log,
+            A::ScmpActAllow => SeccompAction::Allow,
+            A::ScmpActNotify => return Err(notify()),
+        })
+    };
+    let mut flags = Vec::new();
+    for flag in profile.flags().iter().flatten() {
+        flags.push(
+            match flag {
+                F::SeccompFilterFlagLog => "SECCOMP_FILTER_FLAG_LOG",
+                F::SeccompFilterFlagTsync => "SECCOMP_FILTER_FLAG_TSYNC",
+                F::SeccompFilterFlagSpecAllow => "SECCOMP_FILTER_FLAG_SPEC_ALLOW",
+                F::SeccompFilterFlagWaitKillableRecv => return Err(notify()),
+            }
+            .to_string(),
+        );
+    }
+    let mut rules = Vec::new();
+    for syscall in profile.syscalls().iter().flatten() {
+        let mut args = Vec::new();
+        for arg in syscall.args().iter().flatten() {
+            if arg.index() > 5 {
+                return Err(ContainerError::Unsupported(format!(
+                    "linux.seccomp: argument index {} of {:?}: system calls have 6",
+                    arg.index(),
+                    syscall.names()
+                )));
+            }
+            args.push(SeccompArg {
+                index: arg.index() as u32,
+                value: arg.value(),
+                value_two: arg.value_two().unwrap_or(0),
+                op: match arg.op() {
+                    O::ScmpCmpNe => SeccompOp::NotEqual,
+                    O::ScmpCmpLt => SeccompOp::LessThan,
+                    O::ScmpCmpLe => SeccompOp::LessOrEqual,
+                    O::ScmpCmpEq => SeccompOp::Equal,
+                    O::ScmpCmpGe => SeccompOp::GreaterOrEqual,
+                    O::ScmpCmpGt => SeccompOp::GreaterThan,
+                    O::ScmpCmpMaskedEq => SeccompOp::MaskedEqual,
+                },
+            });
+        }
+        rules.push(SeccompRule {
+            names: syscall.names().clone(),
+            action: action(syscall.action(), syscall.errno_ret())?,
+            args,
+        });
+    }
+    Ok(SeccompProfile {
+        default_action: action(profile.default_action(), profile.default_errno_ret())?,
+        architectures: profile
+            .architectures()
+            .iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect(),
+        flags,
+        rules,
+    })
 }
 
 /// `linux.devices` as the guest makes them. The numbers are the ones config.json gives (for
@@ -1150,5 +1247,61 @@ mod tests {
             let err = with(refused).unwrap_err().to_string();
             assert!(err.contains(refused), "{err}");
         }
+    }
+    fn seccomp_of(profile: &str) -> Result<Option<SeccompProfile>, ContainerError> {
+        let json = format!(r#"{{"ociVersion":"1.0.2","linux":{{"seccomp":{profile}}}}}"#);
+        container_setup(&spec(&json), RootfsSpec::default()).map(|(setup, _)| setup.seccomp)
+    }
+
+    #[test]
+    fn a_seccomp_profile_reaches_the_guest_with_runcs_default_errno() {
+        let profile = seccomp_of(
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64"],
+            "flags":["SECCOMP_FILTER_FLAG_LOG"],
+            "syscalls":[{"names":["read","write"],"action":"SCMP_ACT_ALLOW"},
+            {"names":["clone3"],"action":"SCMP_ACT_ERRNO","errnoRet":38},
+            {"names":["personality"],"action":"SCMP_ACT_ALLOW",
+             "args":[{"index":0,"value":4294967295,"valueTwo":8,"op":"SCMP_CMP_MASKED_EQ"}]}]}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            profile.default_action,
+            SeccompAction::Errno(libc::EPERM as u16)
+        );
+        assert_eq!(profile.architectures, ["SCMP_ARCH_X86_64"]);
+        assert_eq!(profile.flags, ["SECCOMP_FILTER_FLAG_LOG"]);
+        assert_eq!(profile.rules[1].action, SeccompAction::Errno(38));
+        assert_eq!(
+            profile.rules[2].args,
+            [SeccompArg {
+                index: 0,
+                value: 0xffff_ffff,
+                value_two: 8,
+                op: SeccompOp::MaskedEqual
+            }]
+        );
+        assert_eq!(seccomp_of("null").unwrap(), None);
+    }
+
+    #[test]
+    fn seccomp_user_notification_is_refused_naming_it() {
+        for profile in [
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","listenerPath":"/run/agent.sock"}"#,
+            r#"{"defaultAction":"SCMP_ACT_NOTIFY"}"#,
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_NOTIFY"}]}"#,
+        ] {
+            let err = seccomp_of(profile).unwrap_err().to_string();
+            assert!(
+                err.contains("SCMP_ACT_NOTIFY, listenerPath"),
+                "{profile}: {err}"
+            );
+        }
+        let err = seccomp_of(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW","args":[{"index":6,"value":0,"op":"SCMP_CMP_EQ"}]}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("argument index 6"), "{err}");
     }
 }
