@@ -166,12 +166,16 @@ case_update_memory_raise() {
   docker_ rm -f "$id" > /dev/null
 }
 
-# docker's default seccomp profile: unshare(2) needs CAP_SYS_ADMIN there, so it fails with
-# EPERM; unconfined, nothing blocks it (the guest kernel then refuses a user namespace it
-# lacks with EINVAL, runc's host kernel makes one: either way not EPERM).
-SECCOMP_PROBE='unshare -U true 2>&1 | grep -q "not permitted" && echo blocked || echo not-blocked'
-case_seccomp_default() { run_ "$1" --rm "$IMG" sh -c "$SECCOMP_PROBE"; }
-case_seccomp_unconfined() { run_ "$1" --rm --security-opt seccomp=unconfined "$IMG" sh -c "$SECCOMP_PROBE"; }
+# docker's default seccomp profile fails process_vm_readv(2) with EPERM (it needs
+# CAP_SYS_PTRACE there); unconfined, a process may read its own memory with it. The probe
+# (tests/fixtures/seccomp_probe.rs, static) is bound in read-only.
+SECCOMP_PROBE=$WORK/seccomp_probe
+rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols -o "$SECCOMP_PROBE" \
+  "$(dirname "$0")/../tests/fixtures/seccomp_probe.rs"
+case_seccomp_default() { run_ "$1" --rm -v "$SECCOMP_PROBE:/probe:ro" "$IMG" /probe; }
+case_seccomp_unconfined() {
+  run_ "$1" --rm --security-opt seccomp=unconfined -v "$SECCOMP_PROBE:/probe:ro" "$IMG" /probe
+}
 
 compare "docker run: output" case_output
 compare "docker run: exit status" case_exit_code
