@@ -81,7 +81,8 @@ vm-test: guest
 	SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test '*' -- --test-threads=2
 	# The container lifecycle and network tests again on the builtin engine (one bake, then
 	# restores), host changes reaching inotify through its virtio-fs device, an overlay
-	# root's writes and host changes through it, and freed guest memory given back. The
+	# root's writes and host changes through it, and freed guest memory given back (its
+	# steps' times printed: it is the slowest test where the guest kernel is emulated). The
 	# runtime-spec and limits suites test the guest's side alone (the same agent and kernel
 	# on both engines): they run once, on the default engine.
 	# Without a writable /dev/kvm they are recorded as skipped; in CI a /dev/kvm that exists
@@ -89,7 +90,7 @@ vm-test: guest
 	if [ -w /dev/kvm ]; then SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test lifecycle --test network -- --test-threads=2 && \
 	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test shares -- --test-threads=2 host_changes_reach_inotify_watchers && \
 	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test rootfs -- --test-threads=2 overlay && \
-	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test memory -- --test-threads=2; \
+	  SUPERMACHINE_ENGINE=builtin SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) $(CARGO) test --locked --test memory -- --test-threads=2 --nocapture; \
 	elif [ -e /dev/kvm ] && [ "$$CI" = true ]; then echo "vm-test: /dev/kvm exists but is not writable"; exit 1; \
 	else mkdir -p target; echo "SKIPPED vm-test: lifecycle, network, shares, rootfs and memory tests on the builtin engine: no writable /dev/kvm" | tee -a $(SKIP_LOG); fi
 	# Tiny hand-assembled guests on the hypervisor layer (need /dev/kvm).
