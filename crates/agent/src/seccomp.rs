@@ -247,8 +247,10 @@ mod tests {
             args: vec![],
         }];
         let filter = compile(&profile(SeccompAction::Allow, rules)).unwrap();
-        // SAFETY: the child only makes system calls and exits.
+        // SAFETY: fork has no memory-safety preconditions; the child below only makes
+        // system calls and exits.
         match unsafe { libc::fork() } {
+            // SAFETY: prctl, syscall and _exit take integers; errno is this thread's.
             0 => unsafe {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 if filter.install().is_err() {
