@@ -73,6 +73,9 @@ struct AllocFree {
     child: Child,
     stdin: ChildStdin,
     stdout: PathBuf,
+    /// The lines of stdout already answered: each answer is looked for after them (the
+    /// program says `allocated` once per `alloc`).
+    answered: usize,
     /// Unmounted when the container has ended.
     _bundle: common::Bundle,
 }
@@ -110,6 +113,7 @@ impl AllocFree {
             child,
             stdin,
             stdout,
+            answered: 0,
             _bundle: bundle,
         };
         let started = Instant::now();
@@ -130,7 +134,8 @@ impl AllocFree {
         let deadline = Instant::now() + timeout;
         loop {
             let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
-            if out.lines().any(|l| l == line) {
+            if let Some(at) = out.lines().skip(self.answered).position(|l| l == line) {
+                self.answered += at + 1;
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
