@@ -209,6 +209,39 @@ fn guest_nproc(env: &Env, id: &str) -> String {
     text(&out.stdout).trim().to_string()
 }
 
+/// Creates `id` sleeping, with a CPU quota of `quota` µs per 100 ms (`quota / 100_000`
+/// CPUs, and a VM of that many vCPUs rounded up); its bundle must outlive it.
+fn created_with_cpu_quota(env: &Env, id: &str, quota: u32) -> Bundle {
+    let bundle = limited(
+        env,
+        &["sleep", "1000"],
+        json!({ "cpu": { "quota": quota, "period": 100_000 } }),
+    );
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    bundle
+}
+
+/// `update` of `id`'s CPU quota to `quota` µs per 100 ms.
+fn update_cpu_quota(env: &Env, id: &str, quota: u32) -> std::process::Output {
+    let quota = quota.to_string();
+    env.run(&[
+        "update",
+        "--cpu-quota",
+        &quota,
+        "--cpu-period",
+        "100000",
+        id,
+    ])
+}
+
+/// `id`'s `cpu.max`, as the container reads it.
+fn guest_cpu_max(env: &Env, id: &str) -> String {
+    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn update_takes_vcpus_offline_and_back_and_refuses_more_than_the_vm_has() {
     let Some(env) = Env::new() else { return };
@@ -218,55 +251,27 @@ fn update_takes_vcpus_offline_and_back_and_refuses_more_than_the_vm_has() {
         return;
     }
     // Two CPUs' quota: a VM of two vCPUs.
-    let bundle = limited(
-        &env,
-        &["sleep", "1000"],
-        json!({ "cpu": { "quota": 200_000, "period": 100_000 } }),
-    );
     let id = "c-update-cpus";
-    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let _bundle = created_with_cpu_quota(&env, id, 200_000);
     assert!(env.run(&["start", id]).status.success());
     assert_eq!(guest_nproc(&env, id), "2");
 
-    let out = env.run(&[
-        "update",
-        "--cpu-quota",
-        "100000",
-        "--cpu-period",
-        "100000",
-        id,
-    ]);
+    let out = update_cpu_quota(&env, id, 100_000);
     assert!(out.status.success(), "update: {}", text(&out.stderr));
     assert_eq!(
         guest_nproc(&env, id),
         "1",
         "one CPU's quota: one vCPU online"
     );
-    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
-    assert_eq!(text(&out.stdout).trim(), "100000 100000");
+    assert_eq!(guest_cpu_max(&env, id), "100000 100000");
 
-    let out = env.run(&[
-        "update",
-        "--cpu-quota",
-        "150000",
-        "--cpu-period",
-        "100000",
-        id,
-    ]);
+    let out = update_cpu_quota(&env, id, 150_000);
     assert!(out.status.success(), "update: {}", text(&out.stderr));
     assert_eq!(guest_nproc(&env, id), "2", "back online");
 
     // A paused VM runs no agent to apply it: refused, saying so.
     assert!(env.run(&["pause", id]).status.success());
-    let out = env.run(&[
-        "update",
-        "--cpu-quota",
-        "100000",
-        "--cpu-period",
-        "100000",
-        id,
-    ]);
+    let out = update_cpu_quota(&env, id, 100_000);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("resume it first"),
@@ -279,30 +284,16 @@ fn update_takes_vcpus_offline_and_back_and_refuses_more_than_the_vm_has() {
 
     // More than the VM booted with (one CPU's quota: one vCPU) is refused, and nothing
     // changes; a created container is updated as a running one is.
-    let bundle = limited(
-        &env,
-        &["sleep", "1000"],
-        json!({ "cpu": { "quota": 100_000, "period": 100_000 } }),
-    );
     let id = "c-update-one-cpu";
-    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let out = env.run(&[
-        "update",
-        "--cpu-quota",
-        "200000",
-        "--cpu-period",
-        "100000",
-        id,
-    ]);
+    let _bundle = created_with_cpu_quota(&env, id, 100_000);
+    let out = update_cpu_quota(&env, id, 200_000);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains("cannot raise the CPU limit to 2 CPUs") && stderr.contains("1 vCPU"),
         "{stderr}"
     );
-    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
-    assert_eq!(text(&out.stdout).trim(), "100000 100000");
+    assert_eq!(guest_cpu_max(&env, id), "100000 100000");
     assert!(env.run(&["delete", "--force", id]).status.success());
     env.assert_clean(id);
 }
