@@ -41,7 +41,7 @@ impl Cpus {
             .dir
             .as_ref()
             .ok_or_else(|| format!("{CPUS} was not readable at boot"))?;
-        let present = self.read(dir, "present")?;
+        let present = read(dir, "present")?;
         let total = count_cpu_list(present.trim())
             .ok_or_else(|| format!("{CPUS}/present: unexpected {present:?}"))?;
         if count == 0 || count > total {
@@ -57,40 +57,40 @@ impl Cpus {
         for cpu in order {
             let want = if cpu < count { "1" } else { "0" };
             let file = format!("cpu{cpu}/online");
-            if self.read(dir, &file)?.trim() != want {
-                self.write(dir, &file, want)?;
+            if read(dir, &file)?.trim() != want {
+                write(dir, &file, want)?;
             }
         }
         Ok(())
     }
+}
 
-    fn read(&self, dir: &OwnedFd, file: &str) -> Result<String, String> {
-        let fd = openat(
-            Some(dir.as_raw_fd()),
-            file,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("open {CPUS}/{file}: {e}"))?;
-        // SAFETY: `openat` returned a new descriptor that nothing else owns.
-        let file_handle = unsafe { fs::File::from_raw_fd(fd) };
-        std::io::read_to_string(file_handle).map_err(|e| format!("read {CPUS}/{file}: {e}"))
-    }
+/// `file` under the CPUs' directory `dir`, opened with `flags`.
+fn open_in(dir: &OwnedFd, file: &str, flags: OFlag) -> Result<fs::File, String> {
+    let fd = openat(
+        Some(dir.as_raw_fd()),
+        file,
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open {CPUS}/{file}: {e}"))?;
+    // SAFETY: `openat` returned a new descriptor that nothing else owns.
+    Ok(unsafe { fs::File::from_raw_fd(fd) })
+}
 
-    fn write(&self, dir: &OwnedFd, file: &str, value: &str) -> Result<(), String> {
-        let fd = openat(
-            Some(dir.as_raw_fd()),
-            file,
-            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("open {CPUS}/{file}: {e}"))?;
-        // SAFETY: `openat` returned a new descriptor that nothing else owns.
-        let handle = unsafe { fs::File::from_raw_fd(fd) };
-        nix::unistd::write(handle.as_fd(), value.as_bytes())
-            .map(drop)
-            .map_err(|e| format!("write {value} to {CPUS}/{file}: {e}"))
-    }
+fn read(dir: &OwnedFd, file: &str) -> Result<String, String> {
+    std::io::read_to_string(open_in(dir, file, OFlag::O_RDONLY)?)
+        .map_err(|e| format!("read {CPUS}/{file}: {e}"))
+}
+
+fn write(dir: &OwnedFd, file: &str, value: &str) -> Result<(), String> {
+    // One write: sysfs takes each write as a whole value.
+    nix::unistd::write(
+        open_in(dir, file, OFlag::O_WRONLY)?.as_fd(),
+        value.as_bytes(),
+    )
+    .map(drop)
+    .map_err(|e| format!("write {value} to {CPUS}/{file}: {e}"))
 }
 
 /// How many CPUs a kernel CPU list (`0-3,5`) names.
