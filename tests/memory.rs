@@ -31,40 +31,9 @@ fn allocation_and_limit_mib() -> (u64, Option<u64>) {
 
 /// Resident memory (VmRSS, bytes) of `pid` and every process below it.
 fn tree_rss(pid: u32) -> u64 {
-    let mut pids = vec![pid];
-    let mut i = 0;
-    while i < pids.len() {
-        let parent = pids[i];
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            // pid (comm) state ppid …: the comm may hold spaces, so split after its ')'.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid == Some(parent) && !pids.contains(&child) {
-                pids.push(child);
-            }
-        }
-        i += 1;
-    }
-    pids.iter()
-        .map(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024
-        })
+    container::proc::tree(pid as i32)
+        .into_iter()
+        .filter_map(container::proc::resident_bytes)
         .sum()
 }
 
