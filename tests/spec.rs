@@ -1,8 +1,8 @@
 //! Inside the VM as the runtime spec says, with real VMs: the container's mounts in
 //! config.json's order (with a pid namespace too), `linux.devices` made, namespace paths
 //! checked at create, `linux.rootfsPropagation` applied to the root, an image's 0:0
-//! character devices kept, runc's errors for verbs on a stopped container, and seccomp
-//! profiles applied as runc applies them.
+//! character devices kept, runc's errors for verbs on a stopped container, seccomp
+//! profiles, capability sets and user namespaces applied as runc applies them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -294,46 +294,6 @@ const SECCOMP_PROBE: &str = "mkdir /tmp/blocked 2>&1; echo mkdir=$?; \
     kill -0 $$; echo kill0=$?; kill -TERM $$ 2>&1; echo term=$?; \
     touch /tmp/allowed; echo touch=$?";
 
-/// The same probe under runc, where it is installed: `None` without it.
-fn seccomp_probe_under_runc(no_new_privileges: bool) -> Option<String> {
-    let runc = common::output_of(Command::new("sh").args(["-c", "command -v runc"]));
-    if !runc.status.success() {
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let status = Command::new("runc")
-        .args(["spec", "--bundle"])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "runc spec");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(common::busybox_rootfs())
-        .arg(dir.path().join("rootfs"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "copy the rootfs");
-    let path = dir.path().join("config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = json!(["sh", "-c", SECCOMP_PROBE]);
-    config["process"]["noNewPrivileges"] = no_new_privileges.into();
-    config["root"]["readonly"] = false.into();
-    config["linux"]["seccomp"] = seccomp_profile();
-    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let out = common::output_of(
-        Command::new("runc")
-            .arg("--root")
-            .arg(root.path())
-            .args(["run", "--bundle"])
-            .arg(dir.path())
-            .arg("seccomp-runc"),
-    );
-    Some(text(&out.stdout))
-}
-
 fn check_seccomp(no_new_privileges: bool) {
     let Some(env) = Env::new() else { return };
     let mut bundle = env.bundle(&["sh", "-c", SECCOMP_PROBE]);
@@ -351,6 +311,7 @@ fn check_seccomp(no_new_privileges: bool) {
         "seccomp"
     };
     let (out, _) = env.run_logged(&bundle, id);
+    let runc = common::run_under_runc(&bundle);
     for line in ["mkdir=1", "kill0=0", "term=1", "touch=0"] {
         assert!(
             out.lines().any(|l| l.trim() == line),
@@ -359,8 +320,13 @@ fn check_seccomp(no_new_privileges: bool) {
     }
     assert!(out.contains("Operation not permitted"), "{out:?}");
     assert!(out.contains("Permission denied"), "{out:?}");
-    if let Some(runc) = seccomp_probe_under_runc(no_new_privileges) {
-        assert_eq!(out, runc, "supermachine, then runc");
+    if let Some(runc) = runc {
+        assert_eq!(
+            out,
+            text(&runc.stdout),
+            "supermachine, then runc (runc's stderr: {})",
+            text(&runc.stderr)
+        );
     }
 }
 
@@ -391,4 +357,222 @@ fn seccomp_user_notification_fails_create_naming_it() {
         });
     });
     expect_create_error(&env, &bundle, "seccomp-notify", "SCMP_ACT_NOTIFY");
+}
+
+/// The five capability sets of the container's process, as `/proc/self/status` shows them.
+const CAPABILITY_SETS: &str = "grep ^Cap /proc/self/status";
+
+/// Runs `bundle` under supermachine and, where it is installed, runc: the same exit status
+/// and output, or the same error.
+fn same_as_runc(env: &Env, bundle: &Bundle, id: &str) -> std::process::Output {
+    let ours = env.run(&["run", "--bundle", bundle.path_str(), id]);
+    if let Some(runc) = common::run_under_runc(bundle) {
+        assert_eq!(
+            ours.status.code(),
+            runc.status.code(),
+            "{id}: exit status; ours said {:?}, runc {:?}",
+            text(&ours.stderr),
+            text(&runc.stderr)
+        );
+        assert_eq!(
+            text(&ours.stdout),
+            text(&runc.stdout),
+            "{id}: supermachine, then runc"
+        );
+        if !runc.status.success() {
+            // runc's is a logrus line around the same message.
+            let message = text(&ours.stderr);
+            let message = message.trim().trim_start_matches("supermachine: ");
+            assert!(
+                text(&runc.stderr).contains(message),
+                "{id}: {message:?} is not runc's {:?}",
+                text(&runc.stderr)
+            );
+        }
+    }
+    ours
+}
+
+/// The bit of each named capability (CAP_CHOWN is 0).
+fn mask(names: &[&str]) -> u64 {
+    names.iter().fold(0, |m, name| {
+        let bit = agent_proto::CAPABILITY_NAMES
+            .iter()
+            .position(|n| n == name)
+            .unwrap();
+        m | 1 << bit
+    })
+}
+
+#[test]
+fn the_five_capability_sets_are_as_configured_and_as_under_runc() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["sh", "-c", CAPABILITY_SETS]);
+    // Five different sets, an unprivileged user keeping its ambient ones across exec.
+    let (bounding, permitted) = (
+        [
+            "CAP_KILL",
+            "CAP_CHOWN",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SETUID",
+        ],
+        ["CAP_KILL", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+    );
+    bundle.edit(|c| {
+        c["process"]["user"] = json!({ "uid": 1000, "gid": 1000 });
+        c["process"]["capabilities"] = json!({
+            "bounding": bounding,
+            "permitted": permitted,
+            "effective": permitted,
+            "inheritable": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            "ambient": ["CAP_NET_BIND_SERVICE"],
+        });
+    });
+    let out = same_as_runc(&env, &bundle, "caps-five");
+    let ambient = mask(&["CAP_NET_BIND_SERVICE"]);
+    // An unprivileged user's exec keeps only its ambient capabilities in the permitted and
+    // effective sets.
+    let want = [
+        ("CapInh", mask(&["CAP_KILL", "CAP_NET_BIND_SERVICE"])),
+        ("CapPrm", ambient),
+        ("CapEff", ambient),
+        ("CapBnd", mask(&bounding)),
+        ("CapAmb", ambient),
+    ]
+    .map(|(set, bits)| format!("{set}:\t{bits:016x}"))
+    .join("\n");
+    assert_eq!(text(&out.stdout).trim(), want);
+}
+
+#[test]
+fn a_process_without_capabilities_has_none_as_under_runc() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["sh", "-c", CAPABILITY_SETS]);
+    bundle.edit(|c| {
+        c["process"].as_object_mut().unwrap().remove("capabilities");
+    });
+    let out = same_as_runc(&env, &bundle, "caps-none");
+    for line in text(&out.stdout).lines() {
+        assert!(line.ends_with("\t0000000000000000"), "{line}");
+    }
+}
+
+#[test]
+fn capabilities_the_kernel_refuses_fail_as_under_runc() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["true"]);
+    // Effective beyond permitted, and inheritable beyond the bounding set: capset(2) fails.
+    for (id, sets) in [
+        (
+            "caps-effective",
+            json!({ "bounding": ["CAP_KILL", "CAP_CHOWN"], "permitted": ["CAP_KILL"],
+                    "effective": ["CAP_KILL", "CAP_CHOWN"] }),
+        ),
+        (
+            "caps-inheritable",
+            json!({ "bounding": ["CAP_KILL"], "permitted": ["CAP_KILL"],
+                    "effective": ["CAP_KILL"], "inheritable": ["CAP_CHOWN"] }),
+        ),
+    ] {
+        bundle.edit(|c| c["process"]["capabilities"] = sets);
+        let out = same_as_runc(&env, &bundle, id);
+        assert!(!out.status.success(), "{id} ran");
+        assert!(
+            text(&out.stderr).contains(
+                "unable to start container process: unable to apply caps: operation not permitted"
+            ),
+            "{id}: {}",
+            text(&out.stderr)
+        );
+        env.assert_clean(id);
+    }
+}
+
+/// The user namespace as the container's process sees it: its maps, its ids, the owner of
+/// a root-owned file of the image, and whether its root can change that file's owner.
+const USER_NAMESPACE_PROBE: &str = "cat /proc/self/uid_map /proc/self/gid_map; \
+    echo uid=$(id -u) gid=$(id -g); stat -c 'root owned by %u:%g' /; \
+    chown 0:0 /bin 2>/dev/null; echo chown=$?";
+
+#[test]
+fn a_user_namespace_maps_the_containers_ids_as_under_runc() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["sh", "-c", USER_NAMESPACE_PROBE]);
+    let mapping = json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+    bundle.edit(|c| {
+        c["linux"] = json!({
+            // Pid and network namespaces too: runc's container root may mount /proc and
+            // /sys only for namespaces of its own.
+            "namespaces": [{ "type": "user" }, { "type": "mount" }, { "type": "pid" },
+                           { "type": "network" }],
+            "uidMappings": mapping,
+            "gidMappings": mapping,
+        });
+    });
+    let out = same_as_runc(&env, &bundle, "userns");
+    let out = text(&out.stdout);
+    let maps: Vec<Vec<&str>> = out
+        .lines()
+        .take(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        maps,
+        [["0", "100000", "65536"], ["0", "100000", "65536"]],
+        "{out}"
+    );
+    // Root inside; the image's root-owned files belong to no one it knows (the overflow id).
+    assert!(out.contains("uid=0 gid=0"), "{out}");
+    assert!(out.contains("root owned by 65534:65534"), "{out}");
+    // Its root's capabilities hold inside the namespace only: not over the VM's root.
+    assert!(out.contains("chown=1"), "{out}");
+}
+
+#[test]
+fn an_exec_joins_the_containers_user_namespace() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["sleep", "1000"]);
+    let mapping = json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+    bundle.edit(|c| {
+        c["linux"] = json!({
+            "namespaces": [{ "type": "user" }, { "type": "pid" }],
+            "uidMappings": mapping,
+            "gidMappings": mapping,
+        });
+    });
+    let id = "userns-exec";
+    let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert!(env.run(&["start", id]).status.success());
+    let out = env.run(&["exec", id, "sh", "-c", "cat /proc/self/uid_map; id -u"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    let words: Vec<String> = text(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(words, ["0", "100000", "65536", "0"]);
+    assert!(env.run(&["delete", "--force", id]).status.success());
+    env.assert_clean(id);
+}
+
+#[test]
+fn user_namespace_mappings_without_the_other_half_fail_create() {
+    let Some(env) = Env::new() else { return };
+    let mut bundle = env.bundle(&["true"]);
+    let mapping = json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+    bundle.edit(|c| {
+        c["linux"] = json!({ "namespaces": [{ "type": "user" }], "gidMappings": mapping });
+    });
+    expect_create_error(
+        &env,
+        &bundle,
+        "userns-no-uid-map",
+        "User namespaces enabled, but no uid mappings found.",
+    );
+    env.assert_clean("userns-no-uid-map");
+    bundle.edit(|c| {
+        c["linux"] = json!({ "uidMappings": mapping, "gidMappings": mapping });
+    });
+    expect_create_error(&env, &bundle, "userns-no-namespace", "no user namespace");
+    env.assert_clean("userns-no-namespace");
 }

@@ -189,6 +189,17 @@ pub fn relay(args: ExecRelayArgs, context: &Context) -> Result<i32> {
     }
 }
 
+/// The container's own process, as config.json gives it (capabilities resolved as for its
+/// first process); the default one if the bundle is gone.
+fn container_process(state: &ContainerState) -> ProcessSpec {
+    let mut spec = container::bundle::Bundle::load(&state.bundle)
+        .ok()
+        .and_then(|b| b.spec.process().as_ref().map(translate::process_spec))
+        .unwrap_or_default();
+    spec.capabilities.get_or_insert_with(Default::default);
+    spec
+}
+
 /// The process to run: `--process` (a full OCI process, as containerd passes it), or the
 /// command line applied over the container's own process settings.
 fn process_spec(args: &Exec, state: &ContainerState) -> Result<ProcessSpec> {
@@ -197,20 +208,17 @@ fn process_spec(args: &Exec, state: &ContainerState) -> Result<ProcessSpec> {
             std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
         let process: oci_spec::runtime::Process = serde_json::from_str(&text)
             .with_context(|| format!("invalid process in {}", path.display()))?;
-        let spec = translate::process_spec(&process);
+        let mut spec = translate::process_spec(&process);
         if spec.args.is_empty() {
             bail!("process args must not be empty");
         }
+        translate::inherit_capabilities(&mut spec, &container_process(state));
         return Ok(spec);
     }
     if args.command.is_empty() {
         bail!("exec needs a command or --process");
     }
-    let config = container::bundle::Bundle::load(&state.bundle).ok();
-    let mut spec = config
-        .as_ref()
-        .and_then(|b| b.spec.process().as_ref().map(translate::process_spec))
-        .unwrap_or_default();
+    let mut spec = container_process(state);
     spec.args = args.command.clone();
     spec.terminal = args.tty;
     spec.console_size = None;

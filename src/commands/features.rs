@@ -34,7 +34,7 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
             "sync", "async", "dirsync", "noatime", "atime", "nodiratime", "diratime",
             "relatime", "norelatime", "strictatime", "nostrictatime", "bind", "rbind"],
         "linux": {
-            "namespaces": ["mount", "network", "uts", "ipc", "pid", "cgroup"],
+            "namespaces": ["mount", "network", "uts", "ipc", "pid", "cgroup", "user"],
             "capabilities": agent_proto::CAPABILITY_NAMES.to_vec(),
             "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false },
             "seccomp": {

@@ -302,6 +302,78 @@ pub fn output_of(cmd: &mut Command) -> Output {
     }
 }
 
+/// `bundle`'s config run to its end under runc, where runc is installed (`None` without
+/// it): its output, for a test to set beside supermachine's. The root is a fresh copy of
+/// busybox (runc writes into it) and the container has the mount and UTS namespaces runc
+/// needs for a root and a hostname.
+pub fn run_under_runc(bundle: &Bundle) -> Option<Output> {
+    let found = output_of(Command::new("sh").args(["-c", "command -v runc"]));
+    if !found.status.success() {
+        skip::missing_prerequisite("runc is not installed: nothing to compare with");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(busybox_rootfs())
+        .arg(&rootfs)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copy busybox for runc");
+    let mut config = bundle.config.clone();
+    config["root"] = json!({ "path": rootfs, "readonly": false });
+    // runc cannot give what it has not got (a sandboxed host may lack some capabilities),
+    // while the VM's agent has them all.
+    let ours = host_bounding_set();
+    if let Some(sets) = config["process"]["capabilities"].as_object_mut() {
+        for set in sets.values_mut().filter_map(Value::as_array_mut) {
+            set.retain(|name| {
+                let bit = agent_proto::CAPABILITY_NAMES
+                    .iter()
+                    .position(|n| Some(*n) == name.as_str());
+                bit.map_or(true, |bit| ours & (1 << bit) != 0)
+            });
+        }
+    }
+    let linux = &mut config["linux"];
+    if !linux.is_object() {
+        *linux = json!({});
+    }
+    let mut namespaces = linux["namespaces"].as_array().cloned().unwrap_or_default();
+    // A VM is the container's own host: its hostname is its own without a UTS namespace.
+    for needed in ["mount", "uts"] {
+        if !namespaces.iter().any(|n| n["type"] == needed) {
+            namespaces.push(json!({ "type": needed }));
+        }
+    }
+    linux["namespaces"] = Value::Array(namespaces);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .expect("write runc's config.json");
+    let state = tempfile::tempdir().expect("tempdir");
+    Some(output_of(
+        Command::new("runc")
+            .arg("--root")
+            .arg(state.path())
+            .args(["run", "--bundle"])
+            .arg(dir.path())
+            .arg(format!("sm-runc-{}", std::process::id())),
+    ))
+}
+
+/// This process's capability bounding set.
+fn host_bounding_set() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapBnd in /proc/self/status")
+}
+
 pub fn processes_mentioning(needle: &Path) -> Vec<String> {
     let needle = needle.to_string_lossy().into_owned();
     let mut found = Vec::new();
@@ -399,7 +471,12 @@ impl Bundle {
     }
 
     /// The bundle with `root.path` "rootfs", not yet made.
+    ///
+    /// Its process has every capability (as `docker run --privileged`): what a test does in
+    /// the container is then not refused for want of one, and a test of capabilities sets
+    /// its own. (Without a `capabilities` object a process has none, under runc and here.)
     fn with_root(args: &[&str]) -> Self {
+        let all = agent_proto::CAPABILITY_NAMES.to_vec();
         let config = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -407,7 +484,10 @@ impl Bundle {
                 "user": { "uid": 0, "gid": 0 },
                 "args": args,
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-                "cwd": "/"
+                "cwd": "/",
+                "capabilities": {
+                    "bounding": all, "effective": all, "permitted": all
+                }
             },
             "root": { "path": "rootfs" },
             "hostname": "testvm",

@@ -317,6 +317,25 @@ pub struct ContainerSetup {
     /// under it from its first instruction.
     #[serde(default)]
     pub seccomp: Option<SeccompProfile>,
+    /// config.json's `user` namespace: every container process runs in one new namespace
+    /// with these mappings, of the VM's ids (a VM is the container's own host).
+    #[serde(default)]
+    pub user_namespace: Option<UserNamespace>,
+}
+
+/// A user namespace's `uidMappings` and `gidMappings`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserNamespace {
+    pub uid_mappings: Vec<IdMapping>,
+    pub gid_mappings: Vec<IdMapping>,
+}
+
+/// `size` ids from `container_id` inside are `host_id`… outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub size: u32,
 }
 
 /// An OCI seccomp profile, as config.json gives it (the host has checked its actions and
@@ -536,6 +555,8 @@ pub struct ProcessSpec {
     pub console_size: Option<(u16, u16)>,
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
+    /// `None`: config.json has no `capabilities`, and the process gets none (the host gives
+    /// an exec'd process without them the container's, before it asks).
     pub capabilities: Option<Capabilities>,
     pub oom_score_adj: Option<i32>,
 }

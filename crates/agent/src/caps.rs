@@ -25,15 +25,26 @@ fn mask(names: &[String]) -> u64 {
         .fold(0u64, |m, bit| m | (1 << bit))
 }
 
+/// The last system call's error as Go prints it, which is how runc's messages read:
+/// "operation not permitted".
+fn last_error() -> String {
+    let text = std::io::Error::last_os_error().to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_lowercase().chain(chars).collect::<String>()
+    })
+}
+
 /// The bounding-set part, done before the uid change (it needs CAP_SETPCAP).
-pub fn drop_bounding(caps: &Capabilities) -> Result<(), &'static str> {
+pub fn drop_bounding(caps: &Capabilities) -> Result<(), String> {
     let keep = mask(&caps.bounding);
     for cap in 0..=last_cap() {
         if keep & (1 << cap) == 0 {
             // SAFETY: prctl with integer arguments only.
             let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
             if rc != 0 && nix::errno::Errno::last() != nix::errno::Errno::EINVAL {
-                return Err("prctl(PR_CAPBSET_DROP)");
+                return Err(format!("unable to apply bounding set: {}", last_error()));
             }
         }
     }
@@ -58,7 +69,7 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// The effective/permitted/inheritable and ambient sets, done after the uid change (which
 /// keeps permitted capabilities because of PR_SET_KEEPCAPS).
-pub fn apply_sets(caps: &Capabilities) -> Result<(), &'static str> {
+pub fn apply_sets(caps: &Capabilities) -> Result<(), String> {
     let (effective, permitted, inheritable) = (
         mask(&caps.effective),
         mask(&caps.permitted),
@@ -87,7 +98,7 @@ pub fn apply_sets(caps: &Capabilities) -> Result<(), &'static str> {
         )
     };
     if rc != 0 {
-        return Err("capset");
+        return Err(format!("unable to apply caps: {}", last_error()));
     }
     // A capability can only be ambient if it is permitted and inheritable; configs (runc's
     // own `spec`) often list ambient capabilities without inheritable ones, and runc skips
@@ -106,7 +117,7 @@ pub fn apply_sets(caps: &Capabilities) -> Result<(), &'static str> {
                 )
             };
             if rc != 0 {
-                return Err("prctl(PR_CAP_AMBIENT_RAISE)");
+                return Err(format!("unable to apply caps: {}", last_error()));
             }
         }
     }

@@ -22,6 +22,7 @@ mod server;
 mod setup;
 mod shares;
 mod spawn;
+mod userns;
 mod warm;
 
 use std::time::Duration;

@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use crate::cgroup::ContainerCgroup;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
+use crate::userns::ContainerUserNamespace;
 use crate::{agent_debug, agent_log, cpus, network, procfs, seccomp, setup, spawn, warm};
 
 /// How long an exited process's output may stay open (held by its own background children)
@@ -105,6 +106,8 @@ pub struct Server {
     cgroup: Option<ContainerCgroup>,
     /// config.json's seccomp filter, compiled at setup; every container process installs it.
     seccomp: Option<seccomp::Filter>,
+    /// config.json's user namespace, made at setup; every container process joins it.
+    user_namespace: Option<ContainerUserNamespace>,
     /// The guest's vCPUs, taken online and offline by a live update.
     cpus: cpus::Cpus,
     /// virtio-net devices held detached until the host connects them.
@@ -147,6 +150,7 @@ impl Server {
             container_mounts: None,
             cgroup: None,
             seccomp: None,
+            user_namespace: None,
             cpus: cpus::Cpus::open(),
             detached_nics: network::DetachedNics::detach_all(),
             dns: None,
@@ -389,10 +393,17 @@ impl Server {
                     .map(ContainerCgroup::create)
                     .transpose()
                     .map_err(|e| AgentError(e.0))?;
+                let user_namespace = config
+                    .user_namespace
+                    .as_ref()
+                    .map(ContainerUserNamespace::create)
+                    .transpose()
+                    .map_err(|e| AgentError(e.0))?;
                 self.container_mounts = setup::setup_container(&config, cgroup.as_ref())
                     .map_err(|e| AgentError(e.0))?;
                 self.cgroup = cgroup;
                 self.seccomp = seccomp;
+                self.user_namespace = user_namespace;
                 self.container_ready = true;
                 Ok(Reply::Ok)
             }
@@ -408,14 +419,13 @@ impl Server {
                     return Err(AgentError(format!("process {process} already exists")));
                 }
                 let mounts = self.container_mounts.take();
-                let spawned = spawn::spawn(
-                    &spec,
-                    !start,
-                    mounts.as_ref(),
-                    self.cgroup.as_ref(),
-                    self.seccomp.as_ref(),
-                )
-                .map_err(AgentError)?;
+                let container = spawn::Container {
+                    mounts: mounts.as_ref(),
+                    cgroup: self.cgroup.as_ref(),
+                    seccomp: self.seccomp.as_ref(),
+                    user_namespace: self.user_namespace.as_ref(),
+                };
+                let spawned = spawn::spawn(&spec, !start, &container).map_err(AgentError)?;
                 let pid = spawned.pid;
                 self.processes.insert(process, into_process(spawned));
                 Ok(Reply::Created { pid: pid.as_raw() })

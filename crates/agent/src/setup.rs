@@ -288,7 +288,7 @@ fn in_root(path: &str) -> PathBuf {
 /// symlink or over a file there (mounting through an image's symlink has been a way to put
 /// them where the container's process can subvert them).
 fn refuse_kernel_filesystem_on_non_directory(m: &MountSpec) -> Result<(), SetupError> {
-    let MountKind::Filesystem { fstype, .. } = &m.kind else {
+    let MountKind::Filesystem { fstype, source, .. } = &m.kind else {
         return Ok(());
     };
     if !matches!(fstype.as_str(), "proc" | "sysfs") {
@@ -296,8 +296,9 @@ fn refuse_kernel_filesystem_on_non_directory(m: &MountSpec) -> Result<(), SetupE
     }
     match fs::symlink_metadata(in_root(&m.destination)) {
         Ok(meta) if !meta.is_dir() => Err(SetupError(format!(
-            "filesystem {fstype:?} must be mounted on ordinary directory ({} is not one)",
-            m.destination
+            "error mounting {:?} to rootfs at {:?}: filesystem {fstype:?} must be mounted on \
+             ordinary directory",
+            source, m.destination
         ))),
         _ => Ok(()),
     }

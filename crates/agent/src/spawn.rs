@@ -21,7 +21,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,7 @@ use crate::cgroup::ContainerCgroup;
 use crate::paths::{DEFAULT_PATH, PASSWD};
 use crate::seccomp::Filter;
 use crate::setup::ContainerMounts;
+use crate::userns::{self, ContainerUserNamespace};
 
 /// A started (or waiting-to-start) process and the agent's ends of its stdio.
 #[derive(Debug)]
@@ -80,13 +81,27 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
+/// What every process of the container shares, made at its setup.
+#[derive(Default)]
+pub struct Container<'a> {
+    /// The mounts left for the first process to make (PID 1 of a pid namespace).
+    pub mounts: Option<&'a ContainerMounts>,
+    pub cgroup: Option<&'a ContainerCgroup>,
+    pub seccomp: Option<&'a Filter>,
+    pub user_namespace: Option<&'a ContainerUserNamespace>,
+}
+
 pub fn spawn(
     spec: &ProcessSpec,
     wait_for_start: bool,
-    mounts: Option<&ContainerMounts>,
-    cgroup: Option<&ContainerCgroup>,
-    seccomp: Option<&Filter>,
+    container: &Container<'_>,
 ) -> Result<Spawned, String> {
+    let Container {
+        mounts,
+        cgroup,
+        seccomp,
+        user_namespace,
+    } = *container;
     if spec.args.is_empty() {
         return Err("process.args is empty".to_string());
     }
@@ -166,6 +181,7 @@ pub fn spawn(
         cgroup,
         cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
         seccomp,
+        user_namespace: user_namespace.map(|ns| ns.fd().as_raw_fd()),
         hold: wait_for_start,
         report: sync_w.as_raw_fd(),
     };
@@ -202,7 +218,11 @@ pub fn spawn(
     let _ = File::from(sync_r).read_to_end(&mut report);
     if !report.is_empty() {
         reap(pid);
-        return Err(String::from_utf8_lossy(&report).into_owned());
+        // runc's words for any failure between clone and exec.
+        return Err(format!(
+            "unable to start container process: {}",
+            String::from_utf8_lossy(&report)
+        ));
     }
     if let Some(console) = console {
         // Sent before the `exec` that ended the report, so it is waiting in the socket.
@@ -242,6 +262,8 @@ struct Child<'a> {
     /// The container cgroup's `cgroup.procs`, when it has one.
     cgroup_procs: Option<RawFd>,
     seccomp: Option<&'a Filter>,
+    /// The container's user namespace, joined after the mounts.
+    user_namespace: Option<RawFd>,
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
@@ -443,6 +465,11 @@ fn child_setup(child: &Child) -> Result<PathBuf, String> {
         std::fs::create_dir_all(cwd).map_err(|e| format!("create cwd {cwd}: {e}"))?;
     }
     std::env::set_current_dir(cwd).map_err(|e| format!("chdir to cwd {cwd:?}: {e}"))?;
+    if let Some(namespace) = child.user_namespace {
+        // SAFETY: the agent keeps the namespace's descriptor open until this child has
+        // exec'd or exited (it is suspended meanwhile).
+        userns::join(unsafe { BorrowedFd::borrow_raw(namespace) })?;
+    }
     if child.hold {
         // The `exec` then stops before the program's first instruction. Before seccomp, which
         // may not allow `ptrace`.
@@ -454,15 +481,15 @@ fn child_setup(child: &Child) -> Result<PathBuf, String> {
     if let Some(filter) = seccomp_now {
         filter.install()?;
     }
-    if let Some(caps) = &spec.capabilities {
-        caps::drop_bounding(caps)?;
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
-    }
+    // No `capabilities` means none, as under runc (the host fills in an exec's from the
+    // container's).
+    let no_capabilities = Default::default();
+    let caps = spec.capabilities.as_ref().unwrap_or(&no_capabilities);
+    caps::drop_bounding(caps)?;
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
     set_ids(spec)?;
-    if let Some(caps) = &spec.capabilities {
-        caps::apply_sets(caps)?;
-    }
+    caps::apply_sets(caps)?;
     if let Some(mask) = spec.umask {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask & 0o777));
     }

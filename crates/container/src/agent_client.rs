@@ -236,7 +236,7 @@ impl AgentClient {
                 let after = sent.elapsed();
                 let reply = match answer {
                     Ok(Ok(reply)) => Ok(reply),
-                    Ok(Err(message)) => Err(ContainerError::Agent(message)),
+                    Ok(Err(message)) => Err(ContainerError::Guest(message)),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         self.inner.pending.lock_unpoisoned().remove(&id);
                         Err(ContainerError::Agent(format!(

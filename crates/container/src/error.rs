@@ -29,9 +29,16 @@ pub enum ContainerError {
     /// A bind mount's source cannot be served to the VM.
     #[error("bind mount: {0}")]
     Share(#[from] share::ShareError),
+    /// The channel to the agent failed: it closed, timed out or carried something else.
     #[error("agent: {0}")]
     Agent(String),
-    #[error("{message}; last guest console lines:\n{console}")]
+    /// The agent answered a request with an error, in its own words (for a process that
+    /// could not start, runc's: "unable to start container process: ...").
+    #[error("{0}")]
+    Guest(String),
+    /// The VM failed to come up or to serve the container's start; `console` is the end of
+    /// the guest's console, when it printed anything.
+    #[error("{message}{}", console_lines(.console))]
     Boot { message: String, console: String },
     #[error("{path}: {source}")]
     Io {
@@ -53,6 +60,14 @@ pub enum ContainerError {
     /// `linux.resources` given to `update` that is not valid.
     #[error("invalid resources: {0}")]
     InvalidResources(String),
+}
+
+fn console_lines(console: &str) -> String {
+    if console.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last guest console lines:\n{console}")
+    }
 }
 
 impl ContainerError {

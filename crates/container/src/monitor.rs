@@ -106,13 +106,16 @@ pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
     };
     let started = Instant::now();
     // Known from the start, so that `delete --force` of a container still being created
-    // (its VM booting) finds the process to stop.
-    let pid = std::process::id() as i32;
-    if let Err(e) = dir.update(|s| {
-        s.pid = Some(pid);
-        s.pid_start_time = proc::start_time(pid);
-    }) {
-        log::warn!("recording the monitor pid: {e}");
+    // (its VM booting) finds the process to stop; a container deleted before that (see
+    // `MonitoredContainer::stop`) is not started at all.
+    if let Err(e) = record_pid(&dir) {
+        report(
+            &mut sync,
+            SyncMessage::Failed {
+                error: e.to_string(),
+            },
+        );
+        return 1;
     }
     match Monitor::start(&args, &dir, started) {
         Ok(monitor) => {
@@ -136,6 +139,22 @@ pub fn run(args: MonitorArgs, sync: Option<OwnedFd>) -> i32 {
             1
         }
     }
+}
+
+/// Records this monitor's pid in the state of a container still being created.
+fn record_pid(dir: &ContainerDir) -> Result<(), ContainerError> {
+    let lock = dir.lock_state()?;
+    let mut state = dir.load()?;
+    if state.status != Status::Creating || state.pid.is_some() {
+        return Err(ContainerError::InvalidState(format!(
+            "container {} was deleted while it was being created",
+            dir.id
+        )));
+    }
+    let pid = std::process::id() as i32;
+    state.pid = Some(pid);
+    state.pid_start_time = proc::start_time(pid);
+    dir.save(&state, &lock)
 }
 
 fn report(sync: &mut Option<File>, message: SyncMessage) {

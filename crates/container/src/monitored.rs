@@ -8,7 +8,7 @@ use crate::control::{self, ControlRequest};
 use crate::hooks::HostHooks;
 use crate::lifecycle::{Holder, LiveUpdate};
 use crate::plan::Plan;
-use crate::state::{ContainerDir, OciState, StateStore, Status};
+use crate::state::{ContainerDir, ContainerState, OciState, StateStore, Status};
 use crate::{proc, ContainerError};
 
 /// How long a verb waits for the monitor to answer a control request (a `start` includes
@@ -32,6 +32,23 @@ impl MonitoredContainer {
 
     fn call(&self, request: ControlRequest) -> Result<(), ContainerError> {
         control::call(&self.dir.path, request, CONTROL_TIMEOUT).map(|_| ())
+    }
+}
+
+impl MonitoredContainer {
+    /// The state to stop from. A container still being created whose monitor has not yet
+    /// recorded its pid (its `create` was killed in between, or is that far) is marked
+    /// stopped under the state lock: its monitor, which records its pid under that lock
+    /// only while the container is still being created, then gives up instead of starting a
+    /// VM that nothing would stop.
+    fn stop_before_a_monitor(&self) -> Result<ContainerState, ContainerError> {
+        let lock = self.dir.lock_state()?;
+        let mut state = self.dir.load()?;
+        if state.status == Status::Creating && state.pid.is_none() {
+            state.status = Status::Stopped;
+            self.dir.save(&state, &lock)?;
+        }
+        Ok(state)
     }
 }
 
@@ -80,7 +97,7 @@ impl Holder for MonitoredContainer {
     /// not go in time, or is still creating (no control socket yet), is killed, and its VM
     /// dies with it (PR_SET_PDEATHSIG).
     fn stop(&self) -> Result<(), ContainerError> {
-        let state = self.dir.load()?;
+        let state = self.stop_before_a_monitor()?;
         let Some(pid) = state
             .pid
             .filter(|&pid| proc::is_alive(pid, state.pid_start_time))

@@ -197,7 +197,10 @@ impl Plan {
                 path: bundle.dir.clone(),
                 reason: "config.json has no process".into(),
             })?;
-        let init = translate::process_spec(process);
+        let mut init = translate::process_spec(process);
+        // As runc: a process without a `capabilities` object has none (an exec without one
+        // gets the container's, see `inherit_capabilities`).
+        init.capabilities.get_or_insert_with(Default::default);
         // The first process's program is read into the guest's page cache with the root, so
         // a snapshot baked now holds it (the next container of this image usually runs it).
         setup.rootfs.warm = init.args.first().cloned().into_iter().collect();

@@ -186,9 +186,14 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
             if let Some(publisher) = publisher {
                 let _ = publisher.join();
             }
-            Err(ContainerError::Boot {
-                message: e.to_string(),
-                console,
+            // An answer of the agent's is the whole story; anything else may be the
+            // guest's, and its console may say.
+            Err(match e {
+                ContainerError::Guest(_) => e,
+                e => ContainerError::Boot {
+                    message: e.to_string(),
+                    console,
+                },
             })
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use agent_proto::{
     Capabilities, CgroupSetting, CgroupSpec, ContainerSetup, DeviceKind, DeviceNode, MountKind,
     MountSpec, ProcessSpec, PropagationKind, Rlimit, RootPropagation, RootfsSpec, SeccompAction,
-    SeccompArg, SeccompOp, SeccompProfile, SeccompRule,
+    SeccompArg, SeccompOp, SeccompProfile, SeccompRule, UserNamespace,
 };
 use oci_spec::runtime::{LinuxCpu, LinuxResources, Process, Spec};
 
@@ -173,6 +173,14 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
     }
 }
 
+/// An exec'd process without a `capabilities` object gets the container's first process's,
+/// as under runc.
+pub fn inherit_capabilities(exec: &mut ProcessSpec, init: &ProcessSpec) {
+    if exec.capabilities.is_none() {
+        exec.capabilities = Some(init.capabilities.clone().unwrap_or_default());
+    }
+}
+
 /// A host directory or regular file the container binds: served live to the guest by the
 /// VM's share server (the `share` crate), the `index`th entry of the shared filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -284,8 +292,57 @@ pub fn container_setup(
             .and_then(|l| l.seccomp().as_ref())
             .map(seccomp)
             .transpose()?,
+        user_namespace: user_namespace(spec)?,
     };
     Ok((setup, shares))
+}
+
+/// config.json's `user` namespace and its mappings, refused as runc refuses them when one
+/// comes without the other. (A `user` namespace with a path, to join, is refused earlier.)
+fn user_namespace(spec: &Spec) -> Result<Option<UserNamespace>, ContainerError> {
+    let Some(linux) = spec.linux() else {
+        return Ok(None);
+    };
+    let mappings = |given: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        given
+            .iter()
+            .flatten()
+            .map(|m| agent_proto::IdMapping {
+                container_id: m.container_id(),
+                host_id: m.host_id(),
+                size: m.size(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let (uid_mappings, gid_mappings) = (
+        mappings(linux.uid_mappings()),
+        mappings(linux.gid_mappings()),
+    );
+    let wanted = linux.namespaces().iter().flatten().any(|n| {
+        n.typ() == oci_spec::runtime::LinuxNamespaceType::User
+            && n.path().as_ref().is_none_or(|p| p.as_os_str().is_empty())
+    });
+    if !wanted {
+        if uid_mappings.is_empty() && gid_mappings.is_empty() {
+            return Ok(None);
+        }
+        return Err(ContainerError::Unsupported(
+            "linux.uidMappings/gidMappings are given, but linux.namespaces has no user \
+             namespace for them"
+                .into(),
+        ));
+    }
+    for (kind, given) in [("uid", &uid_mappings), ("gid", &gid_mappings)] {
+        if given.is_empty() {
+            return Err(ContainerError::Unsupported(format!(
+                "User namespaces enabled, but no {kind} mappings found."
+            )));
+        }
+    }
+    Ok(Some(UserNamespace {
+        uid_mappings,
+        gid_mappings,
+    }))
 }
 
 /// `linux.seccomp` for the guest's libseccomp, checked here so that what the VM cannot do
@@ -1045,6 +1102,38 @@ mod tests {
         assert_eq!(count_cpuset("2"), Some(1));
         assert_eq!(count_cpuset("3-1"), None);
         assert_eq!(count_cpuset(""), None);
+    }
+
+    #[test]
+    fn a_user_namespace_needs_its_mappings_and_mappings_need_the_namespace() {
+        let with = |linux: &str| {
+            user_namespace(&spec(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{linux}}}"#
+            )))
+        };
+        let map = r#"[{"containerID":0,"hostID":100000,"size":65536}]"#;
+        let both = with(&format!(
+            r#"{{"namespaces":[{{"type":"user"}}],"uidMappings":{map},"gidMappings":{map}}}"#
+        ))
+        .unwrap()
+        .unwrap();
+        let expected = agent_proto::IdMapping {
+            container_id: 0,
+            host_id: 100_000,
+            size: 65_536,
+        };
+        assert_eq!(both.uid_mappings, [expected]);
+        assert_eq!(both.gid_mappings, [expected]);
+        assert_eq!(with(r#"{"namespaces":[{"type":"pid"}]}"#).unwrap(), None);
+        let no_gid = with(&format!(
+            r#"{{"namespaces":[{{"type":"user"}}],"uidMappings":{map}}}"#
+        ));
+        assert!(no_gid.unwrap_err().to_string().contains("no gid mappings"));
+        let no_namespace = with(&format!(r#"{{"uidMappings":{map},"gidMappings":{map}}}"#));
+        assert!(no_namespace
+            .unwrap_err()
+            .to_string()
+            .contains("no user namespace"));
     }
 
     #[test]

@@ -396,9 +396,10 @@ impl Task {
     pub fn add_exec(
         &self,
         exec_id: &str,
-        spec: ProcessSpec,
+        mut spec: ProcessSpec,
         stdio: StdioPaths,
     ) -> Result<(), ContainerError> {
+        container::translate::inherit_capabilities(&mut spec, &self.plan.init);
         let mut execs = self.execs.lock_unpoisoned();
         if execs.contains_key(exec_id) {
             return Err(ContainerError::AlreadyExists(exec_id.to_string()));
