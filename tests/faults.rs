@@ -1,5 +1,6 @@
-//! Fault injection, with real VMs: the runtime's processes are killed with SIGKILL (no
-//! chance to clean up) at each step of create, start and delete. What a caller does next
+//! Fault injection, with real VMs: the runtime's processes (the verbs and the container's
+//! monitor) are killed with SIGKILL (no chance to clean up) at each step of create, start
+//! and delete. What a caller does next
 //! (`state`, then `delete --force`, as containerd and docker do after a failure) must
 //! answer within a bound and leave nothing: no state directory, no monitor, no VM.
 
@@ -152,6 +153,33 @@ fn the_monitor_killed_at_each_step_leaves_a_stopped_container_that_deletes_clean
             doc.is_null() || doc["status"] == "stopped"
         });
         delete_leaves_nothing(&env, id);
+    }
+}
+
+#[test]
+fn start_killed_midway_leaves_a_container_that_is_created_or_running_and_deletes_cleanly() {
+    let Some(env) = Env::new() else { return };
+    let bundle = env.bundle(&["sleep", "1000"]);
+    for (n, delay) in [0u64, 20, 100].into_iter().enumerate() {
+        let id = format!("start-killed-{n}");
+        let mut create = spawn_create(&env, &bundle, &id);
+        assert_eq!(wait_bounded(&mut create, "create"), Some(0));
+        let mut start = env
+            .cmd()
+            .args(["start", &id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        sigkill(start.id() as i32);
+        let _ = start.wait();
+        let doc = status(&env, &id);
+        assert!(
+            doc["status"] == "created" || doc["status"] == "running",
+            "{id}: {doc}"
+        );
+        delete_leaves_nothing(&env, &id);
     }
 }
 

@@ -349,6 +349,8 @@ fn kill_accepts_signal_names_and_delete_force_ends_a_running_container() {
     }
     assert!(env.run(&["kill", "c-kill", "SIGUSR1"]).status.success());
     assert!(env.run(&["kill", "c-kill", "usr1"]).status.success());
+    // Signal 0 only asks whether the process is there, as under runc.
+    assert!(env.run(&["kill", "c-kill", "0"]).status.success());
     let out = env.run(&["delete", "c-kill"]);
     assert!(
         !out.status.success(),

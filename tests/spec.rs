@@ -234,6 +234,9 @@ fn verbs_on_a_stopped_container_fail_as_runcs_do() {
     for (args, code, message) in [
         (vec!["kill", id], 1, "container not running"),
         (vec!["kill", id, "KILL"], 1, "container not running"),
+        (vec!["kill", id, "0"], 1, "container not running"),
+        // `--all` finds nothing left to signal, and succeeds.
+        (vec!["kill", "--all", id, "KILL"], 0, ""),
         (
             vec!["exec", id, "true"],
             255,

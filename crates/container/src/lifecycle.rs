@@ -149,8 +149,14 @@ pub fn start(holder: &impl Holder) -> Result<(), ContainerError> {
 /// signal is refused until the container is resumed.
 pub fn kill(holder: &impl Holder, signal: i32, all: bool) -> Result<(), ContainerError> {
     let status = holder.status()?;
+    // As runc: `--all` of a stopped container has nothing left to signal, and succeeds.
+    if all && status == Status::Stopped {
+        return Ok(());
+    }
     status.allows(Verb::Kill)?;
     match status {
+        // Signal 0 asks whether the container's process is there; the status says it is.
+        _ if signal == 0 => Ok(()),
         Status::Paused if signal == libc::SIGKILL => holder.stop(),
         Status::Paused => Err(ContainerError::InvalidState(
             "container is paused; resume it first or send SIGKILL".into(),

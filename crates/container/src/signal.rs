@@ -43,7 +43,8 @@ const SIGRTMAX: i32 = 64;
 pub fn parse(text: &str) -> Result<i32, ContainerError> {
     let unknown = || ContainerError::UnknownSignal(text.to_string());
     if let Ok(n) = text.parse::<i32>() {
-        return if (1..=SIGRTMAX).contains(&n) {
+        // 0 sends nothing: it asks whether the container's process is there, as kill(2).
+        return if (0..=SIGRTMAX).contains(&n) {
             Ok(n)
         } else {
             Err(unknown())
@@ -88,6 +89,7 @@ mod tests {
     #[test]
     fn names_numbers_and_prefixes_parse() {
         assert_eq!(parse("9").unwrap(), 9);
+        assert_eq!(parse("0").unwrap(), 0);
         assert_eq!(parse("KILL").unwrap(), 9);
         assert_eq!(parse("SIGTERM").unwrap(), 15);
         assert_eq!(parse("sigusr1").unwrap(), 10);
@@ -97,7 +99,7 @@ mod tests {
 
     #[test]
     fn unknown_signals_are_rejected() {
-        for bad in ["", "0", "65", "-1", "SIGFOO", "RTMIN+40", "9x"] {
+        for bad in ["", "65", "-1", "SIGFOO", "RTMIN+40", "9x"] {
             assert!(
                 matches!(parse(bad), Err(ContainerError::UnknownSignal(_))),
                 "{bad}"
