@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{text, Env};
+use common::{text, Bundle, Env};
 
 fn cache_entries(env: &Env) -> Vec<serde_json::Value> {
     let out = env.run(&["cache", "ls", "--format", "json"]);
@@ -255,14 +255,42 @@ fn a_full_cache_evicts_the_least_recently_used_snapshot() {
     assert!(!env.run(&["cache", "rm", "../../etc"]).status.success());
 }
 
-/// The image key an annotation gives (as `cache ls` describes it).
+/// The image key an annotation gives a test bundle's root (as `cache ls` describes it).
 fn image_key(annotation: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::new(&["true"]);
     let mut annotations = std::collections::HashMap::new();
     annotations.insert("run.supermachine.image".to_string(), annotation.to_string());
-    image::ImageKey::for_rootfs(dir.path(), &annotations)
+    image::ImageKey::for_rootfs(&bundle.rootfs(), &annotations)
         .unwrap()
         .to_string()
+}
+
+#[test]
+fn a_bundle_claiming_another_images_annotation_gets_its_own_image() {
+    let Some((env, _cache)) = Env::with_fresh_cache() else {
+        return;
+    };
+    let claim = |c: &mut serde_json::Value| {
+        c["annotations"] = serde_json::json!({ "run.supermachine.image": "claimed" });
+    };
+    const MARKER: &[&str] = &["sh", "-c", "cat /marker 2>/dev/null || echo none"];
+    // The image the annotation first came with, baked.
+    assert_eq!(run_logged(&env, "claim-a", MARKER, claim).0, "none\n");
+    // Another image (busybox with a marker file) under the same annotation.
+    let other = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", common::busybox_rootfs().display()))
+        .arg(other.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(other.path().join("marker"), "the other image\n").unwrap();
+    let mut bundle = Bundle::with_lower(MARKER, other.path());
+    bundle.edit(claim);
+    let (out, _) = env.run_logged(&bundle, "claim-b");
+    assert_eq!(out, "the other image\n");
+    assert_eq!(cache_entries(&env).len(), 2, "one snapshot per image");
 }
 
 #[test]

@@ -423,6 +423,12 @@ impl Drop for OverlayRoot {
 
 impl Bundle {
     pub fn new(args: &[&str]) -> Self {
+        Self::with_lower(args, &busybox_rootfs())
+    }
+
+    /// A bundle whose root is an overlay of `lower` (an image of the test's own) under a
+    /// writable layer of its own.
+    pub fn with_lower(args: &[&str], lower: &Path) -> Self {
         let mut bundle = Self::with_root(args);
         let rootfs = bundle.path().join("rootfs");
         let layer = bundle.path().join("layer");
@@ -431,7 +437,7 @@ impl Bundle {
         }
         let options = format!(
             "lowerdir={},upperdir={}/upper,workdir={}/work",
-            busybox_rootfs().display(),
+            lower.display(),
             layer.display(),
             layer.display()
         );

@@ -71,22 +71,35 @@ impl ImageKey {
         ImageKey { hex, source }
     }
 
-    /// The key of a root laid out as `layout`, by the first source that applies.
+    /// The key of a root laid out as `layout`: its content as the runtime sees it (the
+    /// lower layers it makes the image of; nothing of a shared directory), labelled by an
+    /// image annotation where the bundle has one. The annotation is the caller's word, so it
+    /// is hashed with the content, never instead of it: a bundle that claims another image's
+    /// annotation over other layers gets a key, and an image, of its own.
     pub fn for_root(layout: &RootLayout, annotations: &HashMap<String, String>) -> Self {
-        for name in IMAGE_ANNOTATIONS {
-            if let Some(value) = annotations.get(name).filter(|v| !v.is_empty()) {
-                return Self::from_parts(
-                    KeySource::Annotation(name.to_string()),
-                    &[value.as_bytes()],
-                );
-            }
-        }
-        match layout {
-            RootLayout::Layered(layers) => {
-                let joined = image_layers(&layers.lower).join("\n");
-                Self::from_parts(KeySource::OverlayLowerdirs, &[joined.as_bytes()])
-            }
-            RootLayout::Directory => Self::from_parts(KeySource::SharedDirectory, &[]),
+        let (source, content) = match layout {
+            RootLayout::Layered(layers) => (
+                KeySource::OverlayLowerdirs,
+                image_layers(&layers.lower).join("\n"),
+            ),
+            RootLayout::Directory => (KeySource::SharedDirectory, String::new()),
+        };
+        let annotation = IMAGE_ANNOTATIONS.iter().find_map(|name| {
+            annotations
+                .get(*name)
+                .filter(|v| !v.is_empty())
+                .map(|value| (*name, value))
+        });
+        match annotation {
+            Some((name, value)) => Self::from_parts(
+                KeySource::Annotation(name.to_string()),
+                &[
+                    value.as_bytes(),
+                    source.to_string().as_bytes(),
+                    content.as_bytes(),
+                ],
+            ),
+            None => Self::from_parts(source, &[content.as_bytes()]),
         }
     }
 
@@ -288,23 +301,36 @@ mod tests {
         assert_eq!(a, vec!["/var/lib/docker/overlay2/layer1/diff".to_string()]);
     }
 
+    fn layered(lower: &str) -> RootLayout {
+        RootLayout::Layered(OverlayLayers {
+            lower: vec![PathBuf::from(lower)],
+            upper: Some("/upper".into()),
+            work: Some("/work".into()),
+            mount_options: String::new(),
+            super_options: String::new(),
+        })
+    }
+
     #[test]
-    fn annotation_wins_over_content() {
-        let dir = tempfile::tempdir().unwrap();
+    fn an_annotation_labels_the_key_but_never_stands_for_the_layers() {
         let mut annotations = HashMap::new();
         annotations.insert(
             "org.opencontainers.image.digest".to_string(),
             "sha256:abc".to_string(),
         );
-        let key = ImageKey::for_rootfs(dir.path(), &annotations).unwrap();
+        let key = ImageKey::for_root(&layered("/layers/a"), &annotations);
         assert_eq!(
             key.source(),
             &KeySource::Annotation("org.opencontainers.image.digest".into())
         );
-        let other = tempfile::tempdir().unwrap();
-        assert_eq!(
+        // The same image on the same layers: one key.
+        assert_eq!(key, ImageKey::for_root(&layered("/layers/a"), &annotations));
+        // The same claim over other layers: another key.
+        assert_ne!(key, ImageKey::for_root(&layered("/layers/b"), &annotations));
+        // And the claim is part of the key: the layers without it are another image.
+        assert_ne!(
             key,
-            ImageKey::for_rootfs(other.path(), &annotations).unwrap()
+            ImageKey::for_root(&layered("/layers/a"), &HashMap::new())
         );
     }
 

@@ -4,12 +4,13 @@
 //! layer (docker, containerd) gives its lower layers, the image, as a read-only ext4 image
 //! (`mkfs.ext4 -d`), cached by an [`ImageKey`] so that every later container of the image
 //! reuses it; its upper directory stays the container's. Any other root is a host directory
-//! the guest is given whole, and has no disk image. The key comes, in this order, from:
-//! 1. an explicit image annotation (`run.supermachine.image`, `org.opencontainers.image.digest`,
-//!    `io.containerd.image.digest`): the caller vouches that the rootfs is that image;
-//! 2. the overlay lower layers the rootfs is mounted from (docker and containerd mount every
-//!    container of one image from the same layer directories);
-//! 3. for a shared directory, one key for all: nothing of the directory is in the snapshot.
+//! the guest is given whole, and has no disk image. The key is a digest of what the runtime
+//! sees of the root: the overlay's lower layers (docker and containerd mount every container
+//! of one image from the same layer directories), or for a shared directory one key for all
+//! (nothing of the directory is in the snapshot). An image annotation
+//! (`run.supermachine.image`, `org.opencontainers.image.digest`,
+//! `io.containerd.image.digest`) labels the key and is hashed with that content, never
+//! instead of it: a bundle cannot claim another image's key.
 
 mod cpio;
 mod digest;
