@@ -780,6 +780,37 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
 }
 
 #[test]
+fn a_cgroups_path_that_climbs_stays_under_the_hierarchy_root() {
+    let Some(env) = Env::new() else { return };
+    let name = format!("supermachine-climb-{}", std::process::id());
+    let mut bundle = env.bundle(&["sleep", "1000"]);
+    bundle
+        .edit(|c| c["linux"] = serde_json::json!({ "cgroupsPath": format!("/a/../../../{name}") }));
+    let pid_file = env.root().join("climb.pid");
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.path_str(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c-climb",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    // Cleaned as runc cleans it: the cgroup is `/<name>` of each hierarchy, not a
+    // directory climbed to outside `/sys/fs/cgroup`.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().any(|l| l.ends_with(&format!(":/{name}"))),
+        "{cgroups}"
+    );
+    assert!(!std::path::Path::new("/").join(&name).exists());
+    assert!(!std::path::Path::new("/sys").join(&name).exists());
+    assert!(env.run(&["delete", "--force", "c-climb"]).status.success());
+    env.assert_clean("c-climb");
+}
+
+#[test]
 fn file_binds_are_mounts_over_a_read_only_root() {
     let Some(env) = Env::new() else { return };
     // docker's own files, on a root (busybox) that has neither: the targets are made before

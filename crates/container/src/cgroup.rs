@@ -89,8 +89,29 @@ pub fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
 }
 
 /// The cgroup path relative to each hierarchy's root, from `linux.cgroupsPath`: either a
-/// path (`/docker/ID`, cgroupfs driver) or systemd's `slice:prefix:name`.
+/// path (`/docker/ID`, cgroupfs driver) or systemd's `slice:prefix:name`. Cleaned as runc
+/// cleans it: `..` never climbs above the hierarchy's root (`/a/../../b` is `b`).
 pub fn relative_path(cgroups_path: &str) -> PathBuf {
+    within_root(&unclean_relative_path(cgroups_path))
+}
+
+/// `path` resolved lexically with `/` as its root: `.` and `..` are gone, and a `..` at the
+/// root stays there.
+fn within_root(path: &Path) -> PathBuf {
+    let mut clean = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::Normal(name) => clean.push(name),
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            _ => {}
+        }
+    }
+    clean
+}
+
+fn unclean_relative_path(cgroups_path: &str) -> PathBuf {
     let parts: Vec<&str> = cgroups_path.split(':').collect();
     if parts.len() == 3 && !cgroups_path.starts_with('/') {
         let (slice, prefix, name) = (parts[0], parts[1], parts[2]);
@@ -393,6 +414,14 @@ mod tests {
     #[test]
     fn cgroupfs_and_systemd_paths_resolve() {
         assert_eq!(relative_path("/docker/abc"), PathBuf::from("docker/abc"));
+        // Never above the hierarchy's root, as runc's CleanPath.
+        assert_eq!(relative_path("/a/../../b"), PathBuf::from("b"));
+        assert_eq!(relative_path("../../../etc/x"), PathBuf::from("etc/x"));
+        assert_eq!(relative_path("./a/./b/.."), PathBuf::from("a"));
+        assert_eq!(
+            relative_path("system.slice:docker:../../../x"),
+            PathBuf::from("x.scope")
+        );
         assert_eq!(relative_path("default/c1"), PathBuf::from("default/c1"));
         assert_eq!(
             relative_path("system.slice:docker:abc"),
