@@ -266,6 +266,28 @@ fn image_key(annotation: &str) -> String {
 }
 
 #[test]
+fn the_cache_is_readable_by_its_owner_only() {
+    let Some((env, cache)) = Env::with_fresh_cache() else {
+        return;
+    };
+    run_logged(&env, "private", &["true"], |_| {});
+    // Each directory the runtime made in the cache (disk images, initramfs, snapshots of
+    // guest memory) is its owner's only.
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(cache.path()).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            use std::os::unix::fs::PermissionsExt;
+            dirs.push((entry.file_name(), meta.permissions().mode() & 0o777));
+        }
+    }
+    assert!(!dirs.is_empty(), "nothing made in the cache");
+    for (name, mode) in dirs {
+        assert_eq!(mode, 0o700, "{name:?} is {mode:o}");
+    }
+}
+
+#[test]
 fn a_bundle_claiming_another_images_annotation_gets_its_own_image() {
     let Some((env, _cache)) = Env::with_fresh_cache() else {
         return;

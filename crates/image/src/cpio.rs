@@ -118,7 +118,7 @@ impl Initramfs {
         let agent_digest = file_digest(agent)?;
         let path = cache_dir.join(format!("initramfs-{}.cpio", &agent_digest[..16]));
         if !path.exists() {
-            std::fs::create_dir_all(cache_dir).map_err(ImageError::io(cache_dir))?;
+            crate::private_dir(cache_dir).map_err(ImageError::io(cache_dir))?;
             let bytes = std::fs::read(agent).map_err(ImageError::io(agent))?;
             let partial = cache_dir.join(format!(
                 ".initramfs-{}.{}",

@@ -42,7 +42,7 @@ impl DiskImages {
         if path.exists() {
             return Ok((path, false));
         }
-        std::fs::create_dir_all(&self.dir).map_err(ImageError::io(&self.dir))?;
+        crate::private_dir(&self.dir).map_err(ImageError::io(&self.dir))?;
         let lock_path = self.dir.join(format!("{key}.lock"));
         let lock_file = OpenOptions::new()
             .create(true)

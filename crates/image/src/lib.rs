@@ -22,7 +22,17 @@ pub use digest::file_digest;
 pub use ext4::DiskImages;
 pub use key::{overlay_layers, ImageKey, KeySource, OverlayLayers, RootLayout};
 
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// Makes `dir` (and its missing parents) readable by its owner only: the cache holds the
+/// containers' files and guest memory.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,6 +10,12 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::{CacheError, SnapshotKey};
+
+/// Makes `dir` (and its missing parents) readable by its owner only: snapshots hold guest
+/// memory.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
 
 /// Version of the cache layout (entry directory and `meta.json`).
 /// 2: every VM has a virtio-net device.
@@ -177,7 +183,7 @@ impl SnapshotCache {
         if let Some(entry) = self.get(key) {
             return Ok(Lookup::Hit(entry));
         }
-        fs::create_dir_all(&self.dir).map_err(CacheError::io(&self.dir))?;
+        private_dir(&self.dir).map_err(CacheError::io(&self.dir))?;
         let lock_path = self.dir.join(format!("{key}.lock"));
         let deadline = Instant::now() + self.limits.bake_wait;
         let mut waited = false;
