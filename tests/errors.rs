@@ -422,3 +422,33 @@ fn state_rules_follow_runc() {
     env.assert_clean("c-rules");
     assert!(!Path::new(&env.root().join("c-rules")).exists());
 }
+
+#[test]
+fn required_hardware_isolation_refuses_an_emulated_vm_and_features_says_which() {
+    let Some(env) = Env::new() else { return };
+    // QEMU with TCG: the VM boundary is software emulation.
+    let tcg = |cmd: &mut std::process::Command| {
+        cmd.env("SUPERMACHINE_ENGINE", "qemu")
+            .env("SUPERMACHINE_QEMU_ACCEL", "tcg");
+    };
+    let mut features = env.cmd();
+    tcg(&mut features);
+    let out = common::output_of(features.arg("features"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let isolation = doc["annotations"]["run.supermachine.isolation"]
+        .as_str()
+        .unwrap();
+    assert!(isolation.contains("software emulation"), "{isolation}");
+    let bundle = env.bundle(&["true"]);
+    let mut create = env.cmd();
+    tcg(&mut create);
+    create.env("SUPERMACHINE_REQUIRE_HARDWARE_ISOLATION", "1");
+    let out = common::output_of(create.args(["create", "--bundle", bundle.path_str(), "c-tcg"]));
+    assert!(!out.status.success(), "ran on TCG");
+    assert!(
+        text(&out.stderr).contains("SUPERMACHINE_REQUIRE_HARDWARE_ISOLATION=1"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_state(&env);
+}

@@ -13,11 +13,15 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
     let qemu = container::Assets::locate()
         .ok()
         .and_then(|assets| assets.qemu);
-    let (engine, reason) = match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref())
-    {
-        Ok(selection) => (selection.engine.name(), selection.reason),
-        Err(e) => ("none".to_string(), e.to_string()),
-    };
+    let (engine, reason, isolation) =
+        match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref()) {
+            Ok(selection) => (
+                selection.engine.name(),
+                selection.reason,
+                isolation_text(selection.engine.isolation()),
+            ),
+            Err(e) => ("none".to_string(), e.to_string(), "none".to_string()),
+        };
     // Whether this host's hypervisor runs guest kernel code natively; where it does not, the
     // builtin engine needs the kernel variant built for such hosts (`make guest` reads this).
     let builtin_native = match hypervisor::open() {
@@ -56,9 +60,23 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
             "run.supermachine.engine": engine,
             "run.supermachine.engine.reason": reason,
             "run.supermachine.builtin.native": builtin_native,
-            "run.supermachine.isolation": "microvm"
+            "run.supermachine.isolation": isolation
         }
     });
     outln!("{}", serde_json::to_string_pretty(&features)?);
     Ok(0)
+}
+
+/// The isolation annotation: a microVM, and what makes its boundary.
+fn isolation_text(isolation: engine::Isolation) -> String {
+    match isolation {
+        engine::Isolation::Hypervisor => {
+            "microvm under a hypervisor (KVM or Hypervisor.framework)".into()
+        }
+        engine::Isolation::Emulation => format!(
+            "microvm under software emulation (QEMU TCG): weaker than a hypervisor; \
+             {}=1 refuses to run containers here",
+            engine::REQUIRE_HARDWARE_ISOLATION
+        ),
+    }
 }

@@ -400,6 +400,9 @@ mod tests {
         fn name(&self) -> String {
             "key-only".into()
         }
+        fn isolation(&self) -> engine::Isolation {
+            engine::Isolation::Hypervisor
+        }
         fn boot(&self, _: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
             Err(EngineError::Control("a key-only engine".into()))
         }

@@ -114,7 +114,13 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
     } = startup;
     plan.network.enter()?;
     let selection = engine::select(choice, &paths.probe_dir(), plan.qemu.as_deref())?;
-    log::debug!("engine {} ({})", selection.engine.name(), selection.reason);
+    log::debug!(
+        "engine {}, isolation by {} ({})",
+        selection.engine.name(),
+        selection.engine.isolation(),
+        selection.reason
+    );
+    selection.check_isolation()?;
     let tap_name = format!("{}0", network::TAP_PREFIX);
     let tap = match (&plan.network, tap_lifetime) {
         (NetworkNamespace::Host, _) => None,

@@ -350,6 +350,11 @@ impl crate::Engine for BuiltinEngine {
         format!("builtin-{}", self.hv.name())
     }
 
+    /// KVM or Hypervisor.framework, always.
+    fn isolation(&self) -> crate::Isolation {
+        crate::Isolation::Hypervisor
+    }
+
     /// On a host that emulates guest kernel code, the variant built for it (`vmlinux-pvm`
     /// beside the default one, see config/patches/pvm) when there is one.
     fn kernel(&self, spec: &VmSpec) -> PathBuf {

@@ -191,9 +191,54 @@ pub trait Vm: Send + fmt::Debug {
     fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError>;
 }
 
+/// What separates a guest from the host, as `features` and `--debug` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// A hypervisor of the host kernel (KVM, Hypervisor.framework) runs the guest: the VM
+    /// boundary is the CPU's virtualization, or the host kernel's paravirtual equivalent.
+    Hypervisor,
+    /// Software emulation (QEMU's TCG): the boundary is QEMU's translator, whose escapes
+    /// its maintainers do not treat as security bugs. Weaker than a hypervisor.
+    Emulation,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Hypervisor => "hypervisor",
+            Isolation::Emulation => "emulation",
+        })
+    }
+}
+
+/// Set to `1`: a container is never run where its VM would be emulated in software
+/// ([`Isolation::Emulation`]); `create` fails instead.
+pub const REQUIRE_HARDWARE_ISOLATION: &str = "SUPERMACHINE_REQUIRE_HARDWARE_ISOLATION";
+
+impl Selection {
+    /// Fails if the user requires a hypervisor ([`REQUIRE_HARDWARE_ISOLATION`]) and this
+    /// engine emulates.
+    pub fn check_isolation(&self) -> Result<(), EngineError> {
+        let required = std::env::var(REQUIRE_HARDWARE_ISOLATION).is_ok_and(|v| v == "1");
+        if required && self.engine.isolation() == Isolation::Emulation {
+            return Err(EngineError::Unavailable(
+                self.engine.name(),
+                format!(
+                    "{REQUIRE_HARDWARE_ISOLATION}=1, and this engine would emulate the VM in \
+                     software ({})",
+                    self.reason
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub trait Engine: Send + Sync + fmt::Debug {
     /// `qemu-tcg`, `qemu-kvm`, `builtin-kvm`, …
     fn name(&self) -> String;
+    /// What separates the guest from the host under this engine.
+    fn isolation(&self) -> Isolation;
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
     /// The guest kernel this engine boots for `spec`: `spec.kernel` unless the host needs a
     /// variant of it. A snapshot depends on this file, so its digest is in the cache key.

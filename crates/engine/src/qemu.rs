@@ -317,6 +317,13 @@ impl Engine for QemuEngine {
         format!("qemu-{}", self.verdict.accel)
     }
 
+    fn isolation(&self) -> crate::Isolation {
+        match self.verdict.accel {
+            crate::probe::Accel::Kvm => crate::Isolation::Hypervisor,
+            crate::probe::Accel::Tcg => crate::Isolation::Emulation,
+        }
+    }
+
     fn snapshot_identity(&self) -> String {
         // A QEMU upgrade may change the migration stream or the machine: new snapshots.
         let path = crate::probe::which(&self.binary).unwrap_or_else(|| PathBuf::from(&self.binary));

@@ -14,7 +14,10 @@ use crate::{CacheError, SnapshotKey};
 /// Makes `dir` (and its missing parents) readable by its owner only: snapshots hold guest
 /// memory.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Version of the cache layout (entry directory and `meta.json`).
