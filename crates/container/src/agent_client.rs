@@ -24,6 +24,11 @@ use crate::ContainerError;
 /// small and the agent answers each in turn; under TCG a container set-up is the slowest.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// At most this many exits of processes nobody registered are kept: an exit comes before
+/// its registration only in a short race, and a guest that forges exits of processes that
+/// never were must not grow the host's memory.
+pub const MAX_UNCLAIMED_EXITS: usize = 256;
+
 /// Where a process's output and exit go.
 pub trait ProcessEvents: Send {
     /// Output bytes; an empty slice means the stream closed.
@@ -330,10 +335,12 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 match sink {
                     Some(mut sink) => sink.exited(status),
                     None => {
-                        inner
-                            .unclaimed_exits
-                            .lock_unpoisoned()
-                            .insert(process, status);
+                        let mut unclaimed = inner.unclaimed_exits.lock_unpoisoned();
+                        if unclaimed.len() < MAX_UNCLAIMED_EXITS {
+                            unclaimed.insert(process, status);
+                        } else {
+                            log::debug!("exit of unknown process {process} dropped");
+                        }
                     }
                 }
             }
@@ -365,7 +372,103 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
     }
     inner.closed.store(true, Ordering::SeqCst);
     inner.pending.lock_unpoisoned().clear();
+    // The handlers hold what serves them (the DNS relay's queue): they go with the channel.
+    inner.dns.lock_unpoisoned().take();
+    inner.oom.lock_unpoisoned().take();
     if let Some(f) = inner.on_close.lock_unpoisoned().take() {
         f();
+    }
+}
+
+/// A guest that says what a test tells it to (forged frames included), in place of the
+/// agent, for the host's bounds on what a guest can make it do. The real agent's side of
+/// the same paths runs in `tests/` and `integration/`.
+#[cfg(test)]
+pub(crate) mod forged {
+    use super::*;
+    use agent_proto::write_message;
+
+    /// A client connected to a guest that answers hello and, once the host sends anything
+    /// more (see [`go`]: the test's handlers are registered by then), sends `messages`
+    /// and an OOM report of `u64::MAX` kills that marks their end.
+    pub fn client_of(messages: Vec<AgentMessage>) -> AgentClient {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let Ok(Frame::Message(HostMessage { id, .. })) =
+                read_frame::<HostMessage, _>(&mut guest)
+            else {
+                return;
+            };
+            let info = AgentInfo {
+                version: PROTOCOL_VERSION,
+                kernel_release: "forged".into(),
+                uptime_ms: 0,
+                boot_id: String::new(),
+            };
+            let hello = AgentMessage::Response {
+                id,
+                result: Ok(Reply::Hello(info)),
+            };
+            let _ = write_message(&mut guest, &hello);
+            if read_frame::<HostMessage, _>(&mut guest).is_err() {
+                return;
+            }
+            let end = AgentMessage::OomKilled { kills: u64::MAX };
+            for message in messages.into_iter().chain([end]) {
+                if write_message(&mut guest, &message).is_err() {
+                    return;
+                }
+            }
+            // Stays connected, answering every later request with a plain "ok", until the
+            // host closes.
+            while let Ok(frame) = read_frame::<HostMessage, _>(&mut guest) {
+                if let Frame::Message(HostMessage { id, .. }) = frame {
+                    let ok = AgentMessage::Response {
+                        id,
+                        result: Ok(Reply::Ok),
+                    };
+                    if write_message(&mut guest, &ok).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        AgentClient::start(host, Duration::from_secs(5)).unwrap().0
+    }
+
+    /// Lets the guest send its messages; returns once the host has read them all.
+    pub fn go(client: &AgentClient) {
+        let (done, all_read) = mpsc::channel();
+        client.on_oom(Arc::new(move |kills| {
+            if kills == u64::MAX {
+                let _ = done.send(());
+            }
+        }));
+        client.send_stdin(0, b"go").unwrap();
+        all_read
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the forged messages were not all read");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forged_exits_of_processes_nobody_registered_are_kept_up_to_a_bound() {
+        let forged = (0..10 * MAX_UNCLAIMED_EXITS as ProcessId)
+            .map(|process| AgentMessage::Exited {
+                process: 1000 + process,
+                status: ExitStatus::Exited(0),
+            })
+            .collect();
+        let client = forged::client_of(forged);
+        forged::go(&client);
+        assert_eq!(
+            client.inner.unclaimed_exits.lock_unpoisoned().len(),
+            MAX_UNCLAIMED_EXITS
+        );
+        client.shutdown();
     }
 }

@@ -701,7 +701,13 @@ struct SessionWriter {
 struct Held {
     frames: Vec<u8>,
     exited: bool,
+    overflowed: bool,
 }
+
+/// What an exec'd process may print before its session's reply is written (a round trip
+/// to the agent), held for after it: the bound on what a guest can make the monitor buffer.
+/// Past it, output is dropped until the reply is out (then it flows with back-pressure).
+const MAX_HELD_OUTPUT: usize = 16 << 20;
 
 impl SessionWriter {
     /// Writes the reply to the exec request, then what was held for after it.
@@ -717,9 +723,29 @@ impl SessionWriter {
 
     fn write(&mut self, frames: &[u8]) {
         match &mut self.held {
+            Some(held) if held.frames.len() + frames.len() > MAX_HELD_OUTPUT => {
+                if !held.overflowed {
+                    log::warn!(
+                        "exec output beyond {MAX_HELD_OUTPUT} bytes before the exec's reply \
+                         was written: the rest of it until then is dropped"
+                    );
+                    held.overflowed = true;
+                }
+            }
             Some(held) => held.frames.extend_from_slice(frames),
             None => {
                 let _ = self.stream.write_all(frames);
+            }
+        }
+    }
+
+    /// The exit status frame: held whatever the output before it was (it is small, and the
+    /// session's client waits for it).
+    fn write_status(&mut self, frame: &[u8]) {
+        match &mut self.held {
+            Some(held) => held.frames.extend_from_slice(frame),
+            None => {
+                let _ = self.stream.write_all(frame);
             }
         }
     }
@@ -758,7 +784,7 @@ impl ProcessEvents for SessionOutput {
         .is_ok()
         {
             let mut writer = self.writer.lock_unpoisoned();
-            writer.write(&out);
+            writer.write_status(&out);
             writer.finish();
         }
     }
@@ -867,6 +893,38 @@ mod tests {
                 "later".to_string(),
                 format!("{:?}", ControlReply::Exited { code: 0 }),
             ]
+        );
+    }
+
+    #[test]
+    fn output_held_before_the_start_reply_is_bounded_but_the_exit_is_kept() {
+        let (ours, client) = UnixStream::pair().unwrap();
+        let writer = Arc::new(Mutex::new(SessionWriter {
+            stream: ours,
+            held: Some(Held::default()),
+        }));
+        let mut output = SessionOutput {
+            writer: Arc::clone(&writer),
+        };
+        // A guest that floods the session before its reply is out.
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(2 * MAX_HELD_OUTPUT >> 20) {
+            output.output(Stream::Stdout, &chunk);
+        }
+        output.exited(ExitStatus::Exited(3));
+        let held = writer.lock_unpoisoned().held.as_ref().unwrap().frames.len();
+        assert!(held <= MAX_HELD_OUTPUT + 64, "{held} bytes held");
+        let reader = std::thread::spawn(move || frames(client));
+        writer
+            .lock_unpoisoned()
+            .start(&ControlReply::ExecStarted { pid: 7 })
+            .unwrap();
+        drop(output);
+        drop(writer);
+        let seen = reader.join().unwrap();
+        assert_eq!(
+            seen.last().unwrap(),
+            &format!("{:?}", ControlReply::Exited { code: 3 })
         );
     }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use agent_proto::{InterfaceConfig, NetworkConfig, Request, RouteConfig};
 use serde_json::Value;
 
+use lock_ext::LockExt;
+
 use crate::agent_client::AgentClient;
 use crate::ContainerError;
 
@@ -276,24 +278,38 @@ impl Attachment {
     }
 }
 
-/// Answers the guest's DNS queries by asking the resolver at 127.0.0.11 in this namespace.
+/// Threads that answer the guest's relayed DNS queries.
+const DNS_WORKERS: usize = 4;
+/// Queries waiting for a worker; one that finds the queue full is dropped (the guest's
+/// resolver asks again), so a guest cannot make the host spend more than [`DNS_WORKERS`]
+/// threads and this many buffered queries on it.
+const DNS_QUEUE: usize = 64;
+
+/// Answers the guest's DNS queries by asking the resolver at 127.0.0.11 in this namespace,
+/// on a fixed pool of threads that ends when the agent's channel closes.
 fn relay_dns(agent: &AgentClient) {
-    let client = agent.clone();
-    agent.on_dns_query(std::sync::Arc::new(move |id, payload| {
-        let client = client.clone();
+    relay_dns_to(agent, DOCKER_RESOLVER);
+}
+
+/// docker's embedded DNS server, in the container's network namespace.
+const DOCKER_RESOLVER: &str = "127.0.0.11:53";
+
+fn relay_dns_to(agent: &AgentClient, resolver: &'static str) {
+    let (queue, queries) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(DNS_QUEUE);
+    let queries = std::sync::Arc::new(std::sync::Mutex::new(queries));
+    for _ in 0..DNS_WORKERS {
+        let queries = std::sync::Arc::clone(&queries);
+        let client = agent.clone();
         let _ = std::thread::Builder::new()
             .name("dns".into())
-            .spawn(move || {
-                let answer = (|| -> std::io::Result<Vec<u8>> {
-                    let socket = UdpSocket::bind("127.0.0.1:0")?;
-                    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    socket.send_to(&payload, "127.0.0.11:53")?;
-                    let mut buf = vec![0u8; 4096];
-                    let n = socket.recv(&mut buf)?;
-                    buf.truncate(n);
-                    Ok(buf)
-                })();
-                match answer {
+            .spawn(move || loop {
+                // Ends when the channel closes and the handler, the queue's sender, goes.
+                let next = queries.lock_unpoisoned().recv();
+                let Ok((id, payload)) = next else { break };
+                if client.is_closed() {
+                    break;
+                }
+                match ask_resolver(resolver, &payload) {
                     Ok(payload) => {
                         let _ = client
                             .request(Request::DnsAnswer { id, payload }, Duration::from_secs(5));
@@ -301,12 +317,72 @@ fn relay_dns(agent: &AgentClient) {
                     Err(e) => log::debug!("DNS relay: {e}"),
                 }
             });
+    }
+    agent.on_dns_query(std::sync::Arc::new(move |id, payload| {
+        if queue.try_send((id, payload)).is_err() {
+            log::debug!("DNS relay: query {id} dropped, {DNS_QUEUE} already waiting");
+        }
     }));
+}
+
+fn ask_resolver(resolver: &str, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.send_to(query, resolver)?;
+    let mut buf = vec![0u8; 4096];
+    let n = socket.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent_client::forged;
+    use agent_proto::AgentMessage;
+
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_flood_of_relayed_dns_queries_is_served_by_a_fixed_pool_that_ends_with_the_channel() {
+        let flood = (0..1000)
+            .map(|id| AgentMessage::DnsQuery {
+                id,
+                payload: vec![0; 12],
+            })
+            .collect();
+        // A resolver that answers at once, with the query.
+        let resolver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address: &'static str =
+            Box::leak(resolver.local_addr().unwrap().to_string().into_boxed_str());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = resolver.recv_from(&mut buf) {
+                let _ = resolver.send_to(&buf[..n], from);
+            }
+        });
+        let client = forged::client_of(flood);
+        relay_dns_to(&client, address);
+        forged::go(&client);
+        assert_eq!(threads_named("dns"), DNS_WORKERS);
+        client.shutdown();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while threads_named("dns") > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the DNS workers stayed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn interfaces_come_from_ip_json_without_loopback_taps_or_kernel_routes() {
