@@ -908,7 +908,7 @@ mod tests {
         };
         // A guest that floods the session before its reply is out.
         let chunk = vec![b'x'; 1 << 20];
-        for _ in 0..(2 * MAX_HELD_OUTPUT >> 20) {
+        for _ in 0..(2 * MAX_HELD_OUTPUT) >> 20 {
             output.output(Stream::Stdout, &chunk);
         }
         output.exited(ExitStatus::Exited(3));
