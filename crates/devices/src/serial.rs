@@ -206,3 +206,84 @@ mod tests {
         assert_ne!(lsr[0] & 0x20, 0);
     }
 }
+
+/// A VM's console log, bounded: once it holds [`CONSOLE_LOG_CAP`] bytes it is moved to
+/// `<path>.1` (replacing the one before) and begun again, so a guest that prints without
+/// end costs the host at most twice the cap (the log lives on `/run`, in host memory).
+/// Each write goes to the file at once: a VMM that crashes loses nothing written.
+#[derive(Debug)]
+pub struct ConsoleLog {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    written: u64,
+    cap: u64,
+}
+
+/// The size at which a console log is rotated.
+pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
+
+impl ConsoleLog {
+    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+        Self::with_cap(path, CONSOLE_LOG_CAP)
+    }
+
+    pub fn with_cap(path: &std::path::Path, cap: u64) -> std::io::Result<Self> {
+        Ok(ConsoleLog {
+            path: path.to_path_buf(),
+            file: std::fs::File::create(path)?,
+            written: 0,
+            cap,
+        })
+    }
+
+    /// The rotated-out part of the log at `path`.
+    pub fn previous(path: &std::path::Path) -> std::path::PathBuf {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(".1");
+        name.into()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.path, Self::previous(&self.path))?;
+        self.file = std::fs::File::create(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written >= self.cap {
+            self.rotate()?;
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod console_log_tests {
+    use super::*;
+
+    #[test]
+    fn a_console_log_is_rotated_at_its_cap_and_never_holds_more_than_twice_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut log = ConsoleLog::with_cap(&path, 1000).unwrap();
+        for i in 0..10_000 {
+            writeln!(log, "line {i}").unwrap();
+        }
+        let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+        let previous = ConsoleLog::previous(&path);
+        assert!(size(&path) <= 1000 + 16, "{}", size(&path));
+        assert!(size(&previous) <= 1000 + 16, "{}", size(&previous));
+        // The newest lines are in the log.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("line 9999\n"), "{text}");
+    }
+}

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use devices::serial::ConsoleLog;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
 
@@ -234,6 +235,11 @@ impl QemuEngine {
         let (fs_host, fs_vmm) = UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
         let (qmp_host, qmp_vmm) = UnixStream::pair().map_err(io_error(Path::new("socketpair")))?;
         let console = spec.work_dir.join("console.log");
+        // The guest's serial output comes through a pipe into a bounded log (a `file:`
+        // chardev grows without end on the host's `/run`).
+        let (console_out, console_in) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_error(Path::new("pipe"))(e.into()))?;
+        let log_of_console = ConsoleLog::create(&console).map_err(io_error(&console))?;
         let vmm_log = spec.work_dir.join("vmm.log");
         let log = File::create(&vmm_log).map_err(io_error(&vmm_log))?;
         let log2 = log.try_clone().map_err(io_error(&vmm_log))?;
@@ -247,9 +253,11 @@ impl QemuEngine {
             sockets.qmp,
             sockets.fs,
             ram.as_ref().map_or(-1, |r| r.as_raw_fd()),
+            console_in.as_raw_fd(),
         ];
         inherited.extend(spec.nics.iter().filter_map(|n| n.tap));
-        let args = command_line(spec, &self.verdict, sockets, &console, &memory, incoming);
+        let serial = PathBuf::from(format!("/dev/fd/{}", console_in.as_raw_fd()));
+        let args = command_line(spec, &self.verdict, sockets, &serial, &memory, incoming);
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let mut command = Command::new(&self.binary);
         command
@@ -286,7 +294,8 @@ impl QemuEngine {
                 source,
             },
         })?;
-        drop((agent_vmm, qmp_vmm, fs_vmm));
+        drop((agent_vmm, qmp_vmm, fs_vmm, console_in));
+        relay_console(console_out, log_of_console);
         let mut vm = QemuVm {
             child,
             qmp: None,
@@ -565,17 +574,34 @@ impl Drop for QemuVm {
 }
 
 /// The last `lines` lines of a log file (at most its last 64 KiB).
-pub fn read_tail(path: &Path, lines: usize) -> String {
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
-    let mut text = String::new();
-    let mut bytes = Vec::new();
-    if file.read_to_end(&mut bytes).is_ok() {
-        text = String::from_utf8_lossy(&bytes).into_owned();
+/// Copies the guest's serial output into its log until QEMU closes the pipe.
+fn relay_console(from: std::os::fd::OwnedFd, mut log: ConsoleLog) {
+    let spawned = std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut File::from(from), &mut log);
+        });
+    if let Err(e) = spawned {
+        log::warn!("no thread for the VM's console log: {e}");
     }
+}
+
+/// The last `lines` non-empty lines of the console log at `path`, its rotated-out part
+/// (see [`ConsoleLog`]) included.
+pub fn read_tail(path: &Path, lines: usize) -> String {
+    let end_of = |path: &Path| -> Vec<u8> {
+        let Ok(mut file) = File::open(path) else {
+            return Vec::new();
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        bytes
+    };
+    let mut bytes = end_of(&ConsoleLog::previous(path));
+    bytes.extend(end_of(path));
+    let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

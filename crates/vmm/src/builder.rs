@@ -2,12 +2,11 @@
 //! (in one order, so that a snapshot's device states line up with a restored VM's), their
 //! interrupt lines, the vCPUs, and the running [`Vmm`] that holds them.
 
-use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use devices::serial::ConsoleLog;
 use devices::virtio::balloon::{Balloon, BalloonControl};
 use devices::virtio::console::{NamedPort, AGENT_PORT_NAME, FS_PORT_NAME};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
@@ -80,21 +79,9 @@ fn irq(vm: &Arc<dyn hypervisor::Vm>, line: u32) -> Result<Arc<Irq>, Error> {
     }
 }
 
-/// A console log that is flushed at each line, so a crash loses at most a partial line.
-#[derive(Debug)]
-pub(crate) struct LineWriter(File);
-
-impl Write for LineWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
-/// The serial console of every VM: COM1, written to the console log.
-pub(crate) type ConsoleSerial = devices::serial::Serial<LineWriter>;
+/// The serial console of every VM: COM1, written to the console log (bounded, see
+/// [`ConsoleLog`]).
+pub(crate) type ConsoleSerial = devices::serial::Serial<ConsoleLog>;
 
 /// A VM's devices, as boot and restore build them.
 #[derive(Debug)]
@@ -124,15 +111,12 @@ pub(crate) fn build_devices(
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
-    let console = File::create(&config.console_log).map_err(|e| Error::File {
+    let console = ConsoleLog::create(&config.console_log).map_err(|e| Error::File {
         path: config.console_log.clone(),
         source: e,
     })?;
     let irq4 = irq(vm, devices::serial::COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
-        irq4,
-        LineWriter(console),
-    )));
+    let serial = Arc::new(Mutex::new(devices::serial::Serial::new(irq4, console)));
     insert(
         &mut pio,
         u64::from(devices::serial::COM1_PORT),
