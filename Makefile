@@ -31,6 +31,9 @@ agent: deps
 # its own per VM and a faster start than the distribution's build; that one still works).
 qemu: deps
 	scripts/build-qemu.sh $(ASSETS)
+	# Its firmware (the microvm machine's qboot, built by Debian's qemu-system-data), a copy
+	# beside it that the engine passes to it: a host without Debian's QEMU runs it too.
+	install -m 0644 /usr/share/qemu/qboot.rom $(ASSETS)/qboot.rom
 
 # Everything a VM needs besides the runtime.
 guest: kernel agent qemu
@@ -124,6 +127,7 @@ install: build guest
 	install -D -m 0644 $(ASSETS)/vmlinux /usr/local/share/supermachine/vmlinux
 	install -D -m 0755 $(ASSETS)/supermachine-agent /usr/local/share/supermachine/supermachine-agent
 	install -D -m 0755 $(ASSETS)/qemu-system-x86_64 /usr/local/share/supermachine/qemu-system-x86_64
+	install -D -m 0644 $(ASSETS)/qboot.rom /usr/local/share/supermachine/qboot.rom
 
 clean:
 	rm -rf build

@@ -432,11 +432,24 @@ fn the_bundled_qemu_is_preferred_and_a_snapshot_belongs_to_the_qemu_that_baked_i
             .to_string()
     };
 
-    // The assets' QEMU, unless the user names one.
+    // The assets' QEMU, unless the user names one, with the firmware shipped beside it
+    // (a host without Debian's QEMU data has no other).
     let log = run("b1", None);
     assert!(
         engine_line(&log).contains(bundled.to_str().unwrap()),
         "{log}"
+    );
+    let started = log
+        .lines()
+        .find(|l| l.contains("starting ") && l.contains(engine::qemu::BINARY_NAME))
+        .unwrap_or_default();
+    let firmware = started
+        .split_once("-bios ")
+        .map(|(_, rest)| rest.split([' ', '"']).next().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        firmware.ends_with(engine::qemu::FIRMWARE_NAME) && !firmware.starts_with("/usr/share"),
+        "firmware {firmware:?} in {started}"
     );
     assert!(log.contains("baked snapshot"), "{log}");
     // The distribution's QEMU does not restore what another QEMU baked: its own bake, then

@@ -47,11 +47,26 @@ fn choose_binary(explicit: Option<String>, bundled: Option<&Path>) -> String {
 pub struct QemuEngine {
     binary: String,
     verdict: AccelVerdict,
+    /// The firmware shipped beside the binary (`qboot.rom`, see `make qemu`), passed to it
+    /// explicitly; `None`: QEMU's own search (its data directory, e.g. Debian's
+    /// `qemu-system-data`).
+    firmware: Option<PathBuf>,
 }
+
+/// The microvm machine's firmware, as `make qemu` ships it beside the binary.
+pub const FIRMWARE_NAME: &str = "qboot.rom";
 
 impl QemuEngine {
     pub fn new(binary: String, verdict: AccelVerdict) -> Self {
-        QemuEngine { binary, verdict }
+        let firmware = Path::new(&binary)
+            .parent()
+            .map(|dir| dir.join(FIRMWARE_NAME))
+            .filter(|path| path.is_file());
+        QemuEngine {
+            binary,
+            verdict,
+            firmware,
+        }
     }
 
     pub fn accel(&self) -> Accel {
@@ -257,7 +272,10 @@ impl QemuEngine {
         ];
         inherited.extend(spec.nics.iter().filter_map(|n| n.tap));
         let serial = PathBuf::from(format!("/dev/fd/{}", console_in.as_raw_fd()));
-        let args = command_line(spec, &self.verdict, sockets, &serial, &memory, incoming);
+        let mut args = command_line(spec, &self.verdict, sockets, &serial, &memory, incoming);
+        if let Some(firmware) = &self.firmware {
+            args.extend(["-bios".into(), escape(firmware)]);
+        }
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let mut command = Command::new(&self.binary);
         command
@@ -339,8 +357,15 @@ impl Engine for QemuEngine {
         let stamp = std::fs::metadata(&path)
             .map(|m| format!("{} {}", m.len(), m.mtime()))
             .unwrap_or_default();
+        // So may another firmware: it is in the migration stream as guest memory.
+        let firmware = self.firmware.as_deref().map_or_else(String::new, |path| {
+            let stamp = std::fs::metadata(path)
+                .map(|m| format!("{} {}", m.len(), m.mtime()))
+                .unwrap_or_default();
+            format!(" firmware={} {stamp}", path.display())
+        });
         format!(
-            "qemu-{} cpu={} devices={DEVICE_SET} {} {stamp} {}",
+            "qemu-{} cpu={} devices={DEVICE_SET} {} {stamp} {}{firmware}",
             self.verdict.accel,
             self.verdict.cpu,
             path.display(),
