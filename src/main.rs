@@ -103,6 +103,8 @@ enum Command {
     Spec(liboci_cli::Spec),
     /// The snapshot cache: ls, rm, prune
     Cache(commands::cache::CacheArgs),
+    /// Whether this host can run containers in microVMs, and how to fix what it lacks
+    Check,
     /// The container's host process (started by create; not for direct use)
     #[command(hide = true)]
     Monitor(MonitorArgs),

@@ -452,3 +452,38 @@ fn required_hardware_isolation_refuses_an_emulated_vm_and_features_says_which() 
     );
     assert_no_state(&env);
 }
+
+#[test]
+fn check_says_what_the_host_lacks_and_how_to_fix_it() {
+    let Some(env) = Env::new() else { return };
+    let out = env.run(&["check"]);
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    for what in ["assets", "kvm", "engine", "tools", "cgroups", "containerd"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(what)),
+            "no {what} line in {report}"
+        );
+    }
+    assert!(report
+        .lines()
+        .any(|l| l.starts_with("ok") && l.contains("assets")));
+    // Without the guest's kernel and agent nothing can run: a failure that says how to
+    // build them.
+    let empty = tempfile::tempdir().unwrap();
+    let out = common::output_of(
+        env.cmd()
+            .env("SUPERMACHINE_ASSETS_DIR", empty.path())
+            .arg("check"),
+    );
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("MISSING") && l.contains("assets") && l.contains("make guest")),
+        "{report}"
+    );
+}

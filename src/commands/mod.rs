@@ -1,6 +1,7 @@
 //! One module per CLI verb.
 
 pub mod cache;
+pub mod check;
 pub mod create;
 pub mod delete;
 pub mod events;
@@ -84,6 +85,7 @@ pub fn dispatch(command: Command, context: &Context) -> Result<i32> {
         Command::Features(args) => features::run(args, context),
         Command::Spec(args) => spec::run(args, context),
         Command::Cache(args) => cache::run(args, context),
+        Command::Check => check::run(context),
         Command::Monitor(args) => monitor::run(args, context),
         Command::ExecRelay(args) => exec::relay(args, context),
     }

@@ -1,0 +1,274 @@
+//! `check`: whether this host can run containers in microVMs, and with what; each finding
+//! with how to fix it (as `kata-runtime check`). Exits 1 when something a container needs is
+//! missing; what only makes it slower or less isolated, or what a front door lacks, is a
+//! warning or a note.
+
+use std::path::Path;
+
+use anyhow::Result;
+use engine::EngineChoice;
+
+use super::Context;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    /// Works, but slower, less isolated or partly.
+    Warning,
+    /// A container cannot run until it is fixed.
+    Missing,
+    /// Not needed to run containers; needed for one way of using the runtime.
+    Note,
+}
+
+struct Finding {
+    verdict: Verdict,
+    what: &'static str,
+    detail: String,
+}
+
+fn finding(verdict: Verdict, what: &'static str, detail: impl Into<String>) -> Finding {
+    Finding {
+        verdict,
+        what,
+        detail: detail.into(),
+    }
+}
+
+pub fn run(context: &Context) -> Result<i32> {
+    let findings = [
+        assets(),
+        firmware(),
+        kvm(context),
+        selected_engine(context),
+        tool("mkfs.ext4", "e2fsprogs", "containers' image disks"),
+        tun(),
+        cgroups(),
+        front_door(
+            "docker",
+            Path::new("/etc/docker/daemon.json"),
+            "supermachine",
+            "add {\"runtimes\": {\"supermachine\": {\"path\": \"/usr/local/bin/supermachine\"}}} \
+             to /etc/docker/daemon.json, or run dockerd with --add-runtime \
+             supermachine=/usr/local/bin/supermachine",
+        ),
+        shim_on_path(),
+    ];
+    let mut missing = 0;
+    for f in &findings {
+        let label = match f.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Warning => "warning",
+            Verdict::Missing => "MISSING",
+            Verdict::Note => "note",
+        };
+        missing += usize::from(f.verdict == Verdict::Missing);
+        println!("{label:<8} {:<12} {}", f.what, f.detail);
+    }
+    if missing > 0 {
+        println!("{missing} thing(s) missing: containers cannot run here yet");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn assets() -> Finding {
+    match container::Assets::locate() {
+        Ok(assets) => finding(
+            Verdict::Ok,
+            "assets",
+            format!(
+                "guest kernel and agent in {}{}",
+                assets.dir.display(),
+                if assets.qemu.is_some() {
+                    ", with the QEMU built for supermachine"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        Err(e) => finding(Verdict::Missing, "assets", e.to_string()),
+    }
+}
+
+fn firmware() -> Finding {
+    let bundled = container::Assets::locate()
+        .ok()
+        .and_then(|a| a.qemu)
+        .and_then(|q| q.parent().map(|d| d.join(engine::qemu::FIRMWARE_NAME)));
+    let system = Path::new("/usr/share/qemu").join(engine::qemu::FIRMWARE_NAME);
+    match bundled.filter(|f| f.is_file()) {
+        Some(path) => finding(
+            Verdict::Ok,
+            "firmware",
+            format!("{} (given to QEMU)", path.display()),
+        ),
+        None if system.is_file() => finding(
+            Verdict::Ok,
+            "firmware",
+            format!("{} (QEMU's own search)", system.display()),
+        ),
+        None => finding(
+            Verdict::Warning,
+            "firmware",
+            "no qboot.rom for the qemu engine: run `make qemu` (or install qemu-system-data); \
+             the builtin engine needs none",
+        ),
+    }
+}
+
+fn kvm(context: &Context) -> Finding {
+    match hypervisor::open() {
+        Ok(hv) => {
+            let speed = engine::builtin::speed_verdict(hv.as_ref(), &context.paths.probe_dir());
+            if speed.native {
+                finding(
+                    Verdict::Ok,
+                    "kvm",
+                    format!("{}: {}", hv.name(), speed.reason),
+                )
+            } else {
+                finding(
+                    Verdict::Warning,
+                    "kvm",
+                    format!(
+                        "{}: {}; the builtin engine boots slowly here, so `auto` picks QEMU \
+                         (a host with hardware virtualization exposed does not have this)",
+                        hv.name(),
+                        speed.reason
+                    ),
+                )
+            }
+        }
+        Err(e) => finding(
+            Verdict::Warning,
+            "kvm",
+            format!(
+                "{e}: containers run under QEMU's software emulation (slower, weaker \
+                 isolation); load kvm_intel or kvm_amd and give access to /dev/kvm"
+            ),
+        ),
+    }
+}
+
+fn selected_engine(context: &Context) -> Finding {
+    let choice: EngineChoice = match context.engine.parse() {
+        Ok(choice) => choice,
+        Err(e) => return finding(Verdict::Missing, "engine", e.to_string()),
+    };
+    let qemu = container::Assets::locate().ok().and_then(|a| a.qemu);
+    match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref()) {
+        Ok(selection) => {
+            let isolation = selection.engine.isolation();
+            let verdict = match isolation {
+                engine::Isolation::Hypervisor => Verdict::Ok,
+                engine::Isolation::Emulation => Verdict::Warning,
+            };
+            finding(
+                verdict,
+                "engine",
+                format!(
+                    "{}, isolated by {isolation} ({})",
+                    selection.engine.name(),
+                    selection.reason
+                ),
+            )
+        }
+        Err(e) => finding(
+            Verdict::Missing,
+            "engine",
+            format!("{e}: install qemu-system-x86 or make /dev/kvm usable"),
+        ),
+    }
+}
+
+fn tool(name: &str, package: &str, what_for: &str) -> Finding {
+    let what: &'static str = "tools";
+    match engine::probe::which(name) {
+        Some(path) => finding(
+            Verdict::Ok,
+            what,
+            format!("{} (for {what_for})", path.display()),
+        ),
+        None => finding(
+            Verdict::Missing,
+            what,
+            format!("{name} not on PATH, needed for {what_for}: install {package}"),
+        ),
+    }
+}
+
+fn tun() -> Finding {
+    if Path::new("/dev/net/tun").exists() {
+        finding(
+            Verdict::Ok,
+            "network",
+            "/dev/net/tun (a container's network gets a tap)",
+        )
+    } else {
+        finding(
+            Verdict::Warning,
+            "network",
+            "no /dev/net/tun: containers with a network namespace cannot start; modprobe tun",
+        )
+    }
+}
+
+fn cgroups() -> Finding {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let v2_at_root = mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/cgroup") && l.contains(" cgroup2 "));
+    let v1 = mounts.lines().any(|l| l.contains(" cgroup "));
+    match (v2_at_root, v1) {
+        (true, _) => finding(
+            Verdict::Ok,
+            "cgroups",
+            "cgroup v2 at /sys/fs/cgroup (the VMs' host limits)",
+        ),
+        (false, true) => finding(
+            Verdict::Ok,
+            "cgroups",
+            "cgroup v1 (or hybrid): each VM's host limits are set in the v1 hierarchies",
+        ),
+        (false, false) => finding(
+            Verdict::Warning,
+            "cgroups",
+            "no cgroup filesystem mounted: a container's cgroupsPath and host limits cannot \
+             be applied",
+        ),
+    }
+}
+
+/// Whether a front door's configuration names the runtime (a note if not: the runtime
+/// works without it, that front door does not).
+fn front_door(what: &'static str, config: &Path, needle: &str, fix: &str) -> Finding {
+    match std::fs::read_to_string(config) {
+        Ok(text) if text.contains(needle) => finding(
+            Verdict::Ok,
+            what,
+            format!("{} names {needle}", config.display()),
+        ),
+        _ => finding(
+            Verdict::Note,
+            what,
+            format!("{} does not name {needle}: {fix}", config.display()),
+        ),
+    }
+}
+
+fn shim_on_path() -> Finding {
+    match engine::probe::which("containerd-shim-supermachine-v2") {
+        Some(path) => finding(
+            Verdict::Ok,
+            "containerd",
+            format!("{} (runtime io.containerd.supermachine.v2)", path.display()),
+        ),
+        None => finding(
+            Verdict::Note,
+            "containerd",
+            "containerd-shim-supermachine-v2 is not on PATH: `make install` puts it in \
+             /usr/local/bin for `ctr run --runtime io.containerd.supermachine.v2`",
+        ),
+    }
+}
