@@ -29,10 +29,10 @@ agent: deps
 
 # The qemu engine's QEMU: Debian's source, only what a microVM needs, static (fewer pages of
 # its own per VM and a faster start than the distribution's build; that one still works).
+# Its firmware (the microvm machine's qboot, built by Debian's qemu-system-data) is copied
+# beside it and passed to it by the engine: a host without Debian's QEMU runs it too.
 qemu: deps
 	scripts/build-qemu.sh $(ASSETS)
-	# Its firmware (the microvm machine's qboot, built by Debian's qemu-system-data), a copy
-	# beside it that the engine passes to it: a host without Debian's QEMU runs it too.
 	install -m 0644 /usr/share/qemu/qboot.rom $(ASSETS)/qboot.rom
 
 # Everything a VM needs besides the runtime.
