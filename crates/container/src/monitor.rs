@@ -836,13 +836,19 @@ mod tests {
         String::from_utf8_lossy(bytes).into_owned()
     }
 
-    #[test]
-    fn an_exec_sessions_output_and_exit_come_after_its_start_reply() {
+    /// A session whose reply is not written yet, and the exec client's end of it.
+    fn session() -> (Arc<Mutex<SessionWriter>>, UnixStream) {
         let (ours, client) = UnixStream::pair().unwrap();
         let writer = Arc::new(Mutex::new(SessionWriter {
             stream: ours,
             held: Some(Held::default()),
         }));
+        (writer, client)
+    }
+
+    #[test]
+    fn an_exec_sessions_output_and_exit_come_after_its_start_reply() {
+        let (writer, client) = session();
         let mut output = SessionOutput {
             writer: Arc::clone(&writer),
         };
@@ -870,11 +876,7 @@ mod tests {
 
     #[test]
     fn output_after_the_start_reply_is_written_at_once() {
-        let (ours, client) = UnixStream::pair().unwrap();
-        let writer = Arc::new(Mutex::new(SessionWriter {
-            stream: ours,
-            held: Some(Held::default()),
-        }));
+        let (writer, client) = session();
         writer
             .lock_unpoisoned()
             .start(&ControlReply::ExecStarted { pid: 7 })
@@ -898,11 +900,7 @@ mod tests {
 
     #[test]
     fn output_held_before_the_start_reply_is_bounded_but_the_exit_is_kept() {
-        let (ours, client) = UnixStream::pair().unwrap();
-        let writer = Arc::new(Mutex::new(SessionWriter {
-            stream: ours,
-            held: Some(Held::default()),
-        }));
+        let (writer, client) = session();
         let mut output = SessionOutput {
             writer: Arc::clone(&writer),
         };
