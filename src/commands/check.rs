@@ -36,11 +36,13 @@ fn finding(verdict: Verdict, what: &'static str, detail: impl Into<String>) -> F
 }
 
 pub fn run(context: &Context) -> Result<i32> {
+    let located = container::Assets::locate();
+    let qemu = located.as_ref().ok().and_then(|a| a.qemu.clone());
     let findings = [
-        assets(),
-        firmware(),
+        assets(&located),
+        firmware(qemu.as_deref()),
         kvm(context),
-        selected_engine(context),
+        selected_engine(context, qemu.as_deref()),
         tool("mkfs.ext4", "e2fsprogs", "containers' image disks"),
         tun(),
         cgroups(),
@@ -72,8 +74,8 @@ pub fn run(context: &Context) -> Result<i32> {
     Ok(0)
 }
 
-fn assets() -> Finding {
-    match container::Assets::locate() {
+fn assets(located: &Result<container::Assets, container::ContainerError>) -> Finding {
+    match located {
         Ok(assets) => finding(
             Verdict::Ok,
             "assets",
@@ -91,13 +93,10 @@ fn assets() -> Finding {
     }
 }
 
-fn firmware() -> Finding {
-    let bundled = container::Assets::locate()
-        .ok()
-        .and_then(|a| a.qemu)
-        .and_then(|q| q.parent().map(|d| d.join(engine::qemu::FIRMWARE_NAME)));
+/// The firmware the engine would give the assets' QEMU, else QEMU's own.
+fn firmware(qemu: Option<&Path>) -> Finding {
     let system = Path::new("/usr/share/qemu").join(engine::qemu::FIRMWARE_NAME);
-    match bundled.filter(|f| f.is_file()) {
+    match qemu.and_then(engine::qemu::firmware_beside) {
         Some(path) => finding(
             Verdict::Ok,
             "firmware",
@@ -151,13 +150,12 @@ fn kvm(context: &Context) -> Finding {
     }
 }
 
-fn selected_engine(context: &Context) -> Finding {
+fn selected_engine(context: &Context, qemu: Option<&Path>) -> Finding {
     let choice: EngineChoice = match context.engine.parse() {
         Ok(choice) => choice,
         Err(e) => return finding(Verdict::Missing, "engine", e.to_string()),
     };
-    let qemu = container::Assets::locate().ok().and_then(|a| a.qemu);
-    match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref()) {
+    match engine::select(choice, &context.paths.probe_dir(), qemu) {
         Ok(selection) => {
             let isolation = selection.engine.isolation();
             let verdict = match isolation {
@@ -214,12 +212,14 @@ fn tun() -> Finding {
     }
 }
 
+/// The layout the monitor places VMs in (`container::cgroup`'s view of it).
 fn cgroups() -> Finding {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let v2_at_root = mounts
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/cgroup") && l.contains(" cgroup2 "));
-    let v1 = mounts.lines().any(|l| l.contains(" cgroup "));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let hierarchies = container::cgroup::hierarchies(&mountinfo);
+    let v2_at_root = hierarchies
+        .iter()
+        .any(|h| h.v2 && h.mount == Path::new("/sys/fs/cgroup"));
+    let v1 = hierarchies.iter().any(|h| !h.v2);
     match (v2_at_root, v1) {
         (true, _) => finding(
             Verdict::Ok,

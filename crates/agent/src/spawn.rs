@@ -82,7 +82,6 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// What every process of the container shares, made at its setup.
-#[derive(Default)]
 pub struct Container<'a> {
     /// The mounts left for the first process to make (PID 1 of a pid namespace).
     pub mounts: Option<&'a ContainerMounts>,

@@ -80,11 +80,9 @@ fn write_maps(pid: Pid, spec: &UserNamespace) -> Result<(), SetupError> {
         ("gid_map", &spec.gid_mappings),
     ] {
         let path = format!("/proc/{pid}/{file}");
+        let text = map_text(mappings);
         // One write: the kernel takes a map whole, once.
-        std::fs::write(&path, map_text(mappings)).map_err(err(format!(
-            "write {file} {:?}",
-            map_text(mappings).trim_end()
-        )))?;
+        std::fs::write(&path, &text).map_err(err(format!("write {file} {:?}", text.trim_end())))?;
     }
     Ok(())
 }

@@ -33,9 +33,7 @@ impl MonitoredContainer {
     fn call(&self, request: ControlRequest) -> Result<(), ContainerError> {
         control::call(&self.dir.path, request, CONTROL_TIMEOUT).map(|_| ())
     }
-}
 
-impl MonitoredContainer {
     /// The state to stop from. A container still being created whose monitor has not yet
     /// recorded its pid (its `create` was killed in between, or is that far) is marked
     /// stopped under the state lock: its monitor, which records its pid under that lock

@@ -8,7 +8,7 @@
 //! netlink work.
 
 use std::io::ErrorKind;
-use std::net::UdpSocket;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
@@ -292,9 +292,10 @@ fn relay_dns(agent: &AgentClient) {
 }
 
 /// docker's embedded DNS server, in the container's network namespace.
-const DOCKER_RESOLVER: &str = "127.0.0.11:53";
+const DOCKER_RESOLVER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
 
-fn relay_dns_to(agent: &AgentClient, resolver: &'static str) {
+fn relay_dns_to(agent: &AgentClient, resolver: SocketAddr) {
     let (queue, queries) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(DNS_QUEUE);
     let queries = std::sync::Arc::new(std::sync::Mutex::new(queries));
     for _ in 0..DNS_WORKERS {
@@ -325,7 +326,7 @@ fn relay_dns_to(agent: &AgentClient, resolver: &'static str) {
     }));
 }
 
-fn ask_resolver(resolver: &str, query: &[u8]) -> std::io::Result<Vec<u8>> {
+fn ask_resolver(resolver: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     socket.send_to(query, resolver)?;
@@ -361,8 +362,7 @@ mod tests {
             .collect();
         // A resolver that answers at once, with the query.
         let resolver = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let address: &'static str =
-            Box::leak(resolver.local_addr().unwrap().to_string().into_boxed_str());
+        let address = resolver.local_addr().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             while let Ok((n, from)) = resolver.recv_from(&mut buf) {

@@ -56,12 +56,17 @@ pub struct QemuEngine {
 /// The microvm machine's firmware, as `make qemu` ships it beside the binary.
 pub const FIRMWARE_NAME: &str = "qboot.rom";
 
+/// The firmware shipped beside `binary` (`make qemu` puts it there), if it is.
+pub fn firmware_beside(binary: &Path) -> Option<PathBuf> {
+    binary
+        .parent()
+        .map(|dir| dir.join(FIRMWARE_NAME))
+        .filter(|path| path.is_file())
+}
+
 impl QemuEngine {
     pub fn new(binary: String, verdict: AccelVerdict) -> Self {
-        let firmware = Path::new(&binary)
-            .parent()
-            .map(|dir| dir.join(FIRMWARE_NAME))
-            .filter(|path| path.is_file());
+        let firmware = firmware_beside(Path::new(&binary));
         QemuEngine {
             binary,
             verdict,
