@@ -177,13 +177,7 @@ fn file_descriptors_passed_to_the_container_fail_create_naming_them() {
 fn proc_through_a_symlink_in_the_image_is_refused_as_runc_refuses_it() {
     let Some(env) = Env::new() else { return };
     let rootfs = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", common::busybox_rootfs().display()))
-        .arg(rootfs.path())
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    common::copy_busybox_to(rootfs.path());
     let _ = std::fs::remove_dir_all(rootfs.path().join("proc"));
     std::os::unix::fs::symlink("tmp", rootfs.path().join("proc")).unwrap();
     let mut bundle = env.bundle(&["true"]);

@@ -156,6 +156,20 @@ fn the_monitor_killed_at_each_step_leaves_a_stopped_container_that_deletes_clean
     }
 }
 
+/// Runs the verb `args` and SIGKILLs it `delay` after it began.
+fn kill_after(env: &Env, args: &[&str], delay: Duration) {
+    let mut verb = env
+        .cmd()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    sigkill(verb.id() as i32);
+    let _ = verb.wait();
+}
+
 #[test]
 fn start_killed_midway_leaves_a_container_that_is_created_or_running_and_deletes_cleanly() {
     let Some(env) = Env::new() else { return };
@@ -164,16 +178,7 @@ fn start_killed_midway_leaves_a_container_that_is_created_or_running_and_deletes
         let id = format!("start-killed-{n}");
         let mut create = spawn_create(&env, &bundle, &id);
         assert_eq!(wait_bounded(&mut create, "create"), Some(0));
-        let mut start = env
-            .cmd()
-            .args(["start", &id])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        sigkill(start.id() as i32);
-        let _ = start.wait();
+        kill_after(&env, &["start", &id], Duration::from_millis(delay));
         let doc = status(&env, &id);
         assert!(
             doc["status"] == "created" || doc["status"] == "running",
@@ -192,16 +197,11 @@ fn delete_killed_midway_then_delete_force_again_leaves_nothing() {
         let mut create = spawn_create(&env, &bundle, &id);
         assert_eq!(wait_bounded(&mut create, "create"), Some(0));
         assert!(env.run(&["start", &id]).status.success());
-        let mut delete = env
-            .cmd()
-            .args(["delete", "--force", &id])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        sigkill(delete.id() as i32);
-        let _ = delete.wait();
+        kill_after(
+            &env,
+            &["delete", "--force", &id],
+            Duration::from_millis(delay),
+        );
         delete_leaves_nothing(&env, &id);
     }
 }

@@ -131,6 +131,21 @@ fn become_subreaper() {
     assert_eq!(rc, 0);
 }
 
+/// `create` of `bundle` as `id` with `--pid-file` (which must succeed); the pid it wrote.
+fn create_with_pid_file(env: &Env, bundle: &common::Bundle, id: &str) -> i32 {
+    let pid_file = env.root().join(format!("{id}.pid"));
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.path_str(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        id,
+    ]);
+    assert!(out.status.success(), "create {id}: {}", text(&out.stderr));
+    std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
+}
+
 fn wait_monitor(pid: i32) -> i32 {
     match waitpid(Pid::from_raw(pid), None).unwrap() {
         WaitStatus::Exited(_, code) => code,
@@ -144,17 +159,7 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     let Some(env) = Env::new() else { return };
     become_subreaper();
     let bundle = env.bundle(&["sleep", "1000"]);
-    let pid_file = env.root().join("c-life.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.path_str(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "c-life",
-    ]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    let pid = create_with_pid_file(&env, &bundle, "c-life");
     let state = env.state("c-life");
     assert_eq!(state["status"], "created");
     assert_eq!(state["pid"], pid);
@@ -303,18 +308,8 @@ fn exit_status_comes_back_through_the_monitor_pid() {
     become_subreaper();
     for (script, expected) in [("exit 3", 3), ("kill -9 $$", 137)] {
         let bundle = env.bundle(&["sh", "-c", script]);
-        let pid_file = env.root().join("m.pid");
         let id = format!("c-mon-{expected}");
-        let out = env.run(&[
-            "create",
-            "--bundle",
-            bundle.path_str(),
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            &id,
-        ]);
-        assert!(out.status.success(), "create: {}", text(&out.stderr));
-        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        let pid = create_with_pid_file(&env, &bundle, &id);
         assert!(env.run(&["start", &id]).status.success());
         assert_eq!(wait_monitor(pid), expected, "{script}");
         assert_eq!(env.state(&id)["status"], "stopped");
@@ -721,17 +716,7 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
             "namespaces": [{ "type": "network" }]
         });
     });
-    let pid_file = env.root().join("hooks.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.path_str(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "c-hooks",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    let pid = i64::from(create_with_pid_file(&env, &bundle, "c-hooks"));
     for (name, status) in [("createRuntime", "creating"), ("prestart", "creating")] {
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(log(name)).unwrap()).unwrap();
@@ -786,17 +771,7 @@ fn a_cgroups_path_that_climbs_stays_under_the_hierarchy_root() {
     let mut bundle = env.bundle(&["sleep", "1000"]);
     bundle
         .edit(|c| c["linux"] = serde_json::json!({ "cgroupsPath": format!("/a/../../../{name}") }));
-    let pid_file = env.root().join("climb.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.path_str(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "c-climb",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = create_with_pid_file(&env, &bundle, "c-climb");
     // Cleaned as runc cleans it: the cgroup is `/<name>` of each hierarchy, not a
     // directory climbed to outside `/sys/fs/cgroup`.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

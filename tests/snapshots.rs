@@ -300,13 +300,7 @@ fn a_bundle_claiming_another_images_annotation_gets_its_own_image() {
     assert_eq!(run_logged(&env, "claim-a", MARKER, claim).0, "none\n");
     // Another image (busybox with a marker file) under the same annotation.
     let other = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", common::busybox_rootfs().display()))
-        .arg(other.path())
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    common::copy_busybox_to(other.path());
     std::fs::write(other.path().join("marker"), "the other image\n").unwrap();
     let mut bundle = Bundle::with_lower(MARKER, other.path());
     bundle.edit(claim);

@@ -61,6 +61,19 @@ pub fn busybox_rootfs() -> PathBuf {
         .clone()
 }
 
+/// A copy of [`busybox_rootfs`] at `dest` (made if missing), for a test that writes into
+/// its root.
+pub fn copy_busybox_to(dest: &Path) {
+    std::fs::create_dir_all(dest).expect("mkdir");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", busybox_rootfs().display()))
+        .arg(dest)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copy busybox to {}", dest.display());
+}
+
 /// A program from `tests/fixtures/NAME.rs`, built with `rustc` (a second or so) as a static
 /// executable for a container to run.
 pub fn fixture_program(name: &str) -> PathBuf {
@@ -314,13 +327,7 @@ pub fn run_under_runc(bundle: &Bundle) -> Option<Output> {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = dir.path().join("rootfs");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(busybox_rootfs())
-        .arg(&rootfs)
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "copy busybox for runc");
+    copy_busybox_to(&rootfs);
     let mut config = bundle.config.clone();
     config["root"] = json!({ "path": rootfs, "readonly": false });
     // runc cannot give what it has not got (a sandboxed host may lack some capabilities),
@@ -455,14 +462,7 @@ impl Bundle {
     /// one): the container's writes land in it.
     pub fn with_directory_root(args: &[&str]) -> Self {
         let bundle = Self::with_root(args);
-        let rootfs = bundle.path().join("rootfs");
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(busybox_rootfs())
-            .arg(&rootfs)
-            .status()
-            .expect("cp");
-        assert!(status.success(), "copy busybox into the bundle");
+        copy_busybox_to(&bundle.rootfs());
         bundle
     }
 
