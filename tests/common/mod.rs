@@ -361,13 +361,17 @@ pub fn run_under_runc(bundle: &Bundle) -> Option<Output> {
     )
     .expect("write runc's config.json");
     let state = tempfile::tempdir().expect("tempdir");
+    // runc's default cgroup is named after the id: tests running side by side in this
+    // process need ids (and so cgroups) of their own.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Some(output_of(
         Command::new("runc")
             .arg("--root")
             .arg(state.path())
             .args(["run", "--bundle"])
             .arg(dir.path())
-            .arg(format!("sm-runc-{}", std::process::id())),
+            .arg(format!("sm-runc-{}-{run}", std::process::id())),
     ))
 }
 
