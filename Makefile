@@ -6,7 +6,7 @@ ASSETS := build/share/supermachine
 BIN := build/bin
 CARGO ?= cargo
 
-.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test lint fuzz-share bench install clean
+.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test lint fuzz fuzz-short bench install clean
 
 # Tests that cannot run on this host append a line here (tests/common/skip.rs,
 # integration/lib.bash); `make test` empties it first and prints it last.
@@ -61,7 +61,7 @@ test:
 	  if [ -s $(SKIP_LOG) ]; then cat $(SKIP_LOG); else echo "skipped: none"; fi; \
 	  exit $$rc
 
-test-steps: test-deps guest kernel-variants lint unit-test fuzz-share vm-test integration-test
+test-steps: test-deps guest kernel-variants lint unit-test fuzz-short vm-test integration-test
 
 lint:
 	$(CARGO) fmt --all --check
@@ -72,12 +72,22 @@ lint:
 unit-test:
 	$(CARGO) test --locked --workspace --lib --bins
 
-# The shared filesystem's FUSE server under libFuzzer for a bounded time (nightly toolchain;
-# cargo-fuzz is installed from crates.io when missing). FUZZ_SECONDS=… runs it longer.
-FUZZ_SECONDS ?= 60
-fuzz-share:
+# What a guest or a corrupt file hands the host, under libFuzzer, each target for a bounded
+# time (nightly toolchain; cargo-fuzz is installed from crates.io when missing): the shared
+# filesystem's FUSE server (crates/share/fuzz), both ends' agent frame decoders and the
+# builtin VMM's snapshot state parser (fuzz/). `make fuzz` runs each for FUZZ_SECONDS
+# (default 300); `make test` for 30 s each.
+FUZZ_SECONDS ?= 300
+FUZZ_RUN = $(CARGO) +nightly fuzz run
+FUZZ_ARGS = -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096
+fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
-	cd crates/share && $(CARGO) +nightly fuzz run request -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096
+	cd crates/share && $(FUZZ_RUN) request $(FUZZ_ARGS)
+	$(FUZZ_RUN) frame $(FUZZ_ARGS)
+	$(FUZZ_RUN) snapshot_state $(FUZZ_ARGS)
+
+fuzz-short:
+	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) fuzz FUZZ_SECONDS=30
 
 # Rust tests that boot real VMs (tests/ of the workspace root).
 vm-test: guest

@@ -5,7 +5,7 @@
 
 Prints, for create+start+exit of `true` (each runtime's `run` verb): median and p95 over N
 runs of runc, supermachine booting cold (--snapshots off) and supermachine restoring from
-a snapshot, with ratios; the cold boot phases; the restore phases (p50, p95); and the host
+a snapshot (on QEMU also with its VMM unjailed, SUPERMACHINE_VMM_JAIL=off), with ratios; the cold boot phases; the restore phases (p50, p95); and the host
 memory of 1 and of 10 restored VMs of one image. `--cold-runs` bounds the cold boots
 separately (on a host whose KVM emulates guest kernel code, a builtin cold boot takes a
 minute or more).
@@ -97,6 +97,24 @@ def private_by_kind(pids, memory_file):
     return kinds
 
 
+def restore_phases(log):
+    """Each restore phase's times (ms) in a debug log, with the total to "container created"
+    and the host-side part (from opening the snapshot to the vCPUs running again: every phase
+    before the guest's agent is involved)."""
+    restore = {}
+    for msg in log_messages(log):
+        m = re.search(r"restore phases: (.*); created=([\d.]+)ms", msg)
+        if m:
+            for part in m.group(1).split(", "):
+                name, value = part.rsplit("=", 1)
+                restore.setdefault(name, []).append(float(value.rstrip("ms")))
+            restore.setdefault("total to container created", []).append(float(m.group(2)))
+    names = list(restore)
+    host = names[:names.index("agent reconnect")] if "agent reconnect" in names else []
+    restore["host-side restore (open .. vCPUs run)"] = [sum(v) for v in zip(*[restore[name] for name in host])]
+    return restore
+
+
 def vm_pids(state_root):
     """Monitor and VMM pids of every container under a state root."""
     pids = []
@@ -139,35 +157,47 @@ def main():
         cold_log = os.path.join(base, "cold.log")
         warm_log = os.path.join(base, "warm.log")
 
-        def sm_run(i, log, *flags):
+        def sm_run(i, log, *flags, env=env):
             return timed([opts.supermachine, "--root", sm_root, "--debug", "--log", log, "--log-format", "json",
                           *flags, "run", "--bundle", bundle, f"bench-{i}"], env)
 
         def runc_run(i):
             return timed([runc, "--root", runc_root, "run", "--bundle", bundle, f"bench-{i}"])
 
+        engine = subprocess.run([opts.supermachine, "features"], env=env, capture_output=True,
+                                text=True, check=True)
+        annotations = json.loads(engine.stdout)["annotations"]
+        # QEMU runs jailed (namespaces, own root, no capabilities, its seccomp filter): its
+        # restores are timed without the jail too, interleaved, to show what the jail costs.
+        jailed = annotations.get("run.supermachine.engine", "").startswith("qemu")
+        unjailed_env = dict(env, SUPERMACHINE_VMM_JAIL="off")
+        unjailed_log = os.path.join(base, "unjailed.log")
+
         # Warm-up: the disk image, the engine probe and the snapshot, outside the timing.
         sm_run("warm", os.devnull)
         runc_run("warm")
-        runc_times, cold_times, warm_times = [], [], []
+        runc_times, cold_times, warm_times, unjailed_times = [], [], [], []
         for i in range(opts.runs):
             runc_times.append(runc_run(i))
             if i < cold_runs:
                 cold_times.append(sm_run(f"cold-{i}", cold_log, "--snapshots", "off"))
             warm_times.append(sm_run(f"warm-{i}", warm_log))
+            if jailed:
+                unjailed_times.append(sm_run(f"unjailed-{i}", unjailed_log, env=unjailed_env))
 
-        engine = subprocess.run([opts.supermachine, "features"], env=env, capture_output=True,
-                                text=True, check=True)
-        reason = json.loads(engine.stdout)["annotations"].get("run.supermachine.engine.reason", "")
-        print(f"\nengine: {reason}")
+        print(f"\nengine: {annotations.get('run.supermachine.engine.reason', '')}")
+        print(f"VMM: {annotations.get('run.supermachine.vmm.confinement', '')}")
         print(f"create+start+exit of `true`, {opts.runs} runs each, {cold_runs} cold (ms)")
-        print(f"{'runtime':<28}{'median':>10}{'p95':>10}{'vs runc':>10}{'vs cold':>10}")
+        print(f"{'runtime':<36}{'median':>10}{'p95':>10}{'vs runc':>10}{'vs cold':>10}")
         runc_median = statistics.median(runc_times)
         cold_median = statistics.median(cold_times)
-        for name, times in [("runc", runc_times), ("supermachine, cold boot", cold_times),
-                            ("supermachine, restore", warm_times)]:
+        rows = [("runc", runc_times), ("supermachine, cold boot", cold_times),
+                ("supermachine, restore", warm_times)]
+        if jailed:
+            rows.append(("supermachine, restore, VMM unjailed", unjailed_times))
+        for name, times in rows:
             median = statistics.median(times)
-            print(f"{name:<28}{median:>10.1f}{percentile(times, 95):>10.1f}"
+            print(f"{name:<36}{median:>10.1f}{percentile(times, 95):>10.1f}"
                   f"{median / runc_median:>9.1f}x{cold_median / median:>9.1f}x")
 
         boot = {"vmm": [], "kernel": [], "agent": [], "created": [], "exited": []}
@@ -185,24 +215,15 @@ def main():
             values = boot[key]
             print(f"  {label:<36}{statistics.median(values) if values else float('nan'):>10.1f}")
 
-        restore = {}
-        for msg in log_messages(warm_log):
-            m = re.search(r"restore phases: (.*); created=([\d.]+)ms", msg)
-            if m:
-                for part in m.group(1).split(", "):
-                    name, value = part.rsplit("=", 1)
-                    restore.setdefault(name, []).append(float(value.rstrip("ms")))
-                restore.setdefault("total to container created", []).append(float(m.group(2)))
-        # Host-side restore: from opening the snapshot to the vCPUs running again (every
-        # phase before the guest's agent is involved).
-        names = list(restore)
-        host = names[:names.index("agent reconnect")] if "agent reconnect" in names else []
-        host_side = [sum(v) for v in zip(*[restore[name] for name in host])]
-        restore["host-side restore (open .. vCPUs run)"] = host_side
-        print("\nrestore phases (ms)")
-        print(f"  {'phase':<40}{'p50':>8}{'p95':>8}")
+        restore = restore_phases(warm_log)
+        unjailed = restore_phases(unjailed_log) if jailed else {}
+        print("\nrestore phases (ms)" + (", and with the VMM unjailed" if jailed else ""))
+        print(f"  {'phase':<40}{'p50':>8}{'p95':>8}" + (f"{'unjailed p50':>14}{'p95':>8}" if jailed else ""))
         for name, values in restore.items():
-            print(f"  {name:<40}{statistics.median(values):>8.2f}{percentile(values, 95):>8.2f}")
+            line = f"  {name:<40}{statistics.median(values):>8.2f}{percentile(values, 95):>8.2f}"
+            if unjailed.get(name):
+                line += f"{statistics.median(unjailed[name]):>14.2f}{percentile(unjailed[name], 95):>8.2f}"
+            print(line)
 
         # Host memory of restored VMs idling in `sleep`.
         write_config(bundle, ["sleep", "1000"], runc)

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Builds the QEMU the qemu engine runs, from Debian's source package of the installed
 # qemu-system-x86 (with Debian's patches), configured for what the engine uses: one target
-# (x86_64-softmmu), the devices in config/qemu/devices.mak, kvm and tcg, no optional library,
-# linked static and not position-independent, plus config/qemu/patches/*.patch. A VM restored
+# (x86_64-softmmu), the devices in config/qemu/devices.mak, kvm and tcg, libseccomp (the
+# `-sandbox` filter the engine starts it with) and no other optional library, linked static and not position-independent, plus config/qemu/patches/*.patch. A VM restored
 # from a snapshot then costs the host less: no shared library or PIE relocations to write
 # into private pages, far fewer QOM types registered, and no loader work at each start.
 # Firmware (the microvm machine's qboot) still comes from Debian's qemu-system-data.
@@ -10,7 +10,7 @@
 #   scripts/build-qemu.sh OUT_DIR
 #
 # The result is cached outside the clone by the digest of its inputs
-# (SUPERMACHINE_BUILD_CACHE, default ~/.cache/supermachine) and linked into
+# (SUPERMACHINE_BUILD_CACHE, default ~/.cache/supermachine) and put in
 # OUT_DIR/qemu-system-x86_64, where the runtime looks for it before PATH.
 set -eu
 
@@ -67,7 +67,7 @@ if [ ! -x "$dest/qemu-system-x86_64" ]; then
       --target-list=x86_64-softmmu \
       --without-default-features --without-default-devices \
       --with-devices-x86_64=supermachine \
-      --enable-kvm --enable-tcg --enable-fdt=system --enable-malloc-trim \
+      --enable-kvm --enable-tcg --enable-fdt=system --enable-malloc-trim --enable-seccomp \
       --static --disable-pie \
       --disable-docs --disable-tools --disable-user --disable-install-blobs \
       --disable-debug-info \
@@ -84,7 +84,11 @@ if [ ! -x "$dest/qemu-system-x86_64" ]; then
   mv "$dest.partial" "$dest"
 fi
 
+# The assets hold the binary itself (a hard link, else a copy keeping its time), not a
+# symlink into this machine's build cache: they are complete wherever they are copied.
 mkdir -p "$out_dir"
-ln -sf "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp"
+rm -f "$out_dir/qemu-system-x86_64.tmp"
+ln "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp" 2>/dev/null \
+  || cp -p "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp"
 mv -f "$out_dir/qemu-system-x86_64.tmp" "$out_dir/qemu-system-x86_64"
-echo "$out_dir/qemu-system-x86_64 -> $dest/qemu-system-x86_64"
+echo "$out_dir/qemu-system-x86_64: $dest/qemu-system-x86_64"

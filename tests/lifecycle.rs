@@ -213,29 +213,6 @@ fn lifecycle_create_start_kill_delete_through_the_monitor_pid() {
     env.assert_clean("c-life");
 }
 
-/// The processes of a container's VM: the monitor's children (an external VMM), or the
-/// monitor itself where the VMM runs inside it (builtin engine).
-fn vm_processes(monitor: i32) -> Vec<i32> {
-    let children: Vec<i32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The parent is the second field after the command's closing parenthesis.
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                == Some(monitor)
-        })
-        .collect();
-    if children.is_empty() {
-        vec![monitor]
-    } else {
-        children
-    }
-}
-
 #[test]
 fn a_start_the_vm_cannot_answer_leaves_the_container_stopped_and_deletable() {
     let Some(env) = Env::new() else { return };
@@ -244,7 +221,7 @@ fn a_start_the_vm_cannot_answer_leaves_the_container_stopped_and_deletable() {
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     let monitor = env.state("c-stuck")["pid"].as_i64().unwrap() as i32;
     // The VM stops answering between create and start.
-    let vm = vm_processes(monitor);
+    let vm = common::vm_processes(monitor);
     for &pid in &vm {
         nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
     }
@@ -745,6 +722,22 @@ fn host_hooks_run_with_the_container_state_and_the_cgroup_is_joined() {
             ((384 + 64 + 64) << 20).to_string()
         );
     }
+    // The host cgroup bounds the monitor's and VMM's tasks, in whichever hierarchy has
+    // the pids controller.
+    let relative = cgroup.trim_start_matches('/');
+    let pids_max: Vec<String> = [
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .filter_map(|mount| {
+        std::fs::read_to_string(std::path::Path::new(mount).join(relative).join("pids.max")).ok()
+    })
+    .map(|v| v.trim().to_string())
+    .collect();
+    assert!(!pids_max.is_empty(), "no pids.max for {relative}");
+    assert!(pids_max.iter().all(|v| v == "512"), "{pids_max:?}");
     let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
     assert_ne!(
         std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),

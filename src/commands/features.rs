@@ -13,14 +13,20 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
     let qemu = container::Assets::locate()
         .ok()
         .and_then(|assets| assets.qemu);
-    let (engine, reason, isolation) =
+    let (engine, reason, isolation, confinement) =
         match engine::select(choice, &context.paths.probe_dir(), qemu.as_deref()) {
             Ok(selection) => (
                 selection.engine.name(),
                 selection.reason,
                 isolation_text(selection.engine.isolation()),
+                selection.engine.vmm_confinement(),
             ),
-            Err(e) => ("none".to_string(), e.to_string(), "none".to_string()),
+            Err(e) => (
+                "none".to_string(),
+                e.to_string(),
+                "none".to_string(),
+                "none".to_string(),
+            ),
         };
     // Whether this host's hypervisor runs guest kernel code natively; where it does not, the
     // builtin engine needs the kernel variant built for such hosts (`make guest` reads this).
@@ -60,7 +66,8 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
             "run.supermachine.engine": engine,
             "run.supermachine.engine.reason": reason,
             "run.supermachine.builtin.native": builtin_native,
-            "run.supermachine.isolation": isolation
+            "run.supermachine.isolation": isolation,
+            "run.supermachine.vmm.confinement": confinement
         }
     });
     outln!("{}", serde_json::to_string_pretty(&features)?);

@@ -283,6 +283,29 @@ impl Drop for Env {
     }
 }
 
+/// The processes of a container's VM: the monitor's children (an external VMM), or the
+/// monitor itself where the VMM runs inside it (builtin engine).
+pub fn vm_processes(monitor: i32) -> Vec<i32> {
+    let children: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent is the second field after the command's closing parenthesis.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                == Some(monitor)
+        })
+        .collect();
+    if children.is_empty() {
+        vec![monitor]
+    } else {
+        children
+    }
+}
+
 /// Waits until `check` holds, for at most `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -25,6 +25,12 @@ pub struct HostLimits {
     pub cpuset_mems: Option<String>,
 }
 
+/// The tasks a container's host cgroup may hold: its monitor's and VMM's threads (a few
+/// dozen: vCPUs, device and relay threads, a relay per exec session), bounded so that no
+/// guest-driven path can make the host start threads without end. The container's own
+/// processes are in the guest, under its `pids` limit there.
+pub const HOST_PIDS_MAX: u32 = 512;
+
 /// One mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hierarchy {
@@ -264,7 +270,13 @@ pub fn place(
         if hierarchy.has("cpuset") {
             inherit_cpuset(&hierarchy.mount, &dir);
         }
+        if hierarchy.v2 {
+            delegate_controllers(&hierarchy.mount, &dir);
+        }
         apply(&hierarchy, &dir, limits)?;
+        if !existed && (hierarchy.v2 || hierarchy.has("pids")) {
+            write(&dir, "pids.max", &HOST_PIDS_MAX.to_string())?;
+        }
         let procs = dir.join("cgroup.procs");
         fs::write(&procs, pid.to_string()).map_err(ContainerError::io(&procs))?;
     }
@@ -335,6 +347,27 @@ fn apply(hierarchy: &Hierarchy, dir: &Path, limits: &HostLimits) -> Result<(), C
         }
     }
     Ok(())
+}
+
+/// On cgroup2 a cgroup has the controllers its parent enables for its children: enable, from
+/// the hierarchy's root down to `dir`'s parent, each controller the parent has, as runc
+/// does, so that the limit files exist in `dir`. Best effort: a parent that holds processes
+/// itself (other than the root) cannot, and its children then have what it had.
+fn delegate_controllers(mount: &Path, dir: &Path) {
+    let Ok(relative) = dir.strip_prefix(mount) else {
+        return;
+    };
+    let mut parent = mount.to_path_buf();
+    for component in relative.components() {
+        let available = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+        for controller in available.split_whitespace() {
+            let _ = fs::write(
+                parent.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            );
+        }
+        parent.push(component);
+    }
 }
 
 /// A new v1 cpuset cgroup starts empty and refuses tasks; fill it from its ancestors.

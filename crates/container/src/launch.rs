@@ -403,6 +403,9 @@ mod tests {
         fn isolation(&self) -> engine::Isolation {
             engine::Isolation::Hypervisor
         }
+        fn vmm_confinement(&self) -> String {
+            "none".into()
+        }
         fn boot(&self, _: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
             Err(EngineError::Control("a key-only engine".into()))
         }

@@ -355,6 +355,10 @@ impl crate::Engine for BuiltinEngine {
         crate::Isolation::Hypervisor
     }
 
+    fn vmm_confinement(&self) -> String {
+        "none yet: the builtin VMM runs in the container's monitor process".into()
+    }
+
     /// On a host that emulates guest kernel code, the variant built for it (`vmlinux-pvm`
     /// beside the default one, see config/patches/pvm) when there is one.
     fn kernel(&self, spec: &VmSpec) -> PathBuf {

@@ -239,6 +239,8 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn name(&self) -> String;
     /// What separates the guest from the host under this engine.
     fn isolation(&self) -> Isolation;
+    /// What confines the process that runs guest code and device models, in words.
+    fn vmm_confinement(&self) -> String;
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
     /// The guest kernel this engine boots for `spec`: `spec.kernel` unless the host needs a
     /// variant of it. A snapshot depends on this file, so its digest is in the cache key.
@@ -361,8 +363,9 @@ fn select_qemu(probe_dir: &Path, bundled: Option<&Path>) -> Result<Selection, En
     let binary = qemu::binary(bundled);
     let verdict = probe::accel_verdict(&binary, probe_dir)?;
     let reason = format!("{binary}, accel {}: {}", verdict.accel, verdict.reason);
+    let built_here = bundled.is_some_and(|path| Path::new(&binary) == path);
     Ok(Selection {
-        engine: Box::new(qemu::QemuEngine::new(binary, verdict)),
+        engine: Box::new(qemu::QemuEngine::new(binary, verdict, built_here)),
         reason,
     })
 }

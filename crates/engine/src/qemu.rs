@@ -6,15 +6,18 @@
 //! named `fs.0` (QEMU has no virtio-fs here: vhost-user needs guest RAM shared with another
 //! process, which the copy-on-write restore rules out). QEMU dies with the process that started it
 //! (`PR_SET_PDEATHSIG`), so a killed monitor cannot leave a VM behind.
+//!
+//! QEMU runs jailed (`jail`): its own namespaces, a root holding only its inputs, no
+//! capabilities, and its own seccomp filter (`-sandbox`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use devices::serial::ConsoleLog;
@@ -51,6 +54,10 @@ pub struct QemuEngine {
     /// explicitly; `None`: QEMU's own search (its data directory, e.g. Debian's
     /// `qemu-system-data`).
     firmware: Option<PathBuf>,
+    /// The QEMU scripts/build-qemu.sh built, with config/qemu/patches: among them, it opens
+    /// a snapshot's memory file read-only (another QEMU opens it for writing, so the file
+    /// must be writable in its jail).
+    built_here: bool,
 }
 
 /// The microvm machine's firmware, as `make qemu` ships it beside the binary.
@@ -65,12 +72,13 @@ pub fn firmware_beside(binary: &Path) -> Option<PathBuf> {
 }
 
 impl QemuEngine {
-    pub fn new(binary: String, verdict: AccelVerdict) -> Self {
+    pub fn new(binary: String, verdict: AccelVerdict, built_here: bool) -> Self {
         let firmware = firmware_beside(Path::new(&binary));
         QemuEngine {
             binary,
             verdict,
             firmware,
+            built_here,
         }
     }
 
@@ -232,6 +240,32 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
     move |source| EngineError::Io { path, source }
 }
 
+/// The open files QEMU may have: a few per device, far below this.
+const VMM_FILES: u64 = 1024;
+
+const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Where a distribution's QEMU finds its firmware (Debian's links into seabios's).
+const QEMU_DATA_DIRS: [&str; 2] = ["/usr/share/qemu", "/usr/share/seabios"];
+
+/// QEMU's own system call filter (`-sandbox`, libseccomp; scripts/build-qemu.sh builds it
+/// in): on top of its default deny list, no obsolete calls, no change of credentials, no new
+/// process or program, no scheduling or affinity changes. A forbidden call kills QEMU
+/// (SIGSYS), which the VM reports as such.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// `off`: QEMU runs without its jail and filter, in the caller's namespaces, root and
+/// credentials. For measuring what the jail costs (`make bench`) and for debugging.
+pub const JAIL_SETTING: &str = "SUPERMACHINE_VMM_JAIL";
+
+fn jailed() -> bool {
+    std::env::var(JAIL_SETTING).map_or(true, |v| v != "off")
+}
+
+/// Set (to anything) only by tests: QEMU is asked, right after it answers, to migrate to a
+/// command, which it can only do by forking: a system call its filter forbids.
+pub const FORBIDDEN_CALL_FOR_TESTS: &str = "SUPERMACHINE_TEST_VMM_FORBIDDEN_CALL";
+
 /// How long a snapshot's device state may take to save or load.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -242,7 +276,70 @@ const X_IGNORE_SHARED: &str = "x-ignore-shared";
 const JIT_FLUSH: &str = "x-jit-flush";
 
 impl QemuEngine {
-    /// Starts QEMU for `spec` and waits for its control socket.
+    /// The binary, resolved on PATH when it is a bare name.
+    fn binary_path(&self) -> PathBuf {
+        crate::probe::which(&self.binary).unwrap_or_else(|| PathBuf::from(&self.binary))
+    }
+
+    /// QEMU's jail for `spec`: its root holds the firmware, the kernel and initramfs it
+    /// boots, the disks, the snapshot's memory file it restores from (read-only for the
+    /// QEMU built here: a private mapping never writes it, config/qemu/patches/0006-*),
+    /// `/dev/null`, and `/dev/kvm` when it runs on KVM. Everything else it uses is an inherited descriptor.
+    fn jail(
+        &self,
+        spec: &VmSpec,
+        memory: &GuestMemory,
+        incoming: bool,
+        jailed: bool,
+    ) -> Result<jail::Jail, EngineError> {
+        let limits = |jail: jail::Jail| {
+            jail.limit(jail::Resource::Files, VMM_FILES)
+                .limit(jail::Resource::CoreSize, 0)
+                // QEMU asks for huge pages for its translation cache, which a VM fills
+                // only ~10 MiB of: with 2 MiB pages each VM held ~1.2 MiB more, untouched.
+                .without_huge_pages()
+        };
+        if !jailed {
+            return Ok(limits(jail::Jail::unconfined()));
+        }
+        let root = spec.work_dir.join("vmm-root");
+        std::fs::create_dir_all(&root).map_err(io_error(&root))?;
+        let mut jail = limits(jail::Jail::new(root))
+            // QEMU probes its file locking kind on /dev/null.
+            .device("/dev/null");
+        match &self.firmware {
+            Some(firmware) => jail = jail.read_only(firmware),
+            // QEMU's own search, in the data directories a distribution's QEMU uses.
+            None => {
+                for dir in QEMU_DATA_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
+                    jail = jail.read_only(dir);
+                }
+            }
+        }
+        if !incoming {
+            jail = jail.read_only(&spec.kernel).read_only(&spec.initramfs);
+        }
+        for disk in &spec.disks {
+            jail = if disk.read_only {
+                jail.read_only(&disk.path)
+            } else {
+                jail.writable(&disk.path)
+            };
+        }
+        if let GuestMemory::Private { path } = memory {
+            jail = if self.built_here {
+                jail.read_only(path)
+            } else {
+                jail.writable(path)
+            };
+        }
+        if self.verdict.accel == Accel::Kvm {
+            jail = jail.device(KVM_DEVICE);
+        }
+        Ok(jail)
+    }
+
+    /// Starts QEMU for `spec` in its jail and waits for its control socket.
     fn spawn(
         &self,
         spec: &VmSpec,
@@ -262,7 +359,6 @@ impl QemuEngine {
         let log_of_console = ConsoleLog::create(&console).map_err(io_error(&console))?;
         let vmm_log = spec.work_dir.join("vmm.log");
         let log = File::create(&vmm_log).map_err(io_error(&vmm_log))?;
-        let log2 = log.try_clone().map_err(io_error(&vmm_log))?;
         let sockets = Sockets {
             qmp: qmp_vmm.as_raw_fd(),
             agent: agent_vmm.as_raw_fd(),
@@ -272,51 +368,36 @@ impl QemuEngine {
             sockets.agent,
             sockets.qmp,
             sockets.fs,
-            ram.as_ref().map_or(-1, |r| r.as_raw_fd()),
             console_in.as_raw_fd(),
         ];
+        inherited.extend(ram.as_ref().map(|r| r.as_raw_fd()));
         inherited.extend(spec.nics.iter().filter_map(|n| n.tap));
         let serial = PathBuf::from(format!("/dev/fd/{}", console_in.as_raw_fd()));
         let mut args = command_line(spec, &self.verdict, sockets, &serial, &memory, incoming);
         if let Some(firmware) = &self.firmware {
             args.extend(["-bios".into(), escape(firmware)]);
         }
+        let jailed = jailed();
+        if jailed {
+            args.extend(["-sandbox".into(), SANDBOX.into()]);
+        }
         log::debug!("starting {} {}", self.binary, args.join(" "));
-        let mut command = Command::new(&self.binary);
-        command
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (prctl, fcntl) on fds that exist in the child.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // QEMU asks for huge pages for its translation cache, which a VM fills
-                // only ~10 MiB of: with 2 MiB pages each VM held ~1.2 MiB more, untouched.
-                // Best effort: a kernel without THP has nothing to turn off.
-                let _ = libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-                for &fd in inherited.iter().filter(|&&fd| fd >= 0) {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
+        let started = Instant::now();
+        let child = self
+            .jail(spec, &memory, incoming, jailed)?
+            .spawn(&self.binary_path(), &args, &log, &inherited)
+            .map_err(|e| match e {
+                jail::JailError::Input { path, .. } if path == self.binary_path() => {
+                    EngineError::QemuMissing {
+                        binary: self.binary.clone(),
                     }
                 }
-                Ok(())
-            });
-        }
-        let started = Instant::now();
-        let child = command.spawn().map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => EngineError::QemuMissing {
-                binary: self.binary.clone(),
-            },
-            _ => EngineError::Spawn {
-                what: self.binary.clone(),
-                source,
-            },
-        })?;
+                e => EngineError::Spawn {
+                    what: self.binary.clone(),
+                    source: std::io::Error::other(e),
+                },
+            })?;
+        drop(log);
         drop((agent_vmm, qmp_vmm, fs_vmm, console_in));
         relay_console(console_out, log_of_console);
         let mut vm = QemuVm {
@@ -334,6 +415,11 @@ impl QemuEngine {
         match Qmp::handshake(qmp_host, VMM_START_TIMEOUT) {
             Ok(qmp) => vm.qmp = Some(qmp),
             Err(e) => return Err(vm.failed(e)),
+        }
+        if std::env::var_os(FORBIDDEN_CALL_FOR_TESTS).is_some() {
+            if let Err(e) = vm.qmp_with("migrate", json!({ "uri": "exec:true" })) {
+                return Err(vm.failed(e));
+            }
         }
         log::debug!(
             "qemu pid {} answering QMP after {:?}",
@@ -353,6 +439,17 @@ impl Engine for QemuEngine {
         match self.verdict.accel {
             crate::probe::Accel::Kvm => crate::Isolation::Hypervisor,
             crate::probe::Accel::Tcg => crate::Isolation::Emulation,
+        }
+    }
+
+    fn vmm_confinement(&self) -> String {
+        if jailed() {
+            "QEMU in new mount, PID, IPC, UTS and network namespaces on a root holding only \
+             its inputs, no capabilities, no_new_privs, rlimits, and its seccomp filter \
+             (-sandbox)"
+                .into()
+        } else {
+            format!("none: {JAIL_SETTING}=off")
         }
     }
 
@@ -447,7 +544,7 @@ fn migrate(qmp: &mut Qmp, command: &str, state: &File) -> Result<(), EngineError
 
 #[derive(Debug)]
 pub struct QemuVm {
-    child: Child,
+    child: jail::Jailed,
     qmp: Option<Qmp>,
     channel: Option<UnixStream>,
     fs_channel: Option<UnixStream>,
@@ -463,11 +560,32 @@ pub struct QemuVm {
     stopped: bool,
 }
 
+/// How QEMU ended, in words; a kill by its system call filter named as such.
+fn describe_exit(status: ExitStatus) -> String {
+    if status.signal() == Some(libc::SIGSYS) {
+        "qemu was killed by its system call filter (SIGSYS): it made a call its -sandbox \
+         forbids"
+            .into()
+    } else {
+        format!("qemu exited ({status})")
+    }
+}
+
 impl QemuVm {
-    /// Stops a VM that failed to start, keeping QEMU's own words for the error.
+    /// Stops a VM that failed to start, keeping QEMU's own words for the error, and how it
+    /// ended when it had ended by itself.
     fn failed(&mut self, error: EngineError) -> EngineError {
         let _ = self.stop();
-        let log = read_tail(&self.vmm_log, 5);
+        let mut log = read_tail(&self.vmm_log, 5);
+        // Not the SIGKILL of `stop`: it had ended by itself.
+        let ended = self.child.try_wait().ok().flatten();
+        if let Some(status) = ended.filter(|s| s.signal() != Some(libc::SIGKILL)) {
+            log = if log.is_empty() {
+                describe_exit(status)
+            } else {
+                format!("{}: {log}", describe_exit(status))
+            };
+        }
         if log.is_empty() {
             error
         } else {
@@ -483,6 +601,14 @@ impl QemuVm {
             .as_mut()
             .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
         qmp.execute(command, None).map(|_| ())
+    }
+
+    fn qmp_with(&mut self, command: &str, arguments: serde_json::Value) -> Result<(), EngineError> {
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| EngineError::Control("VM stopped".into()))?;
+        qmp.execute(command, Some(arguments)).map(|_| ())
     }
 }
 
@@ -543,7 +669,7 @@ impl Vm for QemuVm {
 
     fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("qemu exited ({status})")),
+            Ok(Some(status)) => Some(describe_exit(status)),
             _ => None,
         }
     }

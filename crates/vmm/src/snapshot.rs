@@ -54,6 +54,26 @@ struct VmState {
 /// Named durations of a restore's phases, for `--debug` logs and the benchmark.
 pub type Phases = Vec<(&'static str, Duration)>;
 
+/// Whether `bytes` are a state file this VMM reads (seal, checksum, layout, decoding): the
+/// parser a restore runs first, for the fuzz target `snapshot_state` (fuzz/).
+pub fn validate_state(bytes: &[u8]) -> Result<(), String> {
+    decode_state(bytes).map(drop)
+}
+
+/// A state file's contents, checked and decoded; what it says about the VM is checked
+/// against the VM being restored by the caller.
+fn decode_state(bytes: &[u8]) -> Result<VmState, String> {
+    let body = snapshot::file::unseal(bytes).map_err(|e| e.to_string())?;
+    let state: VmState = bincode::deserialize(body).map_err(|e| format!("decoding: {e}"))?;
+    if state.format != STATE_FORMAT {
+        return Err(format!(
+            "state layout {} (this VMM reads {STATE_FORMAT})",
+            state.format
+        ));
+    }
+    Ok(state)
+}
+
 impl Vmm {
     /// Writes a snapshot of this VM into `dir`. The VM must be paused ([`Vmm::pause`]) and
     /// must have been booted (a restored VM's RAM is a private mapping of another snapshot).
@@ -119,16 +139,8 @@ impl Vmm {
             path: state_path.clone(),
             source: e,
         })?;
-        let body = snapshot::file::unseal(&bytes)
+        let state = decode_state(&bytes)
             .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))?;
-        let state: VmState =
-            bincode::deserialize(body).map_err(|e| Error::Snapshot(format!("decoding: {e}")))?;
-        if state.format != STATE_FORMAT {
-            return Err(Error::Snapshot(format!(
-                "state layout {} (this VMM reads {STATE_FORMAT})",
-                state.format
-            )));
-        }
         let ram_ranges = x86_64::ram_ranges(u64::from(config.memory_mib) << 20);
         if state.ram != ram_ranges || state.vcpus.len() != config.vcpus as usize {
             return Err(Error::Snapshot(format!(
