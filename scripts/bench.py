@@ -116,19 +116,22 @@ def restore_phases(log):
 
 
 def vm_pids(state_root):
-    """Monitor and VMM pids of every container under a state root."""
-    pids = []
+    """Monitor and VMM pids of every container under a state root: the monitors (named by
+    their command lines) and their children (QEMU, whose command line names no state path)."""
+    monitors, parents = [], {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if state_root in cmdline and ("monitor" in cmdline or "qemu-system" in cmdline):
-            pids.append(int(entry))
-    return pids
+        if state_root in cmdline and "monitor" in cmdline:
+            monitors.append(int(entry))
+    return monitors + [pid for pid, parent in parents.items() if parent in monitors]
 
 
 def main():
