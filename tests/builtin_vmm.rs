@@ -309,4 +309,72 @@ fn a_container_runs_on_the_builtin_engine_without_qemu_then_restores_from_its_sn
         "not the baked VM's kernel and boot"
     );
     env.assert_clean("c-builtin-2");
+
+    // The VMM runs in the monitor: its vCPU and device threads are under the system call
+    // filter, the monitor's own thread is not.
+    let builtin = |cmd: &mut std::process::Command| {
+        cmd.env("PATH", &path).env("SUPERMACHINE_ENGINE", "builtin");
+    };
+    let sleeper = env.bundle(&["sleep", "1000"]);
+    let mut create = env.cmd();
+    builtin(&mut create);
+    let out =
+        common::output_of(create.args(["create", "--bundle", sleeper.path_str(), "c-filtered"]));
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let monitor = env.state("c-filtered")["pid"].as_i64().unwrap();
+    let threads: Vec<(String, String, i64)> = std::fs::read_dir(format!("/proc/{monitor}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let tid = task.file_name().to_str().unwrap().parse().unwrap();
+            (field("Name:"), field("Seccomp:"), tid)
+        })
+        .collect();
+    let seccomp_of = |wanted: &dyn Fn(&str, i64) -> bool| -> Vec<&str> {
+        threads
+            .iter()
+            .filter(|(name, _, tid)| wanted(name, *tid))
+            .map(|(_, mode, _)| mode.as_str())
+            .collect()
+    };
+    assert_eq!(seccomp_of(&|name, _| name == "vcpu0"), ["2"], "{threads:?}");
+    let devices = seccomp_of(&|name, _| name.starts_with("virtio-"));
+    assert!(
+        !devices.is_empty() && devices.iter().all(|m| *m == "2"),
+        "{threads:?}"
+    );
+    assert_eq!(seccomp_of(&|_, tid| tid == monitor), ["0"], "{threads:?}");
+    let out = env.run(&["delete", "--force", "c-filtered"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_clean("c-filtered");
+
+    // A call the filter forbids (the first vCPU forks, for this test only) kills the monitor
+    // with its VM, and the start says why.
+    let mut run = env.cmd();
+    builtin(&mut run);
+    let out = common::output_of(run.env("SUPERMACHINE_TEST_VMM_FORBIDDEN_CALL", "1").args([
+        "run",
+        "--bundle",
+        sleeper.path_str(),
+        "c-sigsys",
+    ]));
+    assert!(
+        !out.status.success(),
+        "ran with a thread its filter should have killed"
+    );
+    assert!(
+        text(&out.stderr).contains("killed by its system call filter (SIGSYS)"),
+        "{}",
+        text(&out.stderr)
+    );
+    env.assert_clean("c-sigsys");
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -158,7 +158,14 @@ fn create_in(
         }
         None => {
             let _ = child.kill();
-            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            let status = child.wait().ok();
+            if status.and_then(|s| s.signal()) == Some(libc::SIGSYS) {
+                bail!(
+                    "the monitor process, which runs the builtin VMM, was killed by its system \
+                     call filter (SIGSYS): a vCPU or device thread made a call it forbids"
+                );
+            }
+            let status = status.map(|s| s.to_string()).unwrap_or_default();
             bail!("the monitor process exited before the container was created ({status})");
         }
     }

@@ -311,6 +311,8 @@ impl BuiltinEngine {
                 trace: spec.diagnostics.trace,
                 profile: spec.diagnostics.profile.clone(),
                 keep_freed_memory: spec.diagnostics.keep_freed_memory,
+                forbidden_call_for_tests: std::env::var_os(crate::FORBIDDEN_CALL_FOR_TESTS)
+                    .is_some(),
             },
         })
     }
@@ -356,7 +358,11 @@ impl crate::Engine for BuiltinEngine {
     }
 
     fn vmm_confinement(&self) -> String {
-        "none yet: the builtin VMM runs in the container's monitor process".into()
+        "the builtin VMM runs in the container's monitor process: its vCPU and device threads \
+         under a system call deny list (no new process or program, namespace, mount, \
+         credential or capability; a denied call kills the process), the monitor's own \
+         thread unfiltered"
+            .into()
     }
 
     /// On a host that emulates guest kernel code, the variant built for it (`vmlinux-pvm`

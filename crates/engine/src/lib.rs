@@ -370,5 +370,10 @@ fn select_qemu(probe_dir: &Path, bundled: Option<&Path>) -> Result<Selection, En
     })
 }
 
+/// Set (to anything) only by tests: the VMM makes a system call its filter forbids once it
+/// runs (QEMU is asked to migrate to a command, which it can only do by forking; the builtin
+/// VMM's first vCPU forks), and the start must fail saying so.
+pub const FORBIDDEN_CALL_FOR_TESTS: &str = "SUPERMACHINE_TEST_VMM_FORBIDDEN_CALL";
+
 /// How long to wait for a VMM to answer its control socket after start.
 pub(crate) const VMM_START_TIMEOUT: Duration = Duration::from_secs(10);

@@ -262,10 +262,6 @@ fn jailed() -> bool {
     std::env::var(JAIL_SETTING).map_or(true, |v| v != "off")
 }
 
-/// Set (to anything) only by tests: QEMU is asked, right after it answers, to migrate to a
-/// command, which it can only do by forking: a system call its filter forbids.
-pub const FORBIDDEN_CALL_FOR_TESTS: &str = "SUPERMACHINE_TEST_VMM_FORBIDDEN_CALL";
-
 /// How long a snapshot's device state may take to save or load.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -416,7 +412,7 @@ impl QemuEngine {
             Ok(qmp) => vm.qmp = Some(qmp),
             Err(e) => return Err(vm.failed(e)),
         }
-        if std::env::var_os(FORBIDDEN_CALL_FOR_TESTS).is_some() {
+        if std::env::var_os(crate::FORBIDDEN_CALL_FOR_TESTS).is_some() {
             if let Err(e) = vm.qmp_with("migrate", json!({ "uri": "exec:true" })) {
                 return Err(vm.failed(e));
             }

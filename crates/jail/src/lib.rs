@@ -18,6 +18,8 @@
 
 #![cfg(target_os = "linux")]
 
+pub mod thread;
+
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::Read;

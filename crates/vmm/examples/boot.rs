@@ -20,6 +20,7 @@ fn main() {
         trace: std::env::var_os("SUPERMACHINE_VMM_TRACE").is_some(),
         profile: std::env::var_os("SUPERMACHINE_VMM_PROFILE").map(Into::into),
         keep_freed_memory: false,
+        forbidden_call_for_tests: false,
     };
     let trace = diagnostics.trace;
     let vmm = vmm::Vmm::boot(

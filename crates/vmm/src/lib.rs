@@ -132,6 +132,9 @@ pub struct Diagnostics {
     /// Keep the pages the guest gives back (free page reporting, balloon inflation) instead
     /// of discarding them: only to measure what giving them back is worth.
     pub keep_freed_memory: bool,
+    /// Only for tests: vCPU 0 forks once its system call filter is on, which the filter
+    /// answers by killing the process.
+    pub forbidden_call_for_tests: bool,
 }
 
 impl VmmConfig {

@@ -233,6 +233,7 @@ impl Vcpus {
             let worker = VcpuWorker {
                 vcpu,
                 trace: diagnostics.trace,
+                forbidden_call: diagnostics.forbidden_call_for_tests,
                 exits: 0,
                 profiler: diagnostics
                     .profile
@@ -315,6 +316,8 @@ struct VcpuWorker {
     trace: bool,
     exits: u64,
     profiler: Option<Profiler>,
+    /// [`Diagnostics::forbidden_call_for_tests`].
+    forbidden_call: bool,
     pio: Bus,
     mmio: Bus,
     mem: Arc<GuestMemory>,
@@ -331,6 +334,14 @@ enum Next {
 impl VcpuWorker {
     fn run(mut self) {
         let id = self.vcpu.id();
+        if let Err(e) = devices::confine_thread() {
+            self.control.end(VmExit::Failed(format!("vCPU {id}: {e}")));
+            return;
+        }
+        if self.forbidden_call && id == 0 {
+            // SAFETY: a fork the filter forbids: the process ends here.
+            unsafe { libc::fork() };
+        }
         while self.control.checkpoint(id as usize, &mut || {
             self.vcpu.save_state().map_err(|e| e.to_string())
         }) {

@@ -311,6 +311,10 @@ impl Console {
         std::thread::Builder::new()
             .name(format!("virtio-console-{}", self.ports[index].name))
             .spawn(move || {
+                if let Err(e) = crate::confine_thread() {
+                    log::error!("virtio-console: {e}");
+                    return;
+                }
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = socket.read(&mut buf).unwrap_or(0);

@@ -109,7 +109,10 @@ impl Pool {
             let pool = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("virtio-fs".into())
-                .spawn(move || pool.work());
+                .spawn(move || match crate::confine_thread() {
+                    Ok(()) => pool.work(),
+                    Err(e) => log::error!("virtio-fs: {e}"),
+                });
             match spawned {
                 Ok(_) => pending.workers += 1,
                 Err(e) if pending.workers == 0 => {

@@ -95,6 +95,10 @@ impl Net {
         std::thread::Builder::new()
             .name("virtio-net-rx".into())
             .spawn(move || {
+                if let Err(e) = crate::confine_thread() {
+                    log::error!("virtio-net: {e}");
+                    return;
+                }
                 let mut frame = vec![0u8; FRAME_MAX];
                 while !stop.load(Ordering::Relaxed) {
                     if !readable(&tap, Duration::from_millis(200)) {
