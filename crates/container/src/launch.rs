@@ -423,6 +423,7 @@ mod tests {
     fn plan(kernel: &Path) -> Plan {
         Plan {
             vcpus: 1,
+            online_vcpus: 1,
             memory_mib: 256,
             kernel: kernel.to_path_buf(),
             initramfs: "initramfs".into(),

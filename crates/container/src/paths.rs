@@ -12,7 +12,11 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/lib/supermachine/cache";
 /// The VM defaults shipped in `config/vm-defaults.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VmDefaults {
+    /// vCPUs online for a container without a CPU limit.
     pub vcpus: u32,
+    /// vCPUs a VM boots with (at most the host's), so that an update can bring them online:
+    /// each costs the guest a little memory for its per-CPU data and the host a thread.
+    pub max_vcpus: u32,
     pub memory_mib: u32,
     pub min_memory_mib: u32,
     pub max_memory_mib: u32,
@@ -136,7 +140,7 @@ mod tests {
     #[test]
     fn shipped_vm_defaults_parse_and_are_sane() {
         let d = VmDefaults::load();
-        assert!(d.vcpus >= 1);
+        assert!(d.vcpus >= 1 && d.vcpus <= d.max_vcpus);
         assert!(d.min_memory_mib <= d.memory_mib && d.memory_mib <= d.max_memory_mib);
     }
 }

@@ -30,25 +30,47 @@ const GUEST_FILESYSTEMS: [&str; 8] = [
 /// MiB in all; twice that leaves the container's limit whole while the kernel's caches grow.
 pub const GUEST_HEADROOM_MIB: u32 = 64;
 
-/// vCPUs and memory for the VM, from `linux.resources` (cpu quota or cpuset, memory limit),
-/// else the defaults. With a memory limit the guest holds the limit (the container's cgroup
-/// `memory.max`) plus [`GUEST_HEADROOM_MIB`] for the guest kernel and agent (never less than
-/// the minimum); the host cgroup gets that plus the VMM's overhead ([`host_limits`]).
-pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> (u32, u32) {
+/// A VM's size: the vCPUs it boots with, how many of them are online when its container
+/// starts, and its guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmShape {
+    /// vCPUs the VM has: the most any update may bring online.
+    pub vcpus: u32,
+    /// vCPUs online for the container (`0..online_vcpus`): the guest boots with these.
+    pub online_vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// The VM for a container, from `linux.resources`, else the defaults. Online vCPUs follow
+/// the CPU limit (its quota rounded up, covering every CPU its cpuset names), at most the
+/// host's CPUs; the VM boots with `max_vcpus` of them (or the host's CPUs if fewer, and
+/// never fewer than are online), so that `update` can raise the limit. With a memory limit
+/// the guest holds the limit (the container's cgroup `memory.max`) plus
+/// [`GUEST_HEADROOM_MIB`] for the guest kernel and agent (never less than the minimum); the
+/// host cgroup gets that plus the VMM's overhead ([`host_limits`]).
+pub fn vm_shape(spec: &Spec, defaults: &VmDefaults) -> VmShape {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-    let host_cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let vcpus = resources
+    let host = host_cpus();
+    let online_vcpus = resources
         .and_then(|r| r.cpu().as_ref())
         .and_then(cpus_asked)
         .unwrap_or(defaults.vcpus)
-        .clamp(1, host_cpus.max(1));
-    let memory = memory_limit_mib(spec)
+        .clamp(1, host);
+    let vcpus = defaults.max_vcpus.max(online_vcpus).clamp(1, host);
+    let memory_mib = memory_limit_mib(spec)
         .map(|m| m.saturating_add(GUEST_HEADROOM_MIB))
         .map(|m| m.clamp(defaults.min_memory_mib, defaults.max_memory_mib))
         .unwrap_or(defaults.memory_mib);
-    (vcpus, memory)
+    VmShape {
+        vcpus,
+        online_vcpus,
+        memory_mib,
+    }
+}
+
+/// The host's CPUs, at least one.
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 fn memory_limit_mib(spec: &Spec) -> Option<u32> {
@@ -93,28 +115,36 @@ pub fn host_limits(
     }
 }
 
-/// Counts a cpuset list like `0-3,7`.
-/// The CPUs a CPU limit asks for: its quota rounded up, else its cpuset's size.
+/// The vCPUs a CPU limit keeps online (vCPUs come online from 0 up): its quota rounded up,
+/// and enough that every CPU its cpuset names is online. A container whose cpuset is `1`
+/// gets vCPUs 0 and 1 online and runs on vCPU 1 alone, so it counts one CPU, as under runc.
 fn cpus_asked(cpu: &LinuxCpu) -> Option<u32> {
     let from_quota = match (cpu.quota(), cpu.period()) {
         (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
         _ => None,
     };
-    from_quota.or_else(|| cpu.cpus().as_deref().and_then(count_cpuset))
+    let from_cpuset = cpu
+        .cpus()
+        .as_deref()
+        .and_then(highest_cpu)
+        .map(|cpu| cpu.saturating_add(1));
+    from_quota.max(from_cpuset)
 }
 
-fn count_cpuset(list: &str) -> Option<u32> {
-    let mut count = 0;
+/// The highest CPU a cpuset list like `0-3,7` names; `None` for an empty or malformed list.
+fn highest_cpu(list: &str) -> Option<u32> {
+    let mut highest = None;
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        count += match part.split_once('-') {
-            Some((a, b)) => b.parse::<u32>().ok()?.checked_sub(a.parse::<u32>().ok()?)? + 1,
-            None => {
-                part.parse::<u32>().ok()?;
-                1
+        let last = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+                (a <= b).then_some(b)?
             }
+            None => part.parse::<u32>().ok()?,
         };
+        highest = highest.max(Some(last));
     }
-    (count > 0).then_some(count)
+    highest
 }
 
 fn cap_names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
@@ -698,24 +728,21 @@ fn guest_memory_target(resources: &LinuxResources, guest_memory_mib: u32) -> Opt
 /// The vCPUs to keep online after a live update of the CPU limit, counted as at create
 /// ([`vm_shape`]: the quota rounded up, else the cpuset, at most the host's CPUs); all of
 /// the VM's when the quota is lifted (-1). `None` when the update leaves the CPU count
-/// alone. More than the VM booted with is refused: vCPUs cannot be added to a running VM.
+/// alone. More than the VM booted with is refused: a running VM cannot get more vCPUs.
 fn online_vcpus(resources: &LinuxResources, vcpus: u32) -> Result<Option<u32>, ContainerError> {
     let Some(cpu) = resources.cpu().as_ref() else {
         return Ok(None);
     };
-    let host_cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
     let wanted = match cpus_asked(cpu) {
-        Some(asked) => asked.clamp(1, host_cpus.max(1)),
+        Some(asked) => asked.clamp(1, host_cpus()),
         None if cpu.quota() == Some(-1) => vcpus,
         None => return Ok(None),
     };
     if wanted > vcpus {
         return Err(ContainerError::Unsupported(format!(
             "cannot raise the CPU limit to {wanted} CPUs: the VM was created with {vcpus} \
-             vCPU{}, and vCPUs cannot be added to a running VM yet: recreate the container \
-             with the larger limit",
+             vCPU{} (its limit then, or max_vcpus of the runtime's VM defaults if more), and \
+             a running VM cannot get more: recreate the container with the larger limit",
             if vcpus == 1 { "" } else { "s" }
         )));
     }
@@ -832,6 +859,7 @@ mod tests {
     fn defaults() -> VmDefaults {
         VmDefaults {
             vcpus: 1,
+            max_vcpus: 8,
             memory_mib: 256,
             min_memory_mib: 128,
             max_memory_mib: 4096,
@@ -845,14 +873,20 @@ mod tests {
         let s = spec(
             r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
         );
-        let (vcpus, memory) = vm_shape(&s, &defaults());
+        let shape = vm_shape(&s, &defaults());
+        let memory = shape.memory_mib;
         assert_eq!(
             memory,
             512 + GUEST_HEADROOM_MIB,
             "the guest holds the limit and its own kernel and agent"
         );
-        let host = std::thread::available_parallelism().unwrap().get() as u32;
-        assert_eq!(vcpus, 2.min(host));
+        let host = host_cpus();
+        assert_eq!(shape.online_vcpus, 2.min(host));
+        assert_eq!(
+            shape.vcpus,
+            8.min(host),
+            "booted with the most an update may ask"
+        );
         let mut notes = Vec::new();
         let limits = host_limits(&s, memory, &defaults(), &mut notes);
         assert_eq!(
@@ -870,7 +904,8 @@ mod tests {
     fn shape_clamps_tiny_limits_and_defaults_without_resources() {
         let s =
             spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":6291456}}}}"#);
-        assert_eq!(vm_shape(&s, &defaults()), (1, 128));
+        let shape = vm_shape(&s, &defaults());
+        assert_eq!((shape.online_vcpus, shape.memory_mib), (1, 128));
         let mut notes = Vec::new();
         let limits = host_limits(&s, 128, &defaults(), &mut notes);
         assert_eq!(
@@ -880,7 +915,15 @@ mod tests {
         );
         assert_eq!(notes.len(), 1);
         let s = spec(r#"{"ociVersion":"1.0.2"}"#);
-        assert_eq!(vm_shape(&s, &defaults()), (1, 256));
+        let shape = vm_shape(&s, &defaults());
+        assert_eq!((shape.online_vcpus, shape.memory_mib), (1, 256));
+        // A limit above `max_vcpus` boots that many; a host of fewer CPUs bounds both.
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{"cpu":{"quota":1200000,"period":100000}}}}"#,
+        );
+        let shape = vm_shape(&s, &defaults());
+        assert_eq!(shape.online_vcpus, 12.min(host_cpus()));
+        assert_eq!(shape.vcpus, shape.online_vcpus.max(8.min(host_cpus())));
     }
 
     fn resources(json: &str) -> LinuxResources {
@@ -1060,7 +1103,7 @@ mod tests {
             let err = online(r#"{"quota":200000,"period":100000}"#, 1)
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("2 CPUs") && err.contains("1 vCPU,"), "{err}");
+            assert!(err.contains("2 CPUs") && err.contains("1 vCPU ("), "{err}");
         }
         // A quota beyond the host's CPUs asks for all of them, as at create.
         assert_eq!(
@@ -1097,11 +1140,20 @@ mod tests {
     }
 
     #[test]
-    fn cpuset_lists_are_counted() {
-        assert_eq!(count_cpuset("0-3,7"), Some(5));
-        assert_eq!(count_cpuset("2"), Some(1));
-        assert_eq!(count_cpuset("3-1"), None);
-        assert_eq!(count_cpuset(""), None);
+    fn a_cpuset_keeps_online_every_cpu_it_names() {
+        assert_eq!(highest_cpu("0-3,7"), Some(7));
+        assert_eq!(highest_cpu("2"), Some(2));
+        assert_eq!(highest_cpu("3-1"), None);
+        assert_eq!(highest_cpu(""), None);
+        let cpu = |json: &str| serde_json::from_str::<LinuxCpu>(json).unwrap();
+        assert_eq!(cpus_asked(&cpu(r#"{"cpus":"1"}"#)), Some(2));
+        assert_eq!(cpus_asked(&cpu(r#"{"cpus":"0"}"#)), Some(1));
+        assert_eq!(
+            cpus_asked(&cpu(r#"{"quota":300000,"period":100000,"cpus":"1"}"#)),
+            Some(3),
+            "the quota's count when it is more"
+        );
+        assert_eq!(cpus_asked(&cpu(r#"{"shares":512}"#)), None);
     }
 
     #[test]
