@@ -373,6 +373,26 @@ update_beyond_vm() {
 }
 check "update beyond the VM's memory: refused" update_beyond_vm
 
+# docker run --cpus 1, then update --cpus 2: the VM booted with the host's CPUs (up to
+# max_vcpus), one online; the update brings the second online, and the container counts it.
+update_cpus() {
+  local id; id=$(run_ supermachine -d --cpus 1 "$IMG" sleep 1000)
+  local before after cpu_max rc=0 out
+  before=$(docker_ exec "$id" nproc)
+  out=$(docker_ update --cpus 2 "$id" 2>&1) || rc=$?
+  after=$(docker_ exec "$id" nproc)
+  cpu_max=$(docker_ exec "$id" cat /sys/fs/cgroup/cpu.max)
+  docker_ rm -f "$id" > /dev/null
+  [ "$rc" = 0 ] || { echo "update rc=$rc $out"; return 1; }
+  [ "$before/$after/$cpu_max" = "1/2/200000 100000" ] || { echo "nproc $before then $after, cpu.max $cpu_max"; return 1; }
+  echo "nproc 1 then 2, cpu.max $cpu_max"
+}
+if [ "$(nproc)" -ge 2 ]; then
+  check "update --cpus 1 -> 2: nproc inside" update_cpus
+else
+  cannot_run "update --cpus 1 -> 2: nproc inside" "a host of one CPU has no second vCPU to bring online" never
+fi
+
 vm_died() {
   local id; id=$(run_ supermachine -d "$IMG" sleep 1000)
   local vm; vm=$(vm_pids "$(sm_root)" "$id") || { echo "no monitor in state"; docker_ rm -f "$id" > /dev/null; return 1; }

@@ -117,7 +117,7 @@ def restore_phases(log):
 
 def vm_pids(state_root):
     """Monitor and VMM pids of every container under a state root: the monitors (named by
-    their command lines) and their children (QEMU, whose command line names no state path)."""
+    their command lines) and their children (QEMU)."""
     monitors, parents = [], {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

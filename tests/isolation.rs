@@ -86,6 +86,14 @@ fn qemu_runs_filtered_without_capabilities_in_its_own_namespaces_and_root() {
         args.iter().any(|a| a == "-incoming"),
         "restored from the snapshot: {args:?}"
     );
+    // Named by its container's state, so that `assert_clean` sees a QEMU left behind.
+    assert!(
+        env.processes()
+            .iter()
+            .any(|p| p.starts_with(&format!("{vmm}: "))),
+        "QEMU is among the state root's processes: {:#?}",
+        env.processes()
+    );
 
     assert_eq!(status_field(vmm, "Seccomp"), "2", "a seccomp filter");
     assert_eq!(status_field(vmm, "NoNewPrivs"), "1");

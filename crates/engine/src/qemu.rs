@@ -139,6 +139,9 @@ pub fn command_line(
     ]
     .map(String::from)
     .to_vec();
+    // Names the VM by its work directory (the container's state): `ps` then says whose it
+    // is, though its files are passed as descriptors and its root is a jail.
+    args.extend(["-name".into(), format!("guest={}", escape(&spec.work_dir))]);
     args.extend([
         "-accel".into(),
         verdict.accel.to_string(),
@@ -836,6 +839,10 @@ mod tests {
             "freed guest memory goes back to the host: {joined}"
         );
         assert!(joined.contains("file=/images/a,,b.ext4,if=none,id=disk0,format=raw,readonly=on"));
+        assert!(
+            joined.contains("-name guest=/run/x"),
+            "named by its work directory"
+        );
         assert!(joined.contains("socket,id=agent,fd=7"));
         assert!(joined.contains("socket,id=qmp,fd=8"));
         assert!(joined.contains(
