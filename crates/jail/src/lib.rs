@@ -170,15 +170,32 @@ impl Jail {
             path: program.to_path_buf(),
             reason: e.to_string(),
         })?;
+        // Unconfined, the program sees the host's files: there is nothing to bind.
+        let (binds, links) = if self.confined {
+            self.inputs(&program)
+        } else {
+            Default::default()
+        };
+        let null = File::open("/dev/null").map_err(|source| JailError::Setup {
+            what: "open /dev/null",
+            source,
+        })?;
+        let stdio = [null.as_raw_fd(), output.as_raw_fd()];
+        Plan::new(self, &binds, &links, &program, args, stdio, inherit)?.run()
+    }
+
+    /// What the jail's root holds for `program`: the binds asked for, the program, and for
+    /// a dynamically linked one its libraries and the symlinks among their directories.
+    fn inputs(&self, program: &Path) -> (Vec<Bind>, Vec<(PathBuf, PathBuf)>) {
         let mut binds = self.binds.clone();
         binds.push(Bind {
-            path: program.clone(),
+            path: program.to_path_buf(),
             writable: false,
             device: false,
             executable: true,
         });
         let mut links = Vec::new();
-        if !is_static(&program) {
+        if !is_static(program) {
             // A dynamically linked program needs its loader and libraries.
             let (libraries, library_links) = library_paths();
             binds.extend(libraries);
@@ -186,16 +203,7 @@ impl Jail {
         }
         let mut seen = std::collections::HashSet::new();
         binds.retain(|b| seen.insert(b.path.clone()));
-        let null = File::open("/dev/null").map_err(|source| JailError::Setup {
-            what: "open /dev/null",
-            source,
-        })?;
-        let mut plan = Plan::new(&self.root, &binds, &links, &self.limits, &program, args)?;
-        plan.stdio = [null.as_raw_fd(), output.as_raw_fd()];
-        plan.inherit = inherit.to_vec();
-        plan.huge_pages = self.huge_pages;
-        plan.confined = self.confined;
-        plan.run()
+        (binds, links)
     }
 }
 
@@ -362,13 +370,15 @@ fn cpath(path: &Path) -> Result<CString, JailError> {
 
 impl Plan {
     fn new(
-        root: &Path,
+        jail: &Jail,
         binds: &[Bind],
         links: &[(PathBuf, PathBuf)],
-        limits: &[(Resource, u64)],
         program: &Path,
         args: &[String],
+        stdio: [RawFd; 2],
+        inherit: &[RawFd],
     ) -> Result<Plan, JailError> {
+        let root = jail.root.as_path();
         let under_root = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
         let mut dirs: Vec<PathBuf> = vec![root.join("proc"), root.join("dev")];
         let mut files = Vec::new();
@@ -445,11 +455,11 @@ impl Plan {
                 .collect::<Result<_, JailError>>()?,
             proc_dir: cpath(&root.join("proc"))?,
             dev_fd: cpath(&root.join("dev/fd"))?,
-            limits: limits.iter().map(|(r, v)| (r.raw(), *v)).collect(),
-            huge_pages: true,
-            confined: true,
-            stdio: [-1, -1],
-            inherit: Vec::new(),
+            limits: jail.limits.iter().map(|(r, v)| (r.raw(), *v)).collect(),
+            huge_pages: jail.huge_pages,
+            confined: jail.confined,
+            stdio,
+            inherit: inherit.to_vec(),
             last_capability,
             program: cpath(program)?,
             argv,
