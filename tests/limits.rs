@@ -235,11 +235,20 @@ fn update_cpu_quota(env: &Env, id: &str, quota: u32) -> std::process::Output {
     ])
 }
 
+/// The file at `path` as the container `id` reads it, trimmed.
+fn guest_file(env: &Env, id: &str, path: &str) -> String {
+    let out = env.run(&["exec", id, "cat", path]);
+    assert!(
+        out.status.success(),
+        "exec cat {path}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout).trim().to_string()
+}
+
 /// `id`'s `cpu.max`, as the container reads it.
 fn guest_cpu_max(env: &Env, id: &str) -> String {
-    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpu.max"]);
-    assert!(out.status.success(), "exec: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
+    guest_file(env, id, "/sys/fs/cgroup/cpu.max")
 }
 
 #[test]
@@ -286,8 +295,7 @@ fn update_takes_vcpus_offline_and_brings_them_online_up_to_what_the_vm_booted_wi
     // update can raise it; a created container is updated as a running one is.
     let id = "c-update-one-cpu";
     let _bundle = created_with_cpu_quota(&env, id, 100_000);
-    // max_vcpus in config/vm-defaults.json
-    let booted = host.min(8);
+    let booted = host.min(container::paths::VmDefaults::load().max_vcpus as usize);
     assert_eq!(
         guest_cpus(&env, id, "present"),
         format!("0-{}", booted - 1),
@@ -305,10 +313,7 @@ fn update_takes_vcpus_offline_and_brings_them_online_up_to_what_the_vm_booted_wi
 /// The guest kernel's list of its `which` CPUs (`present`, `online`), as the container
 /// reads it.
 fn guest_cpus(env: &Env, id: &str, which: &str) -> String {
-    let path = format!("/sys/devices/system/cpu/{which}");
-    let out = env.run(&["exec", id, "cat", &path]);
-    assert!(out.status.success(), "exec: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
+    guest_file(env, id, &format!("/sys/devices/system/cpu/{which}"))
 }
 
 #[test]
@@ -325,8 +330,10 @@ fn a_cpuset_brings_online_every_cpu_it_names_and_the_container_runs_on_those() {
     let out = env.run(&["create", "--bundle", bundle.path_str(), id]);
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     assert_eq!(guest_cpus(&env, id, "online"), "0-1");
-    let out = env.run(&["exec", id, "cat", "/sys/fs/cgroup/cpuset.cpus.effective"]);
-    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
+    assert_eq!(
+        guest_file(&env, id, "/sys/fs/cgroup/cpuset.cpus.effective"),
+        "1"
+    );
     assert_eq!(guest_nproc(&env, id), "1", "its affinity is its cpuset");
     assert!(env.run(&["delete", "--force", id]).status.success());
     env.assert_clean(id);
