@@ -6,7 +6,7 @@ ASSETS := build/share/supermachine
 BIN := build/bin
 CARGO ?= cargo
 
-.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test lint fuzz fuzz-short bench install clean
+.PHONY: all deps test-deps guest kernel kernel-variants agent qemu build demo test test-steps unit-test vm-test integration-test test-typical-host lint fuzz fuzz-short bench install clean
 
 # Tests that cannot run on this host append a line here (tests/common/skip.rs,
 # integration/lib.bash); `make test` empties it first and prints it last.
@@ -61,7 +61,7 @@ test:
 	  if [ -s $(SKIP_LOG) ]; then cat $(SKIP_LOG); else echo "skipped: none"; fi; \
 	  exit $$rc
 
-test-steps: test-deps guest kernel-variants lint unit-test fuzz-short vm-test integration-test
+test-steps: test-deps guest kernel-variants lint unit-test fuzz-short vm-test integration-test test-typical-host
 
 lint:
 	$(CARGO) fmt --all --check
@@ -112,6 +112,13 @@ vm-test: guest
 
 integration-test: guest build
 	@for t in integration/*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; SUPERMACHINE_ASSETS_DIR=$(CURDIR)/$(ASSETS) "$$t" $(CURDIR)/$(BIN)/supermachine || exit 1; done
+
+# The host most users have (Debian 12: systemd, cgroup v2 only, docker's systemd cgroup
+# driver, KVM) booted as a VM under QEMU's TCG, the project installed in it: docker,
+# containerd's native shim and `supermachine check` there, with KVM (the builtin engine)
+# and with KVM hidden (QEMU/TCG, no QEMU package). Its image is cached by its recipe.
+test-typical-host: test-deps guest build
+	scripts/typical-host.sh $(CURDIR)/$(BIN) $(CURDIR)/$(ASSETS)
 
 bench: deps guest kernel-variants build
 	scripts/bench.py $(CURDIR)/$(BIN)/supermachine

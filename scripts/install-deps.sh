@@ -10,7 +10,8 @@ need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl
   dpkg-dev xz-utils meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev \
   busybox-static iproute2 libseccomp-dev"
 case "${1:-build}" in
-  test) need="$need containerd runc docker.io iptables sqlite3" ;;
+  # debootstrap builds the typical host's image (scripts/typical-host.sh).
+  test) need="$need containerd runc docker.io iptables sqlite3 debootstrap" ;;
 esac
 
 missing=""

@@ -34,8 +34,9 @@ use crate::logging::LogConfig;
     mut_arg("log_format", |a| a.help("The log format: text (default) or json")),
     mut_arg("root", |a| a.help("Root directory for container state")),
     mut_arg("systemd_cgroup", |a| a.help(
-        "Accepted for runc compatibility: cgroups are always managed through cgroupfs \
-         (a systemd-style cgroupsPath, slice:prefix:name, is understood)"
+        "Use systemd's cgroups: cgroupsPath must be slice:prefix:name, which becomes a \
+         transient scope created through systemd where systemd is PID 1 (else a cgroupfs \
+         path of that name)"
     )),
 )]
 struct Cli {

@@ -46,6 +46,7 @@ pub fn run(context: &Context) -> Result<i32> {
         tool("mkfs.ext4", "e2fsprogs", "containers' image disks"),
         tun(),
         cgroups(),
+        systemd(),
         front_door(
             "docker",
             Path::new("/etc/docker/daemon.json"),
@@ -236,6 +237,33 @@ fn cgroups() -> Finding {
             "cgroups",
             "no cgroup filesystem mounted: a container's cgroupsPath and host limits cannot \
              be applied",
+        ),
+    }
+}
+
+/// The cgroup driver for systemd-style paths: systemd's, over its D-Bus, where it is PID 1.
+fn systemd() -> Finding {
+    if !container::systemd::is_pid1() {
+        return finding(
+            Verdict::Note,
+            "systemd",
+            "not PID 1: every cgroupsPath is placed through cgroupfs",
+        );
+    }
+    match container::systemd::reachable() {
+        Ok(()) => finding(
+            Verdict::Ok,
+            "systemd",
+            "PID 1, reached over D-Bus: slice:prefix:name cgroup paths (docker's and \
+             containerd's systemd driver) become transient scopes",
+        ),
+        Err(e) => finding(
+            Verdict::Missing,
+            "systemd",
+            format!(
+                "PID 1, but its D-Bus does not answer ({e}): containers with a systemd \
+                 cgroupsPath cannot be placed; is dbus running?"
+            ),
         ),
     }
 }

@@ -22,6 +22,9 @@ use super::Context;
 pub fn run(args: Create, context: &Context) -> Result<i32> {
     refuse_passed_fds(args.preserve_fds)?;
     let bundle = Bundle::load(&args.bundle)?;
+    if context.systemd_cgroup {
+        require_systemd_path(&bundle)?;
+    }
     let terminal = bundle
         .spec
         .process()
@@ -41,6 +44,27 @@ pub fn run(args: Create, context: &Context) -> Result<i32> {
     // The monitor outlives this process; its parent becomes our caller's subreaper.
     drop(created.monitor);
     Ok(0)
+}
+
+/// With `--systemd-cgroup`, runc's refusal of a `cgroupsPath` that is not systemd's
+/// `slice:prefix:name` (the scope is then created through systemd where it is PID 1, see
+/// `container::systemd`).
+fn require_systemd_path(bundle: &Bundle) -> Result<()> {
+    let path = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref());
+    if let Some(path) = path {
+        let text = path.to_string_lossy();
+        if container::systemd::Scope::parse(&text).is_none() {
+            bail!(
+                "expected cgroupsPath to be of format \"slice:prefix:name\" for systemd \
+                 cgroups, got \"{text}\" instead"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A container whose monitor answered `Created`.

@@ -46,7 +46,7 @@ pub fn run(_args: Features, context: &Context) -> Result<i32> {
         "linux": {
             "namespaces": ["mount", "network", "uts", "ipc", "pid", "cgroup", "user"],
             "capabilities": agent_proto::CAPABILITY_NAMES.to_vec(),
-            "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false },
+            "cgroup": { "v1": true, "v2": true, "systemd": true, "systemdUser": false },
             "seccomp": {
                 "enabled": true,
                 "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",

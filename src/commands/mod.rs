@@ -38,6 +38,8 @@ pub struct Context {
     pub log: LogConfig,
     /// Whether containers may use the snapshot cache.
     pub snapshots: bool,
+    /// `--systemd-cgroup`: a container's `cgroupsPath` must be systemd's `slice:prefix:name`.
+    pub systemd_cgroup: bool,
 }
 
 impl Context {
@@ -50,6 +52,7 @@ impl Context {
             engine,
             log,
             snapshots: true,
+            systemd_cgroup: global.systemd_cgroup,
         }
     }
 

@@ -12,12 +12,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::systemd::Scope;
 use crate::ContainerError;
 
 /// Host resource limits for the VM's cgroup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLimits {
     pub memory_bytes: Option<i64>,
+    /// Swap the VM may use beyond its memory, runc's reading of `memory.swap` (memory plus
+    /// swap) on cgroup2: that less the container's memory limit; -1 is no limit.
+    #[serde(default)]
+    pub swap_bytes: Option<i64>,
     pub cpu_quota: Option<i64>,
     pub cpu_period: Option<u64>,
     pub cpu_shares: Option<u64>,
@@ -175,16 +180,44 @@ pub fn limits_from_resources(
     };
     // The container's own limit is its cgroup's in the guest; the host's holds the whole VM,
     // whose guest memory is fixed at boot, so it never goes below what that needs.
+    let memory_limit = int("/memory/limit");
     let memory_bytes =
-        int("/memory/limit").map(|bytes| bytes.max(i64::from(guest_mib + vmm_overhead_mib) << 20));
+        memory_limit.map(|bytes| bytes.max(i64::from(guest_mib + vmm_overhead_mib) << 20));
+    let swap = resources.pointer("/memory/swap").and_then(|v| v.as_i64());
     Ok(HostLimits {
         memory_bytes,
+        swap_bytes: swap_beyond_memory(memory_limit, swap)?,
         cpu_quota: int("/cpu/quota"),
         cpu_period: int("/cpu/period").map(|p| p as u64),
         cpu_shares: int("/cpu/shares").map(|s| s as u64),
         cpuset_cpus: text("/cpu/cpus"),
         cpuset_mems: text("/cpu/mems"),
     })
+}
+
+/// The swap a container may use beyond its memory, from OCI's `memory.swap` (memory plus
+/// swap) and `memory.limit`, checked as runc checks them: none when unset or 0, -1 for no
+/// limit, else their difference, which cannot be negative and needs a memory limit.
+pub fn swap_beyond_memory(
+    memory: Option<i64>,
+    swap: Option<i64>,
+) -> Result<Option<i64>, ContainerError> {
+    match (memory, swap) {
+        (_, None | Some(0)) => Ok(None),
+        (_, Some(-1)) => Ok(Some(-1)),
+        (Some(memory), Some(swap)) if memory > 0 && swap >= memory => Ok(Some(swap - memory)),
+        (Some(memory), Some(swap)) if memory > 0 => Err(ContainerError::InvalidResources(format!(
+            "memory+swap limit {swap} is below the memory limit {memory}"
+        ))),
+        (_, Some(swap)) => Err(ContainerError::InvalidResources(format!(
+            "a memory+swap limit ({swap}) needs a memory limit"
+        ))),
+    }
+}
+
+/// cgroup2's `cpu.weight` for v1 `cpu.shares`, converted as runc converts them.
+pub fn cpu_weight(shares: u64) -> u64 {
+    1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142
 }
 
 /// The directories a process joined, to remove on delete.
@@ -195,6 +228,9 @@ pub struct Placement {
     /// container (a shim) can leave before the directories are removed.
     #[serde(default)]
     pub previous: Vec<PathBuf>,
+    /// The systemd scope the process was placed in, to stop on delete.
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 /// The cgroup directory `pid` is in, for each mounted hierarchy, with the hierarchy.
@@ -243,7 +279,9 @@ pub fn leave(placement: &Placement, pid: u32) {
     }
 }
 
-/// Creates the cgroup in every hierarchy, applies `limits`, and moves `pid` into it.
+/// Creates the cgroup in every hierarchy, applies `limits`, and moves `pid` into it. Under
+/// systemd, a systemd-style path is a transient scope systemd creates first
+/// ([`Scope::start`]); what it did not create or set is then done here as elsewhere.
 pub fn place(
     pid: u32,
     cgroups_path: &str,
@@ -255,7 +293,12 @@ pub fn place(
     let mut placement = Placement {
         dirs: Vec::new(),
         previous: membership(pid, &all),
+        unit: None,
     };
+    if let Some(scope) = Scope::on_this_host(cgroups_path) {
+        scope.start(pid, limits)?;
+        placement.unit = Some(scope.unit);
+    }
     for hierarchy in all {
         let dir = hierarchy.mount.join(&relative);
         let existed = dir.exists();
@@ -285,6 +328,9 @@ pub fn place(
 
 /// Applies new limits to an existing placement (`update`).
 pub fn update(cgroups_path: &str, limits: &HostLimits) -> Result<(), ContainerError> {
+    if let Some(scope) = Scope::on_this_host(cgroups_path) {
+        scope.set_limits(limits)?;
+    }
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let relative = relative_path(cgroups_path);
     for hierarchy in hierarchies(&mountinfo) {
@@ -294,6 +340,15 @@ pub fn update(cgroups_path: &str, limits: &HostLimits) -> Result<(), ContainerEr
         }
     }
     Ok(())
+}
+
+/// A cgroup2 limit file's text: `max` for no limit.
+fn limit_text(value: i64) -> String {
+    if value < 0 {
+        "max".into()
+    } else {
+        value.to_string()
+    }
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), ContainerError> {
@@ -312,19 +367,29 @@ fn apply(hierarchy: &Hierarchy, dir: &Path, limits: &HostLimits) -> Result<(), C
         if let Some(bytes) = limits.memory_bytes {
             write(dir, "memory.max", &bytes.to_string())?;
         }
+        if let Some(swap) = limits.swap_bytes {
+            write(dir, "memory.swap.max", &limit_text(swap))?;
+        }
         if let (Some(quota), period) = (limits.cpu_quota, limits.cpu_period.unwrap_or(100_000)) {
             write(dir, "cpu.max", &format!("{quota} {period}"))?;
         }
         if let Some(shares) = limits.cpu_shares {
-            // The same conversion runc uses from v1 shares to v2 weight.
-            let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
-            write(dir, "cpu.weight", &weight.to_string())?;
+            write(dir, "cpu.weight", &cpu_weight(shares).to_string())?;
         }
         return Ok(());
     }
     if hierarchy.has("memory") {
         if let Some(bytes) = limits.memory_bytes {
             write(dir, "memory.limit_in_bytes", &bytes.to_string())?;
+            // v1 limits memory and swap together.
+            if let Some(swap) = limits.swap_bytes {
+                let both = if swap < 0 {
+                    -1
+                } else {
+                    bytes.saturating_add(swap)
+                };
+                write(dir, "memory.memsw.limit_in_bytes", &both.to_string())?;
+            }
         }
     }
     if hierarchy.has("cpu") {
@@ -393,8 +458,12 @@ fn inherit_cpuset(mount: &Path, dir: &Path) {
     }
 }
 
-/// Removes the cgroups a container created (children first; they must be empty).
+/// Removes the cgroups a container created (children first; they must be empty), and its
+/// systemd scope if that outlived its processes.
 pub fn remove(placement: &Placement) {
+    if let Some(unit) = &placement.unit {
+        crate::systemd::stop(unit);
+    }
     for dir in placement.dirs.iter().rev() {
         for attempt in 0..50 {
             match fs::remove_dir(dir) {
@@ -476,11 +545,14 @@ mod tests {
             "cpu.cfs_period_us",
             "cpu.max",
             "cpu.shares",
+            "memory.memsw.limit_in_bytes",
+            "memory.swap.max",
         ] {
             fs::write(dir.path().join(f), "").unwrap();
         }
         let limits = HostLimits {
             memory_bytes: Some(1 << 28),
+            swap_bytes: Some(1 << 27),
             cpu_quota: Some(50_000),
             cpu_period: Some(100_000),
             ..Default::default()
@@ -494,6 +566,11 @@ mod tests {
         assert_eq!(
             fs::read_to_string(dir.path().join("memory.limit_in_bytes")).unwrap(),
             "268435456"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("memory.memsw.limit_in_bytes")).unwrap(),
+            "402653184",
+            "v1 limits memory and swap together"
         );
         assert_eq!(
             fs::read_to_string(dir.path().join("cpu.cfs_quota_us")).unwrap(),
@@ -512,6 +589,37 @@ mod tests {
         assert_eq!(
             fs::read_to_string(dir.path().join("memory.max")).unwrap(),
             "268435456"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("memory.swap.max")).unwrap(),
+            "134217728"
+        );
+    }
+
+    #[test]
+    fn swap_is_checked_and_read_as_runc_reads_it() {
+        let mib = |n: i64| n << 20;
+        assert_eq!(swap_beyond_memory(Some(mib(64)), None).unwrap(), None);
+        assert_eq!(swap_beyond_memory(Some(mib(64)), Some(0)).unwrap(), None);
+        assert_eq!(swap_beyond_memory(None, Some(-1)).unwrap(), Some(-1));
+        assert_eq!(
+            swap_beyond_memory(Some(mib(64)), Some(mib(128))).unwrap(),
+            Some(mib(64)),
+            "docker's default: swap as large as the memory limit"
+        );
+        assert_eq!(
+            swap_beyond_memory(Some(mib(64)), Some(mib(64))).unwrap(),
+            Some(0)
+        );
+        let below = swap_beyond_memory(Some(mib(64)), Some(mib(32))).unwrap_err();
+        assert!(
+            below.to_string().contains("below the memory limit"),
+            "{below}"
+        );
+        let alone = swap_beyond_memory(None, Some(mib(32))).unwrap_err();
+        assert!(
+            alone.to_string().contains("needs a memory limit"),
+            "{alone}"
         );
     }
 }

@@ -58,6 +58,8 @@ pub enum ContainerError {
     #[error("unknown signal {0:?}")]
     UnknownSignal(String),
     /// `linux.resources` given to `update` that is not valid.
+    #[error("cgroup: {0}")]
+    Cgroup(String),
     #[error("invalid resources: {0}")]
     InvalidResources(String),
 }

@@ -35,6 +35,7 @@ pub mod shares;
 pub mod signal;
 pub mod startup;
 pub mod state;
+pub mod systemd;
 pub mod translate;
 
 pub use error::{ContainerError, Result};

@@ -193,7 +193,7 @@ impl Plan {
         };
         let mut notes = Vec::new();
         let hooks = HostHooks::from_spec(&bundle.spec)?;
-        let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes);
+        let host_limits = translate::host_limits(&bundle.spec, memory_mib, &defaults, &mut notes)?;
         let linux = bundle.spec.linux().as_ref();
         let cgroups_path = linux
             .and_then(|l| l.cgroups_path().as_ref())

@@ -91,7 +91,7 @@ pub fn host_limits(
     guest_memory_mib: u32,
     defaults: &VmDefaults,
     notes: &mut Vec<String>,
-) -> HostLimits {
+) -> Result<HostLimits, ContainerError> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let needed = guest_memory_mib + defaults.vmm_overhead_mib;
@@ -105,14 +105,20 @@ pub fn host_limits(
         }
         i64::from(limit.max(needed)) << 20
     });
-    HostLimits {
+    let memory = resources.and_then(|r| r.memory().as_ref());
+    let swap_bytes = crate::cgroup::swap_beyond_memory(
+        memory.and_then(|m| m.limit()),
+        memory.and_then(|m| m.swap()),
+    )?;
+    Ok(HostLimits {
         memory_bytes,
+        swap_bytes,
         cpu_quota: cpu.and_then(|c| c.quota()).filter(|&q| q > 0),
         cpu_period: cpu.and_then(|c| c.period()).filter(|&p| p > 0),
         cpu_shares: cpu.and_then(|c| c.shares()).filter(|&s| s > 0),
         cpuset_cpus: cpu.and_then(|c| c.cpus().clone()).filter(|c| !c.is_empty()),
         cpuset_mems: cpu.and_then(|c| c.mems().clone()).filter(|m| !m.is_empty()),
-    }
+    })
 }
 
 /// The vCPUs a CPU limit keeps online (vCPUs come online from 0 up): its quota rounded up,
@@ -871,7 +877,7 @@ mod tests {
     #[test]
     fn shape_follows_memory_limit_and_cpu_quota() {
         let s = spec(
-            r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912,"swap":1073741824},"cpu":{"quota":150000,"period":100000}}}}"#,
         );
         let shape = vm_shape(&s, &defaults());
         let memory = shape.memory_mib;
@@ -888,10 +894,15 @@ mod tests {
             "booted with the most an update may ask"
         );
         let mut notes = Vec::new();
-        let limits = host_limits(&s, memory, &defaults(), &mut notes);
+        let limits = host_limits(&s, memory, &defaults(), &mut notes).unwrap();
         assert_eq!(
             limits.memory_bytes,
             Some(i64::from(512 + GUEST_HEADROOM_MIB + 64) << 20)
+        );
+        assert_eq!(
+            limits.swap_bytes,
+            Some(512 << 20),
+            "swap beyond memory, as runc sets memory.swap.max"
         );
         assert_eq!(
             (limits.cpu_quota, limits.cpu_period),
@@ -907,7 +918,7 @@ mod tests {
         let shape = vm_shape(&s, &defaults());
         assert_eq!((shape.online_vcpus, shape.memory_mib), (1, 128));
         let mut notes = Vec::new();
-        let limits = host_limits(&s, 128, &defaults(), &mut notes);
+        let limits = host_limits(&s, 128, &defaults(), &mut notes).unwrap();
         assert_eq!(
             limits.memory_bytes,
             Some((128 + 64) << 20),

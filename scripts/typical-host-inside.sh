@@ -1,0 +1,82 @@
+#!/bin/sh
+# Runs inside the typical host VM that scripts/typical-host.sh boots (from its payload disk,
+# mounted at /payload), as a systemd service whose output is the VM's serial console. Installs
+# the project where `make install` puts it, then checks the host is what users run and that
+# docker (systemd cgroup driver), containerd's native shim and `supermachine check` work on
+# it. The pass (kvm, or tcg with KVM hidden) is read from the kernel's command line. Exits
+# non-zero when any check failed.
+set -u
+failures=0
+ok() { echo "ok   $*"; }
+fail() { echo "FAIL $*"; failures=$((failures + 1)); }
+# expect WHAT EXPECTED ACTUAL
+expect() {
+  if [ "$2" = "$3" ]; then ok "$1: $3"; else fail "$1: expected '$2', got '$3'"; fi
+}
+step() { echo "-- $*"; }
+
+cp -a /payload/usr/local/. /usr/local/
+pass=kvm
+engine=builtin
+if grep -q 'modprobe.blacklist=kvm' /proc/cmdline; then
+  pass=tcg
+  engine=qemu
+fi
+echo "== typical host, $pass pass: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r)"
+expect "cgroup filesystem" cgroup2fs "$(stat -fc %T /sys/fs/cgroup)"
+expect "PID 1" systemd "$(cat /proc/1/comm)"
+expect "docker's cgroup driver" systemd "$(docker info --format '{{.CgroupDriver}}' 2>&1)"
+if [ "$pass" = kvm ]; then expect "/dev/kvm" present "$([ -w /dev/kvm ] && echo present)"; fi
+if [ "$pass" = tcg ]; then expect "/dev/kvm" absent "$([ -e /dev/kvm ] || echo absent)"; fi
+expect "QEMU package" absent "$(dpkg -s qemu-system-data >/dev/null 2>&1 || echo absent)"
+step "supermachine check"
+supermachine check
+expect "supermachine check" 0 "$?"
+expect "engine --engine auto picks" "$engine" \
+  "$(supermachine features | sed -n 's/.*"run.supermachine.engine": "\([^"]*\)".*/\1/p')"
+
+step "docker run --runtime=supermachine"
+docker load -i /payload/busybox.tar >/dev/null
+expect "docker run" "hello from $(uname -m)" \
+  "$(timeout 300 docker run --rm --runtime=supermachine smtest/busybox sh -c 'echo hello from $(uname -m)' 2>&1)"
+
+step "a running container's systemd scope"
+id=$(timeout 300 docker run -d --runtime=supermachine --memory 256m smtest/busybox sleep 1000)
+scope=docker-$id.scope
+systemctl status --no-pager --lines=0 "$scope" | head -n 12
+expect "its scope" active "$(systemctl is-active "$scope")"
+expect "the scope's slice" system.slice "$(systemctl show -P Slice "$scope")"
+dir=/sys/fs/cgroup/system.slice/$scope
+# The monitor (a supermachine process, with the builtin VMM in it, or QEMU beside it).
+expect "the monitor is in it" yes "$(for pid in $(cat "$dir/cgroup.procs"); do
+  tr '\0' ' ' <"/proc/$pid/cmdline"; echo; done | grep -q supermachine && echo yes)"
+expect "memory.max is the unit's MemoryMax" "$(systemctl show -P MemoryMax "$scope")" \
+  "$(cat "$dir/memory.max")"
+# docker's default swap is the memory limit again (memory+swap = 2 x 256 MiB).
+expect "memory.swap.max, as runc sets it" 268435456 "$(cat "$dir/memory.swap.max")"
+expect "the container's own limit, in the guest" 268435456 \
+  "$(docker exec "$id" cat /sys/fs/cgroup/memory.max 2>&1)"
+
+step "docker update reaches the scope"
+docker update --cpus 1.5 "$id" >/dev/null
+expect "cpu.max" "150000 100000" "$(cat "$dir/cpu.max")"
+expect "the unit's CPU quota" 1.500000s "$(systemctl show -P CPUQuotaPerSecUSec "$scope")"
+docker rm -f "$id" >/dev/null
+sleep 1
+expect "the scope after docker rm" gone \
+  "$(systemctl is-active "$scope" >/dev/null 2>&1 || [ -d "$dir" ] || echo gone)"
+
+step "containerd's native shim (ctr run --runtime io.containerd.supermachine.v2)"
+ctr image import /payload/busybox.tar >/dev/null
+expect "ctr run" shim-ok \
+  "$(timeout 300 ctr run --rm --runtime io.containerd.supermachine.v2 \
+    --cgroup system.slice:ctr:shimtest docker.io/smtest/busybox:latest shimtest echo shim-ok 2>&1)"
+
+step "nothing left behind"
+expect "supermachine and QEMU processes" 0 \
+  "$(pgrep -c -f '/usr/local/bin/supermachine|qemu-system' || true)"
+expect "supermachine scopes" "" \
+  "$(systemctl list-units --no-legend --all 'docker-*.scope' 'ctr-*.scope' | grep -v inactive || true)"
+
+echo "== typical host, $pass pass: $failures failed"
+[ "$failures" -eq 0 ]

@@ -1,0 +1,118 @@
+#!/bin/bash
+# `make test-typical-host`: the runtime on the kind of host most users have, booted as a VM
+# here: Debian 12 with systemd as PID 1, cgroup v2 only, docker.io (its systemd cgroup
+# driver) and containerd from Debian, and the project installed as `make install` installs
+# it, on no QEMU package. QEMU's TCG with `-cpu max` emulates AMD SVM, so that host has a
+# working /dev/kvm whose guests run their kernel code the ordinary way (not emulated by
+# instruction as on a PVM host). It runs scripts/typical-host-inside.sh twice: with KVM, where
+# `--engine auto` should pick the builtin VMM, then with KVM hidden (the kvm modules
+# blacklisted), on the QEMU/TCG path.
+#
+#   scripts/typical-host.sh BIN_DIR ASSETS_DIR
+#
+# The host's image (debootstrap, about 2 minutes) is built once and cached outside the clone
+# by a digest of its recipe (SUPERMACHINE_BUILD_CACHE, default ~/.cache/supermachine). What
+# the VM prints comes back on its serial console, to target/typical-host/*.log; a step that
+# fails there fails this script.
+set -euo pipefail
+bin=${1:?usage: typical-host.sh BIN_DIR ASSETS_DIR}
+assets=${2:?usage: typical-host.sh BIN_DIR ASSETS_DIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${SUPERMACHINE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}
+out=$root/target/typical-host
+mkdir -p "$out"
+
+qemu=/usr/bin/qemu-system-x86_64 # Debian's (qemu-system-x86), a full PC for the host VM
+for tool in debootstrap mkfs.ext4 "$qemu"; do
+  command -v "$tool" >/dev/null || { echo "typical-host: $tool missing (scripts/install-deps.sh test)"; exit 1; }
+done
+
+# --- image recipe: a change below this line makes a new image
+packages=systemd,systemd-sysv,dbus,udev,kmod,linux-image-amd64,initramfs-tools,e2fsprogs,iproute2,procps,docker.io,containerd,apparmor,ca-certificates,cgroupfs-mount,git,needrestart,xz-utils
+build_image() {
+  local dir=$1 tree=$1/tree
+  debootstrap --variant=minbase --include="$packages" bookworm "$tree" http://deb.debian.org/debian
+  echo typical-host > "$tree/etc/hostname"
+  echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$tree/etc/fstab"
+  mkdir -p "$tree/etc/docker" "$tree/payload"
+  # docker as a user would configure it for this runtime (`supermachine check` says this).
+  cat > "$tree/etc/docker/daemon.json" <<'JSON'
+{ "runtimes": { "supermachine": { "path": "/usr/local/bin/supermachine" } } }
+JSON
+  # The test: the payload disk's script, its output on the console, then power off.
+  cat > "$tree/etc/systemd/system/typical-host-test.service" <<'UNIT'
+[Unit]
+Description=supermachine on a typical host
+After=docker.service containerd.service multi-user.target
+Wants=docker.service containerd.service
+[Service]
+Type=oneshot
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+ExecStart=/bin/sh -c 'mount -o ro /dev/vdb /payload && /payload/inside.sh; echo "typical-host: exit $?"'
+ExecStopPost=/bin/systemctl --no-block poweroff
+[Install]
+WantedBy=multi-user.target
+UNIT
+  ln -sf /etc/systemd/system/typical-host-test.service \
+    "$tree/etc/systemd/system/multi-user.target.wants/typical-host-test.service"
+  # Nothing else on the console, and no timers that start work during the test.
+  for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer; do
+    rm -f "$tree/etc/systemd/system/timers.target.wants/$unit"
+  done
+  cp -L "$tree/vmlinuz" "$dir/vmlinuz"
+  cp -L "$tree/initrd.img" "$dir/initrd.img"
+  rm -rf "$tree/var/cache/apt/archives"/*.deb
+  mkfs.ext4 -q -F -L root -d "$tree" "$dir/root.img" 4G
+  rm -rf "$tree"
+}
+# --- end of image recipe
+digest=$(sed -n '/^# --- image recipe/,/^# --- end of image recipe/p' "$0" | sha256sum | cut -c1-16)
+image=$cache/typical-host/$digest
+if [ ! -f "$image/root.img" ]; then
+  echo "== typical-host: building the host image ($image)"
+  started=$(date +%s)
+  rm -rf "$image.work"
+  mkdir -p "$image.work"
+  build_image "$image.work"
+  mv "$image.work" "$image"
+  echo "== typical-host: image built in $(($(date +%s) - started)) s"
+fi
+
+# The payload: the project as `make install` lays it out (real files, no symlinks into a
+# build cache), a busybox image, and the test script.
+payload=$(mktemp -d)
+trap 'rm -rf "$payload"' EXIT
+mkdir -p "$payload/usr/local/bin" "$payload/usr/local/share/supermachine"
+cp -L "$bin/supermachine" "$bin/containerd-shim-supermachine-v2" "$payload/usr/local/bin/"
+for asset in vmlinux supermachine-agent qemu-system-x86_64 qboot.rom; do
+  cp -L "$assets/$asset" "$payload/usr/local/share/supermachine/"
+done
+"$root/scripts/busybox-image.sh" "$payload/busybox.tar" >/dev/null
+cp "$root/scripts/typical-host-inside.sh" "$payload/inside.sh"
+mkfs.ext4 -q -F -L payload -d "$payload" "$out/payload.img" 512M
+
+# One boot: the VM's console to a log (and this output), its verdict from the test's line.
+boot() {
+  local name=$1 extra=$2 log=$out/$1.log
+  echo "== typical-host ($name): booting"
+  local started=$(date +%s)
+  timeout 1500 "$qemu" -M q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
+    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 $extra" \
+    -drive "file=$image/root.img,if=virtio,format=raw,snapshot=on" \
+    -drive "file=$out/payload.img,if=virtio,format=raw,readonly=on" \
+    -nic none -nographic -no-reboot </dev/null | tee "$log" || true
+  echo "== typical-host ($name): $(($(date +%s) - started)) s"
+  local verdict
+  verdict=$(grep -ao 'typical-host: exit [0-9]*' "$log" | tail -n1 || true)
+  if [ "$verdict" != "typical-host: exit 0" ]; then
+    echo "typical-host ($name): FAILED (${verdict:-no verdict on the console}); see $log"
+    return 1
+  fi
+}
+
+boot kvm ""
+boot tcg "modprobe.blacklist=kvm_amd,kvm_intel,kvm"
+echo "== typical-host: both passes passed"
