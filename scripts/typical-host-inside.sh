@@ -32,8 +32,9 @@ expect "QEMU package" absent "$(dpkg -s qemu-system-data >/dev/null 2>&1 || echo
 step "supermachine check"
 supermachine check
 expect "supermachine check" 0 "$?"
-expect "engine --engine auto picks" "$engine" \
-  "$(supermachine features | sed -n 's/.*"run.supermachine.engine": "\([^"]*\)".*/\1/p')"
+picked=$(supermachine features | sed -n 's/.*"run.supermachine.engine": "\([^"]*\)".*/\1/p')
+expect "the engine --engine auto picks" "$engine" "${picked%%-*}"
+echo "     ($picked; $(supermachine features | sed -n 's/.*"run.supermachine.isolation": "\([^"]*\)".*/isolation: \1/p'))"
 
 step "docker run --runtime=supermachine"
 docker load -i /payload/busybox.tar >/dev/null
@@ -49,7 +50,7 @@ expect "the scope's slice" system.slice "$(systemctl show -P Slice "$scope")"
 dir=/sys/fs/cgroup/system.slice/$scope
 # The monitor (a supermachine process, with the builtin VMM in it, or QEMU beside it).
 expect "the monitor is in it" yes "$(for pid in $(cat "$dir/cgroup.procs"); do
-  tr '\0' ' ' <"/proc/$pid/cmdline"; echo; done | grep -q supermachine && echo yes)"
+  tr '\0' ' ' <"/proc/$pid/cmdline"; echo; done | grep supermachine >/dev/null && echo yes)"
 expect "memory.max is the unit's MemoryMax" "$(systemctl show -P MemoryMax "$scope")" \
   "$(cat "$dir/memory.max")"
 # docker's default swap is the memory limit again (memory+swap = 2 x 256 MiB).
@@ -70,7 +71,36 @@ step "containerd's native shim (ctr run --runtime io.containerd.supermachine.v2)
 ctr image import /payload/busybox.tar >/dev/null
 expect "ctr run" shim-ok \
   "$(timeout 300 ctr run --rm --runtime io.containerd.supermachine.v2 \
-    --cgroup system.slice:ctr:shimtest docker.io/smtest/busybox:latest shimtest echo shim-ok 2>&1)"
+    docker.io/smtest/busybox:latest shimtest echo shim-ok 2>&1)"
+# The shim has no --systemd-cgroup: a systemd-style path is its own signal.
+timeout 300 ctr run -d --runtime io.containerd.supermachine.v2 --memory-limit 134217728 \
+  --cgroup system.slice:ctr:shimscope docker.io/smtest/busybox:latest shimscope sleep 1000 >/dev/null
+expect "the shim's container in its scope" active "$(systemctl is-active ctr-shimscope.scope)"
+expect "its MemoryMax is memory.max" "$(systemctl show -P MemoryMax ctr-shimscope.scope)" \
+  "$(cat /sys/fs/cgroup/system.slice/ctr-shimscope.scope/memory.max)"
+ctr task kill -s SIGKILL shimscope >/dev/null
+timeout 60 sh -c 'while ctr task ls -q | grep -qx shimscope && ! ctr task delete shimscope >/dev/null 2>&1; do sleep 0.5; done'
+ctr container delete shimscope >/dev/null
+expect "its scope after the task is deleted" gone \
+  "$(systemctl is-active ctr-shimscope.scope >/dev/null 2>&1 || echo gone)"
+
+if [ "$pass" = kvm ]; then
+  # The builtin engine's VM test suites, built on the host for this clone's path.
+  workspace=$(cat /payload/workspace)
+  mkdir -p "$workspace" && cp -a /payload/ws/. /
+  while read -r suite args; do
+    step "tests/$suite.rs on the builtin engine"
+    started=$(date +%s)
+    # shellcheck disable=SC2086
+    (cd "$workspace" && CI=true SUPERMACHINE_ENGINE=builtin SUPERMACHINE_SKIP_LOG=/tmp/skipped \
+      SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
+      timeout 900 "/payload/tests/$suite" --test-threads=2 $args </dev/null >/tmp/suite.out 2>&1)
+    rc=$?
+    tail -n 40 /tmp/suite.out
+    expect "tests/$suite.rs, $(($(date +%s) - started)) s: exit status" 0 "$rc"
+  done </payload/builtin-suites.txt
+  expect "skipped tests" "" "$(cat /tmp/skipped 2>/dev/null)"
+fi
 
 step "nothing left behind"
 expect "supermachine and QEMU processes" 0 \

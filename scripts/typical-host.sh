@@ -5,8 +5,8 @@
 # it, on no QEMU package. QEMU's TCG with `-cpu max` emulates AMD SVM, so that host has a
 # working /dev/kvm whose guests run their kernel code the ordinary way (not emulated by
 # instruction as on a PVM host). It runs scripts/typical-host-inside.sh twice: with KVM, where
-# `--engine auto` should pick the builtin VMM, then with KVM hidden (the kvm modules
-# blacklisted), on the QEMU/TCG path.
+# `--engine auto` should pick the builtin VMM and the builtin engine's VM test suites run too,
+# then with KVM hidden (the kvm modules blacklisted), on the QEMU/TCG path.
 #
 #   scripts/typical-host.sh BIN_DIR ASSETS_DIR
 #
@@ -80,18 +80,43 @@ if [ ! -f "$image/root.img" ]; then
   echo "== typical-host: image built in $(($(date +%s) - started)) s"
 fi
 
+# The builtin engine's VM test suites (tests/builtin-suites.txt), built here (the debug
+# profile `make vm-test` builds) with the fixture programs and busybox root they use, which the
+# VM cannot build. They run in the VM at this clone's path, the path compiled into them.
+suites=$(grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" | cut -d' ' -f1)
+(cd "$root" && SUPERMACHINE_ASSETS_DIR=$assets cargo test --locked -q --test fixtures >/dev/null)
+executables=$(cd "$root" && cargo test --locked --no-run --message-format=json \
+  $(printf -- '--test %s ' $suites) 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["test"] and m.get("executable"):
+        print(m["target"]["name"], m["executable"])')
+
 # The payload: the project as `make install` lays it out (real files, no symlinks into a
-# build cache), a busybox image, and the test script.
+# build cache), a busybox image, the test script, and the suites above.
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
 mkdir -p "$payload/usr/local/bin" "$payload/usr/local/share/supermachine"
 cp -L "$bin/supermachine" "$bin/containerd-shim-supermachine-v2" "$payload/usr/local/bin/"
-for asset in vmlinux supermachine-agent qemu-system-x86_64 qboot.rom; do
+for asset in vmlinux release supermachine-agent qemu-system-x86_64 qboot.rom; do
   cp -L "$assets/$asset" "$payload/usr/local/share/supermachine/"
 done
 "$root/scripts/busybox-image.sh" "$payload/busybox.tar" >/dev/null
 cp "$root/scripts/typical-host-inside.sh" "$payload/inside.sh"
-mkfs.ext4 -q -F -L payload -d "$payload" "$out/payload.img" 512M
+grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" > "$payload/builtin-suites.txt"
+echo "$root" > "$payload/workspace"
+ws=$payload/ws$root
+mkdir -p "$payload/tests" "$ws/target/debug" "$ws/target/sm-test"
+echo "$executables" | while read -r name path; do cp "$path" "$payload/tests/$name"; done
+cp "$root/target/debug/supermachine" "$ws/target/debug/"
+cp -a "$root/target/sm-test/rootfs" "$ws/target/sm-test/"
+for fixture in "$root"/tests/fixtures/*.rs; do
+  cp -a "$root/target/sm-test/$(basename "$fixture" .rs)" "$ws/target/sm-test/"
+done
+mkdir -p "$ws/tests"
+cp -a "$root/tests/fixtures" "$ws/tests/"
+mkfs.ext4 -q -F -L payload -d "$payload" "$out/payload.img" 3G
 
 # One boot: the VM's console to a log (and this output), its verdict from the test's line.
 boot() {
@@ -113,6 +138,8 @@ boot() {
   fi
 }
 
-boot kvm ""
-boot tcg "modprobe.blacklist=kvm_amd,kvm_intel,kvm"
-echo "== typical-host: both passes passed"
+status=0
+boot kvm "" || status=1
+boot tcg "modprobe.blacklist=kvm_amd,kvm_intel,kvm" || status=1
+[ "$status" = 0 ] && echo "== typical-host: both passes passed"
+exit "$status"

@@ -75,10 +75,17 @@ pub fn copy_busybox_to(dest: &Path) {
 }
 
 /// A program from `tests/fixtures/NAME.rs`, built with `rustc` (a second or so) as a static
-/// executable for a container to run.
+/// executable for a container to run; an executable newer than its source is reused (the
+/// typical host's tests get them built, having no `rustc`: `tests/fixtures.rs`).
 pub fn fixture_program(name: &str) -> PathBuf {
     let source = workspace().join(format!("tests/fixtures/{name}.rs"));
     let out = workspace().join(format!("target/sm-test/{name}"));
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    match (modified(&out), modified(&source)) {
+        (Some(built), Some(written)) if built >= written => return out,
+        (Some(_), None) => return out,
+        _ => {}
+    }
     let tmp = workspace().join(format!("target/sm-test/{name}.{}", std::process::id()));
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
