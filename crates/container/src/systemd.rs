@@ -10,8 +10,9 @@
 //! Elsewhere (no systemd, or a plain path) the cgroupfs driver alone places the container.
 
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::Duration;
+
+use futures_lite::{FutureExt as _, StreamExt as _};
 
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::{OwnedObjectPath, Value};
@@ -74,10 +75,10 @@ impl Scope {
         Self::parse(cgroups_path)
     }
 
-    /// Starts the scope with `pid` in it and `limits` as its properties, and waits for
-    /// systemd's job to finish.
+    /// Starts the scope with `pid` in it and `limits` as its properties, and waits (at most
+    /// [`START_TIMEOUT`]) for systemd's job to finish. The wait is a future raced against a
+    /// timer, so that nothing (no thread, no bus connection) outlives the call.
     pub fn start(&self, pid: u32, limits: &HostLimits) -> Result<(), ContainerError> {
-        let manager = Manager::connect().map_err(|e| self.error("connecting to systemd", e))?;
         let mut properties: Vec<(&str, Value<'_>)> = vec![
             (
                 "Description",
@@ -96,53 +97,58 @@ impl Scope {
         ];
         properties
             .extend(properties_of(limits, unified()).map_err(ContainerError::InvalidResources)?);
-        let jobs = manager
-            .proxy
+        let outcome = async_io::block_on(self.start_job(properties).or(async {
+            async_io::Timer::after(START_TIMEOUT).await;
+            Err(format!(
+                "systemd did not start it within {}s",
+                START_TIMEOUT.as_secs()
+            ))
+        }));
+        outcome.map_err(|reason| self.failure(reason))
+    }
+
+    /// `StartTransientUnit`, then the `JobRemoved` signal of its job: watched before the
+    /// call, so that a job that ends at once is not missed.
+    async fn start_job(&self, properties: Vec<(&str, Value<'_>)>) -> Result<(), String> {
+        let connection = zbus::Connection::system()
+            .await
+            .map_err(|e| format!("connecting to systemd: {e}"))?;
+        let manager = zbus::Proxy::new(&connection, DESTINATION, PATH, MANAGER)
+            .await
+            .map_err(|e| e.to_string())?;
+        // systemd sends its manager's signals (JobRemoved) only while some client has
+        // subscribed; this subscription ends with this connection.
+        manager
+            .call::<_, _, ()>("Subscribe", &())
+            .await
+            .map_err(|e| format!("Subscribe: {e}"))?;
+        let mut removed = manager
             .receive_signal("JobRemoved")
-            .map_err(|e| self.error("watching systemd's jobs", e))?;
-        // The signals are read on a thread, so that a job systemd never finishes is a
-        // timeout here rather than a create that waits for ever.
-        let (done, finished) = mpsc::channel::<(OwnedObjectPath, String)>();
-        std::thread::spawn(move || {
-            for signal in jobs {
-                let Ok((_, job, _, result)) = signal
-                    .body()
-                    .deserialize::<(u32, OwnedObjectPath, String, String)>()
-                else {
-                    continue;
-                };
-                if done.send((job, result)).is_err() {
-                    return;
-                }
-            }
-        });
+            .await
+            .map_err(|e| format!("watching systemd's jobs: {e}"))?;
         let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
         let job: OwnedObjectPath = manager
-            .proxy
             .call(
                 "StartTransientUnit",
                 &(self.unit.as_str(), "replace", properties, aux),
             )
-            .map_err(|e| self.error("StartTransientUnit", e))?;
-        let deadline = std::time::Instant::now() + START_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match finished.recv_timeout(left) {
-                Ok((removed, result)) if removed == job => {
-                    return match result.as_str() {
-                        "done" => Ok(()),
-                        other => Err(self.failure(format!("its start job ended {other:?}"))),
-                    };
-                }
-                Ok(_) => continue,
-                Err(_) => {
-                    return Err(self.failure(format!(
-                        "systemd did not start it within {}s",
-                        START_TIMEOUT.as_secs()
-                    )))
-                }
+            .await
+            .map_err(|e| format!("StartTransientUnit: {e}"))?;
+        while let Some(signal) = removed.next().await {
+            let Ok((_, path, _, result)) = signal
+                .body()
+                .deserialize::<(u32, OwnedObjectPath, String, String)>()
+            else {
+                continue;
+            };
+            if path == job {
+                return match result.as_str() {
+                    "done" => Ok(()),
+                    other => Err(format!("its start job ended {other:?}")),
+                };
             }
         }
+        Err("the connection to systemd closed before its job ended".into())
     }
 
     /// New limits for a running scope (`update`), kept across systemd's reloads.
@@ -152,15 +158,12 @@ impl Scope {
         if properties.is_empty() {
             return Ok(());
         }
-        let manager = Manager::connect().map_err(|e| self.error("connecting to systemd", e))?;
+        let manager =
+            Manager::connect().map_err(|e| self.failure(format!("connecting to systemd: {e}")))?;
         manager
             .proxy
             .call::<_, _, ()>("SetUnitProperties", &(self.unit.as_str(), true, properties))
-            .map_err(|e| self.error("SetUnitProperties", e))
-    }
-
-    fn error(&self, what: &str, e: zbus::Error) -> ContainerError {
-        self.failure(format!("{what}: {e}"))
+            .map_err(|e| self.failure(format!("SetUnitProperties: {e}")))
     }
 
     fn failure(&self, reason: String) -> ContainerError {
@@ -197,6 +200,7 @@ pub fn stop(unit: &str) {
     }
 }
 
+/// systemd's manager on the system bus, for the calls that wait for no signal.
 struct Manager {
     proxy: Proxy<'static>,
 }
@@ -205,9 +209,6 @@ impl Manager {
     fn connect() -> zbus::Result<Self> {
         let connection = Connection::system()?;
         let proxy = Proxy::new(&connection, DESTINATION, PATH, MANAGER)?;
-        // systemd sends its manager's signals (JobRemoved) only while some client has
-        // subscribed; the subscription ends with this connection.
-        proxy.call::<_, _, ()>("Subscribe", &())?;
         Ok(Self { proxy })
     }
 }
