@@ -125,7 +125,7 @@ boot() {
   local started=$(date +%s)
   timeout 1500 "$qemu" -M q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-    -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 $extra" \
+    -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=5 $extra" \
     -drive "file=$image/root.img,if=virtio,format=raw,snapshot=on" \
     -drive "file=$out/payload.img,if=virtio,format=raw,readonly=on" \
     -nic none -nographic -no-reboot </dev/null | tee "$log" || true
