@@ -54,9 +54,10 @@ vm_died() {
   local pid=$!
   wait_status "$id" RUNNING
   # Kill the VM under the container: it must be reported stopped with a non-zero status.
-  local vm; vm=$(vm_pids "$WORK/sm-root/smtest" "$id") || { echo "no monitor in state"; return 1; }
+  # On an early return the run is killed: it holds this case's output pipe open.
+  local vm; vm=$(vm_pids "$WORK/sm-root/smtest" "$id") || { echo "no monitor in state"; kill "$pid"; return 1; }
   # shellcheck disable=SC2086
-  kill -KILL $vm || return 1
+  kill -KILL $vm || { kill "$pid"; return 1; }
   local rc=0; wait "$pid" || rc=$?
   ctr_ containers rm "$id"
   [ "$rc" != 0 ] || { echo "exit status 0 after the VM died"; return 1; }

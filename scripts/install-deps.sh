@@ -10,8 +10,9 @@ need="qemu-system-x86 e2fsprogs linux-source-6.1 flex bison bc libelf-dev libssl
   dpkg-dev xz-utils meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev \
   busybox-static iproute2 libseccomp-dev"
 case "${1:-build}" in
-  # debootstrap builds the typical host's image (scripts/typical-host.sh).
-  test) need="$need containerd runc docker.io iptables sqlite3 debootstrap" ;;
+  # debootstrap builds the typical host's image (scripts/typical-host.sh); the integration
+  # scripts read the runtime's JSON with jq.
+  test) need="$need containerd runc docker.io iptables sqlite3 debootstrap jq" ;;
 esac
 
 missing=""
