@@ -123,36 +123,10 @@ fn within_root(path: &Path) -> PathBuf {
 }
 
 fn unclean_relative_path(cgroups_path: &str) -> PathBuf {
-    let parts: Vec<&str> = cgroups_path.split(':').collect();
-    if parts.len() == 3 && !cgroups_path.starts_with('/') {
-        let (slice, prefix, name) = (parts[0], parts[1], parts[2]);
-        let slice = if slice.is_empty() {
-            "system.slice"
-        } else {
-            slice
-        };
-        // A nested slice name (a-b.slice) lives under its parents (a.slice/a-b.slice).
-        let mut dir = PathBuf::new();
-        if let Some(stem) = slice.strip_suffix(".slice") {
-            let mut acc = String::new();
-            for piece in stem.split('-') {
-                if !acc.is_empty() {
-                    acc.push('-');
-                }
-                acc.push_str(piece);
-                dir.push(format!("{acc}.slice"));
-            }
-        } else {
-            dir.push(slice);
-        }
-        let unit = if prefix.is_empty() {
-            format!("{name}.scope")
-        } else {
-            format!("{prefix}-{name}.scope")
-        };
-        return dir.join(unit);
+    match crate::systemd::Scope::parse(cgroups_path) {
+        Some(scope) => scope.cgroup_dir(),
+        None => PathBuf::from(cgroups_path.trim_start_matches('/')),
     }
-    PathBuf::from(cgroups_path.trim_start_matches('/'))
 }
 
 /// Host limits from an OCI `LinuxResources` document (`update`, the shim's Update). The
@@ -533,6 +507,8 @@ mod tests {
             relative_path("kubepods-besteffort.slice:cri-containerd:x"),
             PathBuf::from("kubepods.slice/kubepods-besteffort.slice/cri-containerd-x.scope")
         );
+        // Without a name it is not systemd's form (--systemd-cgroup refuses it): a path.
+        assert_eq!(relative_path("a.slice:b:"), PathBuf::from("a.slice:b:"));
     }
 
     #[test]

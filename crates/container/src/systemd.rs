@@ -9,7 +9,7 @@
 //!
 //! Elsewhere (no systemd, or a plain path) the cgroupfs driver alone places the container.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_lite::{FutureExt as _, StreamExt as _};
@@ -64,6 +64,24 @@ impl Scope {
             unit,
             slice: slice.into(),
         })
+    }
+
+    /// The scope's cgroup directory below a hierarchy's root: a nested slice (`a-b.slice`)
+    /// lives under its parents (`a.slice/a-b.slice`), as systemd lays them out.
+    pub fn cgroup_dir(&self) -> PathBuf {
+        let mut dir = PathBuf::new();
+        match self.slice.strip_suffix(".slice") {
+            Some(stem) => {
+                let mut end = 0;
+                for piece in stem.split('-') {
+                    end += piece.len();
+                    dir.push(format!("{}.slice", &stem[..end]));
+                    end += 1;
+                }
+            }
+            None => dir.push(&self.slice),
+        }
+        dir.join(&self.unit)
     }
 
     /// The scope systemd manages for `cgroups_path` on this host: `None` when PID 1 is not
