@@ -96,9 +96,20 @@ if [ "$pass" = kvm ]; then
       SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
       timeout 900 "/payload/tests/$suite" --test-threads=2 $args </dev/null >/tmp/suite.out 2>&1)
     rc=$?
-    tail -n 40 /tmp/suite.out
+    # A failure's panic message carries the run's debug log: more of it then.
+    tail -n "$([ "$rc" = 0 ] && echo 40 || echo 150)" /tmp/suite.out
     expect "tests/$suite.rs, $(($(date +%s) - started)) s: exit status" 0 "$rc"
   done </payload/builtin-suites.txt
+  # The integration suites (containerd's runc shim, the native shim, docker), each case
+  # against this host's runc, their output on the console as it comes.
+  while read -r suite; do
+    step "integration/$suite"
+    started=$(date +%s)
+    (cd "$workspace" && CI=true SUPERMACHINE_SKIP_LOG=/tmp/skipped \
+      SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
+      timeout 1200 "integration/$suite" /usr/local/bin/supermachine </dev/null 2>&1)
+    expect "integration/$suite, $(($(date +%s) - started)) s: exit status" 0 "$?"
+  done </payload/integration-suites.txt
   expect "skipped tests" "" "$(cat /tmp/skipped 2>/dev/null)"
 fi
 

@@ -28,7 +28,7 @@ for tool in debootstrap mkfs.ext4 "$qemu"; do
 done
 
 # --- image recipe: a change below this line makes a new image
-packages=systemd,systemd-sysv,dbus,udev,kmod,linux-image-amd64,initramfs-tools,e2fsprogs,iproute2,procps,docker.io,containerd,apparmor,ca-certificates,cgroupfs-mount,git,needrestart,xz-utils
+packages=systemd,systemd-sysv,dbus,udev,kmod,linux-image-amd64,initramfs-tools,e2fsprogs,iproute2,procps,docker.io,containerd,apparmor,ca-certificates,cgroupfs-mount,git,needrestart,xz-utils,jq,busybox-static,sqlite3
 build_image() {
   local dir=$1 tree=$1/tree
   debootstrap --variant=minbase --include="$packages" bookworm "$tree" http://deb.debian.org/debian
@@ -83,7 +83,7 @@ fi
 # The builtin engine's VM test suites (tests/builtin-suites.txt), built here (the debug
 # profile `make vm-test` builds) with the fixture programs and busybox root they use, which the
 # VM cannot build. They run in the VM at this clone's path, the path compiled into them.
-suites=$(grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" | cut -d' ' -f1)
+suites=$(grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" | cut -d' ' -f1 | sort -u)
 (cd "$root" && SUPERMACHINE_ASSETS_DIR=$assets cargo test --locked -q --test fixtures >/dev/null)
 executables=$(cd "$root" && cargo test --locked --no-run --message-format=json \
   $(printf -- '--test %s ' $suites) 2>/dev/null | python3 -c '
@@ -114,8 +114,12 @@ cp -a "$root/target/sm-test/rootfs" "$ws/target/sm-test/"
 for fixture in "$root"/tests/fixtures/*.rs; do
   cp -a "$root/target/sm-test/$(basename "$fixture" .rs)" "$ws/target/sm-test/"
 done
-mkdir -p "$ws/tests"
+mkdir -p "$ws/tests" "$ws/scripts"
 cp -a "$root/tests/fixtures" "$ws/tests/"
+# The integration suites (integration/typical-host-suites.txt), with the scripts they call.
+cp -a "$root/integration" "$ws/"
+cp "$root"/scripts/busybox-*.sh "$ws/scripts/"
+grep -v '^\s*\(#\|$\)' "$root/integration/typical-host-suites.txt" > "$payload/integration-suites.txt"
 mkfs.ext4 -q -F -L payload -d "$payload" "$out/payload.img" 3G
 
 # One boot: the VM's console to a log (and this output), its verdict from the test's line.
@@ -123,7 +127,7 @@ boot() {
   local name=$1 extra=$2 log=$out/$1.log
   echo "== typical-host ($name): booting"
   local started=$(date +%s)
-  timeout 1500 "$qemu" -M q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
+  timeout 3000 "$qemu" -M q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
     -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=5 $extra" \
     -drive "file=$image/root.img,if=virtio,format=raw,snapshot=on" \

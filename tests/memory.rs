@@ -42,6 +42,7 @@ struct AllocFree {
     child: Child,
     stdin: ChildStdin,
     stdout: PathBuf,
+    log: PathBuf,
     /// The lines of stdout already answered: each answer is looked for after them (the
     /// program says `allocated` once per `alloc`).
     answered: usize,
@@ -68,8 +69,11 @@ impl AllocFree {
             });
         }
         let stdout = env.root().join(format!("{id}.stdout"));
+        // A debug log, shown when the run fails: a restore's phases say where it stopped.
+        let log = env.root().join(format!("{id}.log"));
         let mut child = env
             .cmd()
+            .args(["--debug", "--log", log.to_str().unwrap()])
             .args(["run", "--bundle", bundle.path_str(), id])
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(&stdout).unwrap())
@@ -82,6 +86,7 @@ impl AllocFree {
             child,
             stdin,
             stdout,
+            log,
             answered: 0,
             _bundle: bundle,
         };
@@ -108,11 +113,15 @@ impl AllocFree {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the container ended ({status}) before {line:?}: {out}");
+                panic!(
+                    "the container ended ({status}) before {line:?}: {out}\n{}",
+                    log_tail(&self.log)
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "no {line:?} within {timeout:?}: {out}"
+                "no {line:?} within {timeout:?}: {out}\n{}",
+                log_tail(&self.log)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -122,8 +131,19 @@ impl AllocFree {
         writeln!(self.stdin, "exit").unwrap();
         drop(self.stdin);
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "run: {status}");
+        assert!(status.success(), "run: {status}\n{}", log_tail(&self.log));
     }
+}
+
+/// The last lines of a run's debug log.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "debug log ({}):\n{}",
+        log.display(),
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
 }
 
 /// The monitor's pid from `state`.
