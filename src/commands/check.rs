@@ -47,6 +47,7 @@ pub fn run(context: &Context) -> Result<i32> {
         tun(),
         cgroups(),
         systemd(),
+        capacity(),
         front_door(
             "docker",
             Path::new("/etc/docker/daemon.json"),
@@ -265,6 +266,31 @@ fn systemd() -> Finding {
                  cgroupsPath cannot be placed; is dbus running?"
             ),
         ),
+    }
+}
+
+/// The host's VM budget and what running VMs hold of it (the capacity ledger).
+fn capacity() -> Finding {
+    let usage = container::capacity::Budget::of_host()
+        .and_then(|budget| container::capacity::Ledger::host().usage(budget));
+    match usage {
+        Ok(usage) => {
+            let held = usage.reserved();
+            finding(
+                Verdict::Ok,
+                "capacity",
+                format!(
+                    "VMs may reserve {} MiB and {} vCPUs (SUPERMACHINE_CAPACITY_MEMORY, \
+                     SUPERMACHINE_CAPACITY_VCPUS); {} VM(s) hold {} MiB and {} vCPUs",
+                    usage.budget.memory_mib,
+                    usage.budget.vcpus,
+                    usage.entries.len(),
+                    held.memory_mib,
+                    held.vcpus
+                ),
+            )
+        }
+        Err(e) => finding(Verdict::Missing, "capacity", e.to_string()),
     }
 }
 

@@ -62,6 +62,9 @@ pub enum ContainerError {
     Cgroup(String),
     #[error("invalid resources: {0}")]
     InvalidResources(String),
+    /// The host's capacity ledger has no room for the VM (or cannot be read).
+    #[error("capacity: {0}")]
+    Capacity(String),
 }
 
 fn console_lines(console: &str) -> String {

@@ -10,6 +10,7 @@
 
 pub mod agent_client;
 pub mod bundle;
+pub mod capacity;
 pub mod cgroup;
 pub mod console;
 pub mod control;

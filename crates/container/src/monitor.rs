@@ -190,6 +190,8 @@ struct Monitor {
     in_flight: InFlight,
     /// The host overlay root a renewer thread remounts after the guest's changes.
     renewed_root: Option<PathBuf>,
+    /// The VM's place in the host's capacity ledger, released once it has stopped.
+    reservation: crate::capacity::Reservation,
 }
 
 impl Monitor {
@@ -251,6 +253,7 @@ impl Monitor {
             guest_pid,
             network,
             publisher,
+            reservation,
             ..
         } = running;
         let gone = events_tx.clone();
@@ -299,6 +302,7 @@ impl Monitor {
             init_exited,
             in_flight: InFlight::default(),
             renewed_root,
+            reservation,
         })
     }
 
@@ -347,6 +351,7 @@ impl Monitor {
         if let Err(e) = self.vm.lock_unpoisoned().stop() {
             log::warn!("stopping the VM: {e}");
         }
+        drop(self.reservation);
         // The root renewer's thread dies with this process: one caught between its unmount
         // and its mount would leave the bundle's root unmounted. Its lock waits out a renewal
         // in progress and keeps any other from starting; the kernel releases it at exit.

@@ -18,9 +18,11 @@ use engine::{EngineChoice, Phase, Vm};
 use snapshot::SnapshotCache;
 
 use crate::agent_client::{AgentClient, ProcessEvents};
+use crate::capacity::{Budget, Demand, Ledger, Reservation};
 use crate::launch::{self, Launched, Origin};
 use crate::netns::NetworkNamespace;
 use crate::network::{self, Attachment};
+use crate::paths::VmDefaults;
 use crate::plan::Plan;
 use crate::rootfs::OverlayRenewer;
 use crate::shares::Shares;
@@ -98,6 +100,8 @@ pub struct RunningVm {
     pub network: VmNetwork,
     /// The thread sealing a fresh bake; join it before the process exits.
     pub publisher: Option<JoinHandle<()>>,
+    /// The VM's place in the host's capacity ledger: keep it as long as the VM runs.
+    pub reservation: Reservation,
 }
 
 /// Starts the container's VM (see the module doc). Runs on the thread that will own the
@@ -112,6 +116,8 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         tap_lifetime,
         init_events,
     } = startup;
+    // Admission first: a start the host has no room for fails before anything exists.
+    let reservation = reserve(&plan, &work_dir)?;
     plan.network.enter()?;
     let selection = engine::select(choice, &paths.probe_dir(), plan.qemu.as_deref())?;
     log::debug!(
@@ -180,6 +186,7 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
                 guest_pid,
                 network,
                 publisher,
+                reservation,
             })
         }
         Err(e) => {
@@ -203,6 +210,16 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
             })
         }
     }
+}
+
+/// Reserves the VM's memory (guest and VMM) and online vCPUs in the host's ledger.
+fn reserve(plan: &Plan, work_dir: &std::path::Path) -> Result<Reservation, ContainerError> {
+    let demand = Demand {
+        memory_mib: u64::from(plan.memory_mib) + u64::from(VmDefaults::load().vmm_overhead_mib),
+        vcpus: u64::from(plan.online_vcpus),
+    };
+    let label = format!("the VM of {}", work_dir.display());
+    Ledger::host().reserve(Budget::of_host()?, &label, demand)
 }
 
 /// Gives the fresh VM its identity, creates the container's first process (held for

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use agent_proto::{ExitStatus, ProcessId, ProcessSpec, Reply, Request, INIT_PROCESS};
 use container::agent_client::{AgentClient, REQUEST_TIMEOUT};
 use container::bundle::Bundle;
+use container::capacity::Reservation;
 use container::cgroup::{self, Placement};
 use container::hooks::HostHooks;
 use container::lifecycle::{self, Holder, LiveUpdate, VM_DIED_STATUS};
@@ -141,6 +142,8 @@ pub struct Task {
     /// container's network namespace).
     network: Arc<Mutex<VmNetwork>>,
     launcher: Arc<Launcher>,
+    /// The VM's place in the host's capacity ledger, released once it has stopped.
+    reservation: Mutex<Option<Reservation>>,
 }
 
 impl std::fmt::Debug for Task {
@@ -242,6 +245,7 @@ impl Task {
             agent,
             network,
             publisher,
+            reservation,
             ..
         } = running;
         let vmm_pid = vm.vmm_pid().unwrap_or(std::process::id());
@@ -267,6 +271,7 @@ impl Task {
             on_exit,
             network: Arc::new(Mutex::new(network)),
             launcher: Arc::clone(launcher),
+            reservation: Mutex::new(Some(reservation)),
         };
         if let Err(e) = task.start_stdin(&task.init) {
             let _ = task.stop();
@@ -544,6 +549,7 @@ impl Holder for Task {
             log::warn!("stopping the VM: {e}");
         }
         self.end_processes(128 + libc::SIGKILL);
+        self.reservation.lock_unpoisoned().take();
         // A bake being sealed finishes (or fails) before the container is gone.
         if let Some(publisher) = self.publisher.lock_unpoisoned().take() {
             let _ = publisher.join();
