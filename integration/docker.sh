@@ -168,10 +168,15 @@ case_update_memory_raise() {
 
 # docker's default seccomp profile fails process_vm_readv(2) with EPERM (it needs
 # CAP_SYS_PTRACE there); unconfined, a process may read its own memory with it. The probe
-# (tests/fixtures/seccomp_probe.rs, static) is bound in read-only.
-SECCOMP_PROBE=$WORK/seccomp_probe
-rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols -o "$SECCOMP_PROBE" \
-  "$(dirname "$0")/../tests/fixtures/seccomp_probe.rs"
+# (tests/fixtures/seccomp_probe.rs, static) is bound in read-only: the one the VM tests built
+# when it is newer than its source (a host without rustc, the typical host, gets it so),
+# else built here.
+SECCOMP_PROBE=$REPO/target/sm-test/seccomp_probe
+if [ ! "$SECCOMP_PROBE" -nt "$REPO/tests/fixtures/seccomp_probe.rs" ]; then
+  SECCOMP_PROBE=$WORK/seccomp_probe
+  rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols -o "$SECCOMP_PROBE" \
+    "$REPO/tests/fixtures/seccomp_probe.rs"
+fi
 case_seccomp_default() { run_ "$1" --rm -v "$SECCOMP_PROBE:/probe:ro" "$IMG" /probe; }
 case_seccomp_unconfined() {
   run_ "$1" --rm --security-opt seccomp=unconfined -v "$SECCOMP_PROBE:/probe:ro" "$IMG" /probe
