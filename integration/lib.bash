@@ -330,10 +330,13 @@ COUNTER_LOOP='i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.ne
 
 # counter_stops_while_paused READ PAUSE RESUME: with READ (a command printing the counter of
 # a container running COUNTER_LOOP), PAUSE and RESUME, proves that the container's processes
-# did not run while paused: over 2 s paused the counter advances less than half of what it
-# does over 2 s running (both windows include the same reads), and it goes on after resume.
+# did not run while paused: the counter's rate is measured over 2 s running (wall clock
+# around two reads), and over a window of a read, PAUSE, 2 s, RESUME and a read it must
+# miss at least 1 s of ticks at that rate (the reads, the pause and the resume themselves
+# take time, seconds on a slow nested host, during which the counter runs); it goes on
+# after resume.
 counter_stops_while_paused() {
-  local read=$1 pause=$2 resume=$3 b0 b1 c0 c1 c2
+  local read=$1 pause=$2 resume=$3 b0 b1 c0 c1 c2 t0 t1 t2 t3
   read_counter() {
     local v
     for _ in $(seq 50); do
@@ -343,21 +346,30 @@ counter_stops_while_paused() {
     echo "counter unreadable" >&2
     return 1
   }
+  ms() { date +%s%3N; }
+  t0=$(ms)
   b0=$(read_counter) || return 1
   sleep 2
   b1=$(read_counter) || return 1
+  t1=$(ms)
+  t2=$(ms)
   c0=$(read_counter) || return 1
   $pause || { echo "pause failed"; return 1; }
   sleep 2
   $resume || { echo "resume failed"; return 1; }
   c1=$(read_counter) || return 1
+  t3=$(ms)
   sleep 1
   c2=$(read_counter) || return 1
   if [ $((b1 - b0)) -lt 10 ]; then
     echo "counter too slow to tell: $((b1 - b0)) ticks in 2 s running"; return 1
   fi
-  if [ $((2 * (c1 - c0))) -ge $((b1 - b0)) ]; then
-    echo "ran while paused: +$((c1 - c0)) paused 2 s, +$((b1 - b0)) running 2 s"; return 1
+  # Ticks the paused window would have had at the running rate, less those it had, in
+  # ms of running: at least 1000 of its 2000 ms paused.
+  local missed_ms=$(( (t3 - t2) - (c1 - c0) * (t1 - t0) / (b1 - b0) ))
+  if [ "$missed_ms" -lt 1000 ]; then
+    echo "ran while paused: +$((c1 - c0)) in $((t3 - t2)) ms with 2 s paused, +$((b1 - b0)) in $((t1 - t0)) ms running"
+    return 1
   fi
   [ "$c2" -gt "$c1" ] || { echo "counter stuck at $c1 after resume"; return 1; }
   echo "counter stopped while paused, went on after resume"
