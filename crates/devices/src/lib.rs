@@ -15,19 +15,96 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-/// Filters the calling thread's system calls before it handles anything a guest sent: no
-/// new process or program, namespace, mount, credential or capability (`jail::thread`; a
-/// denied call kills the process). Every vCPU and device thread of the builtin VMM calls it
-/// first. Not yet on other systems.
-pub fn confine_thread() -> Result<(), String> {
+/// The kind of a filtered thread, for its system call allow list (`jail::thread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// With the `ioctl` requests its hypervisor backend makes on it (`None`: any).
+    Vcpu(Option<&'static [u64]>),
+    DeviceIo,
+    FileServer,
+}
+
+/// Filters the calling thread's system calls to its kind's list before it handles anything
+/// a guest sent (`jail::thread`; a call outside it kills the process). Every vCPU and device
+/// thread of the builtin VMM calls it first. Not yet on other systems.
+pub fn confine_thread(kind: ThreadKind) -> Result<(), String> {
     #[cfg(target_os = "linux")]
     {
-        jail::thread::confine_this_thread().map_err(|e| e.to_string())
+        let kind = match kind {
+            ThreadKind::Vcpu(ioctls) => jail::thread::ThreadKind::Vcpu(ioctls),
+            ThreadKind::DeviceIo => jail::thread::ThreadKind::DeviceIo,
+            ThreadKind::FileServer => jail::thread::ThreadKind::FileServer,
+        };
+        jail::thread::confine_this_thread(kind).map_err(|e| e.to_string())
     }
     #[cfg(not(target_os = "linux"))]
     {
+        let _ = kind;
         Ok(())
     }
+}
+
+type SpawnRequest = (
+    String,
+    ThreadKind,
+    Box<dyn FnOnce() + Send>,
+    std::sync::mpsc::Sender<std::io::Result<()>>,
+);
+
+/// The unfiltered thread that starts device threads (see [`spawn_confined`]).
+static SPAWNER: std::sync::Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts the thread that starts device threads, once per process. The first call must come
+/// from an unfiltered thread (the spawner would inherit a filter): the VMM makes it as it
+/// creates a VM, before any vCPU runs; [`spawn_confined`] makes it if none was made.
+pub fn start_spawner() -> std::io::Result<()> {
+    use lock_ext::LockExt;
+    let mut spawner = SPAWNER.lock_unpoisoned();
+    if spawner.is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("vmm-spawner".into())
+        .spawn(move || {
+            for (name, kind, work, reply) in rx {
+                let spawned = std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || match confine_thread(kind) {
+                        Ok(()) => work(),
+                        Err(e) => log::error!("{name}: {e}"),
+                    });
+                let _ = reply.send(spawned.map(drop));
+            }
+        })?;
+    *spawner = Some(tx);
+    Ok(())
+}
+
+/// Starts a device thread named `name` under `kind`'s filter, running `work`. A thread
+/// inherits its creator's filter, and filters only add up, so a vCPU (which activates
+/// devices and hands work to them) cannot start a thread of another kind itself: the
+/// spawner, an unfiltered thread, starts it.
+pub fn spawn_confined(
+    name: impl Into<String>,
+    kind: ThreadKind,
+    work: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    use lock_ext::LockExt;
+    start_spawner()?;
+    let (reply, answer) = std::sync::mpsc::channel();
+    let sent = SPAWNER
+        .lock_unpoisoned()
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("the device thread spawner is not started"))?
+        .send((name.into(), kind, Box::new(work), reply));
+    if sent.is_err() {
+        return Err(std::io::Error::other("the device thread spawner is gone"));
+    }
+    answer
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the device thread spawner is gone")))
 }
 
 /// Guest memory as devices see it.

@@ -207,14 +207,17 @@ mod tests {
     }
 }
 
-/// A VM's console log, bounded: once it holds [`CONSOLE_LOG_CAP`] bytes it is moved to
-/// `<path>.1` (replacing the one before) and begun again, so a guest that prints without
-/// end costs the host at most twice the cap (the log lives on `/run`, in host memory).
-/// Each write goes to the file at once: a VMM that crashes loses nothing written.
+/// A VM's console log, bounded: once it holds [`CONSOLE_LOG_CAP`] bytes its contents move
+/// to `<path>.1` (replacing what was there) and it begins again, so a guest that prints
+/// without end costs the host at most twice the cap (the log lives on `/run`, in host
+/// memory). Each write goes to the file at once: a VMM that crashes loses nothing written.
+/// Both files are opened when the log is created, and a rotation only copies and truncates
+/// through their descriptors: the builtin VMM's vCPU thread, which writes the log, may not
+/// open or rename files (`jail::thread`).
 #[derive(Debug)]
 pub struct ConsoleLog {
-    path: std::path::PathBuf,
     file: std::fs::File,
+    previous: std::fs::File,
     written: u64,
     cap: u64,
 }
@@ -228,9 +231,17 @@ impl ConsoleLog {
     }
 
     pub fn with_cap(path: &std::path::Path, cap: u64) -> std::io::Result<Self> {
+        let open = |path: &std::path::Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+        };
         Ok(ConsoleLog {
-            path: path.to_path_buf(),
-            file: std::fs::File::create(path)?,
+            file: open(path)?,
+            previous: open(&Self::previous(path))?,
             written: 0,
             cap,
         })
@@ -244,8 +255,13 @@ impl ConsoleLog {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        std::fs::rename(&self.path, Self::previous(&self.path))?;
-        self.file = std::fs::File::create(&self.path)?;
+        use std::io::{Seek, SeekFrom};
+        self.previous.set_len(0)?;
+        self.previous.seek(SeekFrom::Start(0))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut self.file, &mut self.previous)?;
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
         self.written = 0;
         Ok(())
     }
@@ -282,8 +298,16 @@ mod console_log_tests {
         let previous = ConsoleLog::previous(&path);
         assert!(size(&path) <= 1000 + 16, "{}", size(&path));
         assert!(size(&previous) <= 1000 + 16, "{}", size(&previous));
-        // The newest lines are in the log.
+        // The newest lines are in the log, the ones just before them in the previous part
+        // (a rotation may fall within a line: the two read on from one another).
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with("line 9999\n"), "{text}");
+        let both = std::fs::read_to_string(&previous).unwrap() + &text;
+        let numbers: Vec<u32> = both
+            .lines()
+            .skip(1)
+            .map(|line| line[5..].parse().unwrap())
+            .collect();
+        assert!(numbers.windows(2).all(|w| w[0] + 1 == w[1]), "{both}");
     }
 }

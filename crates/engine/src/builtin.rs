@@ -364,9 +364,9 @@ impl crate::Engine for BuiltinEngine {
 
     fn vmm_confinement(&self) -> String {
         "the builtin VMM runs in the container's monitor process: its vCPU and device threads \
-         under a system call deny list (no new process or program, namespace, mount, \
-         credential or capability; a denied call kills the process), the monitor's own \
-         thread unfiltered"
+         under system call allow lists per kind of thread (no new process or program, socket, \
+         namespace, mount, credential or capability; a call outside a list kills the \
+         process), the monitor's own thread unfiltered"
             .into()
     }
 

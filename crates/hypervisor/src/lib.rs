@@ -167,6 +167,13 @@ pub trait Vcpu: Send + fmt::Debug {
     /// over a signal for this in the thread that runs the vCPU (KVM: `SIGRTMIN`, unblocked
     /// there at the first `run`), so run vCPUs on threads of their own.
     fn kicker(&self) -> Arc<dyn Kick>;
+    /// The `ioctl` requests the thread running this vCPU makes (running it, the state a
+    /// snapshot saves, an instruction finished by the VMM, an interrupt line raised by a
+    /// device's work), for that thread's system call filter; `None` where the backend does
+    /// not say (any `ioctl` is then allowed).
+    fn thread_ioctls(&self) -> Option<&'static [u64]> {
+        None
+    }
     /// x86: general registers.
     fn x86_regs(&self) -> Result<x86::Regs> {
         Err(unsupported("x86 registers"))

@@ -27,6 +27,9 @@ pub(crate) fn create_vm(
     hv: &dyn Hypervisor,
     ram: &memory::GuestRam,
 ) -> Result<Arc<dyn hypervisor::Vm>, Error> {
+    // Device threads are started by an unfiltered thread (devices::spawn_confined): this
+    // one, the VMM's creator, starts it before any vCPU runs.
+    devices::start_spawner().map_err(Error::Thread)?;
     let vm: Arc<dyn hypervisor::Vm> = Arc::from(hv.create_vm()?);
     for (slot, (guest_addr, size, host_addr)) in ram.host_regions().into_iter().enumerate() {
         // SAFETY: the mapping belongs to `ram`, which outlives the VM (see above).

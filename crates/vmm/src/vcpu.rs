@@ -334,7 +334,8 @@ enum Next {
 impl VcpuWorker {
     fn run(mut self) {
         let id = self.vcpu.id();
-        if let Err(e) = devices::confine_thread() {
+        let kind = devices::ThreadKind::Vcpu(self.vcpu.thread_ioctls());
+        if let Err(e) = devices::confine_thread(kind) {
             self.control.end(VmExit::Failed(format!("vCPU {id}: {e}")));
             return;
         }

@@ -308,13 +308,10 @@ impl Console {
     fn start_reader(&self, index: usize, shared: Arc<Shared<Inner>>) -> std::io::Result<()> {
         let mut socket = self.ports[index].socket.try_clone()?;
         let id = port_id(index);
-        std::thread::Builder::new()
-            .name(format!("virtio-console-{}", self.ports[index].name))
-            .spawn(move || {
-                if let Err(e) = crate::confine_thread() {
-                    log::error!("virtio-console: {e}");
-                    return;
-                }
+        crate::spawn_confined(
+            format!("virtio-console-{}", self.ports[index].name),
+            crate::ThreadKind::DeviceIo,
+            move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = socket.read(&mut buf).unwrap_or(0);
@@ -334,8 +331,8 @@ impl Console {
                         inner = shared.wait(inner, None);
                     }
                 }
-            })?;
-        Ok(())
+            },
+        )
     }
 }
 

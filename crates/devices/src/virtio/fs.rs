@@ -107,11 +107,9 @@ impl Pool {
         let mut pending = self.pending.lock_unpoisoned();
         if pending.idle == 0 && pending.workers < WORKERS_MAX {
             let pool = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("virtio-fs".into())
-                .spawn(move || match crate::confine_thread() {
-                    Ok(()) => pool.work(),
-                    Err(e) => log::error!("virtio-fs: {e}"),
+            let spawned =
+                crate::spawn_confined("virtio-fs", crate::ThreadKind::FileServer, move || {
+                    pool.work()
                 });
             match spawned {
                 Ok(_) => pending.workers += 1,

@@ -92,47 +92,40 @@ impl Net {
         };
         let mut tap = tap.try_clone()?;
         let stop = self.stop.clone();
-        std::thread::Builder::new()
-            .name("virtio-net-rx".into())
-            .spawn(move || {
-                if let Err(e) = crate::confine_thread() {
-                    log::error!("virtio-net: {e}");
-                    return;
+        crate::spawn_confined("virtio-net-rx", crate::ThreadKind::DeviceIo, move || {
+            let mut frame = vec![0u8; FRAME_MAX];
+            while !stop.load(Ordering::Relaxed) {
+                if !readable(&tap, Duration::from_millis(200)) {
+                    continue;
                 }
-                let mut frame = vec![0u8; FRAME_MAX];
-                while !stop.load(Ordering::Relaxed) {
-                    if !readable(&tap, Duration::from_millis(200)) {
-                        continue;
+                let n = match tap.read(&mut frame) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        log::debug!("virtio-net: tap read: {e}");
+                        return;
                     }
-                    let n = match tap.read(&mut frame) {
-                        Ok(0) => return,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => {
-                            log::debug!("virtio-net: tap read: {e}");
-                            return;
-                        }
-                    };
-                    if n < HEADER_LEN {
-                        continue;
-                    }
-                    // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
-                    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    let mut inner = shared.state.lock_unpoisoned();
-                    loop {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        if inner.deliver(&frame[..n]) {
-                            break;
-                        }
-                        // No receive buffer: wait for the guest to post some.
-                        inner = shared.wait(inner, Some(Duration::from_millis(200)));
-                    }
+                };
+                if n < HEADER_LEN {
+                    continue;
                 }
-            })?;
-        Ok(())
+                // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
+                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                let mut inner = shared.state.lock_unpoisoned();
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if inner.deliver(&frame[..n]) {
+                        break;
+                    }
+                    // No receive buffer: wait for the guest to post some.
+                    inner = shared.wait(inner, Some(Duration::from_millis(200)));
+                }
+            }
+        })
     }
 }
 

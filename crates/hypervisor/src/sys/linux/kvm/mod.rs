@@ -234,9 +234,50 @@ struct KvmVcpu {
     thread: Arc<KvmKick>,
 }
 
+/// `_IO`, `_IOR`, `_IOW` and `_IOWR` of KVM's ioctl type (0xAE), as the kernel encodes them.
+const fn kvm_ioctl(direction: u64, nr: u64, size: usize) -> u64 {
+    (direction << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
+const NONE: u64 = 0;
+const WRITE: u64 = 1;
+const READ: u64 = 2;
+
+/// What a vCPU's thread asks of KVM (see [`Vcpu::thread_ioctls`]); its setup and restore
+/// happen on the thread that creates it.
+#[cfg(target_arch = "x86_64")]
+const VCPU_THREAD_IOCTLS: &[u64] = {
+    use kvm_bindings::{
+        kvm_debugregs, kvm_irq_level, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+        kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use std::mem::size_of;
+    &[
+        kvm_ioctl(NONE, 0x80, 0),                                    // KVM_RUN
+        kvm_ioctl(READ, 0x81, size_of::<kvm_regs>()),                // KVM_GET_REGS
+        kvm_ioctl(WRITE, 0x82, size_of::<kvm_regs>()),               // KVM_SET_REGS
+        kvm_ioctl(READ, 0x83, size_of::<kvm_sregs>()),               // KVM_GET_SREGS
+        kvm_ioctl(READ | WRITE, 0x85, size_of::<kvm_translation>()), // KVM_TRANSLATE
+        kvm_ioctl(READ | WRITE, 0x88, size_of::<kvm_msrs>()),        // KVM_GET_MSRS
+        kvm_ioctl(READ, 0x8e, size_of::<kvm_lapic_state>()),         // KVM_GET_LAPIC
+        kvm_ioctl(READ, 0x98, size_of::<kvm_mp_state>()),            // KVM_GET_MP_STATE
+        kvm_ioctl(READ, 0x9f, size_of::<kvm_vcpu_events>()),         // KVM_GET_VCPU_EVENTS
+        kvm_ioctl(WRITE, 0xa0, size_of::<kvm_vcpu_events>()),        // KVM_SET_VCPU_EVENTS
+        kvm_ioctl(READ, 0xa1, size_of::<kvm_debugregs>()),           // KVM_GET_DEBUGREGS
+        kvm_ioctl(NONE, 0xa3, 0),                                    // KVM_GET_TSC_KHZ
+        kvm_ioctl(READ, 0xa4, size_of::<kvm_xsave>()),               // KVM_GET_XSAVE
+        kvm_ioctl(READ, 0xa6, size_of::<kvm_xcrs>()),                // KVM_GET_XCRS
+        kvm_ioctl(WRITE, 0x61, size_of::<kvm_irq_level>()),          // KVM_IRQ_LINE
+    ]
+};
+
 impl Vcpu for KvmVcpu {
     fn id(&self) -> u32 {
         self.id
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn thread_ioctls(&self) -> Option<&'static [u64]> {
+        Some(VCPU_THREAD_IOCTLS)
     }
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
@@ -463,5 +504,22 @@ fn to_kvm_segment(s: &x86::Segment) -> kvm_segment {
         avl: 0,
         unusable: s.unusable.into(),
         padding: 0,
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod ioctl_tests {
+    use super::*;
+
+    /// The encodings agree with the kernel's numbers for the requests whose values are well
+    /// known.
+    #[test]
+    fn vcpu_thread_ioctls_are_the_kernels_numbers() {
+        assert_eq!(VCPU_THREAD_IOCTLS[0], 0xae80); // KVM_RUN
+        assert_eq!(VCPU_THREAD_IOCTLS[1], 0x8090_ae81); // KVM_GET_REGS
+        assert_eq!(VCPU_THREAD_IOCTLS[3], 0x8138_ae83); // KVM_GET_SREGS
+        assert_eq!(VCPU_THREAD_IOCTLS[6], 0x8400_ae8e); // KVM_GET_LAPIC
+        assert_eq!(VCPU_THREAD_IOCTLS[12], 0x9000_aea4); // KVM_GET_XSAVE
+        assert_eq!(VCPU_THREAD_IOCTLS[14], 0x4008_ae61); // KVM_IRQ_LINE
     }
 }
