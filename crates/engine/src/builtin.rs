@@ -45,6 +45,10 @@ pub const EMULATED_GLIBC_TUNABLES: &str =
 const NATIVE_LIMIT: Duration = Duration::from_millis(300);
 /// Longest the probe runs before judging the hypervisor slow.
 const PROBE_LIMIT: Duration = Duration::from_millis(500);
+/// Runs of the probe when one lands between [`NATIVE_LIMIT`] and [`PROBE_LIMIT`], the best
+/// counting: a nested KVM whose outer machine was busy took 474 ms once (a typical host
+/// while its build host compiled), and a busy moment is not the hypervisor's speed.
+const PROBE_ATTEMPTS: u32 = 3;
 const PROBE_ITERATIONS: u32 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,9 +217,26 @@ pub fn speed_verdict(hv: &dyn Hypervisor, dir: &Path) -> SpeedVerdict {
     }
 }
 
+/// The probe's time, run again (up to [`PROBE_ATTEMPTS`] in all) while it lands between
+/// the native limit and the probe's own: the fastest run counts.
+fn best_kernel_code_speed(hv: &dyn Hypervisor) -> Result<Option<Duration>, hypervisor::Error> {
+    let mut best = kernel_code_speed(hv, PROBE_LIMIT)?;
+    for _ in 1..PROBE_ATTEMPTS {
+        match best {
+            Some(t) if t > NATIVE_LIMIT => {
+                if let Some(again) = kernel_code_speed(hv, PROBE_LIMIT)? {
+                    best = Some(t.min(again));
+                }
+            }
+            _ => break,
+        }
+    }
+    Ok(best)
+}
+
 fn measure_speed(hv: &dyn Hypervisor) -> crate::probe::Measured<SpeedVerdict> {
     let name = hv.name();
-    let (native, reason, probed) = match kernel_code_speed(hv, PROBE_LIMIT) {
+    let (native, reason, probed) = match best_kernel_code_speed(hv) {
         Ok(Some(t)) if t <= NATIVE_LIMIT => (
             true,
             format!("{name} runs guest kernel code natively (probe loop {t:.1?})"),
