@@ -21,10 +21,9 @@
 //! CPU). Every process of the host should see the same budget (set it where dockerd,
 //! containerd or the caller of the CLI get their environment).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -252,7 +251,7 @@ impl Ledger {
         &self,
         f: impl FnOnce(&mut Contents) -> Result<T, ContainerError>,
     ) -> Result<T, ContainerError> {
-        create_private_dir(&self.dir)?;
+        image::private_dir(&self.dir).map_err(ContainerError::io(&self.dir))?;
         let lock_path = self.dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
@@ -267,16 +266,20 @@ impl Ledger {
                 source: e.into(),
             })?;
         let path = self.dir.join(LEDGER_FILE);
-        let mut contents = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+        let read = match fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ContainerError::Io { path, source: e }),
+        };
+        let mut contents = match &read {
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
                 ContainerError::Capacity(format!(
                     "{}: {e} (written only by rename, so not by this runtime; removing it \
                      forgets the running VMs' reservations)",
                     path.display()
                 ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Contents::default(),
-            Err(e) => return Err(ContainerError::Io { path, source: e }),
+            None => Contents::default(),
         };
         let before = contents.entries.len();
         contents.entries.retain(|e| e.holder.is_alive());
@@ -287,37 +290,13 @@ impl Ledger {
             );
         }
         let result = f(&mut contents)?;
-        write_atomically(
-            &path,
-            &serde_json::to_vec_pretty(&contents).unwrap_or_default(),
-        )?;
+        // Only a change is written (a look at the ledger that reclaims nothing writes nothing).
+        let bytes = serde_json::to_vec_pretty(&contents).unwrap_or_default();
+        if read.as_deref() != Some(&bytes[..]) {
+            crate::state::write_atomic_with_mode(&path, &bytes, 0o600)?;
+        }
         Ok(result)
     }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), ContainerError> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(ContainerError::io(dir))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ContainerError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(ContainerError::io(&tmp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_data())
-        .map_err(ContainerError::io(&tmp))?;
-    drop::<File>(file);
-    fs::rename(&tmp, path).map_err(ContainerError::io(path))
 }
 
 /// A VM's place in the ledger, released when dropped (its VM has stopped). A holder that

@@ -59,10 +59,15 @@ static SPAWNER: std::sync::Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>> 
 /// from an unfiltered thread (the spawner would inherit a filter): the VMM makes it as it
 /// creates a VM, before any vCPU runs; [`spawn_confined`] makes it if none was made.
 pub fn start_spawner() -> std::io::Result<()> {
+    spawner().map(drop)
+}
+
+/// The spawner's request channel, the spawner started first if it is not running.
+fn spawner() -> std::io::Result<std::sync::mpsc::Sender<SpawnRequest>> {
     use lock_ext::LockExt;
     let mut spawner = SPAWNER.lock_unpoisoned();
-    if spawner.is_some() {
-        return Ok(());
+    if let Some(requests) = &*spawner {
+        return Ok(requests.clone());
     }
     let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
     std::thread::Builder::new()
@@ -78,8 +83,8 @@ pub fn start_spawner() -> std::io::Result<()> {
                 let _ = reply.send(spawned.map(drop));
             }
         })?;
-    *spawner = Some(tx);
-    Ok(())
+    *spawner = Some(tx.clone());
+    Ok(tx)
 }
 
 /// Starts a device thread named `name` under `kind`'s filter, running `work`. A thread
@@ -91,20 +96,12 @@ pub fn spawn_confined(
     kind: ThreadKind,
     work: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
-    use lock_ext::LockExt;
-    start_spawner()?;
+    let gone = || std::io::Error::other("the device thread spawner is gone");
     let (reply, answer) = std::sync::mpsc::channel();
-    let sent = SPAWNER
-        .lock_unpoisoned()
-        .as_ref()
-        .ok_or_else(|| std::io::Error::other("the device thread spawner is not started"))?
-        .send((name.into(), kind, Box::new(work), reply));
-    if sent.is_err() {
-        return Err(std::io::Error::other("the device thread spawner is gone"));
-    }
-    answer
-        .recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the device thread spawner is gone")))
+    spawner()?
+        .send((name.into(), kind, Box::new(work), reply))
+        .map_err(|_| gone())?;
+    answer.recv().unwrap_or_else(|_| Err(gone()))
 }
 
 /// Guest memory as devices see it.
