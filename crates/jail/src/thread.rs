@@ -224,17 +224,7 @@ fn compile(kind: ThreadKind, log_only: bool) -> Result<[BpfProgram; 2], seccompi
     // Thread names.
     allowed.insert(
         libc::SYS_prctl,
-        [libc::PR_SET_NAME, libc::PR_GET_NAME]
-            .into_iter()
-            .map(|option| {
-                SeccompRule::new(vec![SeccompCondition::new(
-                    0,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    option as u64,
-                )?])
-            })
-            .collect::<Result<_, _>>()?,
+        argument_is_one_of(0, [libc::PR_SET_NAME, libc::PR_GET_NAME].map(|o| o as u64))?,
     );
     let ioctls = match kind {
         ThreadKind::Vcpu(ioctls) => ioctls,
@@ -250,17 +240,7 @@ fn compile(kind: ThreadKind, log_only: bool) -> Result<[BpfProgram; 2], seccompi
         Some(requests) => {
             allowed.insert(
                 libc::SYS_ioctl,
-                requests
-                    .iter()
-                    .map(|&request| {
-                        SeccompRule::new(vec![SeccompCondition::new(
-                            1,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            request,
-                        )?])
-                    })
-                    .collect::<Result<_, _>>()?,
+                argument_is_one_of(1, requests.iter().copied())?,
             );
         }
     }
@@ -278,6 +258,25 @@ fn compile(kind: ThreadKind, log_only: bool) -> Result<[BpfProgram; 2], seccompi
     )?;
     // The allow list last: installing a filter is a call it does not allow.
     Ok([clone3.try_into()?, allow.try_into()?])
+}
+
+/// Rules that match a call whose argument `index` (32 bits of it) is one of `values`.
+fn argument_is_one_of(
+    index: u8,
+    values: impl IntoIterator<Item = u64>,
+) -> Result<Vec<SeccompRule>, seccompiler::Error> {
+    let rules = values
+        .into_iter()
+        .map(|value| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                index,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                value,
+            )?])
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(rules)
 }
 
 /// Installs `kind`'s filters on the calling thread (and the threads it starts from now on).
