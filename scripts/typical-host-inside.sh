@@ -100,8 +100,8 @@ if [ "$pass" = kvm ]; then
     tail -n "$([ "$rc" = 0 ] && echo 40 || echo 150)" /tmp/suite.out
     expect "tests/$suite.rs, $(($(date +%s) - started)) s: exit status" 0 "$rc"
   done </payload/builtin-suites.txt
-  # The integration suites (containerd's runc shim, the native shim, docker), each case
-  # against this host's runc, their output on the console as it comes.
+  # The integration suites (integration/typical-host-suites.txt), each case against this
+  # host's runc, their output on the console as it comes.
   while read -r suite; do
     step "integration/$suite"
     started=$(date +%s)

@@ -88,7 +88,9 @@ fi
 # The builtin engine's VM test suites (tests/builtin-suites.txt), built here (the debug
 # profile `make vm-test` builds) with the fixture programs and busybox root they use, which the
 # VM cannot build. They run in the VM at this clone's path, the path compiled into them.
-suites=$(grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" | cut -d' ' -f1 | sort -u)
+# listed FILE: FILE's lines but comments and blank ones.
+listed() { grep -v '^\s*\(#\|$\)' "$1"; }
+suites=$(listed "$root/tests/builtin-suites.txt" | cut -d' ' -f1 | sort -u)
 (cd "$root" && SUPERMACHINE_ASSETS_DIR=$assets cargo test --locked -q --test fixtures >/dev/null)
 executables=$(cd "$root" && cargo test --locked --no-run --message-format=json \
   $(printf -- '--test %s ' $suites) 2>/dev/null | python3 -c '
@@ -109,7 +111,7 @@ for asset in vmlinux release supermachine-agent qemu-system-x86_64 qboot.rom; do
 done
 "$root/scripts/busybox-image.sh" "$payload/busybox.tar" >/dev/null
 cp "${SUPERMACHINE_TYPICAL_HOST_INSIDE:-$root/scripts/typical-host-inside.sh}" "$payload/inside.sh"
-grep -v '^\s*\(#\|$\)' "$root/tests/builtin-suites.txt" > "$payload/builtin-suites.txt"
+listed "$root/tests/builtin-suites.txt" > "$payload/builtin-suites.txt"
 echo "$root" > "$payload/workspace"
 ws=$payload/ws$root
 mkdir -p "$payload/tests" "$ws/target/debug" "$ws/target/sm-test"
@@ -124,7 +126,7 @@ cp -a "$root/tests/fixtures" "$ws/tests/"
 # The integration suites (integration/typical-host-suites.txt), with the scripts they call.
 cp -a "$root/integration" "$ws/"
 cp "$root"/scripts/busybox-*.sh "$ws/scripts/"
-grep -v '^\s*\(#\|$\)' "$root/integration/typical-host-suites.txt" > "$payload/integration-suites.txt"
+listed "$root/integration/typical-host-suites.txt" > "$payload/integration-suites.txt"
 mkfs.ext4 -q -F -L payload -d "$payload" "$out/payload.img" 3G
 
 # One boot: the VM's console to a log (and this output), its verdict from the test's line.
