@@ -18,6 +18,12 @@ cp -a "$workspace/target/sm-test/rootfs" /tmp/bundle/rootfs
   jq '.process.args = ["sh", "-c", "echo ok"] | .process.terminal = false' config.json > c.json &&
   mv c.json config.json)
 export SUPERMACHINE_ENGINE=builtin SUPERMACHINE_GUEST_DEBUG=1
+# Where this host's KVM code is: a stalled guest's vCPU found at one of these addresses
+# (as the VMM's description of a stalled VM gives it) is running this host's code, not its
+# own.
+echo "== this host's KVM module code"
+grep -E '^kvm(_amd|_intel)? ' /proc/modules
+grep -E ' (__svm_vcpu_run|svm_vcpu_run|vmx_vcpu_run)$' /proc/kallsyms
 
 # stress NAME: STRESS_RUNS runs of the bundle as NAME1, NAME2, ... in a state root of its own.
 stress() {

@@ -94,6 +94,13 @@ fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
 
     let (vmm, console, _channel) =
         boot_to_root_disk(hv.as_ref(), &verdict, assets.join("vmlinux"), work.path());
+    // What a stalled VM's log would show, taken while this one boots: every vCPU answers
+    // (kicked out of the guest, it reads its own state), the IOAPIC and each virtio device.
+    let described = vmm.describe();
+    assert!(described.contains("vCPU 0: rip 0x"), "{described}");
+    assert!(!described.contains("no answer"), "{described}");
+    assert!(described.contains("IOAPIC irr"), "{described}");
+    assert!(described.contains("virtio 0 type 2 status"), "{described}");
     let exit = vmm.wait(Duration::from_secs(600));
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(25).collect();

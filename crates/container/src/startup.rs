@@ -191,6 +191,13 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         }
         Err(e) => {
             let console = vm.console_tail(15);
+            if matches!(e, ContainerError::Agent(_)) {
+                // The agent stopped answering: what the VM looked like then, for the log.
+                let state = vm.describe();
+                if !state.is_empty() {
+                    log::warn!("the VM when the agent stopped answering ({e}):\n{state}");
+                }
+            }
             agent.shutdown();
             if let Err(stop) = vm.stop() {
                 log::warn!("stopping the VM after a failed start-up: {stop}");

@@ -529,6 +529,13 @@ impl Vm for BuiltinVm {
         crate::qemu::read_tail(&self.console, lines)
     }
 
+    fn describe(&self) -> String {
+        self.vmm
+            .as_ref()
+            .map(vmm::Vmm::describe)
+            .unwrap_or_default()
+    }
+
     fn set_memory_target(&mut self, bytes: u64) -> Result<(), EngineError> {
         let vmm = self
             .vmm

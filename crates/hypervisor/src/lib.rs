@@ -118,6 +118,11 @@ pub trait Vm: Send + Sync + fmt::Debug {
             what: "platform state",
         })
     }
+    /// The interrupt controllers' state in words, for a person chasing a stalled guest;
+    /// empty where the backend does not say.
+    fn describe_platform(&self) -> String {
+        String::new()
+    }
 }
 
 /// Why [`Vcpu::run`] returned. Data of an access is lent by the vCPU: a read is answered by
@@ -173,6 +178,12 @@ pub trait Vcpu: Send + fmt::Debug {
     /// not say (any `ioctl` is then allowed).
     fn thread_ioctls(&self) -> Option<&'static [u64]> {
         None
+    }
+    /// Where the vCPU is and the interrupts it has in hand, in words, for a person chasing
+    /// a stalled guest; called on the vCPU's thread between runs; empty where the backend
+    /// does not say.
+    fn describe(&self) -> String {
+        String::new()
     }
     /// x86: general registers.
     fn x86_regs(&self) -> Result<x86::Regs> {

@@ -271,6 +271,30 @@ impl Vmm {
         &self.ram.mem
     }
 
+    /// The VM in words, for a person chasing a guest that stopped answering: each vCPU
+    /// (where it is, the interrupts it has in hand), the interrupt controller, and each
+    /// virtio device (its queues' positions as the device and the driver have them, its
+    /// interrupt status, what it holds for the guest).
+    pub fn describe(&self) -> String {
+        let mut out = Vec::new();
+        let vcpus = self
+            .vcpus
+            .describe(self.vcpu_count, Duration::from_millis(500));
+        for (id, vcpu) in vcpus.iter().enumerate() {
+            out.push(format!("vCPU {id}: {vcpu}"));
+        }
+        out.push(self.vm.describe_platform());
+        for (index, transport) in self.virtio.iter().enumerate() {
+            // A device held by a thread that is stuck must not hold this up too.
+            let described = match transport.try_lock() {
+                Ok(transport) => transport.describe(),
+                Err(_) => "busy (locked)".into(),
+            };
+            out.push(format!("virtio {index} {described}"));
+        }
+        out.join("\n")
+    }
+
     /// The hypervisor VM (for tests and the snapshot code).
     pub fn vm(&self) -> &Arc<dyn hypervisor::Vm> {
         &self.vm

@@ -40,6 +40,9 @@ pub(crate) struct Control {
     changed: Condvar,
     /// Numbers the pauses (see [`RunState::Paused`]).
     pauses: std::sync::atomic::AtomicU64,
+    /// Descriptions asked of the vCPUs (see [`Vcpus::describe`]): a slot per vCPU, filled
+    /// by its thread when a kick brings it out of the guest.
+    descriptions: Mutex<Option<Vec<Option<String>>>>,
 }
 
 impl Default for Control {
@@ -48,6 +51,7 @@ impl Default for Control {
             state: Mutex::new(RunState::Running),
             changed: Condvar::new(),
             pauses: std::sync::atomic::AtomicU64::new(0),
+            descriptions: Mutex::new(None),
         }
     }
 }
@@ -297,6 +301,31 @@ impl Vcpus {
         }
     }
 
+    /// Each vCPU in words (where it is, the interrupts it has in hand; see
+    /// [`hypervisor::Vcpu::describe`]), read by its own thread once kicked out of the guest;
+    /// a vCPU that did not answer within `timeout` (busy in a device) says so.
+    pub(crate) fn describe(&self, count: u32, timeout: Duration) -> Vec<String> {
+        *self.control.descriptions.lock_unpoisoned() = Some(vec![None; count as usize]);
+        let deadline = Instant::now() + timeout;
+        let answered = || {
+            self.control
+                .descriptions
+                .lock_unpoisoned()
+                .as_ref()
+                .is_some_and(|slots| slots.iter().all(Option::is_some))
+        };
+        while !answered() && Instant::now() < deadline {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let slots = self.control.descriptions.lock_unpoisoned().take();
+        slots
+            .unwrap_or_default()
+            .into_iter()
+            .map(|slot| slot.unwrap_or_else(|| format!("no answer within {timeout:?}")))
+            .collect()
+    }
+
     /// Ends the VM (if it has not ended) and joins the threads.
     pub(crate) fn stop(&mut self) {
         self.control.end(VmExit::Shutdown);
@@ -376,6 +405,16 @@ impl VcpuWorker {
                     Next::Continue
                 }
                 Ok(VcpuExit::Interrupted) => {
+                    if let Some(slot) = self
+                        .control
+                        .descriptions
+                        .lock_unpoisoned()
+                        .as_mut()
+                        .and_then(|slots| slots.get_mut(id as usize))
+                        .filter(|slot| slot.is_none())
+                    {
+                        *slot = Some(describe(self.vcpu.as_ref(), &self.mem));
+                    }
                     if let Some(profiler) = &mut self.profiler {
                         profiler.sample(self.vcpu.as_ref(), &self.mem);
                     }
@@ -412,6 +451,33 @@ impl VcpuWorker {
             profiler.write(id);
         }
     }
+}
+
+/// A vCPU in words: the backend's description, then (x86) its code segment and page tables,
+/// the bytes at its instruction pointer and the top of its stack, which name the code it
+/// is in even where no symbol does.
+fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> String {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut out = vec![vcpu.describe()];
+    let read = |gva: u64, len: usize| -> String {
+        let mut bytes = vec![0u8; len];
+        match vcpu.translate(gva) {
+            Ok(gpa) => match mem.read_slice(&mut bytes, GuestAddress(gpa)) {
+                Ok(()) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                Err(e) => format!("unreadable ({e})"),
+            },
+            Err(e) => format!("untranslated ({e})"),
+        }
+    };
+    if let (Ok(regs), Ok(sregs)) = (vcpu.x86_regs(), vcpu.x86_sregs()) {
+        out.push(format!(
+            "cs {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            sregs.cs.selector, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        ));
+        out.push(format!("code at rip: {}", read(regs.rip, 16)));
+        out.push(format!("stack at {:#x}: {}", regs.rsp, read(regs.rsp, 64)));
+    }
+    out.join(", ")
 }
 
 #[cfg(test)]

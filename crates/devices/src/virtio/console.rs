@@ -349,6 +349,29 @@ impl VirtioDevice for Console {
         &self.queue_sizes
     }
 
+    fn describe(&self) -> String {
+        let Some(shared) = &self.shared else {
+            return String::new();
+        };
+        let Ok(inner) = shared.state.try_lock() else {
+            return "console busy (locked)".into();
+        };
+        let mut out = vec![format!(
+            "{} control messages queued",
+            inner.control_out.len()
+        )];
+        for port in &inner.ports {
+            out.push(format!(
+                "port {}: {} bytes for the guest, host open {}, guest ready {}",
+                port.name,
+                port.rx_pending.len(),
+                port.host_open,
+                port.guest_ready
+            ));
+        }
+        out.join(", ")
+    }
+
     fn save_device(&self) -> DeviceState {
         DeviceState::Console(self.save())
     }

@@ -107,6 +107,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn queue_states(&self) -> Option<Vec<QueueState>> {
         None
     }
+    /// What the device holds beyond its queues (bytes for the guest, for one), in words, for
+    /// [`mmio::MmioTransport::describe`]; empty by default.
+    fn describe(&self) -> String {
+        String::new()
+    }
     /// The device's [`crate::Persist`] state (what it holds beyond the queues, which the transport
     /// saves), for snapshots.
     fn save_device(&self) -> DeviceState;

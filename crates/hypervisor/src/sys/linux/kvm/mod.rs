@@ -191,6 +191,10 @@ impl Vm for KvmVm {
         state::save_platform(&self.vm)
     }
 
+    fn describe_platform(&self) -> String {
+        state::describe_platform(&self.vm)
+    }
+
     fn restore_platform(&self, state: &[u8]) -> Result<()> {
         state::restore_platform(&self.vm, state)
     }
@@ -466,6 +470,10 @@ impl Vcpu for KvmVcpu {
 
     fn save_state(&mut self) -> Result<Vec<u8>> {
         state::save_vcpu(&mut self.fd, &self.msrs)
+    }
+
+    fn describe(&self) -> String {
+        state::describe_vcpu(&self.fd)
     }
 
     fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {

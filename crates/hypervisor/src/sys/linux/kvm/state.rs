@@ -183,3 +183,91 @@ pub(super) fn restore_platform(vm: &VmFd, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The 256 bits of a local APIC vector register (ISR, IRR) as the vectors set in it; each
+/// 32-bit part sits at the start of a 16-byte line from `offset`.
+fn apic_vectors(lapic: &kvm_lapic_state, offset: usize) -> Vec<u32> {
+    let mut vectors = Vec::new();
+    for part in 0..8 {
+        let at = offset + part * 16;
+        let bytes: Vec<u8> = lapic.regs[at..at + 4].iter().map(|&b| b as u8).collect();
+        let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        vectors.extend(
+            (0..32)
+                .filter(|bit| word & (1 << bit) != 0)
+                .map(|bit| part as u32 * 32 + bit),
+        );
+    }
+    vectors
+}
+
+/// Where a vCPU is and what interrupts it has in hand, for a person chasing a stalled guest:
+/// its instruction pointer and interrupt flag, MP state, the local APIC's in-service and
+/// requested vectors and task priority, and what is pending injection. The vCPU must be out
+/// of `KVM_RUN` on the caller's thread.
+pub(super) fn describe_vcpu(fd: &VcpuFd) -> String {
+    let mut out = Vec::new();
+    match fd.get_regs() {
+        Ok(r) => out.push(format!(
+            "rip {:#x} rflags {:#x} (IF {})",
+            r.rip,
+            r.rflags,
+            (r.rflags >> 9) & 1
+        )),
+        Err(e) => out.push(format!("registers: {e}")),
+    }
+    match fd.get_mp_state() {
+        Ok(s) => out.push(format!("mp_state {}", s.mp_state)),
+        Err(e) => out.push(format!("MP state: {e}")),
+    }
+    match fd.get_lapic() {
+        Ok(lapic) => out.push(format!(
+            "APIC ISR {:?} IRR {:?} TPR {:#x}",
+            apic_vectors(&lapic, 0x100),
+            apic_vectors(&lapic, 0x200),
+            lapic.regs[0x80] as u8
+        )),
+        Err(e) => out.push(format!("local APIC: {e}")),
+    }
+    match fd.get_vcpu_events() {
+        Ok(e) => out.push(format!(
+            "interrupt injected {} nr {} shadow {}, nmi pending {}",
+            e.interrupt.injected, e.interrupt.nr, e.interrupt.shadow, e.nmi.pending
+        )),
+        Err(e) => out.push(format!("events: {e}")),
+    }
+    out.join(", ")
+}
+
+/// The IOAPIC's requested lines and its redirection entries that are not masked, for a
+/// person chasing a stalled guest.
+pub(super) fn describe_platform(vm: &VmFd) -> String {
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    if let Err(e) = vm.get_irqchip(&mut chip) {
+        return format!("IOAPIC: {e}");
+    }
+    // SAFETY: chip_id IOAPIC says the union holds the IOAPIC's state.
+    let ioapic = unsafe { chip.chip.ioapic };
+    let mut out = vec![format!("IOAPIC irr {:#x}", ioapic.irr)];
+    for (pin, entry) in ioapic.redirtbl.iter().enumerate() {
+        // SAFETY: every bit pattern is a valid u64.
+        let bits = unsafe { entry.bits };
+        if bits & (1 << 16) == 0 {
+            out.push(format!(
+                "pin {pin}: vector {:#x} {} remote_irr {} dest {:#x}",
+                bits & 0xff,
+                if bits & (1 << 15) != 0 {
+                    "level"
+                } else {
+                    "edge"
+                },
+                (bits >> 14) & 1,
+                bits >> 56
+            ));
+        }
+    }
+    out.join("; ")
+}
