@@ -81,7 +81,8 @@ builtin_run() { # WORD
   [ "$(echo "$out" | head -1)" = "$1" ] || { echo "$out"; return 1; }
   echo "$1 in $(($(date +%s) - start)) s, guest $(echo "$out" | tail -1), $(builtin_cache_entries) snapshot(s)"
 }
-if builtin_engine_usable "builtin engine cases"; then
+if { selected "builtin: ctr run boots, bakes" || selected "builtin: ctr run restores"; } &&
+  builtin_engine_usable "builtin engine cases"; then
   check "builtin: ctr run boots, bakes" builtin_bakes
   check "builtin: ctr run restores" builtin_restores
 fi

@@ -154,7 +154,13 @@ check "no state left in --root" no_state_left
 assert_no_leftovers
 print_table
 
-# ctr run --rm of true, one run each after a warm-up.
+# ctr run --rm of true, one run each after a warm-up; not with a subset of the cases (the
+# typical host's pass with KVM hidden, where timings mean nothing).
+if [ -n "${SUPERMACHINE_CASE_SUBSET:-}" ]; then
+  echo "ctr run --rm of true: not timed (SUPERMACHINE_CASE_SUBSET)"
+  [ "$FAILED" = 0 ]
+  exit
+fi
 RUNS=${BENCH_RUNS:-5}
 ms() { date +%s%3N; }
 time_runtime() { # RUNTIME

@@ -84,34 +84,43 @@ ctr container delete shimscope >/dev/null
 expect "its scope after the task is deleted" gone \
   "$(systemctl is-active ctr-shimscope.scope >/dev/null 2>&1 || echo gone)"
 
+workspace=$(cat /payload/workspace)
+mkdir -p "$workspace" && cp -a /payload/ws/. /
 if [ "$pass" = kvm ]; then
-  # The builtin engine's VM test suites, built on the host for this clone's path.
-  workspace=$(cat /payload/workspace)
-  mkdir -p "$workspace" && cp -a /payload/ws/. /
+  # The builtin engine's VM test suites, built on the host for this clone's path. One test
+  # at a time: with two VMs at once, about one restore in fifty stalled here, and once this
+  # host's kernel crashed in KVM_RUN (svm_vcpu_run); a stalled guest's vCPU held this host's
+  # state (its instruction pointer in kvm_amd, its page tables beyond the guest's RAM). That
+  # is the emulated SVM under this host (QEMU's TCG), which users' hardware does not have
+  # (scripts/typical-host-restore-stress.sh).
   while read -r suite args; do
     step "tests/$suite.rs on the builtin engine"
     started=$(date +%s)
     # shellcheck disable=SC2086
     (cd "$workspace" && CI=true SUPERMACHINE_ENGINE=builtin SUPERMACHINE_SKIP_LOG=/tmp/skipped \
       SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
-      timeout 900 "/payload/tests/$suite" --test-threads=2 $args </dev/null >/tmp/suite.out 2>&1)
+      timeout 900 "/payload/tests/$suite" --test-threads=1 $args </dev/null >/tmp/suite.out 2>&1)
     rc=$?
     # A failure's panic message carries the run's debug log: more of it then.
     tail -n "$([ "$rc" = 0 ] && echo 40 || echo 150)" /tmp/suite.out
     expect "tests/$suite.rs, $(($(date +%s) - started)) s: exit status" 0 "$rc"
   done </payload/builtin-suites.txt
-  # The integration suites (integration/typical-host-suites.txt), each case against this
-  # host's runc, their output on the console as it comes.
-  while read -r suite; do
-    step "integration/$suite"
-    started=$(date +%s)
-    (cd "$workspace" && CI=true SUPERMACHINE_SKIP_LOG=/tmp/skipped \
-      SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
-      BENCH_RUNS=1 timeout 1200 "integration/$suite" /usr/local/bin/supermachine </dev/null 2>&1)
-    expect "integration/$suite, $(($(date +%s) - started)) s: exit status" 0 "$?"
-  done </payload/integration-suites.txt
-  expect "skipped tests" "" "$(cat /tmp/skipped 2>/dev/null)"
 fi
+# The integration suites (integration/typical-host-suites.txt), each case against this host's
+# runc, their output on the console as it comes. With KVM hidden each container is TCG inside
+# TCG (30 to 60 s), so that pass runs the cases that cover the engine's own paths (a
+# container's output, a bind mount through the share, nothing left in the state root).
+tcg_cases='^(ctr run: output|ctr run --mount type=bind|no state left in --root)$'
+while read -r suite; do
+  step "integration/$suite"
+  started=$(date +%s)
+  (cd "$workspace" && CI=true SUPERMACHINE_SKIP_LOG=/tmp/skipped \
+    SUPERMACHINE_ASSETS_DIR=/usr/local/share/supermachine \
+    SUPERMACHINE_CASE_SUBSET="$([ "$pass" = tcg ] && echo "$tcg_cases")" \
+    BENCH_RUNS=1 timeout 1200 "integration/$suite" /usr/local/bin/supermachine </dev/null 2>&1)
+  expect "integration/$suite, $(($(date +%s) - started)) s: exit status" 0 "$?"
+done </payload/integration-suites.txt
+expect "skipped tests" "" "$(cat /tmp/skipped 2>/dev/null)"
 
 step "nothing left behind"
 expect "supermachine and QEMU processes" 0 \

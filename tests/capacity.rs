@@ -10,18 +10,23 @@ use std::time::Duration;
 
 use common::{text, Env};
 
-/// A default VM: 256 MiB of guest memory and the VMM's 64 MiB (config/vm-defaults.json).
-const VM_MIB: u64 = 256 + 64;
+/// What a VM with the shipped defaults (config/vm-defaults.json) reserves: its guest
+/// memory and the VMM's, in MiB, and its online vCPUs.
+fn default_vm() -> (u64, u32) {
+    let defaults = container::paths::VmDefaults::load();
+    (
+        u64::from(defaults.memory_mib + defaults.vmm_overhead_mib),
+        defaults.vcpus,
+    )
+}
 
 /// `supermachine` with a ledger of its own and a budget of one default VM and a half.
 fn cmd(env: &Env, ledger: &Path) -> Command {
+    let (mib, vcpus) = default_vm();
     let mut cmd = env.cmd();
     cmd.env("SUPERMACHINE_CAPACITY_DIR", ledger)
-        .env(
-            "SUPERMACHINE_CAPACITY_MEMORY",
-            format!("{}M", VM_MIB * 3 / 2),
-        )
-        .env("SUPERMACHINE_CAPACITY_VCPUS", "8");
+        .env("SUPERMACHINE_CAPACITY_MEMORY", format!("{}M", mib * 3 / 2))
+        .env("SUPERMACHINE_CAPACITY_VCPUS", (vcpus * 8).to_string());
     cmd
 }
 
@@ -52,8 +57,9 @@ fn a_create_beyond_the_budget_fails_and_a_gone_vms_reservation_is_reclaimed() {
     let out = create("c-cap-1");
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     let line = held(&env, ledger.path());
+    let (mib, vcpus) = default_vm();
     assert!(
-        line.contains(&format!("1 VM(s) hold {VM_MIB} MiB and 1 vCPUs")),
+        line.contains(&format!("1 VM(s) hold {mib} MiB and {vcpus} vCPUs")),
         "{line}"
     );
 
