@@ -29,6 +29,51 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// never were must not grow the host's memory.
 pub const MAX_UNCLAIMED_EXITS: usize = 256;
 
+/// Frames per second the host reads from a guest, sustained, and in a burst. The reader is
+/// the one host thread a guest's frames keep busy, and this caps how busy a guest that
+/// forges tiny frames can keep it. Past the burst the reader waits (the guest's writes then
+/// wait in its channel): nothing is dropped. A container's output comes in frames of up to
+/// 64 KiB, which grow as the reader falls behind, so output that matters is not slowed.
+pub const FRAME_RATE: u32 = 20_000;
+pub const FRAME_BURST: u32 = 20_000;
+
+/// A token bucket of frames: [`FrameBudget::take`] says how long the reader waits before it
+/// handles the next one.
+#[derive(Debug)]
+struct FrameBudget {
+    rate: f64,
+    burst: f64,
+    /// Negative while the reader is behind its budget (it then waits that debt off).
+    tokens: f64,
+    last: Instant,
+    /// How often the reader had to wait, for the log.
+    throttled: u64,
+}
+
+impl FrameBudget {
+    fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        FrameBudget {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+            throttled: 0,
+        }
+    }
+
+    /// Takes one frame's token at `now`: how long to wait before handling the frame.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        self.throttled += 1;
+        Duration::from_secs_f64(-self.tokens / self.rate)
+    }
+}
+
 /// Where a process's output and exit go.
 pub trait ProcessEvents: Send {
     /// Output bytes; an empty slice means the stream closed.
@@ -141,6 +186,16 @@ impl AgentClient {
         stream: UnixStream,
         hello_timeout: Duration,
     ) -> Result<(Self, AgentInfo), ContainerError> {
+        Self::start_with_budget(stream, hello_timeout, (FRAME_RATE, FRAME_BURST))
+    }
+
+    /// [`AgentClient::start`] reading at most `rate` frames a second after a burst of
+    /// `burst` (see [`FRAME_RATE`]).
+    fn start_with_budget(
+        stream: UnixStream,
+        hello_timeout: Duration,
+        (rate, burst): (u32, u32),
+    ) -> Result<(Self, AgentInfo), ContainerError> {
         let reader = stream
             .try_clone()
             .map_err(|e| ContainerError::Agent(e.to_string()))?;
@@ -158,7 +213,10 @@ impl AgentClient {
         let thread_inner = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("agent-reader".into())
-            .spawn(move || read_loop(thread_inner, reader))
+            .spawn(move || {
+                let budget = FrameBudget::new(rate, burst, Instant::now());
+                read_loop(thread_inner, reader, budget)
+            })
             .map_err(|e| ContainerError::Agent(format!("spawn reader: {e}")))?;
         let client = AgentClient { inner };
         let info = match client.request(
@@ -314,7 +372,7 @@ impl AgentClient {
     }
 }
 
-fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
+fn read_loop(inner: Arc<Inner>, mut reader: UnixStream, mut budget: FrameBudget) {
     loop {
         let frame = match read_frame::<AgentMessage, _>(&mut reader) {
             Ok(frame) => frame,
@@ -324,6 +382,17 @@ fn read_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 break;
             }
         };
+        let wait = budget.take(Instant::now());
+        if !wait.is_zero() {
+            if budget.throttled == 1 {
+                log::debug!(
+                    "agent channel: the guest sends more than {} frames a second; \
+                     reading them at that rate",
+                    budget.rate
+                );
+            }
+            std::thread::sleep(wait);
+        }
         match frame {
             Frame::Message(AgentMessage::Response { id, result }) => {
                 if let Some(tx) = inner.pending.lock_unpoisoned().remove(&id) {
@@ -392,6 +461,11 @@ pub(crate) mod forged {
     /// more (see [`go`]: the test's handlers are registered by then), sends `messages`
     /// and an OOM report of `u64::MAX` kills that marks their end.
     pub fn client_of(messages: Vec<AgentMessage>) -> AgentClient {
+        client_with_budget(messages, (FRAME_RATE, FRAME_BURST))
+    }
+
+    /// [`client_of`] with the host reading at most `budget` (rate, burst) frames.
+    pub fn client_with_budget(messages: Vec<AgentMessage>, budget: (u32, u32)) -> AgentClient {
         let (host, mut guest) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
             let Ok(Frame::Message(HostMessage { id, .. })) =
@@ -433,7 +507,9 @@ pub(crate) mod forged {
                 }
             }
         });
-        AgentClient::start(host, Duration::from_secs(5)).unwrap().0
+        AgentClient::start_with_budget(host, Duration::from_secs(5), budget)
+            .unwrap()
+            .0
     }
 
     /// Lets the guest send its messages; returns once the host has read them all.
@@ -468,6 +544,51 @@ mod tests {
         assert_eq!(
             client.inner.unclaimed_exits.lock_unpoisoned().len(),
             MAX_UNCLAIMED_EXITS
+        );
+        client.shutdown();
+    }
+
+    #[test]
+    fn the_frame_budget_lets_a_burst_through_then_paces_frames_at_its_rate() {
+        // Waits in milliseconds, to a microsecond (the budget counts in floating point).
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let start = Instant::now();
+        let mut budget = FrameBudget::new(100, 10, start);
+        for _ in 0..10 {
+            assert_eq!(budget.take(start), Duration::ZERO);
+        }
+        // The eleventh frame at once waits one frame's time; the twelfth two.
+        assert_eq!(ms(budget.take(start)), 10.0);
+        assert_eq!(ms(budget.take(start)), 20.0);
+        // Having waited off its debt, the reader goes on at the rate.
+        let later = start + Duration::from_millis(20);
+        assert_eq!(ms(budget.take(later)), 10.0);
+        // An idle second refills the burst, and no more than it.
+        let idle = later + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(budget.take(idle), Duration::ZERO);
+        }
+        assert!(budget.take(idle) > Duration::ZERO);
+        assert_eq!(budget.throttled, 4);
+    }
+
+    #[test]
+    fn a_guest_flooding_tiny_frames_is_read_at_the_budgets_rate() {
+        // 300 frames past a burst of 100, at 1000 a second: reading them all takes at least
+        // 0.3 s however fast the host is (a slower host only takes longer).
+        let forged = (0..400)
+            .map(|_| AgentMessage::Exited {
+                process: 7,
+                status: ExitStatus::Exited(0),
+            })
+            .collect();
+        let client = forged::client_with_budget(forged, (1000, 100));
+        let started = Instant::now();
+        forged::go(&client);
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
         );
         client.shutdown();
     }

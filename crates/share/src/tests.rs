@@ -1115,3 +1115,60 @@ fn the_listener_hears_of_name_changes_in_its_share_only() {
     assert_eq!(heard.load(Ordering::Relaxed), 2);
     assert!(server.on_names_changed(0, Box::new(|| {})).is_err());
 }
+
+#[test]
+fn locks_waiting_at_once_are_bounded_and_the_next_is_refused() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a"), b"0123456789").expect("write");
+    let server = Arc::new(server_over(dir.path(), false));
+    let a = lookup(&server, share_root(&server), "a").expect("a").nodeid;
+    let fh = open(&server, a, libc::O_RDWR).expect("open");
+    // The host holds the whole file: every lock the guest asks for waits.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("a"))
+        .expect("open on the host");
+    let mut whole = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    crate::sys::ofd_lock(held.as_raw_fd(), libc::F_OFD_SETLK, &mut whole).expect("host lock");
+
+    let (mut guest, host) = std::os::unix::net::UnixStream::pair().expect("pair");
+    crate::serve_stream(server, host).expect("serve");
+    let asks: Vec<Vec<u8>> = (0..=crate::stream::MAX_WAITING_LOCKS)
+        .map(|_| request(abi::SETLKW, a, &lk(fh, libc::F_WRLCK, 0, u64::MAX >> 1, 0)))
+        .collect();
+    for ask in &asks {
+        guest.write_all(ask).expect("send");
+    }
+    guest
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reply = || {
+        let mut header = [0u8; 16];
+        guest.read_exact(&mut header).expect("a reply");
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4")) as usize;
+        let mut body = vec![0u8; len - 16];
+        guest.read_exact(&mut body).expect("its body");
+        let error = i32::from_le_bytes(header[4..8].try_into().expect("4"));
+        let unique = u64::from_le_bytes(header[8..16].try_into().expect("8"));
+        (unique, -error)
+    };
+    let last = asks.last().expect("asks");
+    let last_unique = u64::from_le_bytes(last[8..16].try_into().expect("8"));
+    // The one past the bound is refused at once, while the others wait.
+    assert_eq!(reply(), (last_unique, libc::ENOLCK));
+    // Once the host lets go, every waiting lock is granted.
+    whole.l_type = libc::F_UNLCK as i16;
+    crate::sys::ofd_lock(held.as_raw_fd(), libc::F_OFD_SETLK, &mut whole).expect("unlock");
+    for _ in 0..crate::stream::MAX_WAITING_LOCKS {
+        assert_eq!(reply().1, 0);
+    }
+}
