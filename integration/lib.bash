@@ -177,11 +177,17 @@ if [ -n "${SUPERMACHINE_CASE_SUBSET:-}" ]; then
   echo "only the cases matching '$SUPERMACHINE_CASE_SUBSET' run (SUPERMACHINE_CASE_SUBSET)"
 fi
 
+# started CASE: says a case began (a case that hangs is then named before any table), with
+# the time since the suite began.
+SUITE_STARTED=$(date +%s)
+started() { log "[$(($(date +%s) - SUITE_STARTED)) s] $1"; }
+
 # compare CASE FUNCTION: FUNCTION RUNTIME prints output, its status is the result; it is
 # called with each of COMPARED.
 compare() {
   local name=$1 fn=$2 runc_out sm_out runc_rc sm_rc
   selected "$name" || return 0
+  started "$name"
   set +e
   runc_out=$("$fn" "${COMPARED[0]}" 2>&1 | clean_output); runc_rc=${PIPESTATUS[0]}
   sm_out=$("$fn" "${COMPARED[1]}" 2>&1 | clean_output); sm_rc=${PIPESTATUS[0]}
@@ -194,6 +200,7 @@ check() {
   local name=$1; shift
   local out rc
   selected "$name" || return 0
+  started "$name"
   set +e
   out=$("$@" 2>&1 | clean_output); rc=${PIPESTATUS[0]}
   set -e
