@@ -252,41 +252,10 @@ const KVM_DEVICE: &str = "/dev/kvm";
 const QEMU_DATA_DIRS: [&str; 2] = ["/usr/share/qemu", "/usr/share/seabios"];
 
 /// QEMU's own system call filter (`-sandbox`, libseccomp; scripts/build-qemu.sh builds it
-/// in): on top of its default deny list, no obsolete calls, no new process or program, no
-/// scheduling or affinity changes. A forbidden call kills QEMU (SIGSYS), which the VM reports
-/// as such. Changes of credentials are not filtered (`elevateprivileges`): QEMU makes one
-/// itself, `-runas` to [`VMM_USER`] once set up (QEMU installs its filter before that), and
-/// after it holds no capability, so that it cannot change them again anyway.
-const SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
-
-/// `uid:gid`: the unprivileged user a jailed QEMU changes to once it has opened its inputs
-/// and `/dev/kvm` as root (`-runas`); default 65534:65534 (nobody, nogroup). It sees nothing
-/// of the host's files or processes from its jail, so a user shared with others costs
-/// nothing there.
-pub const VMM_USER: &str = "SUPERMACHINE_VMM_USER";
-const DEFAULT_VMM_USER: (u32, u32) = (65534, 65534);
-
-/// [`VMM_USER`]'s uid and gid; a malformed value, or root, is refused.
-fn vmm_user() -> Result<(u32, u32), EngineError> {
-    let Some(value) = std::env::var_os(VMM_USER) else {
-        return Ok(DEFAULT_VMM_USER);
-    };
-    let value = value.to_string_lossy();
-    parse_vmm_user(&value).ok_or_else(|| {
-        EngineError::Unavailable(
-            "qemu".into(),
-            format!("{VMM_USER}={value}: expected an unprivileged uid:gid, such as 65534:65534"),
-        )
-    })
-}
-
-/// `uid:gid`, neither of them root's.
-fn parse_vmm_user(value: &str) -> Option<(u32, u32)> {
-    value
-        .split_once(':')
-        .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)))
-        .filter(|&(uid, gid)| uid != 0 && gid != 0)
-}
+/// in): on top of its default deny list, no obsolete calls, no change of credentials, no new
+/// process or program, no scheduling or affinity changes. A forbidden call kills QEMU
+/// (SIGSYS), which the VM reports as such.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// `off`: QEMU runs without its jail and filter, in the caller's namespaces, root and
 /// credentials. For measuring what the jail costs (`make bench`) and for debugging.
@@ -336,9 +305,7 @@ impl QemuEngine {
         std::fs::create_dir_all(&root).map_err(io_error(&root))?;
         let mut jail = limits(jail::Jail::new(root))
             // QEMU probes its file locking kind on /dev/null.
-            .device("/dev/null")
-            // `-runas` (see `SANDBOX`).
-            .switches_user();
+            .device("/dev/null");
         match &self.firmware {
             Some(firmware) => jail = jail.read_only(firmware),
             // QEMU's own search, in the data directories a distribution's QEMU uses.
@@ -411,9 +378,7 @@ impl QemuEngine {
         }
         let jailed = jailed();
         if jailed {
-            let (uid, gid) = vmm_user()?;
             args.extend(["-sandbox".into(), SANDBOX.into()]);
-            args.extend(["-runas".into(), format!("{uid}:{gid}")]);
         }
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let started = Instant::now();
@@ -478,12 +443,10 @@ impl Engine for QemuEngine {
 
     fn vmm_confinement(&self) -> String {
         if jailed() {
-            let user = vmm_user().map_or_else(|e| e.to_string(), |(u, g)| format!("{u}:{g}"));
-            format!(
-                "QEMU in new mount, PID, IPC, UTS and network namespaces on a root holding \
-                 only its inputs, as user {user} once set up, no capabilities, \
-                 no_new_privs, rlimits, and its seccomp filter (-sandbox)"
-            )
+            "QEMU in new mount, PID, IPC, UTS and network namespaces on a root holding only \
+             its inputs, no capabilities, no_new_privs, rlimits, and its seccomp filter \
+             (-sandbox)"
+                .into()
         } else {
             format!("none: {JAIL_SETTING}=off")
         }
@@ -802,17 +765,6 @@ pub fn read_tail(path: &Path, lines: usize) -> String {
 mod tests {
     use super::*;
     use crate::DiskSpec;
-
-    #[test]
-    fn the_vmm_user_is_an_unprivileged_uid_and_gid() {
-        assert_eq!(parse_vmm_user("65534:65534"), Some((65534, 65534)));
-        assert_eq!(parse_vmm_user("1000:100"), Some((1000, 100)));
-        for refused in [
-            "0:0", "1000:0", "0:1000", "nobody", "1000", "a:b", ":", "-1:5",
-        ] {
-            assert_eq!(parse_vmm_user(refused), None, "{refused}");
-        }
-    }
 
     #[test]
     fn the_binary_is_the_users_then_the_bundled_one_then_paths() {

@@ -65,12 +65,7 @@ pub struct Jail {
     limits: Vec<(Resource, u64)>,
     huge_pages: bool,
     confined: bool,
-    switches_user: bool,
 }
-
-/// What [`Jail::switches_user`] leaves the program: `CAP_SETGID` (6) and `CAP_SETUID` (7)
-/// (linux/capability.h).
-const USER_SWITCH_CAPABILITIES: u32 = (1 << 6) | (1 << 7);
 
 /// The rlimits a jail sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +98,6 @@ impl Jail {
             limits: Vec::new(),
             huge_pages: true,
             confined: true,
-            switches_user: false,
         }
     }
 
@@ -151,15 +145,6 @@ impl Jail {
 
     pub fn limit(mut self, resource: Resource, value: u64) -> Self {
         self.limits.push((resource, value));
-        self
-    }
-
-    /// The program changes to an unprivileged user itself once set up (QEMU's `-runas`,
-    /// after it opened its inputs and `/dev/kvm` as root): it keeps `CAP_SETGID` and
-    /// `CAP_SETUID` for that, and nothing else. Changing from uid 0 to another clears its
-    /// capabilities, and with `no_new_privs` nothing gives them back.
-    pub fn switches_user(mut self) -> Self {
-        self.switches_user = true;
         self
     }
 
@@ -358,8 +343,6 @@ struct Plan {
     limits: Vec<(libc::__rlimit_resource_t, u64)>,
     huge_pages: bool,
     confined: bool,
-    /// Capabilities (bits, all below 32) the program keeps: [`Jail::switches_user`].
-    kept_capabilities: u32,
     /// Its stdin, and its stdout and stderr.
     stdio: [RawFd; 2],
     inherit: Vec<RawFd>,
@@ -475,11 +458,6 @@ impl Plan {
             limits: jail.limits.iter().map(|(r, v)| (r.raw(), *v)).collect(),
             huge_pages: jail.huge_pages,
             confined: jail.confined,
-            kept_capabilities: if jail.switches_user {
-                USER_SWITCH_CAPABILITIES
-            } else {
-                0
-            },
             stdio,
             inherit: inherit.to_vec(),
             last_capability,
@@ -771,7 +749,6 @@ impl Plan {
 
     /// `no_new_privs` and no capability left, after exec too: an empty bounding set leaves
     /// even uid 0 none (the ambient set is cleared, the inheritable one emptied with the rest).
-    /// Capabilities the plan keeps stay in the bounding, permitted and effective sets.
     ///
     /// # Safety
     /// As [`Plan::child`].
@@ -780,14 +757,7 @@ impl Plan {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
         };
-        let data = [
-            CapData {
-                effective: self.kept_capabilities,
-                permitted: self.kept_capabilities,
-                inheritable: 0,
-            },
-            CapData::default(),
-        ];
+        let data = [CapData::default(); 2];
         // SAFETY: prctl with numbers; capset reads the local header and data.
         unsafe {
             check(
@@ -805,9 +775,6 @@ impl Plan {
                 ),
             )?;
             for capability in 0..=self.last_capability {
-                if capability < 32 && self.kept_capabilities & (1 << capability) != 0 {
-                    continue;
-                }
                 check(
                     Step::Capabilities,
                     libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0),
