@@ -12,7 +12,6 @@ use std::time::Duration;
 use devices::GuestMemory;
 use hypervisor::{Kick, Vcpu};
 use lock_ext::LockExt;
-use vm_memory::{Bytes, GuestAddress};
 
 use crate::vcpu::{Control, RunState};
 
@@ -41,19 +40,14 @@ impl Profiler {
         let cr3 = vcpu.x86_sregs().map_or(0, |s| s.cr3);
         let mut key = vec![cr3, r.rip];
         if KERNEL_TEXT.contains(&r.rip) {
-            let mut page = [0u8; 4096];
-            let start = r.rsp & !7;
-            let end = (start | 0xfff) + 1;
-            if let Ok(gpa) = vcpu.translate(start) {
-                let len = (end - start) as usize;
-                if mem.read_slice(&mut page[..len], GuestAddress(gpa)).is_ok() {
-                    key.extend(
-                        page[..len]
-                            .chunks_exact(8)
-                            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
-                            .filter(|w| KERNEL_TEXT.contains(w)),
-                    );
-                }
+            // The rest of the stack's page, from its aligned top.
+            if let Ok(stack) = crate::vcpu::read_virtual(vcpu, mem, r.rsp & !7, 0x1000) {
+                key.extend(
+                    stack
+                        .chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+                        .filter(|w| KERNEL_TEXT.contains(w)),
+                );
             }
         }
         *self.samples.entry(key).or_default() += 1;

@@ -3,7 +3,6 @@
 
 use devices::GuestMemory;
 use hypervisor::Vcpu;
-use vm_memory::{Bytes, GuestAddress};
 
 /// What to do about an instruction the hypervisor failed to emulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,10 +25,7 @@ pub fn repair_for(bytes: &[u8]) -> Option<Repair> {
 /// Finishes the instruction at the vCPU's instruction pointer, or says why it cannot.
 pub(crate) fn apply(vcpu: &mut dyn Vcpu, mem: &GuestMemory) -> Result<(), String> {
     let mut regs = vcpu.x86_regs().map_err(|e| e.to_string())?;
-    let gpa = vcpu.translate(regs.rip).map_err(|e| e.to_string())?;
-    let mut bytes = [0u8; 4];
-    mem.read_slice(&mut bytes, GuestAddress(gpa))
-        .map_err(|e| e.to_string())?;
+    let bytes = crate::vcpu::read_virtual(vcpu, mem, regs.rip, 4)?;
     let repair = repair_for(&bytes)
         .ok_or_else(|| format!("no repair for {bytes:02x?} at rip {:#x}", regs.rip))?;
     log::debug!(

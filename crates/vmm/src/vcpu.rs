@@ -453,29 +453,41 @@ impl VcpuWorker {
     }
 }
 
+/// Up to `len` bytes of guest memory at the virtual address `gva`, as `vcpu`'s page tables
+/// map it, stopping at the end of that page (the next one may be anywhere in guest memory).
+pub(crate) fn read_virtual(
+    vcpu: &dyn Vcpu,
+    mem: &GuestMemory,
+    gva: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    use vm_memory::{Bytes, GuestAddress};
+    let in_page = (0x1000 - (gva & 0xfff)) as usize;
+    let gpa = vcpu
+        .translate(gva)
+        .map_err(|e| format!("untranslated ({e})"))?;
+    let mut bytes = vec![0u8; len.min(in_page)];
+    mem.read_slice(&mut bytes, GuestAddress(gpa))
+        .map_err(|e| format!("unreadable ({e})"))?;
+    Ok(bytes)
+}
+
 /// A vCPU in words: the backend's description, then (x86) its code segment and page tables,
 /// the bytes at its instruction pointer and the top of its stack, which name the code it
 /// is in even where no symbol does.
 fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> String {
-    use vm_memory::{Bytes, GuestAddress};
     let mut out = vec![vcpu.describe()];
-    let read = |gva: u64, len: usize| -> String {
-        let mut bytes = vec![0u8; len];
-        match vcpu.translate(gva) {
-            Ok(gpa) => match mem.read_slice(&mut bytes, GuestAddress(gpa)) {
-                Ok(()) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
-                Err(e) => format!("unreadable ({e})"),
-            },
-            Err(e) => format!("untranslated ({e})"),
-        }
+    let hex = |gva: u64, len: usize| match read_virtual(vcpu, mem, gva, len) {
+        Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(e) => e,
     };
     if let (Ok(regs), Ok(sregs)) = (vcpu.x86_regs(), vcpu.x86_sregs()) {
         out.push(format!(
             "cs {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
             sregs.cs.selector, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
         ));
-        out.push(format!("code at rip: {}", read(regs.rip, 16)));
-        out.push(format!("stack at {:#x}: {}", regs.rsp, read(regs.rsp, 64)));
+        out.push(format!("code at rip: {}", hex(regs.rip, 16)));
+        out.push(format!("stack at {:#x}: {}", regs.rsp, hex(regs.rsp, 64)));
     }
     out.join(", ")
 }

@@ -90,10 +90,7 @@ impl MmioTransport {
                 _ => "unreadable".into(),
             }
         };
-        let queues = match self.device.queue_states() {
-            Some(queues) if self.activated => queues,
-            _ => self.queues.iter().map(QueueState::of).collect(),
-        };
+        let queues = self.queue_states();
         let mut out = vec![format!(
             "type {} status {:#x} interrupt status {:#x}",
             self.device.device_type(),
@@ -114,6 +111,15 @@ impl MmioTransport {
             out.push(device);
         }
         out.join("; ")
+    }
+
+    /// The queues' positions: the running device's once activated (it owns the queues
+    /// then), else the registers the driver has written.
+    fn queue_states(&self) -> Vec<QueueState> {
+        match self.device.queue_states() {
+            Some(queues) if self.activated => queues,
+            _ => self.queues.iter().map(QueueState::of).collect(),
+        }
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -158,10 +164,7 @@ impl Persist for MmioTransport {
     type State = TransportState;
 
     fn save(&self) -> TransportState {
-        let queues = match self.device.queue_states() {
-            Some(queues) if self.activated => queues,
-            _ => self.queues.iter().map(QueueState::of).collect(),
-        };
+        let queues = self.queue_states();
         TransportState {
             device_type: self.device.device_type(),
             status: self.status,

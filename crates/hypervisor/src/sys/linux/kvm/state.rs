@@ -190,8 +190,7 @@ fn apic_vectors(lapic: &kvm_lapic_state, offset: usize) -> Vec<u32> {
     let mut vectors = Vec::new();
     for part in 0..8 {
         let at = offset + part * 16;
-        let bytes: Vec<u8> = lapic.regs[at..at + 4].iter().map(|&b| b as u8).collect();
-        let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let word = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[at + i] as u8));
         vectors.extend(
             (0..32)
                 .filter(|bit| word & (1 << bit) != 0)
