@@ -23,7 +23,7 @@ export SUPERMACHINE_ENGINE=builtin SUPERMACHINE_GUEST_DEBUG=1
 # own.
 echo "== this host's KVM module code"
 grep -E '^kvm(_amd|_intel)? ' /proc/modules
-grep -E ' (__svm_vcpu_run|svm_vcpu_run|vmx_vcpu_run)$' /proc/kallsyms
+grep -E ' (__svm_vcpu_run|svm_vcpu_run|vmx_vcpu_run)(\s|$)' /proc/kallsyms
 
 # stress NAME: STRESS_RUNS runs of the bundle as NAME1, NAME2, ... in a state root of its own.
 stress() {
