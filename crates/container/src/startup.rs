@@ -191,12 +191,16 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         }
         Err(e) => {
             let console = vm.console_tail(15);
+            let mut lost_state = None;
             if matches!(e, ContainerError::Agent(_)) {
-                // The agent stopped answering: what the VM looked like then, for the log.
-                let state = vm.describe();
-                if !state.is_empty() {
+                // The agent stopped answering: what the VM looked like then, for the log,
+                // and for the error where it shows the guest was not to blame.
+                let description = vm.describe();
+                if !description.text.is_empty() {
+                    let state = &description.text;
                     log::warn!("the VM when the agent stopped answering ({e}):\n{state}");
                 }
+                lost_state = description.lost_state;
             }
             agent.shutdown();
             if let Err(stop) = vm.stop() {
@@ -211,7 +215,10 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
             Err(match e {
                 ContainerError::Guest(_) => e,
                 e => ContainerError::Boot {
-                    message: e.to_string(),
+                    message: match lost_state {
+                        Some(lost) => format!("{e}: {lost}"),
+                        None => e.to_string(),
+                    },
                     console,
                 },
             })

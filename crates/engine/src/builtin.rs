@@ -529,7 +529,7 @@ impl Vm for BuiltinVm {
         crate::qemu::read_tail(&self.console, lines)
     }
 
-    fn describe(&self) -> String {
+    fn describe(&self) -> vmm::Description {
         self.vmm
             .as_ref()
             .map(vmm::Vmm::describe)

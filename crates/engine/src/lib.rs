@@ -175,8 +175,8 @@ pub trait Vm: Send + fmt::Debug {
     fn console_tail(&self, lines: usize) -> String;
     /// The VM's state in words (vCPUs, interrupt controller, devices), to explain a guest
     /// that stopped answering; empty where the engine cannot look inside.
-    fn describe(&self) -> String {
-        String::new()
+    fn describe(&self) -> vmm::Description {
+        vmm::Description::default()
     }
     /// Gives the host back memory the guest can do without, such as a translating
     /// engine's code for paths the guest ran once (boot, restore, a container's start).

@@ -33,6 +33,16 @@ use hypervisor::Hypervisor;
 
 pub use repair::{repair_for, Repair};
 
+/// A VM in words (see [`Vmm::describe`]).
+#[derive(Clone, Debug, Default)]
+pub struct Description {
+    /// Each vCPU, the interrupt controller and each device, a line each.
+    pub text: String,
+    /// Set when a vCPU runs with state that cannot be the guest's: the hypervisor under the
+    /// VMM (nested virtualisation) lost it, and no change of the guest's can help.
+    pub lost_state: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -275,13 +285,17 @@ impl Vmm {
     /// (where it is, the interrupts it has in hand), the interrupt controller, and each
     /// virtio device (its queues' positions as the device and the driver have them, its
     /// interrupt status, what it holds for the guest).
-    pub fn describe(&self) -> String {
+    pub fn describe(&self) -> Description {
         let mut out = Vec::new();
+        let mut lost = Vec::new();
         let vcpus = self
             .vcpus
             .describe(self.vcpu_count, Duration::from_millis(500));
-        for (id, vcpu) in vcpus.iter().enumerate() {
-            out.push(format!("vCPU {id}: {vcpu}"));
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            out.push(format!("vCPU {id}: {}", vcpu.text));
+            if let Some(why) = vcpu.foreign {
+                lost.push(format!("vCPU {id}: {why}"));
+            }
         }
         out.push(self.vm.describe_platform());
         for (index, transport) in self.virtio.iter().enumerate() {
@@ -292,7 +306,15 @@ impl Vmm {
             };
             out.push(format!("virtio {index} {described}"));
         }
-        out.join("\n")
+        Description {
+            text: out.join("\n"),
+            lost_state: (!lost.is_empty()).then(|| {
+                format!(
+                    "the hypervisor under this VMM lost the guest's CPU state ({})",
+                    lost.join("; ")
+                )
+            }),
+        }
     }
 
     /// The hypervisor VM (for tests and the snapshot code).

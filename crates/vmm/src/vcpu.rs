@@ -42,7 +42,17 @@ pub(crate) struct Control {
     pauses: std::sync::atomic::AtomicU64,
     /// Descriptions asked of the vCPUs (see [`Vcpus::describe`]): a slot per vCPU, filled
     /// by its thread when a kick brings it out of the guest.
-    descriptions: Mutex<Option<Vec<Option<String>>>>,
+    descriptions: Mutex<Option<Vec<Option<VcpuDescription>>>>,
+}
+
+/// One vCPU in words (see [`describe`]).
+#[derive(Clone, Debug)]
+pub(crate) struct VcpuDescription {
+    pub(crate) text: String,
+    /// Why the state the vCPU runs with cannot be the guest's, where it cannot: the
+    /// hypervisor under the VMM gave it some other machine's (nested virtualisation that
+    /// lost track of which level it runs).
+    pub(crate) foreign: Option<String>,
 }
 
 impl Default for Control {
@@ -304,7 +314,7 @@ impl Vcpus {
     /// Each vCPU in words (where it is, the interrupts it has in hand; see
     /// [`hypervisor::Vcpu::describe`]), read by its own thread once kicked out of the guest;
     /// a vCPU that did not answer within `timeout` (busy in a device) says so.
-    pub(crate) fn describe(&self, count: u32, timeout: Duration) -> Vec<String> {
+    pub(crate) fn describe(&self, count: u32, timeout: Duration) -> Vec<VcpuDescription> {
         *self.control.descriptions.lock_unpoisoned() = Some(vec![None; count as usize]);
         let deadline = Instant::now() + timeout;
         let answered = || {
@@ -322,7 +332,12 @@ impl Vcpus {
         slots
             .unwrap_or_default()
             .into_iter()
-            .map(|slot| slot.unwrap_or_else(|| format!("no answer within {timeout:?}")))
+            .map(|slot| {
+                slot.unwrap_or_else(|| VcpuDescription {
+                    text: format!("no answer within {timeout:?}"),
+                    foreign: None,
+                })
+            })
             .collect()
     }
 
@@ -474,9 +489,14 @@ pub(crate) fn read_virtual(
 
 /// A vCPU in words: the backend's description, then (x86) its code segment and page tables,
 /// the bytes at its instruction pointer and the top of its stack, which name the code it
-/// is in even where no symbol does.
-fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> String {
+/// is in even where no symbol does. A vCPU paging through a root outside guest memory runs
+/// with state that is not the guest's: no guest can load such a root and go on running.
+fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> VcpuDescription {
+    use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+    const CR0_PG: u64 = 1 << 31;
+    const CR3_ROOT: u64 = 0x000f_ffff_ffff_f000;
     let mut out = vec![vcpu.describe()];
+    let mut foreign = None;
     let hex = |gva: u64, len: usize| match read_virtual(vcpu, mem, gva, len) {
         Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
         Err(e) => e,
@@ -488,8 +508,17 @@ fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> String {
         ));
         out.push(format!("code at rip: {}", hex(regs.rip, 16)));
         out.push(format!("stack at {:#x}: {}", regs.rsp, hex(regs.rsp, 64)));
+        if sregs.cr0 & CR0_PG != 0 && !mem.address_in_range(GuestAddress(sregs.cr3 & CR3_ROOT)) {
+            foreign = Some(format!(
+                "its page-table root (CR3 {:#x}) is outside the guest's memory (at rip {:#x})",
+                sregs.cr3, regs.rip
+            ));
+        }
     }
-    out.join(", ")
+    VcpuDescription {
+        text: out.join(", "),
+        foreign,
+    }
 }
 
 #[cfg(test)]
@@ -581,5 +610,62 @@ mod tests {
         wait_parked(&control, 1);
         control.resume();
         assert!(parked.join().unwrap());
+    }
+
+    /// A vCPU whose only state is its registers, for [`describe`].
+    #[derive(Debug)]
+    struct Frozen(hypervisor::x86::Sregs);
+
+    #[derive(Debug)]
+    struct NoKick;
+    impl Kick for NoKick {
+        fn kick(&self) {}
+    }
+
+    impl Vcpu for Frozen {
+        fn id(&self) -> u32 {
+            0
+        }
+        fn run(&mut self) -> hypervisor::Result<VcpuExit<'_>> {
+            unreachable!("a frozen vCPU is only described")
+        }
+        fn kicker(&self) -> Arc<dyn Kick> {
+            Arc::new(NoKick)
+        }
+        fn x86_regs(&self) -> hypervisor::Result<hypervisor::x86::Regs> {
+            Ok(hypervisor::x86::Regs {
+                rip: 0xffff_ffff_c084_413c,
+                ..Default::default()
+            })
+        }
+        fn x86_sregs(&self) -> hypervisor::Result<hypervisor::x86::Sregs> {
+            Ok(self.0)
+        }
+    }
+
+    #[test]
+    fn a_vcpu_paging_through_a_root_outside_guest_memory_runs_someone_elses_state() {
+        use vm_memory::GuestAddress;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let paged = |cr3| hypervisor::x86::Sregs {
+            cr0: 0x8005_0033,
+            cr3,
+            ..Default::default()
+        };
+        // What a stalled restore on nested KVM under QEMU's emulated SVM showed.
+        let lost = describe(&Frozen(paged(0x1_045f_2000)), &mem);
+        let why = lost.foreign.expect("a root beyond guest memory is foreign");
+        assert!(why.contains("CR3 0x1045f2000"), "{why}");
+        assert!(why.contains("rip 0xffffffffc084413c"), "{why}");
+        // A root in guest memory (PCID bits and all), or any CR3 with paging off, is the
+        // guest's own business.
+        let own = describe(&Frozen(paged(0x00ff_e000 | 0x5)), &mem);
+        assert_eq!(own.foreign, None, "{}", own.text);
+        let unpaged = hypervisor::x86::Sregs {
+            cr0: 0x11,
+            cr3: 0x1_045f_2000,
+            ..Default::default()
+        };
+        assert_eq!(describe(&Frozen(unpaged), &mem).foreign, None);
     }
 }
