@@ -97,7 +97,7 @@ fn the_guest_kernel_boots_mounts_a_virtio_disk_and_resets_on_the_builtin_vmm() {
     // What a stalled VM's log would show, taken while this one boots: every vCPU answers
     // (kicked out of the guest, it reads its own state), the IOAPIC and each virtio device.
     let description = vmm.describe();
-    assert_eq!(description.lost_state, None, "{}", description.text);
+    assert_eq!(description.hypervisor_fault, None, "{}", description.text);
     let described = description.text;
     assert!(described.contains("vCPU 0: rip 0x"), "{described}");
     assert!(!described.contains("no answer"), "{described}");

@@ -191,7 +191,7 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
         }
         Err(e) => {
             let console = vm.console_tail(15);
-            let mut lost_state = None;
+            let mut hypervisor_fault = None;
             if matches!(e, ContainerError::Agent(_)) {
                 // The agent stopped answering: what the VM looked like then, for the log,
                 // and for the error where it shows the guest was not to blame.
@@ -200,7 +200,7 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
                     let state = &description.text;
                     log::warn!("the VM when the agent stopped answering ({e}):\n{state}");
                 }
-                lost_state = description.lost_state;
+                hypervisor_fault = description.hypervisor_fault;
             }
             agent.shutdown();
             if let Err(stop) = vm.stop() {
@@ -215,8 +215,8 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
             Err(match e {
                 ContainerError::Guest(_) => e,
                 e => ContainerError::Boot {
-                    message: match lost_state {
-                        Some(lost) => format!("{e}: {lost}"),
+                    message: match hypervisor_fault {
+                        Some(fault) => format!("{e}: {fault}"),
                         None => e.to_string(),
                     },
                     console,

@@ -38,9 +38,10 @@ pub use repair::{repair_for, Repair};
 pub struct Description {
     /// Each vCPU, the interrupt controller and each device, a line each.
     pub text: String,
-    /// Set when a vCPU runs with state that cannot be the guest's: the hypervisor under the
-    /// VMM (nested virtualisation) lost it, and no change of the guest's can help.
-    pub lost_state: Option<String>,
+    /// Set when a vCPU shows what neither a guest nor a working hypervisor does (state that
+    /// cannot be the guest's, a run call that kicks do not end): the hypervisor under the
+    /// VMM (nested virtualisation, typically) failed, and no change of the guest's can help.
+    pub hypervisor_fault: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,14 +288,14 @@ impl Vmm {
     /// interrupt status, what it holds for the guest).
     pub fn describe(&self) -> Description {
         let mut out = Vec::new();
-        let mut lost = Vec::new();
+        let mut faults = Vec::new();
         let vcpus = self
             .vcpus
             .describe(self.vcpu_count, Duration::from_millis(500));
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             out.push(format!("vCPU {id}: {}", vcpu.text));
-            if let Some(why) = vcpu.foreign {
-                lost.push(format!("vCPU {id}: {why}"));
+            if let Some(why) = vcpu.fault {
+                faults.push(format!("vCPU {id}: {why}"));
             }
         }
         out.push(self.vm.describe_platform());
@@ -308,10 +309,10 @@ impl Vmm {
         }
         Description {
             text: out.join("\n"),
-            lost_state: (!lost.is_empty()).then(|| {
+            hypervisor_fault: (!faults.is_empty()).then(|| {
                 format!(
-                    "the hypervisor under this VMM lost the guest's CPU state ({})",
-                    lost.join("; ")
+                    "the hypervisor under this VMM failed the guest ({})",
+                    faults.join("; ")
                 )
             }),
         }

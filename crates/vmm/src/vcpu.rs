@@ -1,6 +1,7 @@
 //! The vCPU threads: how they are steered (run, pause, snapshot, end) and the loop each runs,
 //! serving its exits on the device buses.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,14 +46,23 @@ pub(crate) struct Control {
     descriptions: Mutex<Option<Vec<Option<VcpuDescription>>>>,
 }
 
+/// Where a vCPU's thread is, for [`Vcpus::describe`]: how many times the hypervisor's run
+/// call returned, and whether the thread is in it now.
+#[derive(Debug, Default)]
+struct Activity {
+    returns: AtomicU64,
+    in_run: AtomicBool,
+}
+
 /// One vCPU in words (see [`describe`]).
 #[derive(Clone, Debug)]
 pub(crate) struct VcpuDescription {
     pub(crate) text: String,
-    /// Why the state the vCPU runs with cannot be the guest's, where it cannot: the
-    /// hypervisor under the VMM gave it some other machine's (nested virtualisation that
-    /// lost track of which level it runs).
-    pub(crate) foreign: Option<String>,
+    /// How the hypervisor under the VMM failed this vCPU, where what it shows no guest and
+    /// no working hypervisor can do: state that cannot be the guest's (nested
+    /// virtualisation that lost track of which level it runs), or a run call that kicks
+    /// did not end.
+    pub(crate) fault: Option<String>,
 }
 
 impl Default for Control {
@@ -226,6 +236,7 @@ impl Control {
 pub(crate) struct Vcpus {
     pub(crate) control: Arc<Control>,
     kickers: Vec<Arc<dyn Kick>>,
+    activity: Vec<Arc<Activity>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -240,12 +251,15 @@ impl Vcpus {
     ) -> Result<Vcpus, Error> {
         let control = Arc::new(Control::default());
         let mut kickers = Vec::new();
+        let mut activity = Vec::new();
         let mut threads = Vec::new();
         for vcpu in vcpus {
             let id = vcpu.id();
             kickers.push(vcpu.kicker());
+            activity.push(Arc::new(Activity::default()));
             let worker = VcpuWorker {
                 vcpu,
+                activity: activity[activity.len() - 1].clone(),
                 trace: diagnostics.trace,
                 forbidden_call: diagnostics.forbidden_call_for_tests,
                 exits: 0,
@@ -278,6 +292,7 @@ impl Vcpus {
         Ok(Vcpus {
             control,
             kickers,
+            activity,
             threads,
         })
     }
@@ -312,10 +327,13 @@ impl Vcpus {
     }
 
     /// Each vCPU in words (where it is, the interrupts it has in hand; see
-    /// [`hypervisor::Vcpu::describe`]), read by its own thread once kicked out of the guest;
-    /// a vCPU that did not answer within `timeout` (busy in a device) says so.
+    /// [`hypervisor::Vcpu::describe`]), read by its own thread once kicked out of the guest.
+    /// A vCPU that did not answer within `timeout` says why: busy in a device, or still in
+    /// the hypervisor's run call, which no working hypervisor keeps through kicks.
     pub(crate) fn describe(&self, count: u32, timeout: Duration) -> Vec<VcpuDescription> {
         *self.control.descriptions.lock_unpoisoned() = Some(vec![None; count as usize]);
+        let returns = |a: &Activity| a.returns.load(Ordering::Acquire);
+        let before: Vec<u64> = self.activity.iter().map(|a| returns(a)).collect();
         let deadline = Instant::now() + timeout;
         let answered = || {
             self.control
@@ -332,10 +350,25 @@ impl Vcpus {
         slots
             .unwrap_or_default()
             .into_iter()
-            .map(|slot| {
-                slot.unwrap_or_else(|| VcpuDescription {
-                    text: format!("no answer within {timeout:?}"),
-                    foreign: None,
+            .enumerate()
+            .map(|(id, slot)| {
+                slot.unwrap_or_else(|| {
+                    let activity = &self.activity[id];
+                    let stuck =
+                        activity.in_run.load(Ordering::Acquire) && returns(activity) == before[id];
+                    if stuck {
+                        let why =
+                            format!("its run call did not return through {timeout:?} of kicks");
+                        VcpuDescription {
+                            text: why.clone(),
+                            fault: Some(why),
+                        }
+                    } else {
+                        VcpuDescription {
+                            text: format!("no answer within {timeout:?} (busy in a device)"),
+                            fault: None,
+                        }
+                    }
                 })
             })
             .collect()
@@ -366,6 +399,7 @@ struct VcpuWorker {
     mmio: Bus,
     mem: Arc<GuestMemory>,
     control: Arc<Control>,
+    activity: Arc<Activity>,
 }
 
 /// What the run loop does after an exit (the exit borrows the vCPU; this does not).
@@ -390,7 +424,10 @@ impl VcpuWorker {
         while self.control.checkpoint(id as usize, &mut || {
             self.vcpu.save_state().map_err(|e| e.to_string())
         }) {
+            self.activity.in_run.store(true, Ordering::Release);
             let exit = self.vcpu.run();
+            self.activity.in_run.store(false, Ordering::Release);
+            self.activity.returns.fetch_add(1, Ordering::AcqRel);
             if self.trace {
                 self.exits += 1;
                 if self.exits.is_multiple_of(1000) {
@@ -496,7 +533,7 @@ fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> VcpuDescription {
     const CR0_PG: u64 = 1 << 31;
     const CR3_ROOT: u64 = 0x000f_ffff_ffff_f000;
     let mut out = vec![vcpu.describe()];
-    let mut foreign = None;
+    let mut fault = None;
     let hex = |gva: u64, len: usize| match read_virtual(vcpu, mem, gva, len) {
         Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
         Err(e) => e,
@@ -509,7 +546,7 @@ fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> VcpuDescription {
         out.push(format!("code at rip: {}", hex(regs.rip, 16)));
         out.push(format!("stack at {:#x}: {}", regs.rsp, hex(regs.rsp, 64)));
         if sregs.cr0 & CR0_PG != 0 && !mem.address_in_range(GuestAddress(sregs.cr3 & CR3_ROOT)) {
-            foreign = Some(format!(
+            fault = Some(format!(
                 "its page-table root (CR3 {:#x}) is outside the guest's memory (at rip {:#x})",
                 sregs.cr3, regs.rip
             ));
@@ -517,7 +554,7 @@ fn describe(vcpu: &dyn Vcpu, mem: &GuestMemory) -> VcpuDescription {
     }
     VcpuDescription {
         text: out.join(", "),
-        foreign,
+        fault,
     }
 }
 
@@ -654,18 +691,66 @@ mod tests {
         };
         // What a stalled restore on nested KVM under QEMU's emulated SVM showed.
         let lost = describe(&Frozen(paged(0x1_045f_2000)), &mem);
-        let why = lost.foreign.expect("a root beyond guest memory is foreign");
+        let why = lost
+            .fault
+            .expect("a root beyond guest memory is not the guest's");
         assert!(why.contains("CR3 0x1045f2000"), "{why}");
         assert!(why.contains("rip 0xffffffffc084413c"), "{why}");
         // A root in guest memory (PCID bits and all), or any CR3 with paging off, is the
         // guest's own business.
         let own = describe(&Frozen(paged(0x00ff_e000 | 0x5)), &mem);
-        assert_eq!(own.foreign, None, "{}", own.text);
+        assert_eq!(own.fault, None, "{}", own.text);
         let unpaged = hypervisor::x86::Sregs {
             cr0: 0x11,
             cr3: 0x1_045f_2000,
             ..Default::default()
         };
-        assert_eq!(describe(&Frozen(unpaged), &mem).foreign, None);
+        assert_eq!(describe(&Frozen(unpaged), &mem).fault, None);
+    }
+
+    /// A vCPU whose run call ignores kicks for a while, as a failed hypervisor's does.
+    #[derive(Debug)]
+    struct Deaf(Duration);
+
+    impl Vcpu for Deaf {
+        fn id(&self) -> u32 {
+            0
+        }
+        fn run(&mut self) -> hypervisor::Result<VcpuExit<'_>> {
+            std::thread::sleep(self.0);
+            Ok(VcpuExit::Shutdown)
+        }
+        fn kicker(&self) -> Arc<dyn Kick> {
+            Arc::new(NoKick)
+        }
+    }
+
+    #[test]
+    fn a_run_call_that_kicks_do_not_end_is_the_hypervisors_fault() {
+        let mem =
+            Arc::new(GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap());
+        let vcpus: Vec<Box<dyn Vcpu>> = vec![Box::new(Deaf(Duration::from_secs(2)))];
+        let mut running = Vcpus::start(
+            vcpus,
+            &Bus::default(),
+            &Bus::default(),
+            &mem,
+            &Diagnostics::default(),
+        )
+        .unwrap();
+        // Let the thread get into its run call.
+        let activity = running.activity[0].clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !activity.in_run.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the vCPU never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let described = running.describe(1, Duration::from_millis(100));
+        let fault = described[0].fault.as_deref().expect("a fault");
+        assert!(
+            fault.contains("did not return through 100ms of kicks"),
+            "{fault}"
+        );
+        running.stop();
     }
 }
