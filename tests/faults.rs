@@ -221,7 +221,8 @@ fn the_fault_helpers_see_a_process_left_behind() {
     });
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    assert!(env.processes().is_empty());
+    let left = env.processes();
+    assert!(left.is_empty(), "still seen: {left:#?}");
 }
 
 /// Assets whose agent is busybox: the VM boots but never says Ready, so `create` stays in

@@ -252,10 +252,48 @@ const KVM_DEVICE: &str = "/dev/kvm";
 const QEMU_DATA_DIRS: [&str; 2] = ["/usr/share/qemu", "/usr/share/seabios"];
 
 /// QEMU's own system call filter (`-sandbox`, libseccomp; scripts/build-qemu.sh builds it
-/// in): on top of its default deny list, no obsolete calls, no change of credentials, no new
-/// process or program, no scheduling or affinity changes. A forbidden call kills QEMU
-/// (SIGSYS), which the VM reports as such.
-const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// in): on top of its default deny list, no obsolete calls, no new process or program, no
+/// scheduling or affinity changes. A forbidden call kills QEMU (SIGSYS), which the VM reports
+/// as such. Changes of credentials are denied too ([`SANDBOX_NO_USER_CHANGE`]) unless QEMU
+/// makes one itself: `-runas` to [`VMM_USER`] once set up (QEMU installs its filter before
+/// that), after which it holds no capability and cannot change them again anyway.
+const SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+const SANDBOX_NO_USER_CHANGE: &str = ",elevateprivileges=deny";
+
+/// The environment variable this project's QEMU reads the parent's pipe from
+/// (config/qemu/patches/0007-*, [`jail::Jail::switches_user`]).
+const PARENT_PIPE: &str = "QEMU_PARENT_PIPE_FD";
+
+/// `uid:gid`: the unprivileged user a jailed QEMU changes to once it has opened its inputs
+/// and `/dev/kvm` as root (`-runas`); default 65534:65534 (nobody, nogroup). It sees nothing
+/// of the host's files or processes from its jail, so a user shared with others costs
+/// nothing there. Only the QEMU built here changes user: changing it clears the
+/// parent-death signal that ends QEMU with its monitor, which that QEMU sets again
+/// (config/qemu/patches/0007-*); another QEMU stays uid 0, without capabilities.
+pub const VMM_USER: &str = "SUPERMACHINE_VMM_USER";
+const DEFAULT_VMM_USER: (u32, u32) = (65534, 65534);
+
+/// [`VMM_USER`]'s uid and gid; a malformed value, or root, is refused.
+fn vmm_user() -> Result<(u32, u32), EngineError> {
+    let Some(value) = std::env::var_os(VMM_USER) else {
+        return Ok(DEFAULT_VMM_USER);
+    };
+    let value = value.to_string_lossy();
+    parse_vmm_user(&value).ok_or_else(|| {
+        EngineError::Unavailable(
+            "qemu".into(),
+            format!("{VMM_USER}={value}: expected an unprivileged uid:gid, such as 65534:65534"),
+        )
+    })
+}
+
+/// `uid:gid`, neither of them root's.
+fn parse_vmm_user(value: &str) -> Option<(u32, u32)> {
+    value
+        .split_once(':')
+        .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)))
+        .filter(|&(uid, gid)| uid != 0 && gid != 0)
+}
 
 /// `off`: QEMU runs without its jail and filter, in the caller's namespaces, root and
 /// credentials. For measuring what the jail costs (`make bench`) and for debugging.
@@ -275,6 +313,12 @@ const X_IGNORE_SHARED: &str = "x-ignore-shared";
 const JIT_FLUSH: &str = "x-jit-flush";
 
 impl QemuEngine {
+    /// Whether QEMU changes to [`VMM_USER`] once set up: the QEMU built here, which keeps
+    /// its parent-death signal across the change.
+    fn changes_user(&self) -> bool {
+        self.built_here
+    }
+
     /// The binary, resolved on PATH when it is a bare name.
     fn binary_path(&self) -> PathBuf {
         crate::probe::which(&self.binary).unwrap_or_else(|| PathBuf::from(&self.binary))
@@ -303,9 +347,11 @@ impl QemuEngine {
         }
         let root = spec.work_dir.join("vmm-root");
         std::fs::create_dir_all(&root).map_err(io_error(&root))?;
-        let mut jail = limits(jail::Jail::new(root))
-            // QEMU probes its file locking kind on /dev/null.
-            .device("/dev/null");
+        // QEMU probes its file locking kind on /dev/null.
+        let mut jail = limits(jail::Jail::new(root)).device("/dev/null");
+        if self.changes_user() {
+            jail = jail.switches_user(PARENT_PIPE);
+        }
         match &self.firmware {
             Some(firmware) => jail = jail.read_only(firmware),
             // QEMU's own search, in the data directories a distribution's QEMU uses.
@@ -377,8 +423,15 @@ impl QemuEngine {
             args.extend(["-bios".into(), escape(firmware)]);
         }
         let jailed = jailed();
-        if jailed {
+        if jailed && self.changes_user() {
+            let (uid, gid) = vmm_user()?;
             args.extend(["-sandbox".into(), SANDBOX.into()]);
+            args.extend(["-runas".into(), format!("{uid}:{gid}")]);
+        } else if jailed {
+            args.extend([
+                "-sandbox".into(),
+                format!("{SANDBOX}{SANDBOX_NO_USER_CHANGE}"),
+            ]);
         }
         log::debug!("starting {} {}", self.binary, args.join(" "));
         let started = Instant::now();
@@ -443,10 +496,19 @@ impl Engine for QemuEngine {
 
     fn vmm_confinement(&self) -> String {
         if jailed() {
-            "QEMU in new mount, PID, IPC, UTS and network namespaces on a root holding only \
-             its inputs, no capabilities, no_new_privs, rlimits, and its seccomp filter \
-             (-sandbox)"
-                .into()
+            let user = if self.changes_user() {
+                let user = vmm_user().map_or_else(|e| e.to_string(), |(u, g)| format!("{u}:{g}"));
+                format!("as user {user} once set up")
+            } else {
+                "as uid 0 (a QEMU not built here loses its parent-death signal as it \
+                 changes user)"
+                    .into()
+            };
+            format!(
+                "QEMU in new mount, PID, IPC, UTS and network namespaces on a root holding \
+                 only its inputs, {user}, no capabilities, no_new_privs, rlimits, and its \
+                 seccomp filter (-sandbox)"
+            )
         } else {
             format!("none: {JAIL_SETTING}=off")
         }
@@ -765,6 +827,17 @@ pub fn read_tail(path: &Path, lines: usize) -> String {
 mod tests {
     use super::*;
     use crate::DiskSpec;
+
+    #[test]
+    fn the_vmm_user_is_an_unprivileged_uid_and_gid() {
+        assert_eq!(parse_vmm_user("65534:65534"), Some((65534, 65534)));
+        assert_eq!(parse_vmm_user("1000:100"), Some((1000, 100)));
+        for refused in [
+            "0:0", "1000:0", "0:1000", "nobody", "1000", "a:b", ":", "-1:5",
+        ] {
+            assert_eq!(parse_vmm_user(refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn the_binary_is_the_users_then_the_bundled_one_then_paths() {

@@ -65,7 +65,13 @@ pub struct Jail {
     limits: Vec<(Resource, u64)>,
     huge_pages: bool,
     confined: bool,
+    /// [`Jail::switches_user`]: the environment variable naming the parent's pipe.
+    switches_user: Option<&'static str>,
 }
+
+/// What [`Jail::switches_user`] leaves the program: `CAP_SETGID` (6) and `CAP_SETUID` (7)
+/// (linux/capability.h).
+const USER_SWITCH_CAPABILITIES: u32 = (1 << 6) | (1 << 7);
 
 /// The rlimits a jail sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +104,7 @@ impl Jail {
             limits: Vec::new(),
             huge_pages: true,
             confined: true,
+            switches_user: None,
         }
     }
 
@@ -145,6 +152,21 @@ impl Jail {
 
     pub fn limit(mut self, resource: Resource, value: u64) -> Self {
         self.limits.push((resource, value));
+        self
+    }
+
+    /// The program changes to an unprivileged user itself once set up (QEMU's `-runas`,
+    /// after it opened its inputs and `/dev/kvm` as root): it keeps `CAP_SETGID` and
+    /// `CAP_SETUID` for that, and nothing else. Changing from uid 0 to another clears its
+    /// capabilities, and with `no_new_privs` nothing gives them back.
+    ///
+    /// The change clears its parent-death signal too, which the program must set again
+    /// (this project's QEMU does: config/qemu/patches/0007-*). So that it can tell whether
+    /// its parent died before it did, it gets the read end of a pipe whose write end only
+    /// the [`Jailed`] holds, its number in the environment variable `parent_pipe`: the
+    /// parent is gone once that pipe hangs up.
+    pub fn switches_user(mut self, parent_pipe: &'static str) -> Self {
+        self.switches_user = Some(parent_pipe);
         self
     }
 
@@ -277,6 +299,8 @@ fn elf_interpreter(elf: &[u8]) -> Option<bool> {
 pub struct Jailed {
     pid: libc::pid_t,
     status: Option<ExitStatus>,
+    /// [`Jail::switches_user`]'s pipe, held open while this handle lives.
+    _parent_pipe: Option<OwnedFd>,
 }
 
 impl Jailed {
@@ -343,9 +367,15 @@ struct Plan {
     limits: Vec<(libc::__rlimit_resource_t, u64)>,
     huge_pages: bool,
     confined: bool,
+    /// Capabilities (bits, all below 32) the program keeps: [`Jail::switches_user`].
+    kept_capabilities: u32,
     /// Its stdin, and its stdout and stderr.
     stdio: [RawFd; 2],
     inherit: Vec<RawFd>,
+    /// Its environment: `NAME=value`, nothing else.
+    env: Vec<CString>,
+    /// [`Jail::switches_user`]'s pipe: its read end (inherited), its write end.
+    parent_pipe: Option<(OwnedFd, OwnedFd)>,
     last_capability: u32,
     program: CString,
     argv: Vec<CString>,
@@ -366,6 +396,20 @@ fn cstring(bytes: &[u8]) -> Result<CString, JailError> {
 
 fn cpath(path: &Path) -> Result<CString, JailError> {
     cstring(path.as_os_str().as_bytes())
+}
+
+/// A pipe, both ends close-on-exec: its read end, its write end.
+fn pipe(what: &'static str) -> Result<(OwnedFd, OwnedFd), JailError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::Setup {
+            what,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both fds were just made and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 impl Plan {
@@ -444,6 +488,19 @@ impl Plan {
         for arg in args {
             argv.push(cstring(arg.as_bytes())?);
         }
+        let mut inherit = inherit.to_vec();
+        let mut env = Vec::new();
+        let parent_pipe = match jail.switches_user {
+            Some(variable) => {
+                let (read, write) = pipe("parent pipe")?;
+                inherit.push(read.as_raw_fd());
+                env.push(cstring(
+                    format!("{variable}={}", read.as_raw_fd()).as_bytes(),
+                )?);
+                Some((read, write))
+            }
+            None => None,
+        };
         Ok(Plan {
             root: cpath(root)?,
             dirs: dirs.iter().map(|d| cpath(d)).collect::<Result<_, _>>()?,
@@ -458,29 +515,27 @@ impl Plan {
             limits: jail.limits.iter().map(|(r, v)| (r.raw(), *v)).collect(),
             huge_pages: jail.huge_pages,
             confined: jail.confined,
+            kept_capabilities: if jail.switches_user.is_some() {
+                USER_SWITCH_CAPABILITIES
+            } else {
+                0
+            },
             stdio,
-            inherit: inherit.to_vec(),
+            inherit,
+            env,
+            parent_pipe,
             last_capability,
             program: cpath(program)?,
             argv,
         })
     }
 
-    fn run(&self) -> Result<Jailed, JailError> {
-        let mut pipe = [0; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(JailError::Setup {
-                what: "pipe",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: both fds were just made and are owned here.
-        let (errors_in, errors_out) =
-            unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    fn run(mut self) -> Result<Jailed, JailError> {
+        let (errors_in, errors_out) = pipe("pipe")?;
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
-        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        let mut envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
         let namespaces = libc::CLONE_NEWNS
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWIPC
@@ -518,6 +573,7 @@ impl Plan {
                 let mut jailed = Jailed {
                     pid: pid as libc::pid_t,
                     status: None,
+                    _parent_pipe: self.parent_pipe.take().map(|(_read, write)| write),
                 };
                 let mut report = [0u8; 8];
                 let mut errors = File::from(errors_in);
@@ -749,6 +805,7 @@ impl Plan {
 
     /// `no_new_privs` and no capability left, after exec too: an empty bounding set leaves
     /// even uid 0 none (the ambient set is cleared, the inheritable one emptied with the rest).
+    /// Capabilities the plan keeps stay in the bounding, permitted and effective sets.
     ///
     /// # Safety
     /// As [`Plan::child`].
@@ -757,7 +814,14 @@ impl Plan {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
         };
-        let data = [CapData::default(); 2];
+        let data = [
+            CapData {
+                effective: self.kept_capabilities,
+                permitted: self.kept_capabilities,
+                inheritable: 0,
+            },
+            CapData::default(),
+        ];
         // SAFETY: prctl with numbers; capset reads the local header and data.
         unsafe {
             check(
@@ -775,6 +839,9 @@ impl Plan {
                 ),
             )?;
             for capability in 0..=self.last_capability {
+                if capability < 32 && self.kept_capabilities & (1 << capability) != 0 {
+                    continue;
+                }
                 check(
                     Step::Capabilities,
                     libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0),
@@ -906,6 +973,38 @@ mod tests {
         // No program headers at all: static.
         assert_eq!(elf_interpreter(&header), Some(false));
         assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn a_program_that_switches_user_holds_its_parents_pipe() {
+        let jail = Jail::unconfined().switches_user("PARENT_PIPE");
+        let mut out = tempfile::tempfile().unwrap();
+        let script =
+            r#"echo "fd $PARENT_PIPE"; [ -p "/dev/fd/$PARENT_PIPE" ] && echo pipe; env | wc -l"#;
+        let mut jailed = jail
+            .spawn(
+                Path::new("/bin/sh"),
+                &["-c".into(), script.into()],
+                &out,
+                &[],
+            )
+            .unwrap();
+        assert!(jailed.wait().unwrap().success());
+        let mut printed = String::new();
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(0)).unwrap();
+        out.read_to_string(&mut printed).unwrap();
+        let lines: Vec<&str> = printed.lines().map(str::trim).collect();
+        assert!(
+            lines[0].starts_with("fd ") && lines[0] != "fd ",
+            "{printed}"
+        );
+        // sh adds PWD (and maybe SHLVL, _) to what it was given: the pipe's variable.
+        assert_eq!(lines[1], "pipe", "{printed}");
+        assert!(lines[2].parse::<u32>().unwrap() <= 4, "{printed}");
+        assert!(
+            jailed._parent_pipe.is_some(),
+            "the handle holds the write end"
+        );
     }
 
     #[test]
