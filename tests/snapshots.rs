@@ -62,6 +62,37 @@ fn the_second_container_restores_and_restored_vms_do_not_share_randomness() {
     let (third, _) = run_logged(&env, "s3", IDENTITY, |_| {});
     assert_eq!(cache_entries(&env)[0]["hits"], 2);
 
+    // Both restores' latencies, phase by phase, the whole first.
+    let out = env.run(&["cache", "stats", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stats: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0]["key"], cache_entries(&env)[0]["key"]);
+    assert_eq!(stats[0]["restores"], 2, "{stats:?}");
+    let phases = stats[0]["phases"].as_array().unwrap();
+    assert_eq!(phases[0]["phase"], "created", "{phases:?}");
+    let millis = |phase: &serde_json::Value, at: &str| phase[at].as_f64().unwrap();
+    assert!(millis(&phases[0], "p50") > 0.0, "{phases:?}");
+    assert!(
+        millis(&phases[0], "p50") <= millis(&phases[0], "p95"),
+        "{phases:?}"
+    );
+    for phase in ["validate", "agent reconnect", "process create"] {
+        let found = phases.iter().find(|p| p["phase"] == phase);
+        let found = found.unwrap_or_else(|| panic!("{phase} not in {phases:?}"));
+        assert_eq!(found["count"], 2, "{phase}");
+        assert!(
+            millis(found, "p95") <= millis(&phases[0], "p95"),
+            "{phases:?}"
+        );
+    }
+    let table = env.run(&["cache", "stats"]);
+    assert!(
+        text(&table.stdout).contains("process create"),
+        "{}",
+        text(&table.stdout)
+    );
+
     let lines = |s: &str| s.lines().map(String::from).collect::<Vec<_>>();
     let (a, b, c) = (lines(&first), lines(&second), lines(&third));
     // One boot, baked once: the restored VMs share the boot id of the VM that was baked…

@@ -1,4 +1,4 @@
-//! `cache ls | rm KEY | prune [--max-size SIZE]`: the snapshot cache.
+//! `cache ls | stats | rm KEY | prune [--max-size SIZE]`: the snapshot cache.
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -17,6 +17,13 @@ pub struct CacheArgs {
 enum CacheCommand {
     /// List snapshots: key, image, size, created, last used, hits
     Ls {
+        /// table or json
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// How long restores from each snapshot took: p50 and p95 per phase, over its last few
+    /// hundred restores
+    Stats {
         /// table or json
         #[arg(long, default_value = "table")]
         format: String,
@@ -59,6 +66,42 @@ pub fn run(args: CacheArgs, context: &Context) -> Result<i32> {
                             e.hits,
                             e.description
                         );
+                    }
+                }
+                other => bail!("invalid format {other:?} (table or json)"),
+            }
+        }
+        CacheCommand::Stats { format } => {
+            let entries = cache.latency();
+            match format.as_str() {
+                "json" => outln!("{}", serde_json::to_string_pretty(&entries)?),
+                "table" => {
+                    outln!(
+                        "{:<34} {:>8}  {:<28} {:>9} {:>9}  IMAGE",
+                        "KEY",
+                        "RESTORES",
+                        "PHASE",
+                        "P50 MS",
+                        "P95 MS"
+                    );
+                    for e in entries {
+                        for (i, phase) in e.phases.iter().enumerate() {
+                            let (key, restores, image) = if i == 0 {
+                                (
+                                    e.key.as_str(),
+                                    e.restores.to_string(),
+                                    e.description.as_str(),
+                                )
+                            } else {
+                                ("", String::new(), "")
+                            };
+                            outln!(
+                                "{key:<34} {restores:>8}  {:<28} {:>9.1} {:>9.1}  {image}",
+                                phase.phase,
+                                phase.p50.as_secs_f64() * 1e3,
+                                phase.p95.as_secs_f64() * 1e3
+                            );
+                        }
                     }
                 }
                 other => bail!("invalid format {other:?} (table or json)"),

@@ -176,7 +176,14 @@ pub fn start_vm(startup: VmStartup) -> Result<RunningVm, ContainerError> {
     });
     match created {
         Ok((guest_pid, network)) => {
-            log_phases(&origin, &phases, guest_uptime_at_ready, started.elapsed());
+            let created = started.elapsed();
+            log_phases(&origin, &phases, guest_uptime_at_ready, created);
+            if let (Origin::Restored { key }, Some(cache)) = (&origin, &cache) {
+                let mut took: Vec<(&str, Duration)> =
+                    phases.iter().map(|p| (p.name, p.duration)).collect();
+                took.push((snapshot::latency::CREATED, created));
+                cache.record_latency(key, &took);
+            }
             Ok(RunningVm {
                 vm,
                 agent,

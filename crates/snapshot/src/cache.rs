@@ -94,6 +94,16 @@ pub struct EntryInfo {
     last_used_exact: Duration,
 }
 
+/// What `cache stats` shows of an entry: its restores' latency, phase by phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryLatency {
+    pub key: String,
+    pub description: String,
+    /// Restores recorded (the last few hundred at most).
+    pub restores: usize,
+    pub phases: Vec<crate::latency::PhaseStats>,
+}
+
 /// The answer to "I need a VM for this key".
 #[derive(Debug)]
 pub enum Lookup {
@@ -286,6 +296,37 @@ impl SnapshotCache {
         if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(&path) {
             let _ = file.write_all(b"+");
         }
+    }
+
+    /// Records how long a restore from `key` took, phase by phase (see [`crate::latency`]);
+    /// best effort: an entry removed meanwhile, or a full disk, loses the sample.
+    pub fn record_latency(&self, key: &SnapshotKey, phases: &[(&str, Duration)]) {
+        let dir = self.entry_dir(key);
+        if dir.is_dir() {
+            if let Err(e) = crate::latency::record(&dir, phases) {
+                log::debug!("recording the restore's latency in {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Each entry's restores, phase by phase ([`crate::latency::stats`]), most restored first;
+    /// entries with no restore recorded are left out.
+    pub fn latency(&self) -> Vec<EntryLatency> {
+        let mut all: Vec<EntryLatency> = self
+            .list()
+            .into_iter()
+            .filter_map(|info| {
+                let samples = crate::latency::samples(&self.dir.join(&info.key));
+                (!samples.is_empty()).then(|| EntryLatency {
+                    restores: samples.len(),
+                    phases: crate::latency::stats(&samples),
+                    key: info.key,
+                    description: info.description,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| b.restores.cmp(&a.restores).then(a.key.cmp(&b.key)));
+        all
     }
 
     pub fn remove(&self, key: &SnapshotKey) -> Result<(), CacheError> {

@@ -8,13 +8,17 @@
 //! concurrent creates of a new key bake once; the others wait (bounded) and restore, or boot
 //! cold. Anything that does not validate is removed and treated as a miss.
 //! The size of the cache is bounded (least recently used entries go first), and no bake
-//! starts when the disk's free space is below a floor.
+//! starts when the disk's free space is below a floor. Each entry keeps how long its last few
+//! hundred restores took, phase by phase ([`latency`]).
 
 mod cache;
 pub mod file;
 mod key;
+pub mod latency;
 
-pub use cache::{Bake, CacheLimits, Entry, EntryInfo, Lookup, Meta, SnapshotCache, FORMAT_VERSION};
+pub use cache::{
+    Bake, CacheLimits, Entry, EntryInfo, EntryLatency, Lookup, Meta, SnapshotCache, FORMAT_VERSION,
+};
 pub use key::{KeyParts, SnapshotKey};
 
 use std::path::PathBuf;
