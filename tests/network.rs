@@ -183,6 +183,47 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
         }
     };
     assert!(page.ends_with("hello-from-the-vm\n"), "{page}");
+
+    // A second container in the same namespace (docker's --network container:, a pod)
+    // would take the same interface for a VM of its own: its create fails, saying why, and
+    // leaves nothing; the first one goes on serving.
+    let mut joiner = env.bundle(&["true"]);
+    let netns_path = format!("/var/run/netns/{}", net.netns);
+    joiner.edit(|c| {
+        c["linux"] = serde_json::json!({
+            "namespaces": [{ "type": "network", "path": netns_path }, { "type": "pid" }, { "type": "mount" }]
+        });
+    });
+    let out = env.run(&["create", "--bundle", joiner.path_str(), "c-net-2"]);
+    assert!(
+        !out.status.success(),
+        "a second VM in the namespace was created"
+    );
+    assert!(
+        text(&out.stderr).contains("already holds another container's VM"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !env.root().join("c-net-2").exists(),
+        "its state dir is left"
+    );
+    let left: Vec<String> = env
+        .processes()
+        .into_iter()
+        .filter(|p| p.contains("c-net-2"))
+        .collect();
+    assert!(left.is_empty(), "{left:#?}");
+    let guest_http: std::net::SocketAddr = format!("{}:8080", net.guest_addr).parse().unwrap();
+    let mut again = TcpStream::connect_timeout(&guest_http, Duration::from_secs(5)).unwrap();
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    again.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    again.read_to_string(&mut page).unwrap();
+    assert!(page.ends_with("hello-from-the-vm\n"), "{page}");
+
     let out = std::fs::read_to_string(&out_file).unwrap();
     assert_eq!(
         out.lines().next(),

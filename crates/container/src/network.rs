@@ -74,9 +74,18 @@ pub fn create_tap(name: &str, persist: bool) -> Result<Tap, ContainerError> {
     }
     // SAFETY: TUNSETIFF reads an ifreq-sized struct we own for the duration of the call.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
+        let error = std::io::Error::last_os_error();
+        // The namespace's tap is attached: another container's VM serves this namespace.
+        if error.raw_os_error() == Some(libc::EBUSY) {
+            return Err(ContainerError::Unsupported(format!(
+                "the container's network namespace already holds another container's VM (its \
+                 tap {name} is in use): containers that share a network namespace (docker's \
+                 --network container:NAME, a Kubernetes pod) would each redirect the same \
+                 interface to their own VM, and this runtime does not run them in one VM yet"
+            )));
+        }
         return Err(ContainerError::Monitor(format!(
-            "create tap {name}: {}",
-            std::io::Error::last_os_error()
+            "create tap {name}: {error}"
         )));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument.
