@@ -122,6 +122,19 @@ fn qemu_runs_filtered_without_capabilities_in_its_own_namespaces_and_root() {
         assert_eq!(status_field(vmm, set), "0000000000000000", "{set}");
     }
     assert_eq!(status_field(vmm, "CapBnd"), bounding);
+    // `features` says the same.
+    let out = common::output_of(on_qemu(&mut env.cmd()).arg("features"));
+    let features: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let confinement = features["annotations"]["run.supermachine.vmm.confinement"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let said = if built_here {
+        "as user 65534:65534 once set up"
+    } else {
+        "as uid 0"
+    };
+    assert!(confinement.contains(said), "{features}");
     for ns in ["mnt", "pid", "ipc", "uts", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
