@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the Debian packages supermachine needs to build and to run, if any is missing.
-# Usage: scripts/install-deps.sh [build|test]
+# Usage: scripts/install-deps.sh [build|test|aarch64]
 set -eu
 
 # The guest kernel's build needs flex … libssl-dev; QEMU's (scripts/build-qemu.sh) dpkg-dev …
@@ -13,6 +13,17 @@ case "${1:-build}" in
   # debootstrap builds the typical host's image (scripts/typical-host.sh); the integration
   # scripts read the runtime's JSON with jq.
   test) need="$need containerd runc docker.io iptables sqlite3 debootstrap jq" ;;
+  # The arm64 guest (make guest-aarch64): the kernel cross-built by gcc, the agent by Debian's
+  # Rust with arm64's standard library and libseccomp (the dpkg architecture arm64 is added);
+  # qemu-system-arm boots it (make smoke-aarch64).
+  aarch64)
+    need="$need gcc-aarch64-linux-gnu libc6-dev-arm64-cross rustc-web cargo-web \
+      libstd-rust-web-dev:arm64 libseccomp-dev:arm64 qemu-system-arm"
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+      [ "$(id -u)" = 0 ] || { echo "install-deps: run as root to add the arm64 architecture" >&2; exit 1; }
+      dpkg --add-architecture arm64
+    fi
+    ;;
 esac
 
 missing=""
