@@ -100,6 +100,28 @@ fn accept_within(
     }
 }
 
+/// Makes the bundle's container join the named network namespace (`ip netns`), with PID
+/// and mount namespaces of its own.
+fn join_netns(bundle: &mut common::Bundle, netns: &str) {
+    let path = format!("/var/run/netns/{netns}");
+    bundle.edit(|c| {
+        c["linux"] = serde_json::json!({
+            "namespaces": [{ "type": "network", "path": path }, { "type": "pid" }, { "type": "mount" }]
+        });
+    });
+}
+
+/// `GET /` over HTTP/1.0: the whole answer.
+fn http_get(addr: &std::net::SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut page = String::new();
+    s.read_to_string(&mut page)?;
+    Ok(page)
+}
+
 #[test]
 fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     let Some(env) = Env::new() else { return };
@@ -114,12 +136,7 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
         net.host_addr
     );
     let mut bundle = env.bundle(&["sh", "-c", &script]);
-    let netns_path = format!("/var/run/netns/{}", net.netns);
-    bundle.edit(|c| {
-        c["linux"] = serde_json::json!({
-            "namespaces": [{ "type": "network", "path": netns_path }, { "type": "pid" }, { "type": "mount" }]
-        });
-    });
+    join_netns(&mut bundle, &net.netns);
     let out_file = env.root().join("net.out");
     let status = env
         .cmd()
@@ -165,16 +182,7 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     let deadline = Instant::now() + common::guest_time(Duration::from_secs(20));
     let page = loop {
         let guest_http: std::net::SocketAddr = format!("{}:8080", net.guest_addr).parse().unwrap();
-        let attempt =
-            TcpStream::connect_timeout(&guest_http, Duration::from_secs(5)).and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.set_write_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-                let mut page = String::new();
-                s.read_to_string(&mut page)?;
-                Ok(page)
-            });
-        match attempt {
+        match http_get(&guest_http) {
             Ok(page) => break page,
             Err(e) if Instant::now() > deadline => {
                 panic!("no answer from the guest: {e}; {}", guest_output())
@@ -188,12 +196,7 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
     // would take the same interface for a VM of its own: its create fails, saying why, and
     // leaves nothing; the first one goes on serving.
     let mut joiner = env.bundle(&["true"]);
-    let netns_path = format!("/var/run/netns/{}", net.netns);
-    joiner.edit(|c| {
-        c["linux"] = serde_json::json!({
-            "namespaces": [{ "type": "network", "path": netns_path }, { "type": "pid" }, { "type": "mount" }]
-        });
-    });
+    join_netns(&mut joiner, &net.netns);
     let out = env.run(&["create", "--bundle", joiner.path_str(), "c-net-2"]);
     assert!(
         !out.status.success(),
@@ -215,13 +218,7 @@ fn a_vm_joined_to_a_network_namespace_talks_to_the_host_side_of_its_veth() {
         .collect();
     assert!(left.is_empty(), "{left:#?}");
     let guest_http: std::net::SocketAddr = format!("{}:8080", net.guest_addr).parse().unwrap();
-    let mut again = TcpStream::connect_timeout(&guest_http, Duration::from_secs(5)).unwrap();
-    again
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    again.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut page = String::new();
-    again.read_to_string(&mut page).unwrap();
+    let page = http_get(&guest_http).unwrap();
     assert!(page.ends_with("hello-from-the-vm\n"), "{page}");
 
     let out = std::fs::read_to_string(&out_file).unwrap();
