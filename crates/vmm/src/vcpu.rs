@@ -1,7 +1,7 @@
 //! The vCPU threads: how they are steered (run, pause, snapshot, end) and the loop each runs,
 //! serving its exits on the device buses.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,12 +46,24 @@ pub(crate) struct Control {
     descriptions: Mutex<Option<Vec<Option<VcpuDescription>>>>,
 }
 
-/// Where a vCPU's thread is, for [`Vcpus::describe`]: how many times the hypervisor's run
-/// call returned, and whether the thread is in it now.
+/// Where a vCPU's thread is, for [`Vcpus::describe`]: a count its thread bumps as it enters
+/// the hypervisor's run call and again as it leaves, odd while it is inside.
 #[derive(Debug, Default)]
-struct Activity {
-    returns: AtomicU64,
-    in_run: AtomicBool,
+struct Activity(AtomicU64);
+
+impl Activity {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the thread was in the run call when the count read `count`.
+    fn inside(count: u64) -> bool {
+        !count.is_multiple_of(2)
+    }
 }
 
 /// One vCPU in words (see [`describe`]).
@@ -256,10 +268,11 @@ impl Vcpus {
         for vcpu in vcpus {
             let id = vcpu.id();
             kickers.push(vcpu.kicker());
-            activity.push(Arc::new(Activity::default()));
+            let its_activity = Arc::new(Activity::default());
+            activity.push(its_activity.clone());
             let worker = VcpuWorker {
                 vcpu,
-                activity: activity[activity.len() - 1].clone(),
+                activity: its_activity,
                 trace: diagnostics.trace,
                 forbidden_call: diagnostics.forbidden_call_for_tests,
                 exits: 0,
@@ -332,8 +345,7 @@ impl Vcpus {
     /// the hypervisor's run call, which no working hypervisor keeps through kicks.
     pub(crate) fn describe(&self, count: u32, timeout: Duration) -> Vec<VcpuDescription> {
         *self.control.descriptions.lock_unpoisoned() = Some(vec![None; count as usize]);
-        let returns = |a: &Activity| a.returns.load(Ordering::Acquire);
-        let before: Vec<u64> = self.activity.iter().map(|a| returns(a)).collect();
+        let before: Vec<u64> = self.activity.iter().map(|a| a.now()).collect();
         let deadline = Instant::now() + timeout;
         let answered = || {
             self.control
@@ -353,9 +365,9 @@ impl Vcpus {
             .enumerate()
             .map(|(id, slot)| {
                 slot.unwrap_or_else(|| {
-                    let activity = &self.activity[id];
+                    // In the run call before the kicks, and still in that same call after.
                     let stuck =
-                        activity.in_run.load(Ordering::Acquire) && returns(activity) == before[id];
+                        Activity::inside(before[id]) && self.activity[id].now() == before[id];
                     if stuck {
                         let why =
                             format!("its run call did not return through {timeout:?} of kicks");
@@ -424,10 +436,9 @@ impl VcpuWorker {
         while self.control.checkpoint(id as usize, &mut || {
             self.vcpu.save_state().map_err(|e| e.to_string())
         }) {
-            self.activity.in_run.store(true, Ordering::Release);
+            self.activity.bump();
             let exit = self.vcpu.run();
-            self.activity.in_run.store(false, Ordering::Release);
-            self.activity.returns.fetch_add(1, Ordering::AcqRel);
+            self.activity.bump();
             if self.trace {
                 self.exits += 1;
                 if self.exits.is_multiple_of(1000) {
@@ -741,7 +752,7 @@ mod tests {
         // Let the thread get into its run call.
         let activity = running.activity[0].clone();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !activity.in_run.load(Ordering::Acquire) {
+        while !Activity::inside(activity.now()) {
             assert!(Instant::now() < deadline, "the vCPU never ran");
             std::thread::sleep(Duration::from_millis(1));
         }
