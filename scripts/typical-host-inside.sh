@@ -100,6 +100,12 @@ mkdir -p "$workspace" && cp -a /payload/ws/. /
 # the guest". A suite that failed with that in its output runs once more, said so; a failure
 # without it, or a second one, stands.
 fault="the hypervisor under this VMM failed the guest"
+# once_more NAME: whether the suite NAME, whose attempt $attempt ended with $rc and its output
+# in /tmp/suite.out, runs again (said so).
+once_more() {
+  [ "$rc" != 0 ] && [ "$attempt" = 1 ] && grep -q "$fault" /tmp/suite.out || return 1
+  echo "$1: the hypervisor under the VMM failed a guest; once more"
+}
 if [ "$pass" = kvm ]; then
   # The builtin engine's VM test suites, built on the host for this clone's path, one test
   # at a time (with two VMs at once the emulated SVM loses a guest's state more often).
@@ -114,8 +120,7 @@ if [ "$pass" = kvm ]; then
       rc=$?
       # A failure's panic message carries the run's debug log: more of it then.
       tail -n "$([ "$rc" = 0 ] && echo 40 || echo 150)" /tmp/suite.out
-      [ "$rc" != 0 ] && [ "$attempt" = 1 ] && grep -q "$fault" /tmp/suite.out || break
-      echo "tests/$suite.rs: the hypervisor under the VMM failed a guest; once more"
+      once_more "tests/$suite.rs" || break
     done
     expect "tests/$suite.rs, $(($(date +%s) - started)) s: exit status" 0 "$rc"
   done </payload/builtin-suites.txt
@@ -135,8 +140,7 @@ while read -r suite; do
       BENCH_RUNS=1 timeout 1200 "integration/$suite" /usr/local/bin/supermachine </dev/null 2>&1
       echo $? > /tmp/suite.rc) | tee /tmp/suite.out
     rc=$(cat /tmp/suite.rc)
-    [ "$rc" != 0 ] && [ "$attempt" = 1 ] && grep -q "$fault" /tmp/suite.out || break
-    echo "integration/$suite: the hypervisor under the VMM failed a guest; once more"
+    once_more "integration/$suite" || break
   done
   expect "integration/$suite, $(($(date +%s) - started)) s: exit status" 0 "$rc"
 done </payload/integration-suites.txt
