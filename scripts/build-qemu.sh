@@ -86,9 +86,12 @@ fi
 
 # The assets hold the binary itself (a hard link, else a copy keeping its time), not a
 # symlink into this machine's build cache: they are complete wherever they are copied.
+# A second run finds the link already there (mv refuses to move a file onto itself).
 mkdir -p "$out_dir"
-rm -f "$out_dir/qemu-system-x86_64.tmp"
-ln "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp" 2>/dev/null \
-  || cp -p "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp"
-mv -f "$out_dir/qemu-system-x86_64.tmp" "$out_dir/qemu-system-x86_64"
+if [ ! "$out_dir/qemu-system-x86_64" -ef "$dest/qemu-system-x86_64" ]; then
+  rm -f "$out_dir/qemu-system-x86_64.tmp"
+  ln "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp" 2>/dev/null \
+    || cp -p "$dest/qemu-system-x86_64" "$out_dir/qemu-system-x86_64.tmp"
+  mv -f "$out_dir/qemu-system-x86_64.tmp" "$out_dir/qemu-system-x86_64"
+fi
 echo "$out_dir/qemu-system-x86_64: $dest/qemu-system-x86_64"
