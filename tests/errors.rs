@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use common::{text, Env};
 
@@ -144,10 +144,38 @@ fn a_mount_the_vm_cannot_have_fails_create_naming_it() {
     assert_no_state(&env);
 }
 
+/// Passed descriptors the VM has no stand-in for fail `create` naming them (runc passes
+/// any descriptor; a VM can stand in only for pipes, stream sockets and the null device).
 #[test]
-fn file_descriptors_passed_to_the_container_fail_create_naming_them() {
+fn passed_descriptors_the_vm_cannot_stand_in_for_fail_create_naming_them() {
     let Some(env) = Env::new() else { return };
     let bundle = env.bundle(&["true"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("a-file")).unwrap();
+    let mut cmd = env.cmd();
+    cmd.args([
+        "create",
+        "--preserve-fds",
+        "1",
+        "--bundle",
+        bundle.path_str(),
+        "c1",
+    ]);
+    common::pass_fds(&mut cmd, vec![file.into()]);
+    let out = common::output_of(&mut cmd);
+    assert!(
+        !out.status.success(),
+        "create passing a regular file succeeded"
+    );
+    let message = text(&out.stderr);
+    for part in [
+        "--preserve-fds 1",
+        "descriptor 3 is a regular file",
+        "a-file",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+    // A descriptor that is not open at all.
     expect_error(
         &env,
         &[
@@ -158,17 +186,33 @@ fn file_descriptors_passed_to_the_container_fail_create_naming_them() {
             bundle.path_str(),
             "c1",
         ],
-        "--preserve-fds 1",
+        "descriptor 3 is not open",
     );
-    let mut cmd = env.cmd();
-    cmd.env("LISTEN_FDS", "2")
-        .args(["run", "--bundle", bundle.path_str(), "c1"]);
+    // Socket activation of a datagram socket, as systemd would pass it (LISTEN_PID is
+    // the runtime's own pid: the shell execs it).
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cmd = Command::new("sh");
+    let run = env.cmd();
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"", "sh"])
+        .arg(run.get_program())
+        .args(run.get_args())
+        .args(["run", "--bundle", bundle.path_str(), "c1"])
+        .envs(run.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    common::pass_fds(&mut cmd, vec![udp.into()]);
     let out = common::output_of(&mut cmd);
-    assert!(!out.status.success(), "run with LISTEN_FDS=2 succeeded");
     assert!(
-        text(&out.stderr).contains("LISTEN_FDS=2"),
-        "{}",
-        text(&out.stderr)
+        !out.status.success(),
+        "run with a datagram socket succeeded"
+    );
+    let message = text(&out.stderr);
+    for part in ["LISTEN_FDS=1", "descriptor 3 is a Datagram socket"] {
+        assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+    // exec takes `--preserve-fds` too, and no socket activation (as runc's).
+    expect_error(
+        &env,
+        &["exec", "--preserve-fds", "1", "c1", "true"],
+        "--preserve-fds 1: descriptor 3 is not open",
     );
     assert_no_state(&env);
 }

@@ -7,20 +7,23 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use agent_proto::{PassedFd, ProcessSpec};
 use anyhow::{anyhow, bail, Context as _, Result};
 use container::bundle::Bundle;
 use container::lifecycle;
 use container::monitor::{self, SyncMessage};
 use container::monitored::MonitoredContainer;
+use container::passed;
 use container::plan::Plan;
 use container::state::{rfc3339_now, write_atomic, ContainerDir, ContainerState, Status};
 use liboci_cli::Create;
 use nix::fcntl::OFlag;
+use std::os::fd::RawFd;
 
 use super::Context;
 
 pub fn run(args: Create, context: &Context) -> Result<i32> {
-    refuse_passed_fds(args.preserve_fds)?;
+    let passed = PassedFds::from_caller(args.preserve_fds)?;
     let bundle = Bundle::load(&args.bundle)?;
     if context.systemd_cgroup {
         require_systemd_path(&bundle)?;
@@ -37,6 +40,7 @@ pub fn run(args: Create, context: &Context) -> Result<i32> {
     let created = create_container(
         &args.container_id,
         bundle,
+        &passed,
         args.console_socket.as_deref(),
         args.pid_file.as_deref(),
         context,
@@ -77,12 +81,13 @@ pub struct Created {
 pub fn create_container(
     id: &str,
     bundle: Bundle,
+    passed: &PassedFds,
     console_socket: Option<&Path>,
     pid_file: Option<&Path>,
     context: &Context,
 ) -> Result<Created> {
     let dir = context.store.create(id)?;
-    match create_in(&dir, bundle, console_socket, pid_file, context) {
+    match create_in(&dir, bundle, passed, console_socket, pid_file, context) {
         Ok(monitor) => Ok(Created { dir, monitor }),
         Err(e) => {
             // The monitor is gone by now; take its cgroups and state with it.
@@ -95,6 +100,7 @@ pub fn create_container(
 fn create_in(
     dir: &ContainerDir,
     bundle: Bundle,
+    passed: &PassedFds,
     console_socket: Option<&Path>,
     pid_file: Option<&Path>,
     context: &Context,
@@ -104,7 +110,8 @@ fn create_in(
     // guest time (seconds where guest kernel code is emulated) and would skew the timings
     // `--debug` logs: they have their own switch.
     let guest_debug = std::env::var("SUPERMACHINE_GUEST_DEBUG").is_ok_and(|v| v == "1");
-    let plan = Plan::prepare(&bundle, &context.paths, guest_debug, context.snapshots)?;
+    let mut plan = Plan::prepare(&bundle, &context.paths, guest_debug, context.snapshots)?;
+    passed.give_to(&mut plan.init);
     log::debug!("container {}: planned in {:?}", dir.id, started.elapsed());
     for note in &plan.notes {
         log::warn!("container {}: {note}", dir.id);
@@ -212,29 +219,62 @@ fn create_in(
     Ok(child)
 }
 
-/// File descriptors handed to the container (`--preserve-fds`, and systemd's socket
-/// activation through `LISTEN_FDS`, which runc passes on as well) would have to become
-/// files inside the VM; none can yet, so asking for them fails rather than the process
-/// starting without them.
-pub fn refuse_passed_fds(preserve_fds: i32) -> Result<()> {
-    refuse_preserve_fds(preserve_fds)?;
-    let listen_fds = std::env::var("LISTEN_FDS").ok();
-    if let Some(count) = listen_fds.filter(|n| n.trim().parse::<u32>().is_ok_and(|n| n > 0)) {
-        bail!(
-            "LISTEN_FDS={count} (socket activation): file descriptors cannot be passed into the container's VM"
-        );
-    }
-    Ok(())
+/// The descriptors the caller hands to the container's first process, as runc takes them:
+/// systemd's socket activation (`LISTEN_FDS` descriptors from 3, when `LISTEN_PID` is this
+/// process), then `--preserve-fds` more, each at its own number. The monitor inherits them
+/// and relays each (see `container::passed`); one the VM cannot stand in for fails
+/// `create`, naming it, rather than the process starting without it.
+#[derive(Debug, Default)]
+pub struct PassedFds {
+    fds: Vec<PassedFd>,
+    listen: u32,
 }
 
-/// `--preserve-fds` of `create`, `run` and `exec` (see [`refuse_passed_fds`]).
-pub fn refuse_preserve_fds(preserve_fds: i32) -> Result<()> {
-    if preserve_fds > 0 {
-        bail!(
-            "--preserve-fds {preserve_fds}: file descriptors cannot be passed into the container's VM"
-        );
+impl PassedFds {
+    /// `create`'s and `run`'s: socket activation's and `--preserve-fds`.
+    pub fn from_caller(preserve_fds: i32) -> Result<Self> {
+        Self::classify(listen_fds(), preserve_fds)
     }
-    Ok(())
+
+    /// `exec`'s: `--preserve-fds` only, as runc's exec takes no socket activation.
+    pub fn preserved(preserve_fds: i32) -> Result<Self> {
+        Self::classify(0, preserve_fds)
+    }
+
+    fn classify(listen: u32, preserve_fds: i32) -> Result<Self> {
+        let preserve = u32::try_from(preserve_fds).unwrap_or(0);
+        let mut fds = Vec::new();
+        for (fd, option) in (0..listen)
+            .map(|i| (3 + i, format!("LISTEN_FDS={listen} (socket activation)")))
+            .chain((0..preserve).map(|i| (3 + listen + i, format!("--preserve-fds {preserve}"))))
+        {
+            let kind = passed::classify(fd as RawFd).map_err(|e| anyhow!("{option}: {e}"))?;
+            fds.push(PassedFd { fd, kind });
+        }
+        Ok(PassedFds { fds, listen })
+    }
+
+    /// Puts them in the process's spec, with runc's `LISTEN_FDS` and `LISTEN_PID`.
+    pub fn give_to(&self, process: &mut ProcessSpec) {
+        process.passed_fds = self.fds.clone();
+        if self.listen > 0 {
+            process.env.push(format!("LISTEN_FDS={}", self.listen));
+            process.env.push("LISTEN_PID=1".to_string());
+        }
+    }
+}
+
+/// How many descriptors systemd's socket activation passes to this process: `LISTEN_FDS`,
+/// when `LISTEN_PID` names this process (as go-systemd's activation reads them for runc).
+fn listen_fds() -> u32 {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    count.filter(|_| ours).unwrap_or(0)
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {

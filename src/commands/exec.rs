@@ -21,7 +21,7 @@ use nix::fcntl::OFlag;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use serde::{Deserialize, Serialize};
 
-use super::create::{absolute, refuse_preserve_fds};
+use super::create::{absolute, PassedFds};
 use super::run::forwarded_signals;
 use super::Context;
 use crate::ExecRelayArgs;
@@ -35,12 +35,13 @@ enum RelaySync {
 }
 
 pub fn run(args: Exec, context: &Context) -> Result<i32> {
-    refuse_preserve_fds(args.preserve_fds)?;
+    let passed = PassedFds::preserved(args.preserve_fds)?;
     let (dir, state) = context.open(&args.container_id)?;
     state.current_status().allows(Verb::Exec {
         ignore_paused: args.ignore_paused,
     })?;
-    let spec = process_spec(&args, &state)?;
+    let mut spec = process_spec(&args, &state)?;
+    passed.give_to(&mut spec);
     let console_socket = args.console_socket.as_deref().map(absolute).transpose()?;
     if args.detach {
         if spec.terminal && console_socket.is_none() {

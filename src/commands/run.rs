@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
 
-use super::create::{create_container, refuse_passed_fds};
+use super::create::{create_container, PassedFds};
 use super::Context;
 use crate::terminal::ForegroundTerminal;
 
@@ -34,7 +34,7 @@ pub fn forwarded_signals() -> SigSet {
 }
 
 pub fn run(args: Run, context: &Context) -> Result<i32> {
-    refuse_passed_fds(args.preserve_fds)?;
+    let passed = PassedFds::from_caller(args.preserve_fds)?;
     let bundle = Bundle::load(&args.bundle)?;
     let terminal = bundle
         .spec
@@ -60,6 +60,7 @@ pub fn run(args: Run, context: &Context) -> Result<i32> {
     let mut created = create_container(
         &args.container_id,
         bundle,
+        &passed,
         console_socket.as_deref(),
         args.pid_file.as_deref(),
         context,

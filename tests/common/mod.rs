@@ -346,10 +346,25 @@ pub fn output_of(cmd: &mut Command) -> Output {
 }
 
 /// `bundle`'s config run to its end under runc, where runc is installed (`None` without
-/// it): its output, for a test to set beside supermachine's. The root is a fresh copy of
-/// busybox (runc writes into it) and the container has the mount and UTS namespaces runc
-/// needs for a root and a hostname.
+/// it): its output, for a test to set beside supermachine's. See [`runc`].
 pub fn run_under_runc(bundle: &Bundle) -> Option<Output> {
+    let mut runc = runc(bundle)?;
+    runc.command.arg(&runc.id);
+    Some(output_of(&mut runc.command))
+}
+
+/// `runc run` of `bundle`'s config, where runc is installed (`None` without it): the
+/// command up to its options, which a test adds before the container's `id`. The root is a
+/// fresh copy of busybox (runc writes into it) and the container has the mount and UTS
+/// namespaces runc needs for a root and a hostname.
+pub struct Runc {
+    pub command: Command,
+    pub id: String,
+    /// The bundle and runc's state, removed when the run is dropped.
+    _dirs: [tempfile::TempDir; 2],
+}
+
+pub fn runc(bundle: &Bundle) -> Option<Runc> {
     let found = output_of(Command::new("sh").args(["-c", "command -v runc"]));
     if !found.status.success() {
         skip::missing_prerequisite("runc is not installed: nothing to compare with");
@@ -395,14 +410,48 @@ pub fn run_under_runc(bundle: &Bundle) -> Option<Output> {
     // process need ids (and so cgroups) of their own.
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Some(output_of(
-        Command::new("runc")
-            .arg("--root")
-            .arg(state.path())
-            .args(["run", "--bundle"])
-            .arg(dir.path())
-            .arg(format!("sm-runc-{}-{run}", std::process::id())),
-    ))
+    let mut command = Command::new("runc");
+    command
+        .arg("--root")
+        .arg(state.path())
+        .args(["run", "--bundle"])
+        .arg(dir.path());
+    Some(Runc {
+        command,
+        id: format!("sm-runc-{}-{run}", std::process::id()),
+        _dirs: [dir, state],
+    })
+}
+
+/// Makes `fds` the command's descriptors 3, 4, … (open across its `exec`), as a caller of
+/// `--preserve-fds` or systemd's socket activation hands them over. The command keeps them
+/// open until it is dropped.
+pub fn pass_fds(cmd: &mut Command, fds: Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let floor = 3 + raw.len() as i32;
+    let mut moved = vec![0; raw.len()];
+    // SAFETY: between fork and exec only fcntl and dup2 run, on descriptors the child has,
+    // writing into a vector allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _kept = &fds;
+            // Above every target first, so that no target overwrites a source.
+            for (slot, &fd) in moved.iter_mut().zip(&raw) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
+                if *slot < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (target, &fd) in (3..).zip(&moved) {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// This process's capability bounding set.

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Kind [`KIND_MESSAGE`]: a [`HostMessage`] or [`AgentMessage`] as JSON. Kind [`KIND_DATA`]:
-//! stdio bytes, `u32 LE process | u8 stream | bytes`; an empty payload closes that stream.
+//! bytes of one of a process's streams, `u32 LE process | u32 LE stream | bytes`; an empty
+//! payload closes that stream (see [`Stream`]).
 //!
 //! The host speaks first after every connect (`Hello`), and the agent answers with its
 //! version: a connection never survives a snapshot, so the agent treats every `Hello` as a new
@@ -21,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change; `Hello` carries it both ways.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Frame kind: a JSON message.
 pub const KIND_MESSAGE: u8 = 1;
@@ -54,23 +55,22 @@ pub enum ProtoError {
     Closed,
 }
 
-/// A stdio stream of a process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[repr(u8)]
-pub enum Stream {
-    Stdin = 0,
-    Stdout = 1,
-    Stderr = 2,
-}
+/// A byte stream of a process: its stdio (0, 1, 2), a descriptor passed to it at that number
+/// (3 up to [`Stream::FIRST_CONNECTION`]), or one connection accepted on a passed listening
+/// socket (from [`Stream::FIRST_CONNECTION`] up, numbered by the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stream(pub u32);
 
 impl Stream {
-    fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Stream::Stdin),
-            1 => Some(Stream::Stdout),
-            2 => Some(Stream::Stderr),
-            _ => None,
-        }
+    pub const STDIN: Stream = Stream(0);
+    pub const STDOUT: Stream = Stream(1);
+    pub const STDERR: Stream = Stream(2);
+    /// Connections get the numbers from here up; passed descriptors the ones below.
+    pub const FIRST_CONNECTION: u32 = 1 << 16;
+
+    /// The stream of the descriptor passed to the process as `fd`.
+    pub fn passed(fd: u32) -> Stream {
+        Stream(fd)
     }
 }
 
@@ -124,6 +124,14 @@ pub enum Request {
         rows: u16,
         cols: u16,
     },
+    /// Connects a new socket to the guest's end of a listening socket passed to `process` as
+    /// descriptor `listener` ([`PassedKind::Listener`]): the host accepted a connection on
+    /// its end, whose bytes go both ways as `stream`.
+    Connect {
+        process: ProcessId,
+        listener: u32,
+        stream: Stream,
+    },
     /// Closes a process's stdin (EOF), as `close_io` does.
     CloseStdin {
         process: ProcessId,
@@ -165,6 +173,7 @@ impl Request {
             Request::StartProcess { .. } => "start_process",
             Request::Signal { .. } => "signal",
             Request::ResizeTerminal { .. } => "resize_terminal",
+            Request::Connect { .. } => "connect",
             Request::CloseStdin { .. } => "close_stdin",
             Request::ListProcesses => "list_processes",
             Request::ConfigureNetwork(_) => "configure_network",
@@ -559,6 +568,41 @@ pub struct ProcessSpec {
     /// an exec'd process without them the container's, before it asks).
     pub capabilities: Option<Capabilities>,
     pub oom_score_adj: Option<i32>,
+    /// Descriptors beyond stdio, each at its own number (`--preserve-fds`, `LISTEN_FDS`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed_fds: Vec<PassedFd>,
+}
+
+/// A host descriptor handed to the container's process, as the guest makes it: bytes
+/// cross the channel as the process's stream of the same number ([`Stream::passed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedFd {
+    pub fd: u32,
+    pub kind: PassedKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassedKind {
+    /// The read end of a pipe whose write end the agent holds: the host's bytes come in.
+    PipeReader,
+    /// The write end of a pipe whose read end the agent holds: the process's bytes go out.
+    PipeWriter,
+    /// A connected stream socket: one end of a Unix socket pair, the agent the other.
+    Connected,
+    /// A listening stream socket of this family on the guest's loopback (an abstract
+    /// address for Unix): each connection the host accepts becomes a [`Request::Connect`].
+    Listener { family: SocketFamily },
+    /// The null device, open for reading and writing.
+    Null,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketFamily {
+    Unix,
+    Inet,
+    Inet6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -628,7 +672,7 @@ pub struct Capabilities {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame<M> {
     Message(M),
-    /// Stdio bytes; empty `bytes` means the stream is closed.
+    /// A stream's bytes; empty `bytes` means the stream is closed.
     Data {
         process: ProcessId,
         stream: Stream,
@@ -651,10 +695,10 @@ pub fn encode_message<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<()
 /// Appends data frames carrying `bytes` (split in chunks; an empty slice encodes an EOF).
 pub fn encode_data(process: ProcessId, stream: Stream, bytes: &[u8], out: &mut Vec<u8>) {
     let mut push = |chunk: &[u8]| {
-        out.extend_from_slice(&frame_len(1 + 4 + 1 + chunk.len()));
+        out.extend_from_slice(&frame_len(1 + 4 + 4 + chunk.len()));
         out.push(KIND_DATA);
         out.extend_from_slice(&process.to_le_bytes());
-        out.push(stream as u8);
+        out.extend_from_slice(&stream.0.to_le_bytes());
         out.extend_from_slice(chunk);
     };
     if bytes.is_empty() {
@@ -677,16 +721,16 @@ fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, ProtoError>
     match kind {
         KIND_MESSAGE => Ok(Frame::Message(serde_json::from_slice(rest)?)),
         KIND_DATA => {
-            if rest.len() < 5 {
+            if rest.len() < 8 {
                 return Err(ProtoError::Malformed("short data header"));
             }
-            let mut id = [0u8; 4];
-            id.copy_from_slice(&rest[..4]);
-            let stream = Stream::from_u8(rest[4]).ok_or(ProtoError::Malformed("bad stream"))?;
+            let word = |at: usize| {
+                u32::from_le_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]])
+            };
             Ok(Frame::Data {
-                process: u32::from_le_bytes(id),
-                stream,
-                bytes: rest[5..].to_vec(),
+                process: word(0),
+                stream: Stream(word(4)),
+                bytes: rest[8..].to_vec(),
             })
         }
         _ => Err(ProtoError::Malformed("unknown frame kind")),
@@ -785,8 +829,10 @@ mod tests {
         };
         let mut out = Vec::new();
         encode_message(&hello, &mut out).expect("encode");
-        encode_data(3, Stream::Stdin, b"abc", &mut out);
-        encode_data(3, Stream::Stdin, b"", &mut out);
+        encode_data(3, Stream::STDIN, b"abc", &mut out);
+        encode_data(3, Stream::STDIN, b"", &mut out);
+        let connection = Stream(Stream::FIRST_CONNECTION + 7);
+        encode_data(0, connection, b"conn", &mut out);
         let frames = roundtrip(&out);
         assert_eq!(
             frames,
@@ -794,13 +840,18 @@ mod tests {
                 Frame::Message(hello),
                 Frame::Data {
                     process: 3,
-                    stream: Stream::Stdin,
+                    stream: Stream::STDIN,
                     bytes: b"abc".to_vec()
                 },
                 Frame::Data {
                     process: 3,
-                    stream: Stream::Stdin,
+                    stream: Stream::STDIN,
                     bytes: vec![]
+                },
+                Frame::Data {
+                    process: 0,
+                    stream: connection,
+                    bytes: b"conn".to_vec()
                 },
             ]
         );
@@ -810,7 +861,7 @@ mod tests {
     fn large_data_is_split_into_bounded_chunks() {
         let data = vec![0x5a; MAX_DATA_CHUNK * 2 + 10];
         let mut out = Vec::new();
-        encode_data(1, Stream::Stdout, &data, &mut out);
+        encode_data(1, Stream::STDOUT, &data, &mut out);
         let mut reader = &out[..];
         let mut total = 0;
         let mut frames = 0;

@@ -15,6 +15,7 @@ mod cpus;
 mod error;
 mod logging;
 mod network;
+mod passed;
 mod paths;
 mod procfs;
 mod seccomp;

@@ -13,12 +13,14 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{shutdown, Shutdown, SockaddrStorage};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::cgroup::ContainerCgroup;
 use crate::channel::Channel;
 use crate::cmdline::Cmdline;
+use crate::passed::{self, AgentEnd};
 use crate::userns::ContainerUserNamespace;
 use crate::{agent_debug, agent_log, cpus, network, procfs, seccomp, setup, spawn, warm};
 
@@ -44,16 +46,64 @@ impl std::fmt::Display for AgentError {
 #[derive(Debug)]
 struct Process {
     pid: Pid,
-    stdin: Option<OwnedFd>,
-    stdin_pending: Vec<u8>,
-    stdin_eof: bool,
-    /// stdout/stderr pipes, or the pty master as stdout.
+    /// Where the host's bytes go: stdin (a pipe, or the pty master), passed pipes and
+    /// sockets, connections to passed listeners.
+    inputs: Vec<Input>,
+    /// stdout/stderr pipes, or the pty master as stdout; passed pipes, sockets and
+    /// connections.
     outputs: Vec<(Stream, OwnedFd)>,
+    /// Passed listening sockets: their descriptor numbers in the process, and addresses.
+    listeners: Vec<(u32, SockaddrStorage)>,
     pty: bool,
     /// Stopped at its first instruction until `StartProcess` (see `spawn`). A signal that
     /// kills by default ends it then; others reach it when it starts.
     held: bool,
     exit: Option<(ExitStatus, Instant)>,
+}
+
+/// One stream from the host into the guest.
+#[derive(Debug)]
+struct Input {
+    stream: Stream,
+    fd: OwnedFd,
+    pending: Vec<u8>,
+    eof: bool,
+    /// A socket is shut for writing at the host's EOF: the agent's descriptor (a copy of its
+    /// output's) stays, so closing it would not end the stream.
+    socket: bool,
+}
+
+impl Input {
+    fn new(stream: Stream, fd: OwnedFd, socket: bool) -> Self {
+        set_nonblocking(&fd);
+        Input {
+            stream,
+            fd,
+            pending: Vec::new(),
+            eof: false,
+            socket,
+        }
+    }
+
+    /// Writes what the descriptor takes now; the rest waits for POLLOUT. Returns whether
+    /// the input is done (its EOF delivered, or its reader gone).
+    fn flush(&mut self) -> bool {
+        while !self.pending.is_empty() {
+            match nix::unistd::write(&self.fd, &self.pending) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(Errno::EAGAIN) => return false,
+                Err(Errno::EINTR) => continue,
+                // The reader is gone (EPIPE): nobody will read the rest.
+                Err(_) => return true,
+            }
+        }
+        if self.eof && self.socket {
+            let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Write);
+        }
+        self.eof
+    }
 }
 
 enum Readiness {
@@ -62,7 +112,7 @@ enum Readiness {
     Signals,
     CgroupEvents,
     Output(ProcessId, usize),
-    Stdin(ProcessId),
+    Input(ProcessId, usize),
 }
 
 /// What the guest kernel says of itself: the same for the whole boot, and for every VM
@@ -218,16 +268,11 @@ impl Server {
                 fds.push(PollFd::new(borrow(fd), PollFlags::POLLIN));
                 what.push(Readiness::Output(id, index));
             }
-            if let (Some(fd), false) = (&process.stdin, process.stdin_pending.is_empty()) {
-                fds.push(PollFd::new(borrow(fd), PollFlags::POLLOUT));
-                what.push(Readiness::Stdin(id));
-            } else if let (true, false, Some((_, fd))) = (
-                process.pty,
-                process.stdin_pending.is_empty(),
-                process.outputs.first(),
-            ) {
-                fds.push(PollFd::new(borrow(fd), PollFlags::POLLOUT));
-                what.push(Readiness::Stdin(id));
+            for (index, input) in process.inputs.iter().enumerate() {
+                if !input.pending.is_empty() {
+                    fds.push(PollFd::new(borrow(&input.fd), PollFlags::POLLOUT));
+                    what.push(Readiness::Input(id, index));
+                }
             }
             if let Some((_, at)) = process.exit {
                 let d = at + OUTPUT_DRAIN_GRACE;
@@ -264,7 +309,7 @@ impl Server {
                 Readiness::Dns => self.relay_dns()?,
                 Readiness::CgroupEvents => self.report_oom_kills()?,
                 Readiness::Output(id, slot) => self.on_output(id, slot)?,
-                Readiness::Stdin(id) => self.flush_stdin(id),
+                Readiness::Input(id, slot) => self.flush_input(id, slot),
             }
         }
         self.report_exits()
@@ -322,10 +367,9 @@ impl Server {
                 }
                 Frame::Data {
                     process,
-                    stream: Stream::Stdin,
+                    stream,
                     bytes,
-                } => self.on_stdin(process, bytes),
-                Frame::Data { .. } => agent_log!("ignoring output-stream data from the host"),
+                } => self.on_input(process, stream, bytes),
             }
         }
         Ok(())
@@ -427,7 +471,14 @@ impl Server {
                 };
                 let spawned = spawn::spawn(&spec, !start, &container).map_err(AgentError)?;
                 let pid = spawned.pid;
-                self.processes.insert(process, into_process(spawned));
+                let pid_of = spawned.pid;
+                match into_process(spawned) {
+                    Ok(p) => self.processes.insert(process, p),
+                    Err(e) => {
+                        let _ = kill(pid_of, Signal::SIGKILL);
+                        return Err(e);
+                    }
+                };
                 Ok(Reply::Created { pid: pid.as_raw() })
             }
             Request::StartProcess { process } => {
@@ -494,7 +545,31 @@ impl Server {
                 Ok(Reply::Ok)
             }
             Request::CloseStdin { process } => {
-                self.on_stdin(process, Vec::new());
+                self.on_input(process, Stream::STDIN, Vec::new());
+                Ok(Reply::Ok)
+            }
+            Request::Connect {
+                process,
+                listener,
+                stream,
+            } => {
+                let p = self.process(process)?;
+                let Some((_, address)) = p.listeners.iter().find(|(fd, _)| *fd == listener) else {
+                    return Err(AgentError(format!(
+                        "process {process} has no passed listener {listener}"
+                    )));
+                };
+                if p.outputs.iter().any(|(s, _)| *s == stream)
+                    || p.inputs.iter().any(|i| i.stream == stream)
+                {
+                    return Err(AgentError(format!("stream {} is in use", stream.0)));
+                }
+                let connection = passed::connect(address).map_err(AgentError)?;
+                let input = connection
+                    .try_clone()
+                    .map_err(|e| AgentError(format!("dup: {e}")))?;
+                p.outputs.push((stream, connection));
+                p.inputs.push(Input::new(stream, input, true));
                 Ok(Reply::Ok)
             }
             Request::ListProcesses => Ok(Reply::Processes(procfs::list_processes())),
@@ -564,53 +639,30 @@ impl Server {
             .ok_or_else(|| AgentError(format!("no process {id}")))
     }
 
-    fn on_stdin(&mut self, id: ProcessId, bytes: Vec<u8>) {
+    fn on_input(&mut self, id: ProcessId, stream: Stream, bytes: Vec<u8>) {
         let Some(p) = self.processes.get_mut(&id) else {
             return;
         };
+        let Some(slot) = p.inputs.iter().position(|i| i.stream == stream) else {
+            // Closed already, or never one: nobody would read it.
+            return;
+        };
+        let input = &mut p.inputs[slot];
         if bytes.is_empty() {
-            p.stdin_eof = true;
+            input.eof = true;
         } else {
-            p.stdin_pending.extend_from_slice(&bytes);
+            input.pending.extend_from_slice(&bytes);
         }
-        self.flush_stdin(id);
+        self.flush_input(id, slot);
     }
 
-    /// Writes what the pipe takes now; the rest waits for POLLOUT.
-    fn flush_stdin(&mut self, id: ProcessId) {
+    fn flush_input(&mut self, id: ProcessId, slot: usize) {
         let Some(p) = self.processes.get_mut(&id) else {
             return;
         };
-        let fd: Option<BorrowedFd<'_>> = if p.pty {
-            p.outputs.first().map(|(_, fd)| fd.as_fd())
-        } else {
-            p.stdin.as_ref().map(|fd| fd.as_fd())
-        };
-        let mut broken = false;
-        if let Some(fd) = fd {
-            while !p.stdin_pending.is_empty() {
-                match nix::unistd::write(fd, &p.stdin_pending) {
-                    Ok(n) => {
-                        p.stdin_pending.drain(..n);
-                    }
-                    Err(Errno::EAGAIN) => break,
-                    Err(Errno::EINTR) => continue,
-                    Err(_) => {
-                        // The reader is gone (EPIPE): nobody will read the rest.
-                        broken = true;
-                        break;
-                    }
-                }
-            }
-        } else {
-            p.stdin_pending.clear();
-        }
-        if broken {
-            p.stdin_pending.clear();
-        }
-        if (p.stdin_eof && p.stdin_pending.is_empty()) || broken {
-            // A terminal has no separate stdin to close: its EOF is the line discipline's.
-            p.stdin = None;
+        if p.inputs.get_mut(slot).is_some_and(Input::flush) {
+            // A terminal's stdin is a copy of the master: its EOF is the line discipline's.
+            p.inputs.remove(slot);
         }
     }
 
@@ -730,32 +782,58 @@ impl Server {
     }
 }
 
-fn into_process(spawned: spawn::Spawned) -> Process {
+fn into_process(spawned: spawn::Spawned) -> Result<Process, AgentError> {
     let mut outputs = Vec::new();
+    let mut inputs = Vec::new();
+    let mut listeners = Vec::new();
     let pty = spawned.pty_master.is_some();
+    if let Some(master) = &spawned.pty_master {
+        let copy = master
+            .try_clone()
+            .map_err(|e| AgentError(format!("dup the pty master: {e}")))?;
+        inputs.push(Input::new(Stream::STDIN, copy, false));
+    }
+    if let Some(fd) = spawned.stdin {
+        inputs.push(Input::new(Stream::STDIN, fd, false));
+    }
     for (stream, fd) in [
-        (Stream::Stdout, spawned.pty_master),
-        (Stream::Stdout, spawned.stdout),
-        (Stream::Stderr, spawned.stderr),
+        (Stream::STDOUT, spawned.pty_master),
+        (Stream::STDOUT, spawned.stdout),
+        (Stream::STDERR, spawned.stderr),
     ] {
         if let Some(fd) = fd {
             set_nonblocking(&fd);
             outputs.push((stream, fd));
         }
     }
-    if let Some(fd) = &spawned.stdin {
-        set_nonblocking(fd);
+    for (stream, end) in spawned.passed {
+        match end {
+            AgentEnd::Input(fd) => inputs.push(Input::new(stream, fd, false)),
+            AgentEnd::Output(fd) => {
+                set_nonblocking(&fd);
+                outputs.push((stream, fd));
+            }
+            AgentEnd::Both(fd) => {
+                let copy = fd
+                    .try_clone()
+                    .map_err(|e| AgentError(format!("dup: {e}")))?;
+                inputs.push(Input::new(stream, copy, true));
+                set_nonblocking(&fd);
+                outputs.push((stream, fd));
+            }
+            AgentEnd::Listener(address) => listeners.push((stream.0, address)),
+            AgentEnd::Nothing => {}
+        }
     }
-    Process {
+    Ok(Process {
         pid: spawned.pid,
-        stdin: spawned.stdin,
-        stdin_pending: Vec::new(),
-        stdin_eof: false,
+        inputs,
         outputs,
+        listeners,
         pty,
         held: spawned.held,
         exit: None,
-    }
+    })
 }
 
 fn set_nonblocking(fd: &OwnedFd) {

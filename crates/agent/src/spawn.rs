@@ -21,12 +21,12 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use agent_proto::ProcessSpec;
+use agent_proto::{ProcessSpec, Stream};
 use nix::fcntl::OFlag;
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
@@ -39,6 +39,7 @@ use nix::unistd::Pid;
 
 use crate::caps;
 use crate::cgroup::ContainerCgroup;
+use crate::passed::{self, AgentEnd};
 use crate::paths::{DEFAULT_PATH, PASSWD};
 use crate::seccomp::Filter;
 use crate::setup::ContainerMounts;
@@ -53,6 +54,8 @@ pub struct Spawned {
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     pub pty_master: Option<OwnedFd>,
+    /// The agent's ends of the descriptors passed to the process, by their streams.
+    pub passed: Vec<(Stream, AgentEnd)>,
     /// Created with `wait_for_start`: stopped at its first instruction until [`release`].
     pub held: bool,
 }
@@ -131,8 +134,17 @@ pub fn spawn(
         stdout: None,
         stderr: None,
         pty_master: None,
+        passed: Vec::new(),
         held: wait_for_start,
     };
+    // The process's ends stay open here until the child has placed them.
+    let mut passed_ends = Vec::with_capacity(spec.passed_fds.len());
+    for p in &spec.passed_fds {
+        let (theirs, ours) = passed::make(p.kind)?;
+        let target = RawFd::try_from(p.fd).map_err(|_| format!("descriptor {} too large", p.fd))?;
+        passed_ends.push((target, theirs));
+        spawned.passed.push((Stream::passed(p.fd), ours));
+    }
     let child_stdio = if spec.terminal {
         let (agent_end, console) = socketpair(
             AddressFamily::Unix,
@@ -181,6 +193,10 @@ pub fn spawn(
         cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
         seccomp,
         user_namespace: user_namespace.map(|ns| ns.fd().as_raw_fd()),
+        passed: passed_ends
+            .iter()
+            .map(|(target, fd)| (*target, fd.as_raw_fd()))
+            .collect(),
         hold: wait_for_start,
         report: sync_w.as_raw_fd(),
     };
@@ -212,6 +228,7 @@ pub fn spawn(
     };
     drop(sync_w);
     drop(cgroup_procs);
+    drop(passed_ends);
     spawned.pid = pid;
     let mut report = Vec::new();
     let _ = File::from(sync_r).read_to_end(&mut report);
@@ -263,6 +280,8 @@ struct Child<'a> {
     seccomp: Option<&'a Filter>,
     /// The container's user namespace, joined after the mounts.
     user_namespace: Option<RawFd>,
+    /// Passed descriptors: (the number the process gets, the child's descriptor).
+    passed: Vec<(RawFd, RawFd)>,
     hold: bool,
     /// The write end of the report pipe.
     report: RawFd,
@@ -333,11 +352,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // The child's stderr becomes the container's: no agent diagnostics from here on (`spawn`
     // turns them back on for the agent).
     crate::logging::set_debug(false);
-    let failure = match child_setup(child) {
+    // The child's own copy: placing passed descriptors may move it.
+    let mut report = child.report;
+    let failure = match child_setup(child, &mut report) {
         Ok(program) => exec(&program, &child.spec.args, child.env),
         Err(message) => message,
     };
-    report_and_exit(child.report, &failure)
+    report_and_exit(report, &failure)
 }
 
 fn report_and_exit(report: RawFd, message: &str) -> ! {
@@ -395,8 +416,8 @@ fn home_of(uid: u32) -> Option<String> {
     })
 }
 
-/// Runs in the child. Returns the program path to exec.
-fn child_setup(child: &Child) -> Result<PathBuf, String> {
+/// Runs in the child. Returns the program path to exec; `report` is where a failure goes.
+fn child_setup(child: &Child, report: &mut RawFd) -> Result<PathBuf, String> {
     let spec = child.spec;
     // First, so that everything the process does is accounted and limited as the
     // container's, and what it mounts or reads of cgroups is rooted at the container's.
@@ -417,15 +438,15 @@ fn child_setup(child: &Child) -> Result<PathBuf, String> {
     if let Some(mounts) = child.mounts {
         mounts.run(child.cgroup).map_err(|e| e.0)?;
     }
-    let terminal;
     let fds = match &child.stdio {
         Stdio::Terminal { console, size } => {
-            terminal = open_terminal(*console, size.as_ref())?;
+            // Close-on-exec, and never closed before: a passed descriptor may take its number.
+            let terminal = open_terminal(*console, size.as_ref())?.into_raw_fd();
             // SAFETY: TIOCSCTTY takes an integer argument; `terminal` is the pty slave.
-            if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
+            if unsafe { libc::ioctl(terminal, libc::TIOCSCTTY, 0) } != 0 {
                 return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
             }
-            [terminal.as_raw_fd(); 3]
+            [terminal; 3]
         }
         Stdio::Pipes(fds) => *fds,
     };
@@ -435,6 +456,10 @@ fn child_setup(child: &Child) -> Result<PathBuf, String> {
             return Err(format!("dup2: {}", std::io::Error::last_os_error()));
         }
     }
+    let mut user_namespace = child.user_namespace;
+    let mut keep: Vec<&mut RawFd> = vec![report];
+    keep.extend(user_namespace.as_mut());
+    passed::place(&child.passed, &mut keep)?;
     if let Some(adj) = spec.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| format!("oom_score_adj: {e}"))?;
@@ -464,7 +489,7 @@ fn child_setup(child: &Child) -> Result<PathBuf, String> {
         std::fs::create_dir_all(cwd).map_err(|e| format!("create cwd {cwd}: {e}"))?;
     }
     std::env::set_current_dir(cwd).map_err(|e| format!("chdir to cwd {cwd:?}: {e}"))?;
-    if let Some(namespace) = child.user_namespace {
+    if let Some(namespace) = user_namespace {
         // SAFETY: the agent keeps the namespace's descriptor open until this child has
         // exec'd or exited (it is suspended meanwhile).
         userns::join(unsafe { BorrowedFd::borrow_raw(namespace) })?;

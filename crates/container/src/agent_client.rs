@@ -328,8 +328,18 @@ impl AgentClient {
 
     /// Sends stdin bytes to a process; an empty slice closes its stdin.
     pub fn send_stdin(&self, process: ProcessId, bytes: &[u8]) -> Result<(), ContainerError> {
+        self.send_input(process, Stream::STDIN, bytes)
+    }
+
+    /// Sends bytes of one of a process's input streams; an empty slice ends it.
+    pub fn send_input(
+        &self,
+        process: ProcessId,
+        stream: Stream,
+        bytes: &[u8],
+    ) -> Result<(), ContainerError> {
         let mut out = Vec::new();
-        encode_data(process, Stream::Stdin, bytes, &mut out);
+        encode_data(process, stream, bytes, &mut out);
         self.write(&out)
     }
 

@@ -42,6 +42,12 @@ pub enum ControlRequest {
     },
     /// Within an exec session: stdin is at EOF.
     CloseStdin,
+    /// Within an exec session: the relay accepted a connection on the passed listener
+    /// `listener`, whose bytes go both ways as `stream`.
+    Connect {
+        listener: u32,
+        stream: agent_proto::Stream,
+    },
     /// A live `update` of the VM ([`LiveUpdate::apply`]).
     Update(LiveUpdate),
     /// The container cgroup's files in the guest, as the agent reads them.

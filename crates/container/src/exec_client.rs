@@ -8,11 +8,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use agent_proto::{encode_data, encode_message, read_frame, Frame, ProcessSpec, Stream};
+use agent_proto::{encode_data, encode_message, read_frame, Frame, PassedFd, ProcessSpec, Stream};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::console::{self, HostConsole};
 use crate::control::{self, ControlReply, ControlRequest};
+use crate::passed::{self, HostEnds};
 use crate::relay::{self, write_fd};
 use crate::ContainerError;
 
@@ -21,6 +22,8 @@ use crate::ContainerError;
 pub struct ExecSession {
     stream: UnixStream,
     console: Option<HostConsole>,
+    /// Descriptors this process holds for the exec'd one (`--preserve-fds`), relayed here.
+    passed: Vec<PassedFd>,
     /// Guest pid of the process.
     pub pid: i32,
 }
@@ -35,6 +38,7 @@ impl ExecSession {
     ) -> Result<Self, ContainerError> {
         let size = spec.console_size;
         let terminal = spec.terminal;
+        let passed = spec.passed_fds.clone();
         let mut stream = control::connect(dir)?;
         control::send(
             &mut stream,
@@ -58,6 +62,7 @@ impl ExecSession {
         Ok(ExecSession {
             stream,
             console,
+            passed,
             pid,
         })
     }
@@ -95,11 +100,16 @@ impl ExecSession {
                         return false;
                     }
                 } else {
-                    encode_data(0, Stream::Stdin, bytes, &mut out);
+                    encode_data(0, Stream::STDIN, bytes, &mut out);
                 }
                 send(&stdin_writer, &out)
             });
         }
+        let ends = Arc::new(HostEnds::default());
+        let session = SessionGuest {
+            writer: Arc::clone(&writer),
+        };
+        passed::relay(&session, &self.passed, &ends);
         let signal_writer = Arc::clone(&writer);
         let console_fd = match &self.console {
             Some(c) => Some(c.slave.as_raw_fd()),
@@ -130,10 +140,13 @@ impl ExecSession {
         loop {
             match read_frame::<ControlReply, _>(&mut reader) {
                 Ok(Frame::Data { stream, bytes, .. }) => {
-                    let fd = if stream == Stream::Stderr {
-                        err_fd
-                    } else {
-                        out_fd
+                    let fd = match stream {
+                        Stream::STDOUT => out_fd,
+                        Stream::STDERR => err_fd,
+                        _ => {
+                            ends.output(stream, &bytes);
+                            continue;
+                        }
                     };
                     if bytes.is_empty() {
                         if out_fd != err_fd {
@@ -152,5 +165,44 @@ impl ExecSession {
                 }
             }
         }
+    }
+}
+
+/// The exec'd process's passed streams, through the session's connection to the monitor.
+#[derive(Clone)]
+struct SessionGuest {
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl SessionGuest {
+    fn write(&self, frames: &[u8]) -> bool {
+        self.writer
+            .lock()
+            .map(|mut w| w.write_all(frames).is_ok())
+            .unwrap_or(false)
+    }
+}
+
+impl passed::Guest for SessionGuest {
+    fn send(&self, stream: Stream, bytes: &[u8]) -> bool {
+        let mut out = Vec::new();
+        encode_data(0, stream, bytes, &mut out);
+        self.write(&out)
+    }
+
+    /// Asked of the monitor, which closes the stream if the guest cannot connect it.
+    fn connect(&self, listener: u32, stream: Stream) -> Result<(), String> {
+        let mut out = Vec::new();
+        encode_message(&ControlRequest::Connect { listener, stream }, &mut out)
+            .map_err(|e| e.to_string())?;
+        if self.write(&out) {
+            Ok(())
+        } else {
+            Err("the session's connection to the monitor is gone".into())
+        }
+    }
+
+    fn gone(&self) -> bool {
+        false
     }
 }

@@ -26,6 +26,7 @@ pub mod monitored;
 pub mod namespaces;
 pub mod netns;
 pub mod network;
+pub mod passed;
 pub mod paths;
 pub mod plan;
 pub mod proc;

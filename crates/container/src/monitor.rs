@@ -33,7 +33,7 @@ use crate::plan::Plan;
 use crate::relay::{self, FdOutput};
 use crate::startup::{self, RunningVm, TapLifetime, VmNetwork, VmStartup};
 use crate::state::{ContainerDir, StateStore, Status, Verb};
-use crate::{cgroup, proc, reclaim, ContainerError, Paths};
+use crate::{cgroup, passed, proc, reclaim, ContainerError, Paths};
 
 /// What `create` passes to the monitor it starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,10 +222,15 @@ impl Monitor {
         };
         let init_exited = Arc::new(AtomicBool::new(false));
         let exited_flag = Arc::clone(&init_exited);
-        let init_events = Box::new(FdOutput::new(out, err, move |status| {
-            exited_flag.store(true, Ordering::SeqCst);
-            let _ = init_exit.send(Event::InitExited(status));
-        }));
+        let passed_ends = Arc::new(passed::HostEnds::default());
+        let passed_fds = plan.init.passed_fds.clone();
+        let init_events = Box::new(
+            FdOutput::new(out, err, move |status| {
+                exited_flag.store(true, Ordering::SeqCst);
+                let _ = init_exit.send(Event::InitExited(status));
+            })
+            .with_passed(Arc::clone(&passed_ends)),
+        );
         // Bound before the VM starts, so that nothing can fail between its start and `created`
         // but the state's update.
         let listener = control::bind_unix(&dir.file(control::SOCKET_NAME))
@@ -271,6 +276,11 @@ impl Monitor {
                 stdin_agent.send_stdin(INIT_PROCESS, bytes).is_ok()
             });
         }
+        let init = passed::AgentProcess {
+            agent: agent.clone(),
+            process: INIT_PROCESS,
+        };
+        passed::relay(&init, &passed_fds, &passed_ends);
         let pid = std::process::id() as i32;
         let recorded = dir.update(|s| {
             s.status = Status::Created;
@@ -579,7 +589,8 @@ impl ControlContext {
             },
             ControlRequest::Exec { .. }
             | ControlRequest::Resize { .. }
-            | ControlRequest::CloseStdin => Err(ContainerError::Monitor(
+            | ControlRequest::CloseStdin
+            | ControlRequest::Connect { .. } => Err(ContainerError::Monitor(
                 "request only valid in an exec session".into(),
             )),
         }
@@ -656,9 +667,26 @@ impl ControlContext {
         let mut reader = stream;
         loop {
             match read_frame::<ControlRequest, _>(&mut reader) {
-                Ok(Frame::Data { bytes, .. }) => {
-                    if self.agent.send_stdin(process, &bytes).is_err() {
+                Ok(Frame::Data { stream, bytes, .. }) => {
+                    if self.agent.send_input(process, stream, &bytes).is_err() {
                         break;
+                    }
+                }
+                Ok(Frame::Message(ControlRequest::Connect { listener, stream })) => {
+                    let connected = self.agent.request(
+                        Request::Connect {
+                            process,
+                            listener,
+                            stream,
+                        },
+                        REQUEST_TIMEOUT,
+                    );
+                    if let Err(e) = connected {
+                        log::debug!("exec {process}: connect to listener {listener}: {e}");
+                        // The session's end of the connection closes.
+                        let mut out = Vec::new();
+                        encode_data(0, stream, &[], &mut out);
+                        writer.lock_unpoisoned().write(&out);
                     }
                 }
                 Ok(Frame::Message(ControlRequest::Resize { rows, cols })) => {
@@ -858,8 +886,8 @@ mod tests {
             writer: Arc::clone(&writer),
         };
         // A fast process: all of it is reported before the session writes its reply.
-        output.output(Stream::Stdout, b"exec-out");
-        output.output(Stream::Stderr, b"exec-err");
+        output.output(Stream::STDOUT, b"exec-out");
+        output.output(Stream::STDERR, b"exec-err");
         output.exited(ExitStatus::Exited(5));
         writer
             .lock_unpoisoned()
@@ -889,7 +917,7 @@ mod tests {
         let mut output = SessionOutput {
             writer: Arc::clone(&writer),
         };
-        output.output(Stream::Stdout, b"later");
+        output.output(Stream::STDOUT, b"later");
         output.exited(ExitStatus::Exited(0));
         drop(output);
         drop(writer);
@@ -912,7 +940,7 @@ mod tests {
         // A guest that floods the session before its reply is out.
         let chunk = vec![b'x'; 1 << 20];
         for _ in 0..(2 * MAX_HELD_OUTPUT) >> 20 {
-            output.output(Stream::Stdout, &chunk);
+            output.output(Stream::STDOUT, &chunk);
         }
         output.exited(ExitStatus::Exited(3));
         let held = writer.lock_unpoisoned().held.as_ref().unwrap().frames.len();

@@ -4,16 +4,20 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use agent_proto::{ExitStatus, Stream};
 
 use crate::agent_client::ProcessEvents;
+use crate::passed::HostEnds;
 
 /// Writes a process's output to host fds (stdout/stderr of this process, or a pty slave) and
 /// hands its exit to a callback.
 pub struct FdOutput {
     stdout: RawFd,
     stderr: RawFd,
+    /// Where the streams of passed descriptors go.
+    passed: Option<Arc<HostEnds>>,
     on_exit: Option<Box<dyn FnOnce(ExitStatus) + Send>>,
 }
 
@@ -35,8 +39,15 @@ impl FdOutput {
         FdOutput {
             stdout,
             stderr,
+            passed: None,
             on_exit: Some(Box::new(on_exit)),
         }
+    }
+
+    /// Sends the streams of passed descriptors to `ends`.
+    pub fn with_passed(mut self, ends: Arc<HostEnds>) -> Self {
+        self.passed = Some(ends);
+        self
     }
 }
 
@@ -68,8 +79,14 @@ pub fn close_to_null(fd: RawFd) {
 impl ProcessEvents for FdOutput {
     fn output(&mut self, stream: Stream, bytes: &[u8]) {
         let fd = match stream {
-            Stream::Stderr => self.stderr,
-            _ => self.stdout,
+            Stream::STDOUT => self.stdout,
+            Stream::STDERR => self.stderr,
+            _ => {
+                if let Some(ends) = &self.passed {
+                    ends.output(stream, bytes);
+                }
+                return;
+            }
         };
         if bytes.is_empty() {
             // A terminal carries both streams; closing it is the relay's business.

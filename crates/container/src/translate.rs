@@ -206,6 +206,8 @@ pub fn process_spec(process: &Process) -> ProcessSpec {
             ambient: cap_names(c.ambient()),
         }),
         oom_score_adj: process.oom_score_adj(),
+        // The caller's, not config.json's: `create` adds them.
+        passed_fds: Vec::new(),
     }
 }
 

@@ -66,7 +66,7 @@ impl FifoOutput {
 impl ProcessEvents for FifoOutput {
     fn output(&mut self, stream: Stream, bytes: &[u8]) {
         let sink = match stream {
-            Stream::Stderr => &mut self.stderr,
+            Stream::STDERR => &mut self.stderr,
             _ => &mut self.stdout,
         };
         if bytes.is_empty() {
