@@ -284,3 +284,53 @@ fn exec_passes_preserved_descriptors_to_the_execd_process() {
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     env.assert_clean(id);
 }
+
+#[test]
+fn a_client_that_stops_reading_holds_only_its_own_connection_as_under_runc() {
+    let Some(env) = Env::new() else { return };
+    let program = common::fixture_program("socket_activated");
+    let bundle = env.bundle(&[
+        "sh",
+        "-c",
+        "cat > /tmp/server && chmod +x /tmp/server && exec /tmp/server flood",
+    ]);
+    for mut runtime in runtimes(&env, &bundle) {
+        let name = runtime.name();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = tcp.local_addr().unwrap();
+        let run = runtime.command(&bundle, &[], "c-flood");
+        let mut cmd = socket_activated(&run, 1);
+        drop(run);
+        let dir = tempfile::tempdir().unwrap();
+        let stdout = dir.path().join("stdout");
+        cmd.stdin(std::fs::File::open(&program).unwrap())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::inherit());
+        pass_fds(&mut cmd, vec![tcp.into()]);
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        // Connected, and never read: the server's writes fill every buffer on the way.
+        let client = std::net::TcpStream::connect(address).unwrap();
+        // The container's stdout and exit still come through.
+        let deadline = std::time::Instant::now() + guest_time(Duration::from_secs(60));
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: the run did not end while a client did not read");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        drop(client);
+        assert!(status.success(), "{name}: {status}");
+        assert_eq!(
+            std::fs::read_to_string(&stdout).unwrap(),
+            "LISTEN_FDS=1 LISTEN_PID=1\nstill answering 0\nstill answering 1\nstill answering 2\n\
+             the writer was held\n",
+            "{name}"
+        );
+    }
+    env.assert_clean("c-flood");
+}

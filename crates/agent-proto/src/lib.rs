@@ -32,6 +32,9 @@ pub const KIND_DATA: u8 = 2;
 /// Largest frame either side accepts; a larger length prefix means the stream is corrupt.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 
+/// Bytes of a connection's output the agent sends ahead of the host's [`Request::Credit`].
+pub const CONNECTION_WINDOW: u32 = 64 << 10;
+
 /// Largest stdio chunk put in one data frame.
 pub const MAX_DATA_CHUNK: usize = 64 << 10;
 
@@ -71,6 +74,11 @@ impl Stream {
     /// The stream of the descriptor passed to the process as `fd`.
     pub fn passed(fd: u32) -> Stream {
         Stream(fd)
+    }
+
+    /// A connection accepted on a passed listener (its output is paced by credit).
+    pub fn is_connection(self) -> bool {
+        self.0 >= Self::FIRST_CONNECTION
     }
 }
 
@@ -132,6 +140,15 @@ pub enum Request {
         listener: u32,
         stream: Stream,
     },
+    /// The host wrote `bytes` more of a connection's output ([`Stream::FIRST_CONNECTION`]
+    /// and up): the agent may read that many more from it. A connection's output flows at
+    /// most [`CONNECTION_WINDOW`] bytes ahead of the host's credit, so that a client that
+    /// stops reading holds its own connection, not the channel every stream shares.
+    Credit {
+        process: ProcessId,
+        stream: Stream,
+        bytes: u32,
+    },
     /// Closes a process's stdin (EOF), as `close_io` does.
     CloseStdin {
         process: ProcessId,
@@ -174,6 +191,7 @@ impl Request {
             Request::Signal { .. } => "signal",
             Request::ResizeTerminal { .. } => "resize_terminal",
             Request::Connect { .. } => "connect",
+            Request::Credit { .. } => "credit",
             Request::CloseStdin { .. } => "close_stdin",
             Request::ListProcesses => "list_processes",
             Request::ConfigureNetwork(_) => "configure_network",

@@ -54,6 +54,9 @@ struct Process {
     outputs: Vec<(Stream, OwnedFd)>,
     /// Passed listening sockets: their descriptor numbers in the process, and addresses.
     listeners: Vec<(u32, SockaddrStorage)>,
+    /// How much more of each connection's output the host takes now (see
+    /// `Request::Credit`); an output at 0 is not read until more comes.
+    credits: BTreeMap<Stream, u32>,
     pty: bool,
     /// Stopped at its first instruction until `StartProcess` (see `spawn`). A signal that
     /// kills by default ends it then; others reach it when it starts.
@@ -264,7 +267,10 @@ impl Server {
         }
         let mut deadline: Option<Instant> = None;
         for (&id, process) in &self.processes {
-            for (index, (_, fd)) in process.outputs.iter().enumerate() {
+            for (index, (stream, fd)) in process.outputs.iter().enumerate() {
+                if process.credits.get(stream) == Some(&0) {
+                    continue;
+                }
                 fds.push(PollFd::new(borrow(fd), PollFlags::POLLIN));
                 what.push(Readiness::Output(id, index));
             }
@@ -570,6 +576,22 @@ impl Server {
                     .map_err(|e| AgentError(format!("dup: {e}")))?;
                 p.outputs.push((stream, connection));
                 p.inputs.push(Input::new(stream, input, true));
+                p.credits.insert(stream, agent_proto::CONNECTION_WINDOW);
+                Ok(Reply::Ok)
+            }
+            Request::Credit {
+                process,
+                stream,
+                bytes,
+            } => {
+                // A connection already closed (or its process gone) has nothing to pace.
+                if let Some(credit) = self
+                    .processes
+                    .get_mut(&process)
+                    .and_then(|p| p.credits.get_mut(&stream))
+                {
+                    *credit = credit.saturating_add(bytes);
+                }
                 Ok(Reply::Ok)
             }
             Request::ListProcesses => Ok(Reply::Processes(procfs::list_processes())),
@@ -677,14 +699,22 @@ impl Server {
         };
         let stream = *stream;
         let mut closed = false;
+        let mut credit = p.credits.get(&stream).copied();
         // Bounded, so that one chatty process cannot starve the loop.
         for _ in 0..16 {
-            match nix::unistd::read(fd.as_raw_fd(), buf) {
+            let want = credit.map_or(buf.len(), |c| buf.len().min(c as usize));
+            if want == 0 {
+                break;
+            }
+            match nix::unistd::read(fd.as_raw_fd(), &mut buf[..want]) {
                 Ok(0) => {
                     closed = true;
                     break;
                 }
-                Ok(n) => encode_data(id, stream, &buf[..n], &mut out),
+                Ok(n) => {
+                    encode_data(id, stream, &buf[..n], &mut out);
+                    credit = credit.map(|c| c - n as u32);
+                }
                 Err(Errno::EAGAIN) => break,
                 Err(Errno::EINTR) => continue,
                 // EIO: the last holder of a pty slave closed it.
@@ -694,8 +724,12 @@ impl Server {
                 }
             }
         }
+        if let Some(left) = credit {
+            p.credits.insert(stream, left);
+        }
         if closed {
             p.outputs.remove(slot);
+            p.credits.remove(&stream);
             encode_data(id, stream, &[], &mut out);
         }
         self.write(&out)
@@ -830,6 +864,7 @@ fn into_process(spawned: spawn::Spawned) -> Result<Process, AgentError> {
         inputs,
         outputs,
         listeners,
+        credits: BTreeMap::new(),
         pty,
         held: spawned.held,
         exit: None,

@@ -315,6 +315,15 @@ impl AgentClient {
             .collect())
     }
 
+    /// Sends a request whose answer nobody waits for (the reader drops it).
+    pub fn notify(&self, request: Request) -> Result<(), ContainerError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let mut bytes = Vec::new();
+        encode_message(&HostMessage { id, request }, &mut bytes)
+            .map_err(|e| ContainerError::Agent(e.to_string()))?;
+        self.write(&bytes)
+    }
+
     fn write(&self, bytes: &[u8]) -> Result<(), ContainerError> {
         if self.is_closed() {
             return Err(ContainerError::Agent("connection closed".into()));

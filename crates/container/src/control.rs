@@ -48,6 +48,11 @@ pub enum ControlRequest {
         listener: u32,
         stream: agent_proto::Stream,
     },
+    /// Within an exec session: the relay wrote `bytes` more of a connection's output.
+    Credit {
+        stream: agent_proto::Stream,
+        bytes: u32,
+    },
     /// A live `update` of the VM ([`LiveUpdate::apply`]).
     Update(LiveUpdate),
     /// The container cgroup's files in the guest, as the agent reads them.

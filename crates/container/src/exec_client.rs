@@ -202,6 +202,14 @@ impl passed::Guest for SessionGuest {
         }
     }
 
+    /// Passed on by the monitor.
+    fn credit(&self, stream: Stream, bytes: u32) {
+        let mut out = Vec::new();
+        if encode_message(&ControlRequest::Credit { stream, bytes }, &mut out).is_ok() {
+            self.write(&out);
+        }
+    }
+
     fn gone(&self) -> bool {
         false
     }

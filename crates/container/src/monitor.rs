@@ -590,7 +590,8 @@ impl ControlContext {
             ControlRequest::Exec { .. }
             | ControlRequest::Resize { .. }
             | ControlRequest::CloseStdin
-            | ControlRequest::Connect { .. } => Err(ContainerError::Monitor(
+            | ControlRequest::Connect { .. }
+            | ControlRequest::Credit { .. } => Err(ContainerError::Monitor(
                 "request only valid in an exec session".into(),
             )),
         }
@@ -688,6 +689,13 @@ impl ControlContext {
                         encode_data(0, stream, &[], &mut out);
                         writer.lock_unpoisoned().write(&out);
                     }
+                }
+                Ok(Frame::Message(ControlRequest::Credit { stream, bytes })) => {
+                    let _ = self.agent.notify(Request::Credit {
+                        process,
+                        stream,
+                        bytes,
+                    });
                 }
                 Ok(Frame::Message(ControlRequest::Resize { rows, cols })) => {
                     let _ = self.agent.request(

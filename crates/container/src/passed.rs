@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use agent_proto::{PassedFd, PassedKind, ProcessId, Request, SocketFamily, Stream};
 use lock_ext::LockExt;
@@ -101,45 +101,91 @@ pub struct HostEnds {
 }
 
 #[derive(Debug)]
-struct HostEnd {
-    fd: Arc<OwnedFd>,
-    /// A socket is shut for writing at the guest's EOF; a pipe is closed.
-    socket: bool,
+enum HostEnd {
+    /// A descriptor the caller passed, written by the thread that reads the guest's
+    /// frames (with back-pressure, as the process's stdout is). A socket is shut for
+    /// writing at the guest's EOF; a pipe is closed.
+    Passed { fd: Arc<OwnedFd>, socket: bool },
+    /// A connection accepted on a passed listener: its own thread writes it and credits the
+    /// guest, so that a client that stops reading stops only its connection.
+    Connection(mpsc::Sender<Vec<u8>>),
 }
 
 impl HostEnds {
-    /// Writes the guest's bytes of `stream`; empty bytes end it.
+    /// Takes the guest's bytes of `stream`; empty bytes end it.
     pub fn output(&self, stream: Stream, bytes: &[u8]) {
         let mut ends = self.ends.lock_unpoisoned();
-        let Some(end) = ends.get(&stream) else {
-            return;
-        };
-        if bytes.is_empty() {
-            if end.socket {
-                let _ = shutdown(end.fd.as_raw_fd(), Shutdown::Write);
+        let eof = bytes.is_empty();
+        let fd = match ends.get(&stream) {
+            None => return,
+            Some(HostEnd::Connection(writer)) => {
+                if writer.send(bytes.to_vec()).is_err() || eof {
+                    ends.remove(&stream);
+                }
+                return;
             }
-            // Closed once its reader (if any) lets go too.
-            ends.remove(&stream);
-            return;
-        }
-        let fd = end.fd.as_raw_fd();
-        if let Err(e) = write_fd(fd, bytes) {
+            Some(HostEnd::Passed { fd, socket }) => {
+                if eof {
+                    if *socket {
+                        let _ = shutdown(fd.as_raw_fd(), Shutdown::Write);
+                    }
+                    // Closed once its reader (if any) lets go too.
+                    ends.remove(&stream);
+                    return;
+                }
+                Arc::clone(fd)
+            }
+        };
+        // Not under the lock: the write may wait for the reader.
+        drop(ends);
+        if let Err(e) = write_fd(fd.as_raw_fd(), bytes) {
             log::debug!("passed stream {}: output dropped: {e}", stream.0);
-            ends.remove(&stream);
+            self.ends.lock_unpoisoned().remove(&stream);
         }
     }
 
     fn insert(&self, stream: Stream, fd: Arc<OwnedFd>, socket: bool) {
         self.ends
             .lock_unpoisoned()
-            .insert(stream, HostEnd { fd, socket });
+            .insert(stream, HostEnd::Passed { fd, socket });
+    }
+
+    /// A connection's end: a thread writes what the guest sends and gives the guest credit
+    /// for each write (see `Request::Credit`).
+    fn insert_connection(&self, guest: &impl Guest, stream: Stream, fd: Arc<OwnedFd>) {
+        let (writer, chunks) = mpsc::channel::<Vec<u8>>();
+        let guest = guest.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-out-{}", stream.0))
+            .spawn(move || {
+                for chunk in chunks {
+                    if chunk.is_empty() {
+                        let _ = shutdown(fd.as_raw_fd(), Shutdown::Write);
+                        return;
+                    }
+                    if write_fd(fd.as_raw_fd(), &chunk).is_err() {
+                        // The client went away: the guest's end of it closes too.
+                        guest.send(stream, &[]);
+                        return;
+                    }
+                    guest.credit(stream, chunk.len() as u32);
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                self.ends
+                    .lock_unpoisoned()
+                    .insert(stream, HostEnd::Connection(writer));
+            }
+            Err(e) => log::warn!("cannot start the writer of connection {}: {e}", stream.0),
+        }
     }
 
     fn connections(&self) -> usize {
         self.ends
             .lock_unpoisoned()
             .keys()
-            .filter(|s| s.0 >= Stream::FIRST_CONNECTION)
+            .filter(|s| s.is_connection())
             .count()
     }
 
@@ -161,6 +207,8 @@ pub trait Guest: Clone + Send + 'static {
     fn send(&self, stream: Stream, bytes: &[u8]) -> bool;
     /// Opens `stream` as a new connection to the process's passed listener `listener`.
     fn connect(&self, listener: u32, stream: Stream) -> Result<(), String>;
+    /// The host wrote `bytes` more of a connection's output.
+    fn credit(&self, stream: Stream, bytes: u32);
     fn gone(&self) -> bool;
 }
 
@@ -186,6 +234,14 @@ impl Guest for AgentProcess {
             .request(request, REQUEST_TIMEOUT)
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    fn credit(&self, stream: Stream, bytes: u32) {
+        let _ = self.agent.notify(Request::Credit {
+            process: self.process,
+            stream,
+            bytes,
+        });
     }
 
     fn gone(&self) -> bool {
@@ -271,7 +327,7 @@ fn accept(guest: &impl Guest, listener_fd: u32, listener: Arc<OwnedFd>, ends: &A
                     continue;
                 }
                 let stream = ends.new_connection();
-                ends.insert(stream, Arc::clone(&connection), true);
+                ends.insert_connection(&guest, stream, Arc::clone(&connection));
                 match guest.connect(listener_fd, stream) {
                     Ok(()) => pump(&guest, stream, connection),
                     Err(e) => {
