@@ -144,6 +144,18 @@ fn a_mount_the_vm_cannot_have_fails_create_naming_it() {
     assert_no_state(&env);
 }
 
+/// Runs `cmd` with `fds` as its descriptors 3..: it fails, and its error names each of
+/// `parts`.
+fn fails_naming(mut cmd: Command, fds: Vec<std::os::fd::OwnedFd>, parts: &[&str]) {
+    common::pass_fds(&mut cmd, fds);
+    let out = common::output_of(&mut cmd);
+    let message = text(&out.stderr);
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    for part in parts {
+        assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+}
+
 /// Passed descriptors the VM has no stand-in for fail `create` naming them (runc passes
 /// any descriptor; a VM can stand in only for pipes, stream sockets and the null device).
 #[test]
@@ -152,62 +164,38 @@ fn passed_descriptors_the_vm_cannot_stand_in_for_fail_create_naming_them() {
     let bundle = env.bundle(&["true"]);
     let dir = tempfile::tempdir().unwrap();
     let file = std::fs::File::create(dir.path().join("a-file")).unwrap();
-    let mut cmd = env.cmd();
-    cmd.args([
+    let create = [
         "create",
         "--preserve-fds",
         "1",
         "--bundle",
         bundle.path_str(),
         "c1",
-    ]);
-    common::pass_fds(&mut cmd, vec![file.into()]);
-    let out = common::output_of(&mut cmd);
-    assert!(
-        !out.status.success(),
-        "create passing a regular file succeeded"
-    );
-    let message = text(&out.stderr);
-    for part in [
-        "--preserve-fds 1",
-        "descriptor 3 is a regular file",
-        "a-file",
-    ] {
-        assert!(message.contains(part), "{part:?} not in {message:?}");
-    }
-    // A descriptor that is not open at all.
-    expect_error(
-        &env,
+    ];
+    let mut cmd = env.cmd();
+    cmd.args(create);
+    fails_naming(
+        cmd,
+        vec![file.into()],
         &[
-            "create",
-            "--preserve-fds",
-            "1",
-            "--bundle",
-            bundle.path_str(),
-            "c1",
+            "--preserve-fds 1",
+            "descriptor 3 is a regular file",
+            "a-file",
         ],
-        "descriptor 3 is not open",
     );
+    // A descriptor that is not open at all.
+    expect_error(&env, &create, "descriptor 3 is not open");
     // Socket activation of a datagram socket, as systemd would pass it (LISTEN_PID is
     // the runtime's own pid: the shell execs it).
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut cmd = Command::new("sh");
-    let run = env.cmd();
-    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"", "sh"])
-        .arg(run.get_program())
-        .args(run.get_args())
-        .args(["run", "--bundle", bundle.path_str(), "c1"])
-        .envs(run.get_envs().filter_map(|(k, v)| Some((k, v?))));
-    common::pass_fds(&mut cmd, vec![udp.into()]);
-    let out = common::output_of(&mut cmd);
-    assert!(
-        !out.status.success(),
-        "run with a datagram socket succeeded"
+    let mut run = env.cmd();
+    run.args(["run", "--bundle", bundle.path_str(), "c1"]);
+    let cmd = common::socket_activated(&run, 1);
+    fails_naming(
+        cmd,
+        vec![udp.into()],
+        &["LISTEN_FDS=1", "descriptor 3 is a Datagram socket"],
     );
-    let message = text(&out.stderr);
-    for part in ["LISTEN_FDS=1", "descriptor 3 is a Datagram socket"] {
-        assert!(message.contains(part), "{part:?} not in {message:?}");
-    }
     // exec takes `--preserve-fds` too, and no socket activation (as runc's).
     expect_error(
         &env,

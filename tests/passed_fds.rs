@@ -117,25 +117,35 @@ fn a_connected_socket_passed_with_preserve_fds_carries_bytes_both_ways_as_under_
     env.assert_clean("c-socket");
 }
 
-/// `cmd` under systemd's socket activation of `count` descriptors: `LISTEN_PID` names the
-/// process that `cmd` becomes (the shell execs it).
-fn socket_activated(cmd: &Command, count: usize) -> Command {
-    let mut activated = Command::new("sh");
-    activated
-        .args([
-            "-c",
-            &format!("LISTEN_PID=$$ LISTEN_FDS={count} exec \"$@\""),
-            "sh",
-        ])
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (key, value) in cmd.get_envs() {
-        match value {
-            Some(value) => activated.env(key, value),
-            None => activated.env_remove(key),
-        };
-    }
-    activated
+/// A bundle running `tests/fixtures/socket_activated.rs` with `args`; the program comes in
+/// on stdin (see [`start_server`]), so that the container runs on the shared image.
+fn server_bundle(env: &Env, args: &str) -> Bundle {
+    env.bundle(&[
+        "sh",
+        "-c",
+        &format!("cat > /tmp/server && chmod +x /tmp/server && exec /tmp/server {args}"),
+    ])
+}
+
+/// A socket-activated run of a [`server_bundle`] given `listeners`, started in the
+/// background: the run, and the file its stdout goes to (in `dir`).
+fn start_server(
+    runtime: &mut Runtime<'_>,
+    bundle: &Bundle,
+    listeners: Vec<OwnedFd>,
+    dir: &std::path::Path,
+) -> (std::process::Child, std::path::PathBuf) {
+    let program = common::fixture_program("socket_activated");
+    let run = runtime.command(bundle, &[], "c-activated");
+    let mut cmd = common::socket_activated(&run, listeners.len());
+    drop(run);
+    let stdout = dir.join("stdout");
+    cmd.stdin(std::fs::File::open(&program).unwrap())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(Stdio::inherit());
+    pass_fds(&mut cmd, listeners);
+    let child = cmd.spawn().unwrap();
+    (child, stdout)
 }
 
 /// Sends `line` on a connection and reads the answer to its end.
@@ -151,13 +161,7 @@ fn exchange(mut stream: impl Read + Write, line: &str) -> String {
 #[test]
 fn listening_sockets_of_socket_activation_serve_connections_as_under_runc() {
     let Some(env) = Env::new() else { return };
-    let program = common::fixture_program("socket_activated");
-    // The program comes in on stdin, so that the container runs on the shared image.
-    let bundle = env.bundle(&[
-        "sh",
-        "-c",
-        "cat > /tmp/server && chmod +x /tmp/server && exec /tmp/server",
-    ]);
+    let bundle = server_bundle(&env, "");
     let timeout = Some(guest_time(Duration::from_secs(60)));
     for mut runtime in runtimes(&env, &bundle) {
         let name = runtime.name();
@@ -166,16 +170,12 @@ fn listening_sockets_of_socket_activation_serve_connections_as_under_runc() {
         let dir = tempfile::tempdir().unwrap();
         let unix_path = dir.path().join("server.sock");
         let unix = UnixListener::bind(&unix_path).unwrap();
-        let run = runtime.command(&bundle, &[], "c-activated");
-        let mut cmd = socket_activated(&run, 2);
-        drop(run);
-        let stdout = dir.path().join("stdout");
-        cmd.stdin(std::fs::File::open(&program).unwrap())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(Stdio::inherit());
-        pass_fds(&mut cmd, vec![tcp.into(), unix.into()]);
-        let mut child = cmd.spawn().unwrap();
-        drop(cmd);
+        let (mut child, stdout) = start_server(
+            &mut runtime,
+            &bundle,
+            vec![tcp.into(), unix.into()],
+            dir.path(),
+        );
         // The host's listeners take the connections at once; the answers come once the
         // container's program accepts them, TCP first.
         let stream = std::net::TcpStream::connect(tcp_address).unwrap();
@@ -288,27 +288,13 @@ fn exec_passes_preserved_descriptors_to_the_execd_process() {
 #[test]
 fn a_client_that_stops_reading_holds_only_its_own_connection_as_under_runc() {
     let Some(env) = Env::new() else { return };
-    let program = common::fixture_program("socket_activated");
-    let bundle = env.bundle(&[
-        "sh",
-        "-c",
-        "cat > /tmp/server && chmod +x /tmp/server && exec /tmp/server flood",
-    ]);
+    let bundle = server_bundle(&env, "flood");
     for mut runtime in runtimes(&env, &bundle) {
         let name = runtime.name();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = tcp.local_addr().unwrap();
-        let run = runtime.command(&bundle, &[], "c-flood");
-        let mut cmd = socket_activated(&run, 1);
-        drop(run);
         let dir = tempfile::tempdir().unwrap();
-        let stdout = dir.path().join("stdout");
-        cmd.stdin(std::fs::File::open(&program).unwrap())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(Stdio::inherit());
-        pass_fds(&mut cmd, vec![tcp.into()]);
-        let mut child = cmd.spawn().unwrap();
-        drop(cmd);
+        let (mut child, stdout) = start_server(&mut runtime, &bundle, vec![tcp.into()], dir.path());
         // Connected, and never read: the server's writes fill every buffer on the way.
         let client = std::net::TcpStream::connect(address).unwrap();
         // The container's stdout and exit still come through.
@@ -332,5 +318,5 @@ fn a_client_that_stops_reading_holds_only_its_own_connection_as_under_runc() {
             "{name}"
         );
     }
-    env.assert_clean("c-flood");
+    env.assert_clean("c-activated");
 }

@@ -423,6 +423,27 @@ pub fn runc(bundle: &Bundle) -> Option<Runc> {
     })
 }
 
+/// `cmd` under systemd's socket activation of `count` descriptors: `LISTEN_PID` names the
+/// process that `cmd` becomes (the shell execs it).
+pub fn socket_activated(cmd: &Command, count: usize) -> Command {
+    let mut activated = Command::new("sh");
+    activated
+        .args([
+            "-c",
+            &format!("LISTEN_PID=$$ LISTEN_FDS={count} exec \"$@\""),
+            "sh",
+        ])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => activated.env(key, value),
+            None => activated.env_remove(key),
+        };
+    }
+    activated
+}
+
 /// Makes `fds` the command's descriptors 3, 4, … (open across its `exec`), as a caller of
 /// `--preserve-fds` or systemd's socket activation hands them over. The command keeps them
 /// open until it is dropped.

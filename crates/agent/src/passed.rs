@@ -8,6 +8,8 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use agent_proto::{PassedKind, SocketFamily};
+
+use crate::spawn::pipe;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{
     bind, connect as connect_to, getsockname, listen, socket, socketpair, AddressFamily, Backlog,
@@ -64,10 +66,6 @@ pub fn make(kind: PassedKind) -> Result<(OwnedFd, AgentEnd), String> {
             Ok((null.into(), AgentEnd::Nothing))
         }
     }
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
 /// A listening socket of `family` on the guest's loopback (Unix: an address the kernel picks

@@ -80,7 +80,8 @@ pub fn fatal_by_default(signal: Signal) -> bool {
 /// How much stack the child gets for the setup it runs before `exec`.
 const CHILD_STACK: usize = 256 << 10;
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+/// A pipe, both ends close-on-exec.
+pub fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
