@@ -227,24 +227,29 @@ fn exec_passes_preserved_descriptors_to_the_execd_process() {
         cmd
     };
 
-    // Pipes, in and out.
-    let (in_read, in_write) = pipe();
-    let (out_read, out_write) = pipe();
-    std::fs::File::from(in_write)
-        .write_all(b"to the exec\n")
-        .unwrap();
-    let mut cmd = exec(
-        &["--preserve-fds", "2"],
-        &["sh", "-c", "cat <&3 >&4 && echo done >&4"],
-    );
-    pass_fds(&mut cmd, vec![in_read, out_write]);
-    let out = finish(cmd);
-    assert!(out.status.success(), "exec: {}", text(&out.stderr));
-    let mut passed_out = String::new();
-    std::fs::File::from(out_read)
-        .read_to_string(&mut passed_out)
-        .unwrap();
-    assert_eq!(passed_out, "to the exec\ndone\n");
+    // Pipes, in and out; with --detach (as containerd's runc shim execs) the process that
+    // exec leaves behind relays them.
+    for detach in [false, true] {
+        let (in_read, in_write) = pipe();
+        let (out_read, out_write) = pipe();
+        std::fs::File::from(in_write)
+            .write_all(b"to the exec\n")
+            .unwrap();
+        let options: &[&str] = if detach {
+            &["--detach", "--preserve-fds", "2"]
+        } else {
+            &["--preserve-fds", "2"]
+        };
+        let mut cmd = exec(options, &["sh", "-c", "cat <&3 >&4 && echo done >&4"]);
+        pass_fds(&mut cmd, vec![in_read, out_write]);
+        let out = finish(cmd);
+        assert!(out.status.success(), "exec: {}", text(&out.stderr));
+        let mut passed_out = String::new();
+        std::fs::File::from(out_read)
+            .read_to_string(&mut passed_out)
+            .unwrap();
+        assert_eq!(passed_out, "to the exec\ndone\n", "detach: {detach}");
+    }
 
     // A listening socket, served by the socket-activated program (brought in on stdin).
     let program = common::fixture_program("socket_activated");
