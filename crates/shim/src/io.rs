@@ -66,8 +66,10 @@ impl FifoOutput {
 impl ProcessEvents for FifoOutput {
     fn output(&mut self, stream: Stream, bytes: &[u8]) {
         let sink = match stream {
+            Stream::STDOUT => &mut self.stdout,
             Stream::STDERR => &mut self.stderr,
-            _ => &mut self.stdout,
+            // The shim passes no descriptors: a guest that names another stream is ignored.
+            _ => return,
         };
         if bytes.is_empty() {
             *sink = None;
