@@ -2,10 +2,9 @@
 //! process is ready to start, write `--pid-file`.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use agent_proto::{PassedFd, ProcessSpec};
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -137,17 +136,7 @@ fn create_in(
 
     let (sync_read, sync_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe")?;
     let console_socket = console_socket.map(absolute).transpose()?;
-    let mut command = Command::new(std::env::current_exe().context("locate own executable")?);
-    command.arg("--root").arg(context.store.root());
-    if let Some(log) = &context.log.file {
-        command.arg("--log").arg(absolute(log)?);
-    }
-    if context.log.format == crate::logging::Format::Json {
-        command.args(["--log-format", "json"]);
-    }
-    if context.log.debug {
-        command.arg("--debug");
-    }
+    let mut command = context.helper(&sync_write)?;
     command.args(["--engine", &context.engine, "monitor", "--id", &dir.id]);
     if let Some(socket) = &console_socket {
         command.arg("--console-socket").arg(socket);
@@ -158,17 +147,6 @@ fn create_in(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-    }
-    let sync_fd = sync_write.as_raw_fd();
-    command.env(monitor::sync_fd_env(), sync_fd.to_string());
-    // SAFETY: between fork and exec only fcntl runs, on an fd that exists in the child.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::fcntl(sync_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
     let mut child = command.spawn().context("start the monitor process")?;
     drop(sync_write);

@@ -6,9 +6,8 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::os::fd::AsFd;
+use std::process::Stdio;
 
 use agent_proto::ProcessSpec;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -100,14 +99,7 @@ fn spawn_relay(
     let spec_file = dir.join(format!("exec-{}.json", std::process::id()));
     write_atomic(&spec_file, &serde_json::to_vec(spec)?)?;
     let (sync_read, sync_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe")?;
-    let mut command = Command::new(std::env::current_exe().context("locate own executable")?);
-    command.arg("--root").arg(context.store.root());
-    if let Some(log) = &context.log.file {
-        command.arg("--log").arg(absolute(log)?);
-    }
-    if context.log.format == crate::logging::Format::Json {
-        command.args(["--log-format", "json"]);
-    }
+    let mut command = context.helper(&sync_write)?;
     command
         .args(["exec-relay", "--id", id])
         .arg("--spec")
@@ -119,17 +111,6 @@ fn spawn_relay(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-    }
-    let sync_fd = sync_write.as_raw_fd();
-    command.env(container::monitor::sync_fd_env(), sync_fd.to_string());
-    // SAFETY: between fork and exec only fcntl runs, on an fd that exists in the child.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::fcntl(sync_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
     let mut child = command.spawn().context("start the exec relay")?;
     drop(sync_write);

@@ -20,7 +20,10 @@ pub mod state;
 pub mod update;
 pub mod version;
 
-use anyhow::Result;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+
+use anyhow::{Context as _, Result};
 use container::monitored::MonitoredContainer;
 use container::state::ContainerDir;
 use container::{ContainerState, Paths, StateStore};
@@ -66,6 +69,37 @@ impl Context {
         let dir = self.store.open(id)?;
         let state = dir.load()?;
         Ok((dir, state))
+    }
+
+    /// This binary again, with this invocation's root and log flags, for a process that
+    /// outlives the verb (a container's monitor, an exec relay); the caller adds the rest.
+    /// `sync`, the write end of the pipe the verb reads the helper's answer from, stays open
+    /// across the helper's `exec`, its number in the environment (`monitor::take_sync_fd`).
+    pub fn helper(&self, sync: &OwnedFd) -> Result<std::process::Command> {
+        let exe = std::env::current_exe().context("locate own executable")?;
+        let mut command = std::process::Command::new(exe);
+        command.arg("--root").arg(self.store.root());
+        if let Some(log) = &self.log.file {
+            command.arg("--log").arg(create::absolute(log)?);
+        }
+        if self.log.format == crate::logging::Format::Json {
+            command.args(["--log-format", "json"]);
+        }
+        if self.log.debug {
+            command.arg("--debug");
+        }
+        let sync_fd = sync.as_raw_fd();
+        command.env(container::monitor::sync_fd_env(), sync_fd.to_string());
+        // SAFETY: between fork and exec only fcntl runs, on an fd that exists in the child.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(sync_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
     }
 }
 
