@@ -48,9 +48,12 @@ guest-aarch64:
 	scripts/build-agent.sh $(ASSETS_AARCH64) aarch64
 
 # Boots that guest under qemu-system-aarch64's TCG (QEMU's virt machine): its kernel runs and
-# its agent starts as PID 1. Not in `make test` yet: no VMM path boots an aarch64 container.
+# its agent starts as PID 1; then with the builtin VMM's device tree (vmm::aarch64::fdt) on
+# two vCPUs, where the agent answers through its channel. Not in `make test` yet: no VMM
+# path boots an aarch64 container.
 smoke-aarch64: guest-aarch64
-	scripts/aarch64-guest-smoke.sh $(ASSETS_AARCH64)
+	$(CARGO) run --locked -q -p vmm --example aarch64_dtb -- 2 256 32 "console=ttyAMA0 panic=-1" > target/aarch64-smoke.dtb
+	scripts/aarch64-guest-smoke.sh $(ASSETS_AARCH64) target/aarch64-smoke.dtb
 
 # The kernel variant for hosts whose KVM only emulates guest kernel code (PVM), built only
 # where the builtin engine's probe finds such a host.

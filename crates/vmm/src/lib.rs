@@ -10,6 +10,7 @@
 //! x86_64 on KVM is what runs today; the hypervisor boundary already has an HVF backend for
 //! aarch64 macOS, whose boot path (device tree, PSCI) is the remaining piece on that side.
 
+pub mod aarch64;
 mod builder;
 pub mod bus;
 mod loader;
