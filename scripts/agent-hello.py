@@ -32,7 +32,10 @@ def main():
     def read_exact(n):
         data = b""
         while len(data) < n:
-            chunk = channel.recv(n - len(data))
+            try:
+                chunk = channel.recv(n - len(data))
+            except TimeoutError:
+                sys.exit(f"agent-hello: no answer from the agent within {timeout:.0f} s")
             if not chunk:
                 sys.exit("agent-hello: the channel closed")
             data += chunk
