@@ -1,14 +1,15 @@
-//! Descriptors the caller passes to the container's first process beyond its stdio
+//! Descriptors the caller passes to a container's process beyond its stdio
 //! (`--preserve-fds`, and systemd's `LISTEN_FDS`, as runc takes them): what each one is, and
 //! the host's half of relaying it.
 //!
 //! A host descriptor cannot cross into the VM. The guest gets one of the same kind at the
-//! same number (see `agent_proto::PassedKind`), and the process that holds the container's
-//! stdio (the monitor) relays its bytes through the agent channel, as the process's stream
-//! of that number: a pipe's bytes one way, a connected socket's both ways, and each
-//! connection accepted on a listening socket as a stream of its own. What has no such
-//! stand-in (a regular file, a directory, a device, a datagram socket) fails `create`,
-//! naming the descriptor.
+//! same number (see `agent_proto::PassedKind`), and the process that holds the process's
+//! stdio (the monitor for the container's first process, the process `exec` leaves for an
+//! exec'd one) relays its bytes through the agent channel, as the process's stream of that
+//! number: a pipe's bytes one way, a connected socket's both ways, and each connection
+//! accepted on a listening socket as a stream of its own, paced by credit. What has no such
+//! stand-in (a regular file, a directory, a device, a datagram socket) fails `create` or
+//! `exec`, naming the descriptor.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
