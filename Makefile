@@ -92,7 +92,8 @@ unit-test:
 # What a guest or a corrupt file hands the host, under libFuzzer, each target for a bounded
 # time (nightly toolchain; cargo-fuzz is installed from crates.io when missing): the shared
 # filesystem's FUSE server (crates/share/fuzz), both ends' agent frame decoders, the
-# builtin VMM's snapshot state parser and its virtio-mmio devices driven by a guest (fuzz/). `make fuzz` runs each for FUZZ_SECONDS
+# builtin VMM's snapshot state parser, its virtio-mmio devices driven by a guest, and its
+# virtio-fs device with the FUSE server behind it (fuzz/). `make fuzz` runs each for FUZZ_SECONDS
 # (default 300); `make test` for 30 s each.
 FUZZ_SECONDS ?= 300
 FUZZ_RUN = $(CARGO) +nightly fuzz run
@@ -103,6 +104,7 @@ fuzz:
 	$(FUZZ_RUN) frame $(FUZZ_ARGS)
 	$(FUZZ_RUN) snapshot_state $(FUZZ_ARGS)
 	$(FUZZ_RUN) virtio_mmio $(FUZZ_ARGS)
+	$(FUZZ_RUN) virtio_fs $(FUZZ_ARGS)
 
 fuzz-short:
 	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) fuzz FUZZ_SECONDS=30

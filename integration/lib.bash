@@ -222,6 +222,12 @@ print_table() {
   if [ "${#FAILURES[@]}" != 0 ]; then
     printf '\n'; printf '%s\n' "${FAILURES[@]}"
   fi
+  # A VM the hypervisor under its VMM failed ended with that said in a runtime's log (the
+  # monitor's, the shim's, containerd's or dockerd's): said here too, for whoever reruns a
+  # suite over it (scripts/typical-host-inside.sh).
+  if [ "$FAILED" != 0 ]; then
+    grep -rIhos "the hypervisor under this VMM failed the guest[^\"]*" "$WORK" 2>/dev/null | sort -u | head -3
+  fi
   printf '\n%d case(s) failed\n' "$FAILED"
 }
 

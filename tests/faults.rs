@@ -315,3 +315,38 @@ fn the_callers_stdio_closes_when_the_container_process_exits() {
     env.wait_status(id, "stopped", verb_bound());
     delete_leaves_nothing(&env, id);
 }
+
+#[test]
+fn a_guest_that_restarts_ends_its_container_with_an_error_and_leaves_nothing() {
+    let Some(env) = Env::new() else { return };
+    // The bundle names no pid namespace, so the container shares the VM's, and it has
+    // CAP_SYS_BOOT: `reboot -f` restarts the guest's kernel, which ends the VM (QEMU runs
+    // with -no-reboot; the builtin VMM takes the triple fault of `reboot=t` as the end).
+    // Nothing on the host is told but by the VM's end itself.
+    let bundle = env.bundle(&["sh", "-c", "echo up; reboot -f; sleep 1000"]);
+    let id = "guest-restarts";
+    let log = env.root().join(format!("{id}.log"));
+    let mut run = env
+        .cmd()
+        .arg("--log")
+        .arg(&log)
+        .args(["run", "--bundle", bundle.path_str(), id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_bounded(&mut run, "run of a container whose guest restarts");
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        code,
+        Some(255),
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "up\n");
+    // The container's stderr is its own; the runtime says why in its log.
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("VM died"), "{log}");
+    delete_leaves_nothing(&env, id);
+}

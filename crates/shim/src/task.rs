@@ -280,8 +280,13 @@ impl Task {
         let agent = task.agent.clone();
         let procs = task.all_procs_handle();
         let hook = Arc::clone(&task.on_exit);
+        let (id, vm) = (task.id.clone(), Arc::clone(&task.vm));
         task.agent.on_close(move || {
-            // The VM is gone: every process still running ended with it.
+            // The VM is gone: every process still running ended with it. (Why, when the VM
+            // went by itself: a stop asked for says nothing.)
+            if let Some(why) = vm.try_lock().ok().and_then(|mut vm| vm.exited()) {
+                log::warn!("task {id}: VM died ({why})");
+            }
             for p in procs() {
                 if p.set_exited(VM_DIED_STATUS) {
                     hook(&p, VM_DIED_STATUS);

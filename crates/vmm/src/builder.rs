@@ -3,6 +3,7 @@
 //! interrupt lines, the vCPUs, and the running [`Vmm`] that holds them.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -97,6 +98,9 @@ pub(crate) struct Devices {
     pub(crate) balloon: BalloonControl,
     /// The `virtio_mmio.device=` kernel arguments that announce them.
     pub(crate) cmdline: String,
+    /// Duplicates of the console ports' device ends, shut down when the VM ends so that
+    /// their host ends read the end of the stream (see [`Vcpus::watch`]).
+    pub(crate) port_ends: Vec<UnixStream>,
 }
 
 fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<(), Error> {
@@ -161,6 +165,15 @@ pub(crate) fn build_devices(
         })
     })
     .collect();
+    let port_ends = ports
+        .iter()
+        .map(|port| {
+            port.socket.try_clone().map_err(|e| Error::File {
+                path: format!("console port {}", port.name).into(),
+                source: e,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if !ports.is_empty() {
         virtio.push(Box::new(devices::virtio::console::Console::new(ports)));
     }
@@ -195,6 +208,7 @@ pub(crate) fn build_devices(
         virtio: transports,
         balloon: balloon_control,
         cmdline,
+        port_ends,
     })
 }
 
@@ -239,13 +253,14 @@ pub(crate) fn start(
     config: VmmConfig,
     started: Instant,
 ) -> Result<Vmm, Error> {
-    let threads = Vcpus::start(
+    let mut threads = Vcpus::start(
         vcpus,
         &devices.pio,
         &devices.mmio,
         &ram.mem,
         &config.diagnostics,
     )?;
+    threads.watch(devices.port_ends)?;
     Ok(Vmm {
         vm,
         ram,

@@ -162,6 +162,15 @@ impl VmmConfig {
     }
 }
 
+/// The error for `faults` (a line per vCPU) that the hypervisor under the VMM, not the
+/// guest, caused; its first words are what callers (the typical host's suites) look for.
+pub(crate) fn hypervisor_fault(faults: &[String]) -> String {
+    format!(
+        "the hypervisor under this VMM failed the guest ({})",
+        faults.join("; ")
+    )
+}
+
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
@@ -310,12 +319,7 @@ impl Vmm {
         }
         Description {
             text: out.join("\n"),
-            hypervisor_fault: (!faults.is_empty()).then(|| {
-                format!(
-                    "the hypervisor under this VMM failed the guest ({})",
-                    faults.join("; ")
-                )
-            }),
+            hypervisor_fault: (!faults.is_empty()).then(|| hypervisor_fault(&faults)),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The vCPU threads: how they are steered (run, pause, snapshot, end) and the loop each runs,
 //! serving its exits on the device buses.
 
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -386,17 +387,111 @@ impl Vcpus {
             .collect()
     }
 
-    /// Ends the VM (if it has not ended) and joins the threads.
+    /// Ends the VM (if it has not ended) and joins the threads. A vCPU whose run call kicks
+    /// do not end within [`STOP_TIMEOUT`] (a failed hypervisor, see [`Vcpus::watch`]) is
+    /// left to the process's exit rather than hang its caller: its thread owns everything
+    /// it touches (the vCPU, the buses, a reference to guest memory).
     pub(crate) fn stop(&mut self) {
         self.control.end(VmExit::Shutdown);
-        while self.threads.iter().any(|t| !t.is_finished()) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             self.kick();
             std::thread::sleep(Duration::from_millis(1));
         }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!(
+                    "builtin VMM: thread {} did not end within {STOP_TIMEOUT:?} of kicks; left \
+                     behind",
+                    t.thread().name().unwrap_or("?")
+                );
+            }
         }
     }
+
+    /// Starts the VM's watch: a thread that, when the VM ends, shuts down `port_ends` (the
+    /// console ports' device ends) so that the host sees its channels close, as it does
+    /// when a VMM process dies; and that every [`WATCH_INTERVAL`] checks that a kick still
+    /// brings each vCPU out of the hypervisor's run call. One that stays in the same call
+    /// through [`STUCK_TIMEOUT`] of kicks is held by a hypervisor that failed (nested
+    /// virtualisation that lost the guest's state, seen under an emulated SVM): the guest
+    /// can make no progress there and nothing would end the wait of whoever waits on it,
+    /// so the VM ends, saying so.
+    ///
+    /// It touches nothing a guest wrote (its counters are the vCPU threads'), so it runs
+    /// unconfined, as the thread that starts the VM does.
+    pub(crate) fn watch(&mut self, port_ends: Vec<UnixStream>) -> Result<(), Error> {
+        let control = self.control.clone();
+        let kickers = self.kickers.clone();
+        let activity = self.activity.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vmm-watch".into())
+            .spawn(move || {
+                let ended = |state: &RunState| matches!(state, RunState::Ended(_));
+                while !ended(&control.wait_until(Instant::now() + WATCH_INTERVAL, ended)) {
+                    let kick = || kickers.iter().for_each(|k| k.kick());
+                    let stuck = stuck_in_run(&activity, kick, STUCK_TIMEOUT);
+                    if !stuck.is_empty() {
+                        let faults: Vec<String> = stuck
+                            .iter()
+                            .map(|id| {
+                                format!(
+                                    "vCPU {id}: its run call did not return through \
+                                     {STUCK_TIMEOUT:?} of kicks"
+                                )
+                            })
+                            .collect();
+                        let why = crate::hypervisor_fault(&faults);
+                        log::warn!("builtin VMM: {why}");
+                        control.end(VmExit::Failed(why));
+                    }
+                }
+                for end in &port_ends {
+                    let _ = end.shutdown(std::net::Shutdown::Both);
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                self.threads.push(thread);
+                Ok(())
+            }
+            Err(e) => {
+                self.stop();
+                Err(Error::Thread(e))
+            }
+        }
+    }
+}
+
+/// How often [`Vcpus::watch`] checks that kicks reach every vCPU: a kick costs a running
+/// vCPU one exit.
+const WATCH_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a vCPU may stay in one run call through kicks before the watch ends its VM.
+/// Kicks end a run call within microseconds; this leaves room for a host so loaded that
+/// the vCPU's thread is not scheduled for seconds.
+const STUCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Vcpus::stop`] kicks the threads before it leaves one behind.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The vCPUs (by index into `activity`) that were in the hypervisor's run call and were
+/// still in that same call after `timeout` of `kick`s.
+fn stuck_in_run(activity: &[Arc<Activity>], kick: impl Fn(), timeout: Duration) -> Vec<usize> {
+    let before: Vec<u64> = activity.iter().map(|a| a.now()).collect();
+    let mut inside: Vec<usize> = (0..activity.len())
+        .filter(|&id| Activity::inside(before[id]))
+        .collect();
+    let deadline = Instant::now() + timeout;
+    while !inside.is_empty() {
+        kick();
+        std::thread::sleep(Duration::from_millis(5));
+        inside.retain(|&id| activity[id].now() == before[id]);
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    inside
 }
 
 struct VcpuWorker {
@@ -628,6 +723,53 @@ mod tests {
             (true, 1),
             "saved once, then runs on"
         );
+    }
+
+    /// A thread standing in for a vCPU in its run call: it leaves the call (bumps its
+    /// count twice) when kicked, unless `deaf`.
+    fn in_run_call(deaf: bool) -> (Arc<Activity>, Arc<std::sync::atomic::AtomicBool>) {
+        let activity = Arc::new(Activity::default());
+        activity.bump();
+        let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, k) = (activity.clone(), kicked.clone());
+        std::thread::spawn(move || {
+            while !k.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if !deaf {
+                a.bump();
+                a.bump();
+            }
+        });
+        (activity, kicked)
+    }
+
+    #[test]
+    fn only_a_vcpu_that_kicks_do_not_bring_out_of_its_run_call_is_stuck() {
+        let (answers, kicked_answers) = in_run_call(false);
+        let (deaf, kicked_deaf) = in_run_call(true);
+        // Out of the run call (in a device, or parked): not the hypervisor's to end.
+        let outside = Arc::new(Activity::default());
+        let kick = || {
+            kicked_answers.store(true, Ordering::SeqCst);
+            kicked_deaf.store(true, Ordering::SeqCst);
+        };
+        let stuck = stuck_in_run(
+            &[answers, deaf.clone(), outside],
+            kick,
+            Duration::from_millis(100),
+        );
+        assert_eq!(stuck, vec![1]);
+        // A kick that lands is seen at once, not after the timeout.
+        let (answers, kicked) = in_run_call(false);
+        let started = Instant::now();
+        let stuck = stuck_in_run(
+            &[answers],
+            || kicked.store(true, Ordering::SeqCst),
+            Duration::from_secs(30),
+        );
+        assert!(stuck.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
