@@ -93,17 +93,22 @@ impl ExecSession {
         };
         if let Some(input) = input {
             let stdin_writer = Arc::clone(&writer);
-            relay::pump_input(input, self.console.is_some() || terminal, move |bytes| {
-                let mut out = Vec::new();
-                if bytes.is_empty() {
-                    if encode_message(&ControlRequest::CloseStdin, &mut out).is_err() {
-                        return false;
+            relay::pump_input(
+                "stdin",
+                input,
+                self.console.is_some() || terminal,
+                move |bytes| {
+                    let mut out = Vec::new();
+                    if bytes.is_empty() {
+                        if encode_message(&ControlRequest::CloseStdin, &mut out).is_err() {
+                            return false;
+                        }
+                    } else {
+                        encode_data(0, Stream::STDIN, bytes, &mut out);
                     }
-                } else {
-                    encode_data(0, Stream::STDIN, bytes, &mut out);
-                }
-                send(&stdin_writer, &out)
-            });
+                    send(&stdin_writer, &out)
+                },
+            );
         }
         let ends = Arc::new(HostEnds::default());
         let session = SessionGuest {

@@ -272,7 +272,7 @@ impl Monitor {
         };
         if let Some(input) = input {
             let stdin_agent = agent.clone();
-            relay::pump_input(input, console.is_some(), move |bytes| {
+            relay::pump_input("stdin", input, console.is_some(), move |bytes| {
                 stdin_agent.send_stdin(INIT_PROCESS, bytes).is_ok()
             });
         }

@@ -12,6 +12,7 @@
 //! `exec`, naming the descriptor.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -24,7 +25,7 @@ use nix::sys::socket::{
 };
 
 use crate::agent_client::{AgentClient, REQUEST_TIMEOUT};
-use crate::relay::write_fd;
+use crate::relay::{self, write_fd};
 
 /// Connections to a passed listener relayed at once; one more is closed as it is accepted.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -275,26 +276,18 @@ pub fn relay(guest: &impl Guest, passed: &[PassedFd], ends: &Arc<HostEnds>) {
 /// Sends what `fd` gives to the guest as `stream`, then its EOF.
 fn pump(guest: &impl Guest, stream: Stream, fd: Arc<OwnedFd>) {
     let guest = guest.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("passed-{}", stream.0))
-        .spawn(move || {
-            let mut buf = vec![0u8; 32 << 10];
-            loop {
-                match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if !guest.send(stream, &buf[..n]) {
-                            return;
-                        }
-                    }
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => break,
-                }
-            }
-            guest.send(stream, &[]);
-        });
-    if let Err(e) = spawned {
-        log::warn!("cannot start the relay of passed stream {}: {e}", stream.0);
+    let name = format!("passed-{}", stream.0);
+    relay::pump_input(&name, SharedReader(fd), false, move |bytes| {
+        guest.send(stream, bytes)
+    });
+}
+
+/// Reads a descriptor another thread may write (a connected socket's two directions).
+struct SharedReader(Arc<OwnedFd>);
+
+impl Read for SharedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        nix::unistd::read(self.0.as_raw_fd(), buf).map_err(std::io::Error::from)
     }
 }
 

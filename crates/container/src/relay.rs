@@ -107,15 +107,17 @@ impl ProcessEvents for FdOutput {
     }
 }
 
-/// Copies `input` to `send` in a thread until EOF; then calls `send(&[])` unless the input is
-/// a terminal (a terminal's EOF is a keystroke in the guest's line discipline, not a close).
+/// Copies `input` to `send` in a thread named `name` until EOF or `send` refuses; at EOF
+/// calls `send(&[])` unless the input is a terminal (a terminal's EOF is a keystroke in the
+/// guest's line discipline, not a close).
 pub fn pump_input(
-    mut input: File,
+    name: &str,
+    mut input: impl Read + Send + 'static,
     is_terminal: bool,
     mut send: impl FnMut(&[u8]) -> bool + Send + 'static,
 ) {
     let spawned = std::thread::Builder::new()
-        .name("stdin".into())
+        .name(name.into())
         .spawn(move || {
             let mut buf = vec![0u8; 32 << 10];
             loop {
@@ -136,7 +138,7 @@ pub fn pump_input(
             }
         });
     if let Err(e) = spawned {
-        log::warn!("cannot start the stdin relay: {e}");
+        log::warn!("cannot start the relay {name}: {e}");
     }
 }
 

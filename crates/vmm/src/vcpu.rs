@@ -65,6 +65,17 @@ impl Activity {
     fn inside(count: u64) -> bool {
         !count.is_multiple_of(2)
     }
+
+    /// Whether the thread was in the run call when the count read `before`, and is still in
+    /// that same call now that it reads `now`.
+    fn stayed_inside(before: u64, now: u64) -> bool {
+        Self::inside(before) && now == before
+    }
+}
+
+/// What a vCPU whose run call `timeout` of kicks did not end says of itself.
+fn stuck_in_run_call(timeout: Duration) -> String {
+    format!("its run call did not return through {timeout:?} of kicks")
 }
 
 /// One vCPU in words (see [`describe`]).
@@ -366,12 +377,8 @@ impl Vcpus {
             .enumerate()
             .map(|(id, slot)| {
                 slot.unwrap_or_else(|| {
-                    // In the run call before the kicks, and still in that same call after.
-                    let stuck =
-                        Activity::inside(before[id]) && self.activity[id].now() == before[id];
-                    if stuck {
-                        let why =
-                            format!("its run call did not return through {timeout:?} of kicks");
+                    if Activity::stayed_inside(before[id], self.activity[id].now()) {
+                        let why = stuck_in_run_call(timeout);
                         VcpuDescription {
                             text: why.clone(),
                             fault: Some(why),
@@ -436,12 +443,7 @@ impl Vcpus {
                     if !stuck.is_empty() {
                         let faults: Vec<String> = stuck
                             .iter()
-                            .map(|id| {
-                                format!(
-                                    "vCPU {id}: its run call did not return through \
-                                     {STUCK_TIMEOUT:?} of kicks"
-                                )
-                            })
+                            .map(|id| format!("vCPU {id}: {}", stuck_in_run_call(STUCK_TIMEOUT)))
                             .collect();
                         let why = crate::hypervisor_fault(&faults);
                         log::warn!("builtin VMM: {why}");
@@ -486,7 +488,7 @@ fn stuck_in_run(activity: &[Arc<Activity>], kick: impl Fn(), timeout: Duration) 
     while !inside.is_empty() {
         kick();
         std::thread::sleep(Duration::from_millis(5));
-        inside.retain(|&id| activity[id].now() == before[id]);
+        inside.retain(|&id| Activity::stayed_inside(before[id], activity[id].now()));
         if Instant::now() >= deadline {
             break;
         }
